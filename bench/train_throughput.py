@@ -1,0 +1,135 @@
+"""Training throughput (tokens/s) of lmpipe's training loop, fp32 vs bf16 autocast, per shape.
+
+    python bench/train_throughput.py          # default model + nanoGPT's Shakespeare-char shape
+    python bench/train_throughput.py --steps 40 --shapes nanogpt --compile
+    python bench/train_throughput.py --shapes nanogpt --nanogpt /path/to/nanoGPT/model.py
+
+Runs the real loop (`lmpipe.train.train`: AdamW, schedule, clipping, loss) on random tokens.
+Variants of one shape alternate in the same process (A, B, A, B, ...) and the median of the
+repeats is printed, so a busy machine biases no variant. Also prints MFU when the device's peak
+is known (a GPU from the table in lmpipe.train, or --peak-tflops). With --nanogpt, nanoGPT's own
+model.py (from a checkout of karpathy/nanoGPT, not part of lmpipe) is timed in the same process
+on the same shape, with its own AdamW, as the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from lmpipe.config import ModelParams, PretrainParams
+from lmpipe.model import build_model, n_params
+from lmpipe.train import TokenWindows, flops_per_token, peak_flops, train
+
+SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2}
+SHAPES = {
+    # lmpipe's default `model` section (params.yaml), vocab of the default tokenizer
+    "default": (ModelParams(), 4096, 16),
+    # nanoGPT's train_shakespeare_char shape with its batch of 16 on CPU runs
+    "nanogpt": (
+        ModelParams(arch="gpt2", d_model=256, n_layers=4, n_heads=4, context=128, d_ff=1024),
+        65,
+        16,
+    ),
+    "nanogpt-llama": (ModelParams(d_model=256, n_layers=4, n_heads=4, context=128), 65, 16),
+    # the GPU profile (params/gpu-125m.yaml)
+    "gpt-125m": (ModelParams(d_model=768, n_layers=12, n_heads=12, context=1024), 8192, 16),
+}
+
+
+def run_once(shape: str, precision: str, steps: int, compile_: bool, device: str, peak: float):
+    mcfg, vocab, batch = SHAPES[shape]
+    model = build_model(mcfg, vocab, SPECIAL, seed=0).to(device)
+    tokens = np.random.default_rng(0).integers(0, vocab, size=200_000).astype(np.uint16)
+    src = TokenWindows(tokens, mcfg.context, batch, seed=0)
+    warm = 5 + (10 if compile_ else 0)
+    cfg = PretrainParams(
+        max_steps=steps + warm, warmup_steps=5, batch_size=batch, eval_every=10**9,
+        log_every=1, checkpoint_every=0, precision=precision, compile=compile_, device=device,
+        peak_tflops=peak,
+    )  # fmt: skip
+    res = train(model, src, cfg, val_batches=[])
+    tps = [r["train/tokens_per_sec"] for r in res.history[warm:]]
+    return statistics.median(tps), n_params(model), flops_per_token(model)
+
+
+def run_nanogpt(path: str, precision: str, steps: int, device: str) -> float:
+    """tokens/s of nanoGPT's GPT (Shakespeare-char shape, batch 16), the same step as ours."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    conf = mod.GPTConfig(block_size=128, vocab_size=65, n_layer=4, n_head=4, n_embd=256,
+                         dropout=0.0, bias=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = mod.GPT(conf).to(device)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device)
+    data = torch.randint(0, 65, (16, 129))
+    x, y = data[:, :-1].to(device), data[:, 1:].to(device)
+    times = []
+    for i in range(steps + 5):
+        t0 = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 5:
+            times.append(time.perf_counter() - t0)
+    return 16 * 128 / statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=["default", "nanogpt", "nanogpt-llama"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--peak-tflops", type=float, default=0.0)
+    ap.add_argument("--nanogpt", default=None, help="path to nanoGPT's model.py, as reference")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}")
+    for shape in args.shapes:
+        results: dict[str, list[float]] = {p: [] for p in args.precisions}
+        for _ in range(args.repeats):
+            for p in args.precisions:
+                tps, n, fpt = run_once(
+                    shape, p, args.steps, args.compile, args.device, args.peak_tflops
+                )
+                results[p].append(tps)
+        ref: dict[str, list[float]] = {p: [] for p in args.precisions}
+        if args.nanogpt and shape.startswith("nanogpt"):
+            for _ in range(args.repeats):
+                for p in args.precisions:
+                    ref[p].append(run_nanogpt(args.nanogpt, p, args.steps, args.device))
+        base = statistics.median(results[args.precisions[0]])
+        for p in args.precisions:
+            med = statistics.median(results[p])
+            peak = peak_flops(PretrainParams(peak_tflops=args.peak_tflops), dev)
+            mfu = f"  MFU {med * fpt / peak:.1%}" if peak else ""
+            print(
+                f"{shape:14s} {p:5s} params {n / 1e6:6.2f}M  {med:10,.0f} tokens/s  "
+                f"x{med / base:.2f} vs {args.precisions[0]}{mfu}"
+                + ("  (compiled)" if args.compile else "")
+            )
+            if ref[p]:
+                r = statistics.median(ref[p])
+                print(
+                    f"{'  nanoGPT':14s} {p:5s} {'':16s}{r:10,.0f} tokens/s  "
+                    f"ours/nanoGPT {med / r:.2f}"
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Typed, validated params: one pydantic model per section of `params.yaml`.
+
+Every field has a default and a one-line description; unknown keys and wrong types fail at load
+time, before any work, with the full key (`data.val_fraction`), the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ParamsError(ValueError):
+    """Invalid `params.yaml`: the message says which key, what was given and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+class DataParams(Section):
+    """Corpus source, cleanup, split, SFT pairs and prompt sets (stage: prepare)."""
+
+    source: Literal["builtin", "text", "jsonl", "hf"] = Field(
+        "builtin", description="where documents come from"
+    )
+    path: str = Field(
+        "",
+        description="text: file or glob; jsonl: file or glob; hf: dataset name or save_to_disk dir",
+    )
+    field: str = Field("text", description="jsonl/hf: the field that holds a document's text")
+    hf_config: str | None = Field(None, description="hf: dataset configuration name")
+    hf_split: str = Field("train", description="hf: split to read")
+    separator: str = Field(
+        r"\n\s*\n", description="text: regex that separates documents (default: blank lines)"
+    )
+    chunk_chars: int = Field(
+        0, ge=0, description="text: >0 cuts each file into chunks of about this many characters"
+    )
+    encoding: str = Field("utf-8", description="text/jsonl: file encoding")
+    encoding_errors: Literal["strict", "replace", "ignore"] = Field(
+        "strict",
+        description="undecodable bytes: strict fails, replace writes U+FFFD, ignore drops them",
+    )
+    builtin_stories: int = Field(20000, ge=10, description="builtin: number of generated stories")
+    unicode_form: Literal["NFC", "NFKC", "none"] = Field(
+        "NFC", description="Unicode normalisation applied to every document"
+    )
+    min_chars: int = Field(20, ge=1, description="documents shorter than this after cleanup drop")
+    max_docs: int = Field(0, ge=0, description="keep at most this many documents (0 = all)")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of documents for val")
+    test_fraction: float = Field(0.05, gt=0, lt=1, description="share of documents for test")
+    sft_path: str = Field(
+        "", description="JSONL with prompt/response fields; empty = pairs built from documents"
+    )
+    prompt_sentences: int = Field(1, ge=1, description="sentences of a document used as prompt")
+    response_sentences: int = Field(
+        3, ge=1, description="sentences after the prompt used as the SFT response"
+    )
+    max_prompt_chars: int = Field(300, ge=10, description="longer prompts are skipped")
+    max_response_chars: int = Field(400, ge=10, description="longer responses are cut at a word")
+    rl_prompts: int = Field(2000, ge=1, description="RL prompts taken from the val documents")
+    eval_prompts: int = Field(200, ge=1, description="evaluation prompts from the test documents")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataParams:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves "
+                "less than 10% for train; lower them"
+            )
+        if self.source != "builtin" and not self.path:
+            raise ValueError(f"data.source is {self.source!r}: set data.path to the input")
+        return self
+
+
+class TokenizerParams(Section):
+    """Byte-level BPE trained on the train split (stage: prepare)."""
+
+    vocab_size: int = Field(4096, ge=300, le=1_000_000, description="BPE vocabulary incl. specials")
+    min_frequency: int = Field(2, ge=1, description="pairs seen fewer times are not merged")
+
+
+class TrackingParams(Section):
+    """MLflow; read by every stage but no stage's dependency."""
+
+    enabled: bool = Field(True, description="log to MLflow; false uses a null tracker")
+    uri: str = Field(
+        "sqlite:///mlflow.db",
+        description="MLflow tracking URI (MLFLOW_TRACKING_URI wins); relative sqlite = repo root",
+    )
+    experiment: str = Field("lmpipe", min_length=1, description="MLflow experiment name")
+    timeout_s: float = Field(10.0, gt=0, description="seconds before an unreachable server fails")
+
+
+class ModelParams(Section):
+    """Shape of the causal LM trained from scratch (stage: pretrain; SFT and RL inherit it)."""
+
+    arch: Literal["llama", "gpt2"] = Field(
+        "llama", description="llama: RoPE, RMSNorm, SwiGLU, optional GQA; gpt2: learned positions"
+    )
+    d_model: int = Field(256, ge=8, description="hidden width")
+    n_layers: int = Field(4, ge=1, description="transformer blocks")
+    n_heads: int = Field(4, ge=1, description="attention heads (d_model must divide by it)")
+    n_kv_heads: int = Field(0, ge=0, description="llama: key/value heads for GQA (0 = n_heads)")
+    d_ff: int = Field(
+        0,
+        ge=0,
+        description="MLP width (0 = 8/3*d_model rounded to 32 for llama, 4*d_model for gpt2)",
+    )
+    context: int = Field(128, ge=8, description="maximum sequence length in tokens")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout in attention and MLP")
+    tie_embeddings: bool = Field(True, description="share input embedding and output head")
+    rope_theta: float = Field(10000.0, gt=0, description="llama: RoPE base")
+    init_std: float = Field(0.02, gt=0, description="std of the normal weight initialisation")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelParams:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model = {self.d_model} must be divisible by n_heads = {self.n_heads}"
+            )
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads = {self.n_heads} must be divisible by n_kv_heads = {kv}")
+        if self.arch == "gpt2" and self.n_kv_heads not in (0, self.n_heads):
+            raise ValueError("n_kv_heads (grouped-query attention) needs arch: llama")
+        return self
+
+
+class TrainParams(Section):
+    """Fields shared by every run of the training loop (pretrain, SFT, distillation)."""
+
+    lr: float = Field(2e-3, gt=0, le=1, description="peak learning rate (after warmup)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
+    warmup_steps: int = Field(20, ge=0, description="linear warmup steps")
+    max_steps: int = Field(160, ge=1, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, description="sequences per micro-batch (per process)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decay on matrices (not norms/biases)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2")
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm (0 = off)")
+    eval_every: int = Field(40, ge=1, description="steps between evaluations")
+    eval_batches: int = Field(8, ge=1, description="fixed val batches per evaluation")
+    log_every: int = Field(10, ge=1, description="steps between logged training metrics")
+    checkpoint_every: int = Field(40, ge=0, description="steps between checkpoints (0 = none)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32"
+    )
+    compile: bool = Field(False, description="torch.compile the model")
+    device: str = Field("auto", description="auto (CUDA if present), cpu, cuda, cuda:N")
+    peak_tflops: float = Field(0.0, ge=0, description="for train/mfu; 0 = known GPU table or none")
+
+
+class PretrainParams(TrainParams):
+    """Next-token training from scratch on the prepared token files (stage: pretrain)."""
+
+
+class SftParams(TrainParams):
+    """Supervised fine-tuning on prompt/response pairs, loss on the response (stage: sft)."""
+
+    lr: float = Field(5e-4, gt=0, le=1, description="peak learning rate (after warmup)")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices (not norms/biases)")
+    eval_every: int = Field(25, ge=1, description="steps between evaluations")
+    checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0 = none)")
+    max_new_tokens: int = Field(48, ge=1, description="sampled response length for the EOS report")
+    samples: int = Field(64, ge=1, description="eval prompts sampled after training")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of those samples")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "data": DataParams,
+    "tokenizer": TokenizerParams,
+    "model": ModelParams,
+    "pretrain": PretrainParams,
+    "sft": SftParams,
+    "tracking": TrackingParams,
+}
+"""Section name → model. Later stages add theirs here."""
+
+
+@dataclass(frozen=True)
+class Params:
+    """The sections a stage asked for, validated; `seed` is always there."""
+
+    seed: int
+    sections: dict[str, Section]
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"params section {name!r} was not loaded by this stage")
+
+    def flat(self) -> dict[str, Any]:
+        """`{"seed": 1, "data.source": "builtin", ...}` — what MLflow logs."""
+        out: dict[str, Any] = {"seed": self.seed}
+        for name, section in self.sections.items():
+            for key, value in section.model_dump().items():
+                out[f"{name}.{key}"] = value
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, **{k: v.model_dump() for k, v in self.sections.items()}}
+
+
+def _describe_allowed(section: type[Section], field: str) -> str:
+    info = section.model_fields.get(field)
+    if info is None:
+        return ""
+    parts = []
+    ann = info.annotation
+    if getattr(ann, "__origin__", None) is Literal:
+        parts.append("one of " + ", ".join(repr(a) for a in ann.__args__))
+    for m in info.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                parts.append(f"{sym} {getattr(m, attr)}")
+    if info.description:
+        parts.append(info.description)
+    return "; ".join(parts)
+
+
+def _format_error(name: str, section: type[Section], raw: dict, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join([name, *loc]) if loc else name
+        if e["type"] == "extra_forbidden":
+            valid = list(section.model_fields)
+            near = difflib.get_close_matches(loc[-1], valid, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(near)}? " if near else ""
+            lines.append(f"{key}: unknown key. {hint}Valid keys of {name}: {', '.join(valid)}")
+            continue
+        value = raw
+        for p in e["loc"]:
+            value = value.get(p) if isinstance(value, dict) else None
+        allowed = _describe_allowed(section, loc[0]) if loc else ""
+        msg = e["msg"].removeprefix("Value error, ")
+        line = f"{key} = {value!r}: {msg}" if loc else f"{key}: {msg}"
+        if allowed:
+            line += f" (allowed: {allowed})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def parse_section(name: str, raw: Any) -> Section:
+    """Validate one section; raise ParamsError with a message a user can act on."""
+    if name not in SECTIONS:
+        near = difflib.get_close_matches(name, list(SECTIONS), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(near)}?" if near else ""
+        raise ParamsError(f"unknown params section {name!r}.{hint} Known: {', '.join(SECTIONS)}")
+    model = SECTIONS[name]
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{name}: expected a mapping of keys, got {raw!r}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(name, model, raw, err)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params file {path} does not exist")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(doc, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of sections")
+    return doc
+
+
+def load_params(path: str | Path, sections: list[str]) -> Params:
+    """Load `seed` and the named sections of a params file, validating all of them.
+
+    Every section present in the file is validated (a typo in an unrelated section still fails
+    early), but only `sections` are returned — what the stage depends on.
+    """
+    doc = read_yaml(path)
+    unknown = [k for k in doc if k != "seed" and k not in SECTIONS]
+    if unknown:
+        parse_section(unknown[0], doc[unknown[0]])  # raises with a suggestion
+    seed = doc.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ParamsError(f"seed = {seed!r}: must be a non-negative integer")
+    errors = []
+    parsed: dict[str, Section] = {}
+    for name in SECTIONS:
+        try:
+            parsed[name] = parse_section(name, doc.get(name))
+        except ParamsError as err:
+            errors.append(str(err))
+    if errors:
+        raise ParamsError(f"invalid params in {path}:\n" + "\n".join(errors))
+    return Params(seed=seed, sections={s: parsed[s] for s in sections})
+
+
+def _yaml_scalar(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
+
+
+def render_params_yaml(header: str = "") -> str:
+    """params.yaml text for the defaults, each key commented with its description.
+
+    `params.yaml` is written once from this and then edited by users; a test checks that every
+    key of every section is there with its description, so the two never drift.
+    """
+    lines = [header.rstrip(), ""] if header else []
+    lines.append("seed: 1337  # every random generator of every stage derives from this")
+    for name, model in SECTIONS.items():
+        lines.append("")
+        lines.append(f"{name}:  # {(model.__doc__ or '').strip().splitlines()[0]}")
+        for key, info in model.model_fields.items():
+            lines.append(f"  {key}: {_yaml_scalar(info.default)}  # {info.description}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,144 @@
+"""The prepare stage's work: documents → splits → tokenizer → token files → SFT pairs → prompts."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lmpipe.config import DataParams, TokenizerParams
+from lmpipe.data import sft, sources, stats
+from lmpipe.data.tokenizer import (
+    encode_documents,
+    save_tokenizer,
+    special_ids,
+    token_dtype,
+    train_tokenizer,
+    write_tokens,
+)
+
+STATS_MAX_DOCS = 20000
+"""Corpus statistics use at most this many documents per split (a seeded sample)."""
+
+
+def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _sample(docs: Sequence[str], n: int, seed: int) -> list[str]:
+    if len(docs) <= n:
+        return list(docs)
+    return random.Random(seed).sample(list(docs), n)
+
+
+def corpus_stats(splits: dict[str, list[str]], pairs: Sequence[dict], seed: int) -> dict:
+    """How hard the corpus is to memorise, and how much its continuations vary in sentiment."""
+    train = _sample(splits["train"], STATS_MAX_DOCS, seed)
+    val = _sample(splits["val"], STATS_MAX_DOCS, seed)
+    return {
+        "distinct_4gram_ratio": stats.distinct_ngram_ratio(train, 4),
+        "val_8gram_in_train": stats.ngram_overlap(val, train, 8),
+        "ending_sentiment": stats.sentiment_summary([p["response"] for p in pairs], seed=seed),
+    }
+
+
+def prepare(
+    data: DataParams, tok_cfg: TokenizerParams, seed: int, out: Path, root: str | Path = "."
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Write everything into `out`; return (report for reports/prepare.json, timings in seconds)."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    raw = sources.load_documents(data, seed, root)
+    docs, counts = sources.prepare_documents(raw, data)
+    splits = sources.split_documents(docs, data.val_fraction, data.test_fraction, seed)
+    timings["read_clean_split_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tok = train_tokenizer(
+        splits["train"], tok_cfg.vocab_size, tok_cfg.min_frequency, len(splits["train"])
+    )
+    save_tokenizer(tok, out)
+    timings["tokenizer_train_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tokens: dict[str, int] = {}
+    chars: dict[str, int] = {}
+    dtype = token_dtype(tok.get_vocab_size())
+    for name, split_docs in splits.items():
+        arr = encode_documents(tok, split_docs)
+        write_tokens(arr, out / f"{name}.bin")
+        tokens[name] = int(arr.size)
+        chars[name] = sum(len(d) for d in split_docs)
+    timings["encode_s"] = time.perf_counter() - t0
+    timings["encode_mb_per_sec"] = (
+        sum(len(d.encode()) for d in docs) / 1e6 / max(timings["encode_s"], 1e-9)
+    )
+
+    t0 = time.perf_counter()
+    pair_kw = {
+        "prompt_sentences": data.prompt_sentences,
+        "response_sentences": data.response_sentences,
+        "max_prompt_chars": data.max_prompt_chars,
+        "max_response_chars": data.max_response_chars,
+    }
+    if data.sft_path:
+        sft_path = Path(data.sft_path)
+        sft_path = sft_path if sft_path.is_absolute() else Path(root) / sft_path
+        user = sft.read_pairs(sft_path, data.encoding, data.encoding_errors)
+        pair_sets = sft.split_pairs(user, data.val_fraction, seed)
+    else:
+        pair_sets = {name: sft.build_pairs(splits[name], **pair_kw) for name in ("train", "val")}
+    held = {name: sft.build_pairs(splits[name], **pair_kw) for name in ("val", "test")}
+    for name, rows in [*pair_sets.items(), ("rl", held["val"]), ("eval", held["test"])]:
+        if not rows:
+            raise sources.DataError(
+                f"no prompt/response pair could be made for {name}: documents need more than "
+                f"data.prompt_sentences = {data.prompt_sentences} sentence(s) and a prompt of at "
+                f"most data.max_prompt_chars = {data.max_prompt_chars} characters"
+            )
+    write_jsonl(out / "sft" / "train.jsonl", pair_sets["train"])
+    write_jsonl(out / "sft" / "val.jsonl", pair_sets["val"])
+    rl_prompts = sft.prompt_set(held["val"], data.rl_prompts)
+    eval_prompts = sft.prompt_set(held["test"], data.eval_prompts)
+    write_jsonl(out / "prompts" / "rl.jsonl", rl_prompts)
+    write_jsonl(out / "prompts" / "eval.jsonl", eval_prompts)
+    timings["pairs_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    corpus = corpus_stats(splits, held["test"] + pair_sets["train"], seed)
+    timings["stats_s"] = time.perf_counter() - t0
+
+    n_chars = sum(chars.values())
+    n_tokens = sum(tokens.values())
+    report = {
+        "documents": {
+            **{k: len(v) for k, v in splits.items()},
+            "read": counts["read"],
+            "duplicates_removed": counts["duplicates"],
+            "too_short_removed": counts["too_short"],
+        },
+        "characters": chars,
+        "tokens": tokens,
+        "vocab_size": tok.get_vocab_size(),
+        # BOS/EOS added per document are tokens too; count them so the ratio matches the files.
+        "chars_per_token": round(n_chars / max(n_tokens, 1), 4),
+        "sft_pairs": {k: len(v) for k, v in pair_sets.items()},
+        "prompts": {"rl": len(rl_prompts), "eval": len(eval_prompts)},
+        "corpus": corpus,
+    }
+    meta = {
+        "dtype": dtype.name,
+        "vocab_size": tok.get_vocab_size(),
+        "special_tokens": special_ids(tok),
+        "files": {name: f"{name}.bin" for name in splits},
+        "source": {"source": data.source, "path": data.path},
+        **{k: report[k] for k in ("documents", "tokens", "characters", "sft_pairs", "prompts")},
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return report, timings

@@ -1,0 +1,50 @@
+"""Distributed setup for stages launched by `torchrun` (DDP); a no-op in a single process."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if device_name.startswith("cuda:"):
+        device = torch.device(device_name)
+    elif cuda:
+        device = torch.device("cuda", local if world > 1 else 0)
+    elif device_name in ("auto", "cpu"):
+        device = torch.device("cpu")
+    else:
+        raise RuntimeError(f"device = {device_name!r} but CUDA is not available; use auto or cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local), device
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def teardown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,124 @@
+"""Build, save and load causal LMs (transformers classes). No params files, no tracking here:
+callers pass a `ModelParams`, a vocabulary and the special token ids."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from lmpipe.config import ModelParams
+
+MANIFEST = "lmpipe.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def ff_width(cfg: ModelParams) -> int:
+    """MLP width: explicit, or 4·d for gpt2, or ≈ 8/3·d rounded up to 32 for SwiGLU."""
+    if cfg.d_ff:
+        return cfg.d_ff
+    if cfg.arch == "gpt2":
+        return 4 * cfg.d_model
+    return -(-(8 * cfg.d_model // 3) // 32) * 32
+
+
+def hf_config(cfg: ModelParams, vocab_size: int, special: dict[str, int]) -> PretrainedConfig:
+    ids = {
+        "bos_token_id": special["<|bos|>"],
+        "eos_token_id": special["<|eos|>"],
+        "pad_token_id": special["<|pad|>"],
+    }
+    if cfg.arch == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.d_model,
+            intermediate_size=ff_width(cfg),
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
+            max_position_embeddings=cfg.context,
+            rope_theta=cfg.rope_theta,
+            attention_dropout=cfg.dropout,
+            tie_word_embeddings=cfg.tie_embeddings,
+            initializer_range=cfg.init_std,
+            **ids,
+        )
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=cfg.context,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=ff_width(cfg),
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std,
+        **ids,
+    )
+
+
+def build_model(
+    cfg: ModelParams, vocab_size: int, special: dict[str, int], seed: int
+) -> PreTrainedModel:
+    """A freshly initialised model; same seed → same weights."""
+    config = hf_config(cfg, vocab_size, special)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model
+
+
+def context_length(model: torch.nn.Module) -> int:
+    c = model.config
+    return getattr(c, "max_position_embeddings", None) or c.n_positions
+
+
+def n_params(model: torch.nn.Module, non_embedding: bool = False) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        n -= model.get_input_embeddings().weight.numel()
+    return n
+
+
+def save_model(
+    model: PreTrainedModel, out: str | Path, tokenizer_dir: str | Path, manifest: dict[str, Any]
+) -> None:
+    """`save_pretrained` (safetensors) + tokenizer files + the lmpipe.json manifest."""
+    out = Path(out)
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    model.save_pretrained(str(out), safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        src = Path(tokenizer_dir) / name
+        if src.exists():
+            shutil.copy2(src, out / name)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_manifest(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{model_dir} is not an lmpipe model folder (no {MANIFEST}); run its stage first"
+        )
+    return json.loads(path.read_text())
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """Load a saved model (safetensors only; nothing is unpickled), in eval mode."""
+    read_manifest(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), attn_implementation="sdpa", use_safetensors=True
+    )
+    return model.to(device).eval()

@@ -1,0 +1,207 @@
+"""MLflow behind a thin wrapper: one run per stage execution, and a null tracker for tests.
+
+Conventions (DESIGN.md): tracking URI from `MLFLOW_TRACKING_URI`, else `tracking.uri` (a relative
+sqlite path is taken from the repo root); run named after the stage in `tracking.experiment`;
+params flattened; tags `lmpipe.stage`, `git.commit`, `git.dirty`, `input.<name>.sha256` and
+`lineage.<name>.run_id` (the run that produced an input, read from its manifest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from lmpipe.config import Params, TrackingParams
+from lmpipe.io import git_state, hash_path, read_json
+
+log = logging.getLogger(__name__)
+
+MANIFESTS = ("lmpipe.json", "meta.json")
+"""Files in an input directory that may carry `mlflow_run_id` of the run that made it."""
+
+
+class TrackingError(RuntimeError):
+    """The tracking backend cannot be used; the message says what to change."""
+
+
+class NullTracker:
+    """Records what would be logged, in memory. Used by unit tests and `tracking.enabled: false`."""
+
+    run_id: str | None = None
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+        self.tags: dict[str, str] = {}
+        self.metrics: list[tuple[str, float, int | None]] = []
+        self.artifacts: dict[str, Any] = {}
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.params.update(params)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.tags.update({k: str(v) for k, v in tags.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.metrics.extend((k, float(v), step) for k, v in metrics.items())
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self.artifacts[artifact_file] = obj
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.artifacts[artifact_file] = text
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.artifacts[str(Path(artifact_path or "") / Path(path).name)] = Path(path)
+
+    def log_report(self, report: Mapping[str, Any], artifact_file: str) -> None:
+        self.log_dict(dict(report), artifact_file)
+        self.log_metrics(flatten_numeric(report, prefix="report/"))
+
+
+class MlflowTracker(NullTracker):
+    """Forwards to the active MLflow run (and keeps the in-memory record too)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__()
+        import mlflow
+
+        self._mlflow = mlflow
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        super().log_params(params)
+        # MLflow caps a param value at 6000 characters.
+        self._mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        super().set_tags(tags)
+        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        super().log_metrics(metrics, step)
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        super().log_dict(obj, artifact_file)
+        self._mlflow.log_dict(obj, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        super().log_text(text, artifact_file)
+        self._mlflow.log_text(text, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        super().log_artifact(path, artifact_path)
+        self._mlflow.log_artifact(str(path), artifact_path)
+
+
+def flatten_numeric(obj: Any, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of nested dicts as `{"prefix" + "a.b": value}` (bools and strings skipped)."""
+    out: dict[str, float] = {}
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out.update(flatten_numeric(v, f"{prefix}{k}."))
+    elif isinstance(obj, int | float) and not isinstance(obj, bool):
+        out[prefix.rstrip(".")] = float(obj)
+    return out
+
+
+def resolve_uri(cfg: TrackingParams, root: str | Path) -> str:
+    """`MLFLOW_TRACKING_URI` wins; a relative `sqlite:///x.db` or plain path is made absolute."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+    root = Path(root).resolve()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(root / uri.removeprefix('sqlite:///')).as_posix()}"
+    if "://" not in uri:
+        return (root / uri).resolve().as_uri()
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float) -> None:
+    """Fail fast with a clear message when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            if resp.status >= 500:
+                raise TrackingError(f"MLflow server {uri} answered {resp.status} at /health")
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({reason}) after {timeout_s:g}s. "
+            "Start the server, fix MLFLOW_TRACKING_URI / tracking.uri, or unset "
+            "MLFLOW_TRACKING_URI to use the embedded store (sqlite:///mlflow.db)."
+        ) from None
+
+
+def input_tags(inputs: Mapping[str, str | Path]) -> dict[str, str]:
+    """Hash every input and read the run id of the stage that produced it, if it says."""
+    tags: dict[str, str] = {}
+    for name, path in inputs.items():
+        path = Path(path)
+        tags[f"input.{name}.path"] = str(path)
+        tags[f"input.{name}.sha256"] = hash_path(path)
+        for manifest in MANIFESTS:
+            m = path / manifest
+            if path.is_dir() and m.exists():
+                run_id = read_json(m).get("mlflow_run_id")
+                if run_id:
+                    tags[f"lineage.{name}.run_id"] = str(run_id)
+                break
+    return tags
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    params: Params,
+    cfg: TrackingParams,
+    inputs: Mapping[str, str | Path] | None = None,
+    root: str | Path = ".",
+) -> Iterator[NullTracker]:
+    """Open one MLflow run for a stage execution; mark it FAILED if the body raises."""
+    tags = {"lmpipe.stage": stage, **git_state(root), **input_tags(inputs or {})}
+    if not cfg.enabled:
+        tracker = NullTracker()
+        tracker.log_params(params.flat())
+        tracker.set_tags(tags)
+        yield tracker
+        return
+
+    uri = resolve_uri(cfg, root)
+    check_reachable(uri, cfg.timeout_s)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(cfg.timeout_s)))
+    for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        if mlflow.get_experiment_by_name(cfg.experiment) is None:
+            artifacts = None
+            if uri.startswith("sqlite:"):
+                # Keep artifacts beside the embedded store, not in the stage's working dir.
+                db = Path(uri.removeprefix("sqlite:///"))
+                artifacts = (db.parent / "mlartifacts").as_uri()
+            mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
+        mlflow.set_experiment(cfg.experiment)
+    except mlflow.exceptions.MlflowException as err:
+        raise TrackingError(f"cannot use MLflow at {uri}: {err}") from None
+
+    with mlflow.start_run(run_name=stage) as run:
+        tracker = MlflowTracker(run.info.run_id)
+        tracker.log_params(params.flat())
+        tracker.set_tags(tags)
+        try:
+            yield tracker
+        except BaseException as err:
+            tracker.set_tags({"lmpipe.error": f"{type(err).__name__}: {err}"[:5000]})
+            mlflow.end_run(status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise

@@ -1,0 +1,96 @@
+"""Pretrain: a causal LM from scratch on the prepared token files.
+
+Run by DVC (see dvc.yaml), or on N processes/GPUs with
+    torchrun --nproc_per_node=N stages/pretrain.py --data data/prepared --out models/pretrain ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+from pathlib import Path
+
+from lmpipe import dist, stage
+from lmpipe.baselines import bigram_loss, unigram_loss
+from lmpipe.config import load_params
+from lmpipe.data.tokenizer import read_tokens
+from lmpipe.io import atomic_dir, read_json, write_json
+from lmpipe.model import build_model, n_params, save_model
+from lmpipe.tracking import NullTracker, stage_run
+from lmpipe.train import TokenWindows, checkpoint_store, train
+
+log = logging.getLogger("pretrain")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", type=Path, required=True, help="prepared data (data/prepared)")
+    ap.add_argument("--out", type=Path, required=True, help="model folder (models/pretrain)")
+    ap.add_argument("--report", type=Path, required=True, help="metrics JSON")
+    ap.add_argument("--plots", type=Path, required=True, help="per-step CSV")
+    ap.add_argument("--cache", type=Path, default=Path(".cache/checkpoints"))
+    args = ap.parse_args()
+
+    params = load_params(args.params, ["model", "pretrain", "tracking"])
+    cfg, mcfg = params.pretrain, params.model
+    info, device = dist.setup(cfg.device)
+    meta = read_json(args.data / "meta.json")
+    train_tokens = read_tokens(args.data / "train.bin", meta["dtype"])
+    val_tokens = read_tokens(args.data / "val.bin", meta["dtype"])
+
+    run = stage_run("pretrain", params, params.tracking, {"data": args.data})
+    with run if info.is_main else contextlib.nullcontext(NullTracker()) as tracker:
+        model = build_model(mcfg, meta["vocab_size"], meta["special_tokens"], params.seed)
+        model.to(device)
+        tracker.log_params({"model.n_params": n_params(model), "world_size": info.world})
+        source = TokenWindows(
+            train_tokens, mcfg.context, cfg.batch_size, params.seed, info.rank, info.world
+        )
+        val = TokenWindows(val_tokens, mcfg.context, cfg.batch_size, 0).fixed_batches(
+            cfg.eval_batches
+        )
+        key = {"params": params.to_dict(), "data": tracker.tags.get("input.data.sha256")}
+        key["params"].pop("tracking")
+        store = checkpoint_store(args.cache, "pretrain", key) if info.is_main else None
+        result = train(
+            model, source, cfg, val_batches=val, tracker=tracker, checkpoints=store,
+            plot_csv=args.plots, prefix="train",
+        )  # fmt: skip
+        if info.is_main:
+            report = {
+                "val_loss": result.val_loss,
+                "val_ppl": math.exp(result.val_loss),
+                "baseline_unigram_loss": unigram_loss(train_tokens, val_tokens, meta["vocab_size"]),
+                "baseline_bigram_loss": bigram_loss(train_tokens, val_tokens, meta["vocab_size"]),
+                "tokens_per_sec": result.tokens_per_sec,
+                "train_seconds": result.train_seconds,
+                "steps": result.steps,
+                "params": n_params(model),
+                "world_size": info.world,
+            }
+            with atomic_dir(args.out) as tmp:
+                save_model(
+                    model,
+                    tmp,
+                    args.data,
+                    stage.manifest("pretrain", params, tracker.tags, tracker.run_id, report),
+                )
+            tracker.log_report(report, "reports/pretrain.json")
+            write_json(args.report, report)
+            if store:
+                store.clear()
+            log.info(
+                "val loss %.4f (bigram %.4f, unigram %.4f), %.0f tokens/s",
+                report["val_loss"],
+                report["baseline_bigram_loss"],
+                report["baseline_unigram_loss"],
+                report["tokens_per_sec"],
+            )
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    stage.run(main, "pretrain")

@@ -1,0 +1,106 @@
+"""SFT: fine-tune the pretrained model on prompt/response pairs (loss on the response and EOS).
+
+Run by DVC (see dvc.yaml), or under `torchrun --nproc_per_node=N stages/sft.py ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+from pathlib import Path
+
+from lmpipe import dist, stage
+from lmpipe.config import load_params
+from lmpipe.data.tokenizer import PAD, load_tokenizer, special_ids
+from lmpipe.io import atomic_dir, write_json
+from lmpipe.model import context_length, load_model, n_params, save_model
+from lmpipe.sft import PairBatches, encode_pairs, sample_responses
+from lmpipe.tracking import NullTracker, stage_run
+from lmpipe.train import checkpoint_store, train
+
+log = logging.getLogger("sft")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--model", type=Path, required=True, help="pretrained model (models/pretrain)")
+    ap.add_argument("--data", type=Path, required=True, help="prepared data (data/prepared)")
+    ap.add_argument("--out", type=Path, required=True, help="model folder (models/sft)")
+    ap.add_argument("--report", type=Path, required=True, help="metrics JSON")
+    ap.add_argument("--plots", type=Path, required=True, help="per-step CSV")
+    ap.add_argument("--cache", type=Path, default=Path(".cache/checkpoints"))
+    args = ap.parse_args()
+
+    params = load_params(args.params, ["sft", "tracking"])
+    cfg = params.sft
+    info, device = dist.setup(cfg.device)
+    tok = load_tokenizer(args.data)
+    pad = special_ids(tok)[PAD]
+    inputs = {"model": args.model, "data": args.data}
+
+    run = stage_run("sft", params, params.tracking, inputs)
+    with run if info.is_main else contextlib.nullcontext(NullTracker()) as tracker:
+        model = load_model(args.model, device)
+        context = context_length(model)
+        train_ex = encode_pairs(tok, read_jsonl(args.data / "sft" / "train.jsonl"), context)
+        val_ex = encode_pairs(tok, read_jsonl(args.data / "sft" / "val.jsonl"), context)
+        source = PairBatches(train_ex, cfg.batch_size, params.seed, pad, info.rank, info.world)
+        val = PairBatches(val_ex, cfg.batch_size, 0, pad).fixed_batches(cfg.eval_batches)
+        key = {"params": params.to_dict(), "inputs": {k: tracker.tags.get(f"input.{k}.sha256")
+                                                      for k in inputs}}  # fmt: skip
+        key["params"].pop("tracking")
+        store = checkpoint_store(args.cache, "sft", key) if info.is_main else None
+        result = train(
+            model, source, cfg, val_batches=val, tracker=tracker, checkpoints=store,
+            plot_csv=args.plots, prefix="train",
+        )  # fmt: skip
+        if info.is_main:
+            prompts = [r["prompt"] for r in read_jsonl(args.data / "prompts" / "eval.jsonl")]
+            samples = sample_responses(
+                model, tok, prompts[: cfg.samples], cfg.max_new_tokens, cfg.temperature,
+                seed=params.seed,
+            )  # fmt: skip
+            report = {
+                "val_loss": result.val_loss,
+                "val_ppl": math.exp(result.val_loss),
+                "tokens_per_sec": result.tokens_per_sec,
+                "train_seconds": result.train_seconds,
+                "steps": result.steps,
+                "params": n_params(model),
+                "train_pairs": len(train_ex),
+                "eos_rate": sum(s["ended_with_eos"] for s in samples) / len(samples),
+                "mean_response_tokens": sum(s["n_tokens"] for s in samples) / len(samples),
+                "world_size": info.world,
+            }
+            tracker.log_text(
+                "\n\n".join(f"PROMPT: {s['prompt']}\nRESPONSE: {s['response']}" for s in samples),
+                "samples.txt",
+            )
+            with atomic_dir(args.out) as tmp:
+                save_model(
+                    model, tmp, args.data,
+                    stage.manifest("sft", params, tracker.tags, tracker.run_id, report),
+                )  # fmt: skip
+            tracker.log_report(report, "reports/sft.json")
+            write_json(args.report, report)
+            if store:
+                store.clear()
+            log.info(
+                "val loss %.4f, EOS rate %.2f, %.0f tokens/s",
+                report["val_loss"],
+                report["eos_rate"],
+                report["tokens_per_sec"],
+            )
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    stage.run(main, "sft")

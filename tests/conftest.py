@@ -1,0 +1,86 @@
+"""Shared fixtures: a repo copy with tiny params, and one `dvc repro` shared by e2e tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CORPORA = ROOT.parent / "shared" / "corpora"
+
+# Small enough that the whole pipeline runs in about a minute on 2 CPU cores.
+TINY = {
+    "seed": 7,
+    "data": {"builtin_stories": 400, "val_fraction": 0.1, "test_fraction": 0.1, "rl_prompts": 32,
+             "eval_prompts": 16},
+    "tokenizer": {"vocab_size": 512},
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "context": 64},
+    "pretrain": {
+        "max_steps": 60, "batch_size": 8, "warmup_steps": 5, "eval_every": 20, "eval_batches": 2,
+        "log_every": 5, "checkpoint_every": 10, "lr": 0.003,
+    },
+    "sft": {
+        "max_steps": 20, "batch_size": 8, "warmup_steps": 2, "eval_every": 10, "eval_batches": 2,
+        "log_every": 5, "checkpoint_every": 10, "samples": 8, "max_new_tokens": 16,
+    },
+}  # fmt: skip
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
+def env_for(repo: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{repo}/mlflow.db"
+    env["LMPIPE_LOG_LEVEL"] = "WARNING"
+    return env
+
+
+def run(cmd: list[str], repo: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=repo, env=env_for(repo), capture_output=True, text=True, **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({res.returncode})\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+        )
+    return res
+
+
+def copy_repo(dest: Path, params: dict | None = None) -> Path:
+    """The project's files (tracked and new, not ignored) in a fresh git repo at `dest`."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for f in filter(None, files):
+        src = ROOT / f.decode()
+        if src.is_file():
+            (dest / f.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f.decode())
+    if params is not None:
+        base = yaml.safe_load((ROOT / "params.yaml").read_text())
+        (dest / "params.yaml").write_text(yaml.safe_dump(merge(base, params), sort_keys=False))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "copy"]):
+        run(cmd, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory) -> Path:
+    """A copy of the repo where `dvc repro` ran once on TINY params (shared by e2e tests)."""
+    repo = copy_repo(tmp_path_factory.mktemp("repo"), TINY)
+    run(["dvc", "repro"], repo, timeout=1800)
+    return repo

@@ -1,0 +1,101 @@
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmpipe.config import SECTIONS, ParamsError, load_params, render_params_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, doc) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(doc) if not isinstance(doc, str) else doc)
+    return p
+
+
+def test_repo_params_load_and_document_every_key():
+    params = load_params(ROOT / "params.yaml", list(SECTIONS))
+    assert params.seed >= 0
+    text = (ROOT / "params.yaml").read_text()
+    for name, model in SECTIONS.items():
+        for key, info in model.model_fields.items():
+            # each key appears in its section with the description as a comment
+            assert re.search(rf"^  {key}: .*# {re.escape(info.description)}$", text, re.M), (
+                f"params.yaml lacks {name}.{key} with its description"
+            )
+
+
+def test_render_roundtrips_to_defaults(tmp_path):
+    p = write(tmp_path, render_params_yaml())
+    params = load_params(p, list(SECTIONS))
+    for name, model in SECTIONS.items():
+        assert getattr(params, name) == model()
+
+
+def test_bad_value_names_full_key_value_and_allowed(tmp_path):
+    p = write(tmp_path, {"seed": 1, "data": {"val_fraction": 1.5}})
+    with pytest.raises(ParamsError) as e:
+        load_params(p, ["data"])
+    msg = str(e.value)
+    assert "data.val_fraction = 1.5" in msg
+    assert "< 1" in msg
+
+
+def test_bad_literal_lists_choices(tmp_path):
+    p = write(tmp_path, {"data": {"source": "web"}})
+    with pytest.raises(ParamsError) as e:
+        load_params(p, ["data"])
+    msg = str(e.value)
+    assert "data.source = 'web'" in msg
+    for choice in ("'builtin'", "'text'", "'jsonl'", "'hf'"):
+        assert choice in msg
+
+
+def test_unknown_key_suggests_near_valid_keys(tmp_path):
+    p = write(tmp_path, {"data": {"val_fracton": 0.1}})
+    with pytest.raises(ParamsError) as e:
+        load_params(p, ["data"])
+    msg = str(e.value)
+    assert "data.val_fracton: unknown key" in msg
+    assert "did you mean val_fraction" in msg
+
+
+def test_unknown_section_and_wrong_type(tmp_path):
+    with pytest.raises(ParamsError, match="unknown params section 'tokeniser'.*tokenizer"):
+        load_params(write(tmp_path, {"tokeniser": {}}), ["data"])
+    with pytest.raises(ParamsError, match=r"tokenizer.vocab_size = 'big'"):
+        load_params(write(tmp_path, {"tokenizer": {"vocab_size": "big"}}), ["tokenizer"])
+    with pytest.raises(ParamsError, match="seed = -3"):
+        load_params(write(tmp_path, {"seed": -3}), ["data"])
+
+
+def test_cross_field_rules(tmp_path):
+    with pytest.raises(ParamsError, match="leaves less than 10% for train"):
+        load_params(write(tmp_path, {"data": {"val_fraction": 0.5, "test_fraction": 0.45}}), [])
+    with pytest.raises(ParamsError, match="set data.path"):
+        load_params(write(tmp_path, {"data": {"source": "text"}}), [])
+
+
+def test_errors_in_unrequested_sections_still_fail(tmp_path):
+    p = write(tmp_path, {"tokenizer": {"vocab_size": 10}})
+    with pytest.raises(ParamsError, match="tokenizer.vocab_size = 10"):
+        load_params(p, ["data"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ParamsError, match="does not exist"):
+        load_params(tmp_path / "nope.yaml", [])
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(write(tmp_path, "data: [unclosed"), [])
+
+
+def test_flat_params_for_mlflow(tmp_path):
+    params = load_params(write(tmp_path, {"seed": 7}), ["tokenizer"])
+    flat = params.flat()
+    assert flat["seed"] == 7
+    assert flat["tokenizer.vocab_size"] == 4096
+    assert not any(k.startswith("data.") for k in flat)
+    with pytest.raises(AttributeError, match="not loaded"):
+        _ = params.data

@@ -1,0 +1,182 @@
+"""The training loop on toy models: schedule, accumulation, learning, resume, NaN guard."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lmpipe.config import ModelParams, PretrainParams
+from lmpipe.model import build_model
+from lmpipe.train import (
+    IGNORE,
+    Batch,
+    CheckpointStore,
+    TokenWindows,
+    TrainingDiverged,
+    lm_loss_sum,
+    lr_at,
+    param_groups,
+    train,
+)
+
+SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2}
+TINY = ModelParams(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, context=16)
+
+
+def tiny_model(seed=0, arch="llama"):
+    return build_model(
+        TINY.model_copy(update={"arch": arch, "n_kv_heads": 0 if arch == "gpt2" else 1}),
+        50,
+        SPECIAL,
+        seed,
+    )
+
+
+def cfg(**kw):
+    base = dict(
+        max_steps=20, warmup_steps=2, batch_size=4, eval_every=10, log_every=1,
+        checkpoint_every=0, precision="fp32", lr=3e-3,
+    )  # fmt: skip
+    return PretrainParams(**{**base, **kw})
+
+
+def test_schedule_warmup_then_cosine_to_floor():
+    c = PretrainParams(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, c) == pytest.approx(0.1)
+    assert lr_at(9, c) == pytest.approx(1.0)
+    assert lr_at(10, c) == pytest.approx(1.0)
+    assert lr_at(60, c) == pytest.approx(0.55)  # half way: floor + (1 - floor) / 2
+    assert lr_at(110, c) == pytest.approx(0.1)
+    assert lr_at(500, c) == pytest.approx(0.1)
+    lrs = [lr_at(s, c) for s in range(10, 111)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    m = build_model(TINY.model_copy(update={"arch": "gpt2", "n_kv_heads": 0}), 50, SPECIAL, 0)
+    decay, no_decay = param_groups(m, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert any("ln" in names[id(p)] for p in no_decay["params"])
+    assert any("bias" in names[id(p)] for p in no_decay["params"])
+
+
+def test_loss_decreases_on_a_memorisable_batch():
+    torch.manual_seed(0)
+    m = tiny_model()
+    tokens = np.tile(np.arange(3, 20, dtype=np.uint16), 20)  # a repeating sequence
+    src = TokenWindows(tokens, 16, 4, seed=0)
+    res = train(m, src, cfg(max_steps=80, lr=1e-2), val_batches=src.fixed_batches(1))
+    losses = [r["train/loss"] for r in res.history]
+    assert losses[0] > math.log(17)  # starts near uniform over the tokens seen
+    assert losses[-1] < 0.2 * losses[0]
+    assert res.val_loss < 0.5
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    ids = torch.randint(3, 50, (8, 17))
+    labels = ids[:, 1:].clone()
+    labels[:3, :5] = IGNORE  # uneven numbers of targets per micro-batch
+    big = Batch(ids[:, :-1], labels)
+    m1, m2 = tiny_model(), tiny_model()
+    (lm_loss_sum(m1, big) / big.n_targets).backward()
+    micro = [Batch(ids[i : i + 2, :-1], labels[i : i + 2]) for i in range(0, 8, 2)]
+    total = sum(b.n_targets for b in micro)
+    for b in micro:
+        (lm_loss_sum(m2, b) / total).backward()
+    torch.testing.assert_close(grads(m1), grads(m2), rtol=1e-5, atol=1e-7)
+
+
+def test_accumulation_in_the_loop_matches_bigger_batch():
+    tokens = np.random.default_rng(0).integers(3, 50, 5000).astype(np.uint16)
+    a, b = tiny_model(), tiny_model()
+    ra = train(a, TokenWindows(tokens, 16, 8, seed=1), cfg(max_steps=5), val_batches=[])
+
+    # the same windows as 4 micro-batches of 2
+    class Grouped:
+        """Draw a batch of 8 windows and serve it as 4 micro-batches of 2."""
+
+        def __init__(self):
+            self.big = TokenWindows(tokens, 16, 8, seed=1)
+            self.queue = []
+
+        def next_batch(self):
+            if not self.queue:
+                bb = self.big.next_batch()
+                self.queue = [
+                    Batch(bb.input_ids[i : i + 2], bb.labels[i : i + 2]) for i in range(0, 8, 2)
+                ]
+            return self.queue.pop(0)
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, s):
+            pass
+
+    rb = train(b, Grouped(), cfg(max_steps=5, batch_size=2, grad_accum=4), val_batches=[])
+    la = [r["train/loss"] for r in ra.history]
+    lb = [r["train/loss"] for r in rb.history]
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=2e-5)  # Adam: 5 steps, float order
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_resume_is_bit_identical(tmp_path, arch):
+    tokens = np.random.default_rng(0).integers(3, 50, 5000).astype(np.uint16)
+    c = cfg(max_steps=12, checkpoint_every=4)
+    straight = tiny_model(arch=arch)
+    train(straight, TokenWindows(tokens, 16, 4, seed=3), c, val_batches=[])
+
+    store = CheckpointStore(tmp_path / "ck")
+    first = tiny_model(arch=arch)
+    train(
+        first,
+        TokenWindows(tokens, 16, 4, seed=3),
+        c,
+        val_batches=[],
+        checkpoints=store,
+        stop_after=6,
+    )
+    assert torch.load(store.path, weights_only=True)["step"] == 4  # the last checkpoint
+    resumed = tiny_model(arch=arch)  # a fresh process: new model, new sampler
+    res = train(resumed, TokenWindows(tokens, 16, 4, seed=3), c, val_batches=[], checkpoints=store)
+    assert res.resumed_from == 4
+    for (n, pa), pb in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(pa, pb), f"{n} differs after resume"
+
+
+def test_corrupt_checkpoint_is_ignored(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.path.write_bytes(b"not a checkpoint")
+    assert store.load() is None
+
+
+def test_nan_loss_stops_with_step_and_advice():
+    m = tiny_model()
+    with torch.no_grad():
+        m.get_input_embeddings().weight.fill_(float("nan"))
+    tokens = np.random.default_rng(0).integers(3, 50, 500).astype(np.uint16)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 0 \(lr .*\)\. Try a lower lr"):
+        train(m, TokenWindows(tokens, 16, 2, seed=0), cfg(), val_batches=[])
+
+
+def test_token_windows_ranks_partition_the_global_batch():
+    tokens = np.arange(1000, dtype=np.uint16)
+    whole = TokenWindows(tokens, 8, 6, seed=5).next_batch()
+    parts = [TokenWindows(tokens, 8, 3, seed=5, rank=r, world=2).next_batch() for r in (0, 1)]
+    torch.testing.assert_close(torch.cat([p.input_ids for p in parts]), whole.input_ids)
+    assert torch.equal(whole.labels[:, :-1], whole.input_ids[:, 1:])
+    with pytest.raises(ValueError, match="fewer than one window"):
+        TokenWindows(tokens[:5], 8, 2, seed=0)
