@@ -52,9 +52,8 @@ def main() -> None:
         val = TokenWindows(val_tokens, mcfg.context, cfg.batch_size, 0).fixed_batches(
             cfg.eval_batches
         )
-        key = {"params": params.to_dict(), "data": tracker.tags.get("input.data.sha256")}
-        key["params"].pop("tracking")
-        store = checkpoint_store(args.cache, "pretrain", key) if info.is_main else None
+        key = stage.checkpoint_key(params, {"data": args.data})
+        store = checkpoint_store(args.cache, "pretrain", key)  # every rank resumes; rank 0 saves
         result = train(
             model, source, cfg, val_batches=val, tracker=tracker, checkpoints=store,
             plot_csv=args.plots, prefix="train",
@@ -80,8 +79,7 @@ def main() -> None:
                 )
             tracker.log_report(report, "reports/pretrain.json")
             write_json(args.report, report)
-            if store:
-                store.clear()
+            store.clear()
             log.info(
                 "val loss %.4f (bigram %.4f, unigram %.4f), %.0f tokens/s",
                 report["val_loss"],

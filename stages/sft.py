@@ -54,10 +54,8 @@ def main() -> None:
         val_ex = encode_pairs(tok, read_jsonl(args.data / "sft" / "val.jsonl"), context)
         source = PairBatches(train_ex, cfg.batch_size, params.seed, pad, info.rank, info.world)
         val = PairBatches(val_ex, cfg.batch_size, 0, pad).fixed_batches(cfg.eval_batches)
-        key = {"params": params.to_dict(), "inputs": {k: tracker.tags.get(f"input.{k}.sha256")
-                                                      for k in inputs}}  # fmt: skip
-        key["params"].pop("tracking")
-        store = checkpoint_store(args.cache, "sft", key) if info.is_main else None
+        key = stage.checkpoint_key(params, inputs)
+        store = checkpoint_store(args.cache, "sft", key)  # every rank resumes; rank 0 saves
         result = train(
             model, source, cfg, val_batches=val, tracker=tracker, checkpoints=store,
             plot_csv=args.plots, prefix="train",
@@ -91,8 +89,7 @@ def main() -> None:
                 )  # fmt: skip
             tracker.log_report(report, "reports/sft.json")
             write_json(args.report, report)
-            if store:
-                store.clear()
+            store.clear()
             log.info(
                 "val loss %.4f, EOS rate %.2f, %.0f tokens/s",
                 report["val_loss"],

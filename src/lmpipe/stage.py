@@ -10,6 +10,7 @@ from typing import Any
 
 from lmpipe.config import ParamsError
 from lmpipe.data.sources import DataError
+from lmpipe.io import hash_path
 from lmpipe.tracking import TrackingError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -34,9 +35,16 @@ def run(main: Callable[[], Any], stage: str) -> None:
     try:
         main()
     except USER_ERRORS as err:
-        msg = str(err) if not isinstance(err, FileNotFoundError) else str(err.args[-1] or err)
-        print(f"{stage}: error: {msg}", file=sys.stderr)
+        print(f"{stage}: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def checkpoint_key(params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the stage's params (not tracking) and the
+    content hashes of its inputs. Computed on every DDP rank, since every rank resumes."""
+    key = params.to_dict()
+    key.pop("tracking", None)
+    return {"params": key, "inputs": {name: hash_path(path) for name, path in inputs.items()}}
 
 
 def manifest(
