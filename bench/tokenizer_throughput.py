@@ -64,7 +64,7 @@ def main() -> None:
         f"{n_tokens / t_batch / 1e6:.2f} M tokens/s"
     )
     print(f"encode one by one: {t_single:.2f}s  {mb / t_single:.1f} MB/s  (baseline)")
-    print(f"batched / one-by-one: {t_single / t_batch:.2f}x; chars/token {mb * 1e6 / n_tokens:.2f}")
+    print(f"batched / one-by-one: {t_single / t_batch:.2f}x; bytes/token {mb * 1e6 / n_tokens:.2f}")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def run_nanogpt(path: str, precision: str, steps: int, device: str) -> float:
     model = mod.GPT(conf).to(device)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device)
     data = torch.randint(0, 65, (16, 129))
-    x, y = data[:, :-1].to(device), data[:, 1:].to(device)
+    x, y = data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)
     times = []
     for i in range(steps + 5):
         t0 = time.perf_counter()
