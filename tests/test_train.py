@@ -180,3 +180,28 @@ def test_token_windows_ranks_partition_the_global_batch():
     assert torch.equal(whole.labels[:, :-1], whole.input_ids[:, 1:])
     with pytest.raises(ValueError, match="fewer than one window"):
         TokenWindows(tokens[:5], 8, 2, seed=0)
+
+
+def test_checkpoint_key_changes_with_params_and_input_content(tmp_path):
+    from lmpipe import stage
+    from lmpipe.config import Params, TrackingParams
+    from lmpipe.train import checkpoint_store
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.bin").write_bytes(b"\x01\x02")
+
+    def store(lr=1e-3, seed=1, exp="a"):
+        p = Params(seed=seed, sections={"pretrain": PretrainParams(lr=lr),
+                                        "tracking": TrackingParams(experiment=exp)})  # fmt: skip
+        return checkpoint_store(
+            tmp_path / "ck", "pretrain", stage.checkpoint_key(p, {"data": data})
+        )
+
+    base = store().directory
+    assert store().directory == base
+    assert store(exp="other").directory == base  # tracking settings do not change results
+    assert store(lr=2e-3).directory != base
+    assert store(seed=2).directory != base
+    (data / "train.bin").write_bytes(b"\x01\x03")
+    assert store().directory != base
