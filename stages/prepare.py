@@ -7,7 +7,6 @@ Run by DVC (see dvc.yaml):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -36,11 +35,10 @@ def main() -> None:
         atomic_dir(args.out) as tmp,
     ):
         t0 = time.perf_counter()
-        report, timings = prepare(params.data, params.tokenizer, params.seed, tmp)
-        meta = json.loads((tmp / "meta.json").read_text())
-        meta["mlflow_run_id"] = tracker.run_id
-        meta["params"] = params.to_dict()
-        write_json(tmp / "meta.json", meta)
+        provenance = {"mlflow_run_id": tracker.run_id, "params": params.to_dict()}
+        report, timings = prepare(
+            params.data, params.tokenizer, params.seed, tmp, provenance=provenance
+        )
         timings["total_s"] = time.perf_counter() - t0
         tracker.log_metrics({f"prepare/{k}": v for k, v in timings.items()})
         tracker.log_report(report, "reports/prepare.json")

@@ -68,10 +68,14 @@ def read_json(path: str | Path) -> Any:
         ) from None
 
 
+_HASHES: dict[tuple, str] = {}
+"""hash_path results keyed by path and the (name, size, mtime) of its files: a stage hashes its
+inputs once for tracking and once for its checkpoint key, and reads them only once."""
+
+
 def hash_path(path: str | Path, chunk: int = 1 << 20) -> str:
     """sha256 of a file, or of a directory's relative file names and contents (sorted)."""
     path = Path(path)
-    h = hashlib.sha256()
     if path.is_file():
         files = [path]
         base = path.parent
@@ -80,13 +84,19 @@ def hash_path(path: str | Path, chunk: int = 1 << 20) -> str:
         base = path
     else:
         raise FileNotFoundError(f"{path} does not exist")
+    stats = [(f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = (str(path.resolve()), path.is_dir(), tuple(zip(map(str, files), stats, strict=True)))
+    if key in _HASHES:
+        return _HASHES[key]
+    h = hashlib.sha256()
     for f in files:
         if path.is_dir():
             h.update(str(f.relative_to(base).as_posix()).encode() + b"\0")
         with f.open("rb") as fh:
             while block := fh.read(chunk):
                 h.update(block)
-    return h.hexdigest()
+    _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
 
 
 def hash_obj(obj: Any) -> str:

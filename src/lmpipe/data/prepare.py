@@ -19,6 +19,7 @@ from lmpipe.data.tokenizer import (
     train_tokenizer,
     write_tokens,
 )
+from lmpipe.io import write_json
 
 STATS_MAX_DOCS = 20000
 """Corpus statistics use at most this many documents per split (a seeded sample)."""
@@ -49,9 +50,16 @@ def corpus_stats(splits: dict[str, list[str]], pairs: Sequence[dict], seed: int)
 
 
 def prepare(
-    data: DataParams, tok_cfg: TokenizerParams, seed: int, out: Path, root: str | Path = "."
+    data: DataParams,
+    tok_cfg: TokenizerParams,
+    seed: int,
+    out: Path,
+    root: str | Path = ".",
+    provenance: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Write everything into `out`; return (report for reports/prepare.json, timings in seconds)."""
+    """Write everything into `out`; return (report for reports/prepare.json, timings in seconds).
+
+    `provenance` (MLflow run id, params) is added to `meta.json`, the folder's manifest."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     raw = sources.load_documents(data, seed, root)
@@ -139,6 +147,7 @@ def prepare(
         "files": {name: f"{name}.bin" for name in splits},
         "source": {"source": data.source, "path": data.path},
         **{k: report[k] for k in ("documents", "tokens", "characters", "sft_pairs", "prompts")},
+        **(provenance or {}),
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_json(out / "meta.json", meta)
     return report, timings
