@@ -16,6 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmpipe.data.tokenizer import BOS, EOS, PAD, PROMPT, RESPONSE, special_ids
+from lmpipe.sampling import generate
 from lmpipe.train import IGNORE, Batch
 
 
@@ -119,7 +120,6 @@ class PairBatches:
         self.order, self.pos, self.epoch = list(state["order"]), state["pos"], state["epoch"]
 
 
-@torch.no_grad()
 def sample_responses(
     model: torch.nn.Module,
     tok: Tokenizer,
@@ -127,50 +127,32 @@ def sample_responses(
     max_new_tokens: int,
     temperature: float = 1.0,
     seed: int = 0,
-    batch_size: int = 32,
+    batch_size: int = 64,
 ) -> list[dict[str, Any]]:
-    """Ancestral sampling (no top-k/top-p) with the KV cache, left-padded batches.
+    """Ancestral samples (see `lmpipe.sampling.generate`) for text prompts, seeded.
 
     Returns `{"prompt", "response", "ended_with_eos", "n_tokens"}` per prompt.
     """
     ids = special_ids(tok)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        enc = [prompt_ids(tok, p) for p in chunk]
-        width = max(map(len, enc))
-        input_ids = torch.full((len(enc), width), ids[PAD], dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i, e in enumerate(enc):
-            input_ids[i, width - len(e) :] = torch.tensor(e)
-            mask[i, width - len(e) :] = 1
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        seqs = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=ids[EOS],
-            pad_token_id=ids[PAD],
-        )
-        for p, row in zip(chunk, seqs[:, width:].tolist(), strict=True):
-            ended = ids[EOS] in row
-            row = row[: row.index(ids[EOS])] if ended else row
-            row = [t for t in row if t != ids[PAD]]
+        g = generate(
+            model, [prompt_ids(tok, p) for p in chunk], max_new_tokens=max_new_tokens,
+            eos_id=ids[EOS], pad_id=ids[PAD], temperature=temperature, generator=gen,
+        )  # fmt: skip
+        lengths = g.lengths.tolist()
+        for p, row, ended, n in zip(
+            chunk, g.response.tolist(), g.ended.tolist(), lengths, strict=True
+        ):
             out.append(
                 {
                     "prompt": p,
-                    "response": tok.decode(row, skip_special_tokens=True),
+                    "response": tok.decode(row[: n - int(ended)], skip_special_tokens=True),
                     "ended_with_eos": ended,
-                    "n_tokens": len(row) + int(ended),
+                    "n_tokens": n,
                 }
             )
-    model.train(was_training)
     return out

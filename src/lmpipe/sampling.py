@@ -1,0 +1,133 @@
+"""Batched ancestral sampling with the KV cache — the one sampler of reward, RL and evaluation.
+
+A small loop over `model(..., past_key_values=cache)` rather than `model.generate`: for the
+models this pipeline trains on a CPU, generate's per-step machinery costs more than the model
+(measured in `bench/sampling_throughput.py`). Pure ancestral sampling from the temperature-scaled
+distribution, no top-k/top-p (they bias the KL that RL estimates); greedy decoding on request.
+
+Prompts are left-padded (PAD ≠ EOS) with an attention mask and explicit position ids, so a
+padded row gives the same tokens as the same prompt alone. Rows that emitted EOS are filled with
+PAD; the loop stops when every row has ended or `max_new_tokens` is reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import StaticCache
+
+
+@dataclass
+class Generation:
+    """A sampled batch. `sequences` = left-padded prompts then responses."""
+
+    sequences: torch.Tensor  # (B, W + R) int64
+    attention_mask: torch.Tensor  # (B, W + R) int64, 0 on left padding and after the response
+    prompt_width: int  # W
+    response: torch.Tensor  # (B, R): response tokens incl. EOS, PAD after it
+    response_mask: torch.Tensor  # (B, R) bool: real response tokens (EOS included)
+    ended: torch.Tensor  # (B,) bool: emitted EOS within the limit
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row by inverting the CDF: one uniform per row (multinomial draws one
+    exponential per vocabulary entry, which dominated the sampling time on CPU)."""
+    cdf = torch.softmax(logits.float(), dim=-1).cumsum(-1)
+    u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return idx.squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    greedy: bool = False,
+) -> Generation:
+    """Sample one response per prompt (token ids, already in the chat template)."""
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    if temperature <= 0 and not greedy:
+        raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True instead")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    prompt_mask = mask
+    b, width = ids.shape
+    # preallocated: a growing cache re-copies every key/value tensor at every step
+    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions(mask),
+        past_key_values=cache,
+        use_cache=True,
+        cache_position=torch.arange(width, device=device),
+        logits_to_keep=1,
+    )
+    next_pos = mask.sum(-1, keepdim=True)  # (B, 1)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    tokens: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        tok = logits.argmax(-1) if greedy else sample_categorical(logits / temperature, generator)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens.append(tok)
+        done = done | (tok == eos_id)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, (~done | (tok == eos_id)).long()[:, None]], dim=1)
+        out = model(
+            input_ids=tok[:, None],
+            attention_mask=mask,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=torch.tensor([width + step], device=device),
+        )
+        next_pos = next_pos + 1
+    model.train(was_training)
+    response = torch.stack(tokens, dim=1)
+    # a token is real if no EOS came strictly before it
+    eos = response == eos_id
+    before = torch.cumsum(eos.long(), dim=1) - eos.long()
+    response_mask = before == 0
+    response = torch.where(response_mask, response, torch.full_like(response, pad_id))
+    return Generation(
+        sequences=torch.cat([ids, response], dim=1),
+        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+        prompt_width=width,
+        response=response,
+        response_mask=response_mask,
+        ended=eos.any(dim=1),
+    )
