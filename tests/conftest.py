@@ -29,6 +29,15 @@ TINY = {
         "max_steps": 20, "batch_size": 8, "warmup_steps": 2, "eval_every": 10, "eval_batches": 2,
         "log_every": 5, "checkpoint_every": 10, "samples": 8, "max_new_tokens": 16,
     },
+    "preference": {"prompts": 32, "samples_per_prompt": 4, "max_new_tokens": 16,
+                   "val_fraction": 0.25},
+    "reward": {
+        "max_steps": 20, "batch_size": 8, "warmup_steps": 2, "eval_every": 10, "eval_batches": 2,
+        "log_every": 5, "checkpoint_every": 10, "norm_samples": 32, "lr": 0.001,
+    },
+    "rl": {"steps": 6, "prompts_per_step": 8, "samples_per_prompt": 2, "max_new_tokens": 16,
+           "minibatch_size": 8, "ppo_epochs": 2, "eval_prompts": 4, "eval_samples": 4,
+           "posterior_samples": 8, "checkpoint_every": 2},
 }  # fmt: skip
 
 

@@ -176,12 +176,123 @@ class SftParams(TrainParams):
     temperature: float = Field(1.0, gt=0, description="sampling temperature of those samples")
 
 
+class PreferenceParams(Section):
+    """Preference pairs for the reward model, labelled by a gold scorer or read (stage: reward)."""
+
+    source: Literal["gold", "file"] = Field(
+        "gold", description="gold: SFT samples labelled by the gold scorer; file: a JSONL"
+    )
+    path: str = Field("", description="file: JSONL with prompt, chosen, rejected per line")
+    gold: Literal["vader", "keyword", "length"] = Field(
+        "vader", description="gold scorer: vader sentiment, keyword presence, or word count"
+    )
+    keywords: list[str] = Field(
+        ["happy", "glad", "smiled", "laughed"], description="keyword: words that score 1"
+    )
+    prompts: int = Field(1000, ge=2, description="RL prompts to sample for (at most all of them)")
+    samples_per_prompt: int = Field(
+        6, ge=2, le=16, description="k responses per prompt; every pair of them is labelled"
+    )
+    max_new_tokens: int = Field(48, ge=1, description="response length limit when sampling")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    tau: float = Field(
+        0.1, ge=0, description="labeller noise: P(a>b) = sigmoid((g(a)-g(b))/tau); 0 = exact"
+    )
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of prompts held out")
+
+    @model_validator(mode="after")
+    def _check(self) -> PreferenceParams:
+        if self.source == "file" and not self.path:
+            raise ValueError("preference.source is 'file': set preference.path to the JSONL")
+        if self.gold == "keyword" and not self.keywords:
+            raise ValueError("preference.gold is 'keyword': give at least one keyword")
+        return self
+
+
+class RewardParams(TrainParams):
+    """Bradley-Terry reward model on the SFT backbone with a scalar head (stage: reward)."""
+
+    lr: float = Field(3e-4, gt=0, le=1, description="peak learning rate (after warmup)")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
+    max_steps: int = Field(150, ge=1, description="optimizer steps")
+    batch_size: int = Field(64, ge=1, description="preference pairs per micro-batch")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices (not norms/biases)")
+    eval_every: int = Field(50, ge=1, description="steps between evaluations")
+    checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0 = none)")
+    margin: float = Field(0.0, ge=0, description="loss: -log sigmoid(r_chosen - r_rejected - m)")
+    norm_samples: int = Field(
+        512, ge=16, description="fresh SFT samples that fit the gain/bias (mean 0, std 1)"
+    )
+
+
+class RLParams(Section):
+    """KL-regularised RL from the SFT model toward the normalised reward (stage: rl)."""
+
+    algo: Literal["ppo", "rloo", "dpg"] = Field(
+        "ppo", description="ppo (GAE, clipped surrogate), rloo (leave-one-out REINFORCE), dpg"
+    )
+    kl_coef: float = Field(0.2, gt=0, description="beta of the KL penalty / posterior temperature")
+    adaptive_kl: bool = Field(False, description="adapt beta toward kl_target (Ziegler et al.)")
+    kl_target: float = Field(6.0, gt=0, description="adaptive: target KL in nats per sequence")
+    kl_horizon: float = Field(10000.0, gt=0, description="adaptive: horizon in episodes")
+    steps: int = Field(60, ge=1, description="rollout batches (each followed by updates)")
+    prompts_per_step: int = Field(32, ge=1, description="prompts per rollout batch")
+    samples_per_prompt: int = Field(
+        2, ge=1, description="responses per prompt (rloo and dpg need >= 2)"
+    )
+    max_new_tokens: int = Field(48, ge=1, description="response length limit")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (all log-probs use it)")
+    missing_eos_penalty: float | None = Field(
+        -2.0,
+        description="score of a response that hits the length limit without EOS (null = RM's)",
+    )
+    lr: float = Field(1e-4, gt=0, le=1, description="Adam learning rate (policy and critic)")
+    lr_schedule: Literal["linear", "constant"] = Field(
+        "linear", description="linear: decay to 0 over rl.steps (as TRL's default); constant"
+    )
+    adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon")
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm (0 = off)")
+    ppo_epochs: int = Field(2, ge=1, description="ppo: passes over each rollout batch")
+    minibatch_size: int = Field(32, ge=1, description="sequences per minibatch / forward chunk")
+    clip: float = Field(0.2, gt=0, description="ppo: policy ratio clip epsilon")
+    value_clip: float = Field(0.2, gt=0, description="ppo: value clip around the old value")
+    vf_coef: float = Field(0.1, ge=0, description="ppo: value loss coefficient")
+    gamma: float = Field(1.0, ge=0, le=1, description="ppo: discount")
+    lam: float = Field(0.95, ge=0, le=1, description="ppo: GAE lambda")
+    whiten_rewards: bool = Field(False, description="ppo: scale per-token rewards per batch")
+    whiten_advantages: bool = Field(True, description="ppo: whiten advantages per batch")
+    value_init: Literal["reward", "zero"] = Field(
+        "reward", description="ppo: critic from the reward model, or policy backbone + zero head"
+    )
+    critic_warmup_steps: int = Field(0, ge=0, description="ppo: first steps update the critic only")
+    dpg_swap_every: int = Field(
+        4, ge=1, description="dpg: steps between checks that replace q by pi"
+    )
+    eval_prompts: int = Field(32, ge=1, description="held-out prompts for the final evaluation")
+    eval_samples: int = Field(8, ge=1, description="policy samples per eval prompt")
+    posterior_samples: int = Field(
+        64, ge=2, description="pi0 samples per eval prompt for log Z (N)"
+    )
+    log_every: int = Field(1, ge=1, description="steps between logged metrics")
+    checkpoint_every: int = Field(20, ge=0, description="steps between checkpoints (0 = none)")
+    device: str = Field("auto", description="auto (CUDA if present), cpu, cuda, cuda:N")
+
+    @model_validator(mode="after")
+    def _check(self) -> RLParams:
+        if self.algo in ("rloo", "dpg") and self.samples_per_prompt < 2:
+            raise ValueError(f"rl.algo {self.algo!r} needs rl.samples_per_prompt >= 2")
+        return self
+
+
 SECTIONS: dict[str, type[Section]] = {
     "data": DataParams,
     "tokenizer": TokenizerParams,
     "model": ModelParams,
     "pretrain": PretrainParams,
     "sft": SftParams,
+    "preference": PreferenceParams,
+    "reward": RewardParams,
+    "rl": RLParams,
     "tracking": TrackingParams,
 }
 """Section name → model. Later stages add theirs here."""

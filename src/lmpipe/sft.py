@@ -64,7 +64,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
 
 
 class PairBatches:
-    """Epochs of seeded permutations; each process takes its slice of the global batch."""
+    """Epochs of seeded permutations; each process takes its slice of the global batch.
+    Subclasses change `collate` (the reward model batches preference pairs)."""
 
     def __init__(
         self,
@@ -97,7 +98,10 @@ class PairBatches:
     def next_batch(self) -> Batch:
         idx = self._take(self.batch_size * self.world)
         mine = idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return collate([self.examples[i] for i in mine], self.pad_id)
+        return self.collate([self.examples[i] for i in mine])
+
+    def collate(self, examples: Sequence[Any]) -> Any:
+        return collate(examples, self.pad_id)
 
     def fixed_batches(self, n: int | None = None) -> list[Batch]:
         """All examples (or the first n batches) in order: the val set."""
@@ -105,7 +109,7 @@ class PairBatches:
             self.examples[i : i + self.batch_size]
             for i in range(0, len(self.examples), self.batch_size)
         ]
-        return [collate(c, self.pad_id) for c in chunks[:n]]
+        return [self.collate(c) for c in chunks[:n]]
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -215,16 +215,20 @@ def lm_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, batches: Sequence[Batch], device: torch.device, bf16: bool
+    model: torch.nn.Module,
+    batches: Sequence[Batch],
+    device: torch.device,
+    bf16: bool,
+    loss_sum: Callable[[torch.nn.Module, Batch], torch.Tensor] = lm_loss_sum,
 ) -> float:
-    """Mean loss per target token over fixed batches."""
+    """Mean loss per target (token, or pair for the reward model) over fixed batches."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for b in batches:
         b = b.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            total += float(lm_loss_sum(model, b))
+            total += float(loss_sum(model, b))
         n += b.n_targets
     model.train(was_training)
     return total / max(n, 1)
@@ -406,7 +410,7 @@ def train(
             window_t0, window_tokens = time.perf_counter(), 0
             bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tps:,.0f}")
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            last_val = evaluate(model, val_batches, device, bf16)
+            last_val = evaluate(model, val_batches, device, bf16, loss_sum)
             row["eval/loss"] = last_val
             window_t0 = time.perf_counter()  # eval time is not training throughput
             if rank == 0:

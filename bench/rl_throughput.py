@@ -1,0 +1,155 @@
+"""RL throughput: episodes/s of lmpipe's RL loop and the share of time spent generating, next to
+TRL's RLOOTrainer on the same models and settings when `trl` is installed
+(`pip install -e .[bench]`).
+
+    python bench/rl_throughput.py                       # rloo, ppo and dpg, then TRL's RLOO
+    python bench/rl_throughput.py --algos rloo --steps 5 --no-trl
+
+Setting (the issue's reference): a tiny Llama policy and reward model (width 256, 4 layers,
+vocab 4096, random init, fp32), 64 prompts x 2 samples, 32 new tokens, one update per batch
+(PPO: its default epochs and minibatches), the reward model scores every response. Both loops
+run in this process on the same models; the first step of each is a warm-up and not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from lmpipe.config import ModelParams, RLParams
+from lmpipe.model import build_model
+from lmpipe.rl.loop import RLTrainer
+from lmpipe.rl.rollout import ValueModel
+
+SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "<|prompt|>": 3, "<|response|>": 4}
+VOCAB, PROMPT_LEN = 4096, 16
+
+
+def models(seed: int = 0):
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = ModelParams(d_model=256, n_layers=4, n_heads=4, context=128)
+    policy = build_model(cfg, VOCAB, SPECIAL, seed)
+    ref = build_model(cfg, VOCAB, SPECIAL, seed)
+    torch.manual_seed(seed)
+    rm_config = copy.deepcopy(policy.config)
+    rm_config.num_labels = 1
+    rm = AutoModelForSequenceClassification.from_config(rm_config).eval()
+    return policy, ref, rm
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[1, 3, *rng.integers(5, VOCAB, PROMPT_LEN - 3).tolist(), 4] for _ in range(n)]
+
+
+def bench_lmpipe(algo: str, steps: int, args) -> dict[str, float]:
+    policy, ref, rm = models()
+
+    @torch.no_grad()
+    def score_fn(p, r):
+        seqs = [[*a, *b] for a, b in zip(p, r, strict=True)]
+        width = max(map(len, seqs))
+        ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+        return rm(input_ids=ids).logits[:, 0].numpy()
+
+    cfg = RLParams(
+        algo=algo, prompts_per_step=args.prompts, samples_per_prompt=2,
+        max_new_tokens=args.new_tokens, missing_eos_penalty=None, steps=steps + 1,
+        minibatch_size=args.prompts * 2 if algo != "ppo" else 32,
+    )  # fmt: skip
+    value = ValueModel.zero_head(policy) if algo == "ppo" else None
+    t = RLTrainer(policy, ref, cfg, prompts(args.prompts * 4), score_fn, eos_id=2, pad_id=0,
+                  seed=0, value_model=value)  # fmt: skip
+    t.train_step()  # warm-up
+    eps, shares = [], []
+    for _ in range(steps):
+        m = t.train_step()
+        eps.append(m["rl/episodes_per_sec"])
+        shares.append(m["rl/generate_share"])
+    return {"episodes_per_sec": statistics.median(eps), "generate_share": float(np.mean(shares))}
+
+
+def bench_trl(steps: int, args) -> dict[str, float] | None:
+    try:
+        import trl
+        from datasets import Dataset
+        from transformers import PreTrainedTokenizerFast, TrainerCallback
+    except ImportError:
+        return None
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
+
+    policy, _, rm = models()
+    vocab = {**SPECIAL, **{f"t{i}": i for i in range(len(SPECIAL), VOCAB)}}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="t5")),
+        pad_token="<|pad|>", eos_token="<|eos|>", bos_token="<|bos|>",
+    )  # fmt: skip
+    texts = [" ".join(f"t{i}" for i in p[2:-1]) for p in prompts(args.prompts * 4 * (steps + 2))]
+    from tokenizers import pre_tokenizers
+
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    config = trl.RLOOConfig(
+        output_dir="/tmp/lmpipe-bench-trl", per_device_train_batch_size=args.prompts * 2,
+        num_generations=2, max_completion_length=args.new_tokens, steps_per_generation=1,
+        num_iterations=1, max_steps=steps + 1, use_cpu=True, report_to="none",
+        save_strategy="no", logging_steps=1, temperature=1.0, beta=0.05, bf16=False,
+        disable_tqdm=True, model_init_kwargs={"dtype": torch.float32},
+    )  # fmt: skip
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    path = "/tmp/lmpipe-bench-trl/policy"
+    policy.save_pretrained(path)  # TRL builds its reference copy from a path
+    trainer = trl.RLOOTrainer(
+        model=path, reward_funcs=rm, args=config, processing_class=tok,
+        reward_processing_classes=tok, train_dataset=Dataset.from_dict({"prompt": texts}),
+        callbacks=[Timer()],
+    )  # fmt: skip
+    trainer.train()
+    per_step = statistics.median(times[1:])
+    return {"episodes_per_sec": args.prompts * 2 / per_step, "version": trl.__version__}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--algos", nargs="+", default=["rloo", "ppo", "dpg"])
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--no-trl", action="store_true")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = {}
+    for algo in args.algos:
+        rows[f"lmpipe {algo}"] = bench_lmpipe(algo, args.steps, args)
+        r = rows[f"lmpipe {algo}"]
+        print(f"lmpipe {algo:5s} {r['episodes_per_sec']:7.1f} episodes/s  "
+              f"generation {100 * r['generate_share']:.0f}% of the step")  # fmt: skip
+    if not args.no_trl:
+        r = bench_trl(args.steps, args)
+        if r is None:
+            print("trl not installed: pip install -e .[bench]")
+        else:
+            print(f"trl {r['version']} RLOOTrainer {r['episodes_per_sec']:7.1f} episodes/s")
+            if "lmpipe rloo" in rows:
+                ratio = rows["lmpipe rloo"]["episodes_per_sec"] / r["episodes_per_sec"]
+                print(f"lmpipe rloo / trl RLOO: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

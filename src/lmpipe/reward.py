@@ -1,0 +1,334 @@
+"""Reward modelling: pairwise labels from a gold scorer, the Bradley–Terry loss, the scalar-head
+model, and the normalised scorer that RL and evaluation use.
+
+The reward model is `AutoModelForSequenceClassification` (one label) on the SFT backbone: it reads
+the hidden state of the last non-pad token of `BOS PROMPT prompt RESPONSE response EOS` (the SFT
+template), so it loads with plain transformers. Its raw score r is normalised as gain·r + bias,
+fitted to mean 0, std 1 on fresh samples of the SFT policy; the constants live in `lmpipe.json`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+from lmpipe.data.sources import DataError, iter_jsonl
+from lmpipe.data.tokenizer import EOS, PAD, load_tokenizer, special_ids
+from lmpipe.model import context_length, read_manifest
+from lmpipe.sft import PairBatches, prompt_ids
+
+# --------------------------------------------------------------------------- labelling
+
+
+def preference_prob(g_a: np.ndarray, g_b: np.ndarray, tau: float) -> np.ndarray:
+    """P(a ≻ b) under the Bradley–Terry labeller σ((g(a) − g(b)) / τ); τ = 0 is exact
+    (ties are a coin flip)."""
+    diff = np.asarray(g_a, dtype=np.float64) - np.asarray(g_b, dtype=np.float64)
+    if tau == 0:
+        return np.where(diff > 0, 1.0, np.where(diff < 0, 0.0, 0.5))
+    return 1.0 / (1.0 + np.exp(-diff / tau))
+
+
+def label_pairs(gold: Sequence[float], tau: float, rng: np.random.Generator) -> list[dict]:
+    """Every pair (i, j), i < j, of one prompt's responses, labelled by a Bradley–Terry draw.
+
+    Returns `{"chosen", "rejected", "p_chosen"}` with response indices and the labeller's
+    probability of the choice it made.
+    """
+    g = np.asarray(gold, dtype=np.float64)
+    out = []
+    for i in range(len(g)):
+        for j in range(i + 1, len(g)):
+            p = float(preference_prob(g[i], g[j], tau))
+            i_wins = rng.random() < p
+            c, r = (i, j) if i_wins else (j, i)
+            out.append({"chosen": c, "rejected": r, "p_chosen": p if i_wins else 1 - p})
+    return out
+
+
+def expected_agreement(g_a: np.ndarray, g_b: np.ndarray, tau: float) -> float:
+    """Expected share of labels that agree with the gold order, over pairs whose gold differs."""
+    diff = np.abs(np.asarray(g_a) - np.asarray(g_b))
+    diff = diff[diff > 0]
+    if diff.size == 0:
+        return float("nan")
+    return float(np.mean(preference_prob(diff, np.zeros_like(diff), tau)))
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def bradley_terry_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0
+) -> torch.Tensor:
+    """Per-pair −log σ(r_chosen − r_rejected − margin) (softplus form: stable for any gap)."""
+    return F.softplus(-(r_chosen - r_rejected - margin))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def encode_for_reward(tok: Tokenizer, prompt: str, response: str, context: int) -> list[int] | None:
+    """`BOS PROMPT prompt RESPONSE response EOS`, or None when it does not fit the context."""
+    ids = [
+        *prompt_ids(tok, prompt),
+        *tok.encode(response, add_special_tokens=False).ids,
+        special_ids(tok)[EOS],
+    ]
+    return ids if len(ids) <= context else None
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    chosen: list[int]
+    rejected: list[int]
+
+
+@dataclass
+class PreferenceBatch:
+    """Chosen sequences in rows [0, B), rejected in [B, 2B), right-padded to one width."""
+
+    input_ids: torch.Tensor
+
+    @property
+    def n_targets(self) -> int:  # the loop divides the summed loss by this: pairs
+        return self.input_ids.shape[0] // 2
+
+    def to(self, device: torch.device) -> PreferenceBatch:
+        return PreferenceBatch(self.input_ids.to(device, non_blocking=device.type == "cuda"))
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    width = max(map(len, seqs))
+    out = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def collate_preferences(examples: Sequence[PreferenceExample], pad_id: int) -> PreferenceBatch:
+    seqs = [e.chosen for e in examples] + [e.rejected for e in examples]
+    return PreferenceBatch(right_pad(seqs, pad_id))
+
+
+class PreferenceBatches(PairBatches):
+    """Seeded epochs over preference pairs (same sampler, state and rank slicing as SFT)."""
+
+    def collate(self, examples: Sequence[PreferenceExample]) -> PreferenceBatch:
+        return collate_preferences(examples, self.pad_id)
+
+
+def read_preference_file(path: str | Path) -> list[dict[str, str]]:
+    """A JSONL of `prompt`, `chosen`, `rejected` strings; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"preference.path {path} does not exist; point it at a JSONL file")
+    rows = list(
+        iter_jsonl(
+            path.read_text(encoding="utf-8"),
+            str(path),
+            ("prompt", "chosen", "rejected"),
+            "preference.path",
+        )
+    )
+    if len(rows) < 2:
+        raise DataError(f"{path}: {len(rows)} preference rows; at least 2 are needed")
+    return rows
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_reward_model(sft_dir: str | Path, seed: int) -> PreTrainedModel:
+    """The SFT backbone with a fresh scalar head, N(0, 1/(d+1)) as in Ziegler et al.; dropout
+    off (eval-mode numerics in training too)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(sft_dir), num_labels=1, attn_implementation="sdpa", use_safetensors=True
+        )
+        head = model.score
+        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for key in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, 0.0)
+    return model
+
+
+def preference_loss_sum(margin: float = 0.0):
+    """`loss_sum(model, batch)` for the training loop: summed Bradley–Terry loss of a batch."""
+
+    def loss_sum(model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
+        r = model(input_ids=batch.input_ids).logits[:, 0].float()
+        n = batch.n_targets
+        return bradley_terry_loss(r[:n], r[n:], margin).sum()
+
+    return loss_sum
+
+
+@torch.no_grad()
+def raw_scores(
+    model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 128
+) -> np.ndarray:
+    """Unnormalised scores of full sequences (prompt template + response + EOS)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        ids = right_pad(seqs[i : i + batch_size], pad_id).to(device)
+        out.append(model(input_ids=ids).logits[:, 0].float().cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
+def fit_normalisation(raw: np.ndarray) -> dict[str, float]:
+    """gain, bias with gain·raw + bias of mean 0 and std 1 on `raw`."""
+    raw = np.asarray(raw, dtype=np.float64)
+    std = float(raw.std())
+    if raw.size < 2 or not math.isfinite(std) or std < 1e-8:
+        raise ValueError(
+            f"cannot normalise the reward: {raw.size} scores with std {std:.3g}; "
+            "the reward model gives (nearly) one score to everything — train longer or check "
+            "the preference labels"
+        )
+    return {"gain": 1.0 / std, "bias": -float(raw.mean()) / std}
+
+
+@dataclass
+class RewardModel:
+    """A trained reward model with its normalisation: what RL and evaluation call."""
+
+    model: PreTrainedModel
+    tokenizer: Tokenizer
+    gain: float
+    bias: float
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> RewardModel:
+        manifest = read_manifest(directory)
+        norm = manifest.get("normalization")
+        if not norm:
+            raise FileNotFoundError(
+                f"{directory} has no reward normalisation in lmpipe.json; rerun the reward stage"
+            )
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(directory), attn_implementation="sdpa", use_safetensors=True
+        )
+        return cls(model.to(device).eval(), load_tokenizer(directory), norm["gain"], norm["bias"])
+
+    @property
+    def pad_id(self) -> int:
+        return special_ids(self.tokenizer)[PAD]
+
+    def score_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 128) -> np.ndarray:
+        """Normalised scores of token sequences in the template (ending in EOS)."""
+        return self.gain * raw_scores(self.model, seqs, self.pad_id, batch_size) + self.bias
+
+    def score_text(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        ctx = context_length(self.model)
+        seqs = []
+        for p, r in zip(prompts, responses, strict=True):
+            ids = encode_for_reward(self.tokenizer, p, r, 10**9)
+            seqs.append(ids[-ctx:])  # a too-long text is judged on its end
+        return self.score_ids(seqs)
+
+
+def pair_metrics(
+    r_chosen: np.ndarray,
+    r_rejected: np.ndarray,
+    g_chosen: np.ndarray,
+    g_rejected: np.ndarray,
+    min_gold_gap: float = 0.1,
+) -> dict[str, Any]:
+    """Accuracy against the labels, and against the gold order where gold differs enough."""
+    rc, rr = np.asarray(r_chosen), np.asarray(r_rejected)
+    gc, gr = np.asarray(g_chosen), np.asarray(g_rejected)
+    sel = np.abs(gc - gr) >= min_gold_gap
+    agree = np.sign(rc - rr) == np.sign(gc - gr)
+    return {
+        "val_accuracy": float(np.mean(rc > rr)),
+        "gold_order_accuracy": float(np.mean(agree[sel])) if sel.any() else float("nan"),
+        "gold_order_pairs": int(sel.sum()),
+    }
+
+
+# --------------------------------------------------------------------------- preference data
+
+
+def sample_and_label(
+    model: torch.nn.Module,
+    tok: Tokenizer,
+    prompts: Sequence[str],
+    *,
+    k: int,
+    max_new_tokens: int,
+    temperature: float,
+    gold,
+    tau: float,
+    seed: int,
+    batch_size: int = 256,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """k ancestral samples per prompt, scored by `gold`, every pair labelled by the noisy
+    Bradley–Terry labeller. Responses cut at the length limit (no EOS) and duplicates are left
+    out of pairs: RL never asks the reward model about a response without EOS.
+
+    Returns (samples, pairs); pairs carry the texts, both gold scores and the labeller's p.
+    """
+    from lmpipe.sft import sample_responses
+
+    repeated = [p for p in prompts for _ in range(k)]
+    samples = sample_responses(
+        model, tok, repeated, max_new_tokens, temperature, seed=seed, batch_size=batch_size
+    )
+    ended = [s for s in samples if s["ended_with_eos"]]
+    scores = gold([s["prompt"] for s in ended], [s["response"] for s in ended])
+    for s, g in zip(ended, scores, strict=True):
+        s["gold"] = float(g)
+    rng = np.random.default_rng(seed)
+    pairs: list[dict[str, Any]] = []
+    for i, prompt in enumerate(prompts):
+        group, seen = [], set()
+        for s in samples[i * k : (i + 1) * k]:
+            if s["ended_with_eos"] and s["response"] not in seen:
+                seen.add(s["response"])
+                group.append(s)
+        for lab in label_pairs([s["gold"] for s in group], tau, rng):
+            c, r = group[lab["chosen"]], group[lab["rejected"]]
+            pairs.append(
+                {
+                    "prompt": prompt,
+                    "chosen": c["response"],
+                    "rejected": r["response"],
+                    "gold_chosen": c["gold"],
+                    "gold_rejected": r["gold"],
+                    "p_chosen": lab["p_chosen"],
+                }
+            )
+    return samples, pairs
+
+
+def val_prompts(prompts: Sequence[str], fraction: float, seed: int) -> set[str]:
+    """A seeded share of the distinct prompts, held out (pairs are split by prompt, so no
+    prompt is in both train and val)."""
+    distinct = sorted(set(prompts))
+    n_val = max(1, round(fraction * len(distinct)))
+    if n_val >= len(distinct):
+        raise DataError(
+            f"{len(distinct)} distinct prompts cannot be split with val_fraction {fraction}; "
+            "add prompts or lower preference.val_fraction"
+        )
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    return {distinct[i] for i in order[:n_val]}

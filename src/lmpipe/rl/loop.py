@@ -1,0 +1,375 @@
+"""The RL loop: rollout with the shared sampler, then a PPO, RLOO or DPG update.
+
+One `RLTrainer` serves the three algorithms; only `_update_*` differs. Models, scorer and
+prompts come in as objects (no files, no params parsing here), so the same loop runs the real
+stage and the toy problems of the tests, where π* is known exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmpipe.config import RLParams
+from lmpipe.rl import core
+from lmpipe.rl.rollout import ValueModel, disable_dropout, response_logprobs
+from lmpipe.sampling import Generation, generate
+
+ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], np.ndarray]
+"""(prompt token ids, response token ids incl. EOS) → normalised proxy scores."""
+
+
+@dataclass
+class Rollout:
+    gen: Generation
+    prompt_index: torch.Tensor  # (B,) into the trainer's prompt list, prompt-major (P, k)
+    scores: torch.Tensor  # (B,) reward-model score, or the missing-EOS penalty
+    proxy: torch.Tensor  # (B,) reward-model score (NaN where the response has no EOS)
+    logp: torch.Tensor  # (B, R) log-probs of the sampling model (policy; proposal for dpg)
+    ref_logp: torch.Tensor  # (B, R)
+    entropy: torch.Tensor  # (B, R)
+    values: torch.Tensor | None  # (B, R) ppo only
+    chunks: list[torch.Tensor]  # row chunks every pass used (epoch 0 minibatches for ppo)
+    gold: np.ndarray | None
+    seconds_generate: float
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.gen.response_mask
+
+
+def split_rows(order: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return list(torch.split(order, size))
+
+
+def score_generation(
+    gen: Generation,
+    prompts: Sequence[Sequence[int]],
+    score_fn: ScoreFn,
+    penalty: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, proxy): the reward model judges responses that ended with EOS; the others get
+    the missing-EOS penalty (their proxy is NaN). With penalty None it judges every response."""
+    ended = gen.ended.cpu().tolist()
+    lengths = gen.lengths.cpu().tolist()
+    rows = [i for i, e in enumerate(ended) if e or penalty is None]
+    proxy = torch.full((len(ended),), float("nan"), dtype=torch.float64)
+    if rows:
+        resp = gen.response.cpu()
+        got = score_fn([prompts[i] for i in rows], [resp[i, : lengths[i]].tolist() for i in rows])
+        proxy[rows] = torch.as_tensor(np.asarray(got, dtype=np.float64))
+    if penalty is None:
+        return proxy.float(), proxy.float()
+    scores = torch.where(gen.ended.cpu(), proxy, torch.full_like(proxy, penalty))
+    return scores.float(), proxy.float()
+
+
+class RLTrainer:
+    """Holds policy, reference, critic or proposal, optimiser, β controller and RNG state."""
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        ref: torch.nn.Module,
+        cfg: RLParams,
+        prompts: Sequence[Sequence[int]],
+        score_fn: ScoreFn,
+        *,
+        eos_id: int,
+        pad_id: int,
+        seed: int,
+        value_model: ValueModel | None = None,
+        gold_fn: Callable[[Sequence[int], Sequence[Sequence[int]]], np.ndarray] | None = None,
+    ) -> None:
+        if cfg.algo == "ppo" and value_model is None:
+            raise ValueError("ppo needs a value model")
+        self.cfg, self.prompts, self.score_fn, self.gold_fn = cfg, list(prompts), score_fn, gold_fn
+        self.policy = disable_dropout(policy).train()
+        self.ref = disable_dropout(ref).eval().requires_grad_(False)
+        self.value = value_model.train() if (cfg.algo == "ppo" and value_model) else None
+        self.proposal = (
+            copy.deepcopy(policy).eval().requires_grad_(False) if cfg.algo == "dpg" else None
+        )
+        self.eos_id, self.pad_id = eos_id, pad_id
+        self.device = next(policy.parameters()).device
+        params = list(self.policy.parameters())
+        if self.value is not None:
+            params += list(self.value.parameters())
+        kw = dict(lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=0.0)
+        try:
+            self.opt = torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, TypeError):
+            self.opt = torch.optim.AdamW(params, foreach=True, **kw)
+        self.kl_ctl = core.AdaptiveKL(
+            cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon
+        )
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.perm_gen = torch.Generator().manual_seed(seed)  # minibatch permutations
+        self.order_rng = np.random.default_rng(seed)
+        self.order: list[int] = []
+        self.pos = 0
+        self.step = 0
+        n = len(self.prompts)
+        self.z_log_sum = torch.full((n,), -math.inf, dtype=torch.float64)  # dpg running Z
+        self.z_count = torch.zeros(n, dtype=torch.float64)
+        self.swap_window: list[tuple[float, float]] = []
+        self.swaps = 0
+        self.first_minibatch: dict[str, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------------- rollout
+
+    def _next_prompts(self, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            if self.pos >= len(self.order):
+                self.order = self.order_rng.permutation(len(self.prompts)).tolist()
+                self.pos = 0
+            k = min(n - len(out), len(self.order) - self.pos)
+            out.extend(self.order[self.pos : self.pos + k])
+            self.pos += k
+        return out
+
+    @torch.no_grad()
+    def rollout(self) -> Rollout:
+        cfg = self.cfg
+        picked = self._next_prompts(min(cfg.prompts_per_step, len(self.prompts)))
+        index = torch.tensor([i for i in picked for _ in range(cfg.samples_per_prompt)])
+        prompts = [self.prompts[i] for i in index.tolist()]
+        sampler = self.proposal if self.proposal is not None else self.policy
+        t0 = time.perf_counter()
+        gen = generate(
+            sampler, prompts, max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id,
+            pad_id=self.pad_id, temperature=cfg.temperature, generator=self.generator,
+        )  # fmt: skip
+        seconds_generate = time.perf_counter() - t0
+        scores, proxy = score_generation(gen, prompts, self.score_fn, cfg.missing_eos_penalty)
+        b = len(prompts)
+        order = torch.randperm(b, generator=self.perm_gen) if cfg.algo == "ppo" else torch.arange(b)
+        chunks = split_rows(order, cfg.minibatch_size)
+        shape = gen.response.shape
+        logp, ref_logp, ent = (torch.zeros(shape, device=self.device) for _ in range(3))
+        values = torch.zeros(shape, device=self.device) if self.value is not None else None
+        was_training = sampler.training
+        sampler.eval()
+        for rows in chunks:
+            if cfg.algo != "rloo":  # rloo's single on-policy update computes them with grad
+                lp, e = response_logprobs(sampler, gen, rows, cfg.temperature)
+                logp[rows], ent[rows] = lp, e
+            ref_logp[rows] = response_logprobs(self.ref, gen, rows, cfg.temperature, False)[0]
+            if values is not None:
+                values[rows] = self.value(gen, rows)
+        sampler.train(was_training)
+        gold = None
+        if self.gold_fn is not None:
+            lengths = gen.lengths.tolist()
+            resp = gen.response.cpu()
+            gold = self.gold_fn(index.tolist(), [resp[i, : lengths[i]].tolist() for i in range(b)])
+        return Rollout(
+            gen, index, scores.to(self.device), proxy, logp, ref_logp, ent, values, chunks,
+            gold, seconds_generate,
+        )  # fmt: skip
+
+    # ----------------------------------------------------------------------- updates
+
+    def _clip_and_step(self) -> float:
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        norm = (
+            float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+            if self.cfg.grad_clip
+            else float("nan")
+        )
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return norm
+
+    def _update_ppo(self, ro: Rollout) -> dict[str, float]:
+        cfg, mask = self.cfg, ro.mask
+        beta = self.kl_ctl.beta
+        k1 = core.kl_k1(ro.logp, ro.ref_logp) * mask
+        rewards = core.token_rewards(ro.scores, k1, mask, beta)
+        if cfg.whiten_rewards:
+            rewards = core.whiten(rewards, mask, shift_mean=False)
+        adv, returns = core.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = core.whiten(adv, mask)
+        critic_only = self.step < cfg.critic_warmup_steps
+        stats: dict[str, list[float]] = {}
+        b = mask.shape[0]
+        for epoch in range(cfg.ppo_epochs):
+            chunks = (
+                ro.chunks
+                if epoch == 0
+                else split_rows(torch.randperm(b, generator=self.perm_gen), cfg.minibatch_size)
+            )
+            for i, rows in enumerate(chunks):
+                logp, _ = response_logprobs(self.policy, ro.gen, rows, cfg.temperature, False)
+                pl = core.ppo_policy_loss(logp, ro.logp[rows], adv[rows], mask[rows], cfg.clip)
+                v = self.value(ro.gen, rows)
+                vl, vclip = core.ppo_value_loss(
+                    v, ro.values[rows], returns[rows], mask[rows], cfg.value_clip
+                )
+                if epoch == 0 and i == 0:
+                    self.first_minibatch = {
+                        "ratio": torch.exp(logp.detach() - ro.logp[rows])[mask[rows]],
+                        "k1": k1[rows][mask[rows]],
+                    }
+                loss = cfg.vf_coef * vl if critic_only else pl.loss + cfg.vf_coef * vl
+                loss.backward()
+                grad_norm = self._clip_and_step()
+                for key, val in (
+                    ("approx_kl", pl.approx_kl), ("clipfrac", pl.clipfrac),
+                    ("ratio_mean", pl.ratio_mean), ("ratio_var", pl.ratio_var),
+                    ("policy_loss", pl.loss), ("value_loss", vl), ("value_clipfrac", vclip),
+                    ("grad_norm", grad_norm),
+                ):  # fmt: skip
+                    stats.setdefault(key, []).append(
+                        float(val.detach() if torch.is_tensor(val) else val)
+                    )
+        out = {f"rl/{k}": float(np.mean(v)) for k, v in stats.items()}
+        out["rl/explained_variance"] = core.explained_variance(ro.values, returns, mask)
+        return out
+
+    def _policy_seq_logprobs(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log π with grad (one graph over the whole batch) and entropies."""
+        logp = torch.zeros(ro.mask.shape, device=self.device)
+        ent = torch.zeros(ro.mask.shape, device=self.device)
+        for r in ro.chunks:
+            lp, e = response_logprobs(self.policy, ro.gen, r, self.cfg.temperature)
+            logp = logp.index_put((r,), lp)
+            ent[r] = e
+        return logp, ent
+
+    def _update_rloo(self, ro: Rollout) -> dict[str, float]:
+        k = self.cfg.samples_per_prompt
+        logp, ro.entropy = self._policy_seq_logprobs(ro)
+        ro.logp = logp.detach()  # on-policy: these are the rollout log-probs too
+        seq_logp = (logp * ro.mask).sum(-1)
+        kl = (core.kl_k1(ro.logp, ro.ref_logp) * ro.mask).sum(-1)
+        rewards = ro.scores - self.kl_ctl.beta * kl
+        adv = core.rloo_advantages(rewards.view(-1, k)).view(-1)
+        loss = -(adv.detach() * seq_logp).mean()
+        loss.backward()
+        return {"rl/policy_loss": float(loss.detach()), "rl/grad_norm": self._clip_and_step()}
+
+    def _update_dpg(self, ro: Rollout) -> dict[str, float]:
+        cfg, k = self.cfg, self.cfg.samples_per_prompt
+        beta = self.kl_ctl.beta
+        log_q = (ro.logp * ro.mask).sum(-1).double().view(-1, k).cpu()
+        log_p = (ro.ref_logp * ro.mask).sum(-1).double().cpu() + ro.scores.double().cpu() / beta
+        log_p = log_p.view(-1, k)
+        logp, _ = self._policy_seq_logprobs(ro)
+        seq_logp = (logp * ro.mask).sum(-1)
+        log_pi = seq_logp.detach().double().view(-1, k).cpu()
+        # running per-prompt Ẑ: the mean of P/q over every visit (unbiased under any q)
+        idx = ro.prompt_index.view(-1, k)[:, 0]
+        log_w = log_p - log_q
+        self.z_log_sum[idx] = torch.logaddexp(self.z_log_sum[idx], torch.logsumexp(log_w, 1))
+        self.z_count[idx] += k
+        log_z = self.z_log_sum[idx] - torch.log(self.z_count[idx])
+        weights = core.dpg_weights(log_p, log_q, log_pi, log_z).view(-1).float()
+        loss = -(weights.to(self.device) * seq_logp).mean()
+        loss.backward()
+        grad_norm = self._clip_and_step()
+        est = core.dpg_estimates(log_p, log_q, log_pi, log_z)
+        self.swap_window.append((float(est.kl_p_pi.mean()), float(est.kl_p_q.mean())))
+        swapped = 0.0
+        if len(self.swap_window) >= cfg.dpg_swap_every:
+            pi_kl, q_kl = np.mean(self.swap_window, axis=0)
+            if pi_kl < q_kl:
+                self.proposal.load_state_dict(self.policy.state_dict())
+                self.swaps += 1
+                swapped = 1.0
+            self.swap_window = []
+        return {
+            "rl/policy_loss": float(loss.detach()), "rl/grad_norm": grad_norm,
+            "rl/kl_p_pi": float(est.kl_p_pi.mean()), "rl/kl_p_q": float(est.kl_p_q.mean()),
+            "rl/tvd_p_pi": float(est.tvd_p_pi.mean()), "rl/log_z": float(log_z.mean()),
+            "rl/proposal_swaps": float(self.swaps), "rl/swapped": swapped,
+        }  # fmt: skip
+
+    # ----------------------------------------------------------------------- one step
+
+    def lr(self) -> float:
+        if self.cfg.lr_schedule == "constant":
+            return self.cfg.lr
+        return self.cfg.lr * max(0.0, 1.0 - self.step / self.cfg.steps)
+
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        lr = self.lr()
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        ro = self.rollout()
+        update = {"ppo": self._update_ppo, "rloo": self._update_rloo, "dpg": self._update_dpg}
+        metrics = update[self.cfg.algo](ro)
+        mask = ro.mask
+        k1 = (core.kl_k1(ro.logp, ro.ref_logp) * mask).sum(-1)
+        k3 = (core.kl_k3(ro.logp, ro.ref_logp) * mask).sum(-1)
+        beta = self.kl_ctl.beta
+        kl = float(k1.mean())
+        self.kl_ctl.update(kl, len(k1))
+        dt = time.perf_counter() - t0
+        proxy = ro.proxy[~torch.isnan(ro.proxy)]
+        metrics.update(
+            {
+                "rl/score": float(ro.scores.mean()),
+                "rl/proxy": float(proxy.mean()) if len(proxy) else float("nan"),
+                "rl/kl": kl,
+                "rl/kl_k3": float(k3.mean()),
+                "rl/non_score_reward": -beta * kl,
+                "rl/beta": beta,
+                "rl/lr": lr,
+                "rl/entropy": float(core.masked_mean(ro.entropy, mask)),
+                "rl/response_len": float(mask.sum(-1).float().mean()),
+                "rl/eos_frac": float(ro.gen.ended.float().mean()),
+                "rl/episodes_per_sec": len(k1) / dt,
+                "rl/generate_share": ro.seconds_generate / dt,
+            }
+        )
+        if ro.gold is not None:
+            metrics["rl/gold"] = float(np.mean(ro.gold))
+        self.step += 1
+        return metrics
+
+    # ----------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.state_dict(),
+            "value": self.value.state_dict() if self.value is not None else None,
+            "proposal": self.proposal.state_dict() if self.proposal is not None else None,
+            "optimizer": self.opt.state_dict(),
+            "beta": self.kl_ctl.beta,
+            "generator": self.generator.get_state(),
+            "perm_gen": self.perm_gen.get_state(),
+            "order_rng": self.order_rng.bit_generator.state,
+            "order": self.order,
+            "pos": self.pos,
+            "step": self.step,
+            "z_log_sum": self.z_log_sum,
+            "z_count": self.z_count,
+            "swap_window": self.swap_window,
+            "swaps": self.swaps,
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.policy.load_state_dict(s["policy"])
+        if self.value is not None:
+            self.value.load_state_dict(s["value"])
+        if self.proposal is not None:
+            self.proposal.load_state_dict(s["proposal"])
+        self.opt.load_state_dict(s["optimizer"])
+        self.kl_ctl.beta = s["beta"]
+        self.generator.set_state(s["generator"])
+        self.perm_gen.set_state(s["perm_gen"])
+        self.order_rng.bit_generator.state = s["order_rng"]
+        self.order, self.pos, self.step = list(s["order"]), s["pos"], s["step"]
+        self.z_log_sum, self.z_count = s["z_log_sum"], s["z_count"]
+        self.swap_window, self.swaps = [tuple(x) for x in s["swap_window"]], s["swaps"]

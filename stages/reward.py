@@ -1,0 +1,194 @@
+"""Reward: preference pairs (SFT samples labelled by a gold scorer, or a JSONL), a Bradley–Terry
+reward model on the SFT backbone, and its normalisation on fresh SFT samples.
+
+Run by DVC (see dvc.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from lmpipe import stage
+from lmpipe.config import load_params
+from lmpipe.data.sources import DataError
+from lmpipe.data.tokenizer import PAD, load_tokenizer, special_ids
+from lmpipe.gold import make_gold
+from lmpipe.io import atomic_dir, write_json
+from lmpipe.model import context_length, load_model, n_params, save_model
+from lmpipe.reward import (
+    PreferenceBatches,
+    PreferenceExample,
+    build_reward_model,
+    encode_for_reward,
+    fit_normalisation,
+    pair_metrics,
+    preference_loss_sum,
+    raw_scores,
+    read_preference_file,
+    sample_and_label,
+    val_prompts,
+)
+from lmpipe.sft import sample_responses
+from lmpipe.tracking import stage_run
+from lmpipe.train import checkpoint_store, train
+
+log = logging.getLogger("reward")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--model", type=Path, required=True, help="SFT model (models/sft)")
+    ap.add_argument("--data", type=Path, required=True, help="prepared data (data/prepared)")
+    ap.add_argument("--pairs", type=Path, required=True, help="pairs folder (data/preferences)")
+    ap.add_argument("--out", type=Path, required=True, help="model folder (models/reward)")
+    ap.add_argument("--report", type=Path, required=True, help="metrics JSON")
+    ap.add_argument("--plots", type=Path, required=True, help="per-step CSV")
+    ap.add_argument("--cache", type=Path, default=Path(".cache/checkpoints"))
+    args = ap.parse_args()
+
+    params = load_params(args.params, ["preference", "reward", "tracking"])
+    pcfg, cfg = params.preference, params.reward
+    inputs = {"model": args.model, "data": args.data}
+    if pcfg.source == "file":
+        inputs["preferences"] = Path(pcfg.path)
+    gold = make_gold(pcfg.gold, keywords=pcfg.keywords)
+    t_stage = time.perf_counter()
+
+    with stage_run("reward", params, params.tracking, inputs) as tracker:
+        tok = load_tokenizer(args.data)
+        pad = special_ids(tok)[PAD]
+        sft = load_model(args.model)
+        rl_prompts = [r["prompt"] for r in read_jsonl(args.data / "prompts" / "rl.jsonl")]
+
+        t0 = time.perf_counter()
+        if pcfg.source == "gold":
+            prompts = rl_prompts[: pcfg.prompts]
+            samples, pairs = sample_and_label(
+                sft, tok, prompts, k=pcfg.samples_per_prompt, max_new_tokens=pcfg.max_new_tokens,
+                temperature=pcfg.temperature, gold=gold, tau=pcfg.tau, seed=params.seed,
+            )  # fmt: skip
+            sample_stats = {
+                "samples": len(samples),
+                "samples_eos_rate": float(np.mean([s["ended_with_eos"] for s in samples])),
+            }
+        else:
+            pairs = read_preference_file(pcfg.path)
+            for p in pairs:  # gold scores of the file's texts, for analysis
+                p["gold_chosen"], p["gold_rejected"] = gold(
+                    [p["prompt"]] * 2, [p["chosen"], p["rejected"]]
+                ).tolist()
+            sample_stats = {}
+        sample_seconds = time.perf_counter() - t0
+        held_out = val_prompts([p["prompt"] for p in pairs], pcfg.val_fraction, params.seed)
+        for p in pairs:
+            p["split"] = "val" if p["prompt"] in held_out else "train"
+
+        context = context_length(sft)
+        encoded = {"train": [], "val": []}
+        for p in pairs:
+            c = encode_for_reward(tok, p["prompt"], p["chosen"], context)
+            r = encode_for_reward(tok, p["prompt"], p["rejected"], context)
+            if c and r:
+                encoded[p["split"]].append((PreferenceExample(c, r), p))
+        if not encoded["train"] or not encoded["val"]:
+            raise DataError(
+                f"{len(encoded['train'])} train and {len(encoded['val'])} val pairs fit the "
+                f"context of {context} tokens; more prompts or shorter responses are needed"
+            )
+        with atomic_dir(args.pairs) as tmp:
+            with (tmp / "pairs.jsonl").open("w", encoding="utf-8") as f:
+                for p in pairs:
+                    f.write(json.dumps(p, ensure_ascii=False) + "\n")
+            write_json(
+                tmp / "meta.json",
+                {"source": pcfg.source, "gold": pcfg.gold, "tau": pcfg.tau,
+                 "pairs": {s: len(v) for s, v in encoded.items()},
+                 "mlflow_run_id": tracker.run_id, **sample_stats},
+            )  # fmt: skip
+        del sft  # sampling is done; the reward model starts from a fresh copy of the backbone
+
+        model = build_reward_model(args.model, params.seed)
+        train_ex = [e for e, _ in encoded["train"]]
+        val_ex = [e for e, _ in encoded["val"]]
+        source = PreferenceBatches(train_ex, cfg.batch_size, params.seed, pad)
+        val = PreferenceBatches(val_ex, cfg.batch_size, 0, pad).fixed_batches(cfg.eval_batches)
+        store = checkpoint_store(args.cache, "reward", stage.checkpoint_key(params, inputs))
+        result = train(
+            model, source, cfg, val_batches=val, loss_sum=preference_loss_sum(cfg.margin),
+            tracker=tracker, checkpoints=store, plot_csv=args.plots, prefix="train",
+        )  # fmt: skip
+        model.eval()
+
+        # held-out pairs: accuracy against the labels and against the gold order
+        rows = [p for _, p in encoded["val"]]
+        r_c = raw_scores(model, [e.chosen for e in val_ex], pad)
+        r_r = raw_scores(model, [e.rejected for e in val_ex], pad)
+        metrics = pair_metrics(
+            r_c, r_r, [p["gold_chosen"] for p in rows], [p["gold_rejected"] for p in rows]
+        )
+        # reward vs gold on the distinct held-out responses
+        texts = {(p["prompt"], p[s]): p[f"gold_{s}"] for p in rows for s in ("chosen", "rejected")}
+        seqs = [encode_for_reward(tok, pr, re, context) for pr, re in texts]
+        metrics["val_gold_spearman"] = float(
+            spearmanr(raw_scores(model, seqs, pad), list(texts.values())).statistic
+        )
+
+        # normalisation on fresh samples of the SFT policy (the policy RL starts from)
+        t0 = time.perf_counter()
+        sft = load_model(args.model)
+        fresh = sample_responses(
+            sft, tok, [rl_prompts[i % len(rl_prompts)] for i in range(cfg.norm_samples)],
+            pcfg.max_new_tokens, pcfg.temperature, seed=params.seed + 1, batch_size=256,
+        )  # fmt: skip
+        fresh = [s for s in fresh if s["ended_with_eos"]]
+        fresh_seqs = [encode_for_reward(tok, s["prompt"], s["response"], 10**9) for s in fresh]
+        fresh_seqs = [s for s in fresh_seqs if len(s) <= context]
+        norm = fit_normalisation(raw_scores(model, fresh_seqs, pad))
+        normalise_seconds = time.perf_counter() - t0
+
+        report = {
+            **metrics,
+            "val_loss": result.val_loss,
+            "normalization": norm,
+            "pairs": {s: len(v) for s, v in encoded.items()},
+            "label_gold_agreement": float(
+                np.mean([p["gold_chosen"] > p["gold_rejected"] for _, p in encoded["train"]])
+            ),
+            **sample_stats,
+            "norm_samples": len(fresh_seqs),
+            "params": n_params(model),
+            "tokens_per_sec": result.tokens_per_sec,
+            "sample_seconds": sample_seconds,
+            "train_seconds": result.train_seconds,
+            "normalise_seconds": normalise_seconds,
+            "stage_seconds": time.perf_counter() - t_stage,
+        }
+        man = stage.manifest("reward", params, tracker.tags, tracker.run_id, report)
+        man["normalization"] = norm
+        with atomic_dir(args.out) as tmp:
+            save_model(model, tmp, args.data, man)
+        tracker.log_report(report, "reports/reward.json")
+        write_json(args.report, report)
+        store.clear()
+        log.info(
+            "gold-order accuracy %.3f (%d pairs), val accuracy %.3f, Spearman %.3f; "
+            "sampling %.0fs, training %.0fs",
+            report["gold_order_accuracy"], report["gold_order_pairs"], report["val_accuracy"],
+            report["val_gold_spearman"], sample_seconds, result.train_seconds,
+        )  # fmt: skip
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+if __name__ == "__main__":
+    stage.run(main, "reward")

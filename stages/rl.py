@@ -1,0 +1,229 @@
+"""RL: KL-regularised fine-tuning of the SFT policy toward the normalised reward model (PPO, RLOO
+or DPG), with the distance to the posterior π* = π₀·exp(r/β)/Z measured before and after.
+
+Run by DVC (see dvc.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lmpipe import dist, stage
+from lmpipe.config import load_params
+from lmpipe.data.sources import DataError
+from lmpipe.data.stats import distinct_ngram_ratio
+from lmpipe.data.tokenizer import EOS, PAD, load_tokenizer, special_ids
+from lmpipe.gold import make_gold
+from lmpipe.io import atomic_dir, write_json
+from lmpipe.model import context_length, load_model, read_manifest, save_model
+from lmpipe.reward import RewardModel
+from lmpipe.rl.loop import RLTrainer
+from lmpipe.rl.posterior import draw, posterior_kl
+from lmpipe.rl.rollout import ValueModel
+from lmpipe.sft import prompt_ids
+from lmpipe.tracking import stage_run
+from lmpipe.train import checkpoint_store, write_history_csv
+
+log = logging.getLogger("rl")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--sft", type=Path, required=True, help="SFT model: init and reference")
+    ap.add_argument("--reward", type=Path, required=True, help="reward model (models/reward)")
+    ap.add_argument("--data", type=Path, required=True, help="prepared data (prompts)")
+    ap.add_argument("--out", type=Path, required=True, help="model folder (models/rl)")
+    ap.add_argument("--report", type=Path, required=True, help="metrics JSON")
+    ap.add_argument("--plots", type=Path, required=True, help="per-step CSV")
+    ap.add_argument("--cache", type=Path, default=Path(".cache/checkpoints"))
+    args = ap.parse_args()
+
+    params = load_params(args.params, ["rl", "tracking"])
+    cfg = params.rl
+    _, device = dist.setup(cfg.device)
+    inputs = {"sft": args.sft, "reward": args.reward, "data": args.data}
+    # the gold scorer is the one that labelled the reward model's pairs (its lineage)
+    pref = read_manifest(args.reward)["params"]["preference"]
+    gold = make_gold(pref["gold"], keywords=pref.get("keywords", ()))
+
+    with stage_run("rl", params, params.tracking, inputs) as tracker:
+        tok = load_tokenizer(args.data)
+        ids = special_ids(tok)
+        policy, ref = load_model(args.sft, device), load_model(args.sft, device)
+        rm = RewardModel.load(args.reward, device)
+        context = context_length(policy)
+
+        def encode(rows: list[dict], limit: int) -> tuple[list[str], list[list[int]]]:
+            texts, enc = [], []
+            for r in rows:
+                p = prompt_ids(tok, r["prompt"])
+                if len(p) + cfg.max_new_tokens <= context:
+                    texts.append(r["prompt"])
+                    enc.append(p)
+            if not enc:
+                raise DataError(
+                    f"no prompt fits model.context {context} with rl.max_new_tokens "
+                    f"{cfg.max_new_tokens}; lower rl.max_new_tokens"
+                )
+            return texts[:limit], enc[:limit]
+
+        train_text, train_ids = encode(read_jsonl(args.data / "prompts" / "rl.jsonl"), 10**9)
+        eval_text, eval_ids = encode(
+            read_jsonl(args.data / "prompts" / "eval.jsonl"), cfg.eval_prompts
+        )
+
+        def score_fn(prompts, responses):
+            return rm.score_ids([[*p, *r] for p, r in zip(prompts, responses, strict=True)])
+
+        def decode(resp: list[int]) -> str:
+            return tok.decode([t for t in resp if t != ids[EOS]], skip_special_tokens=True)
+
+        def gold_fn(prompt_index, responses):
+            return gold([train_text[i] for i in prompt_index], [decode(r) for r in responses])
+
+        value = None
+        if cfg.algo == "ppo":
+            value = (
+                ValueModel.from_reward_model(rm.model)
+                if cfg.value_init == "reward"
+                else ValueModel.zero_head(policy)
+            ).to(device)
+        trainer = RLTrainer(
+            policy, ref, cfg, train_ids, score_fn, eos_id=ids[EOS], pad_id=ids[PAD],
+            seed=params.seed, value_model=value, gold_fn=gold_fn,
+        )  # fmt: skip
+        sample_kw = dict(
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=ids[EOS],
+            pad_id=ids[PAD], penalty=cfg.missing_eos_penalty,
+        )  # fmt: skip
+
+        def summary(s, prompts_text):
+            texts = [decode(r) for r in s.responses]
+            g = gold([prompts_text[i] for i in s.prompt_index], texts)
+            proxy = s.proxy[~np.isnan(s.proxy)]
+            return texts, {
+                "gold": float(np.mean(g)),
+                "proxy": float(np.mean(proxy)) if proxy.size else float("nan"),
+                "score": float(np.mean(s.scores)),
+                "kl": float(np.mean(s.kl)),
+                "kl_k3": float(np.mean(s.kl_k3)),
+                "entropy": float(np.mean(s.entropy)),
+                "distinct_2": distinct_ngram_ratio(texts, 2),
+                "eos_rate": float(np.mean(s.ended)),
+            }
+
+        # π₀ on the eval prompts: log Z (N per prompt) and the "init" row
+        gen = torch.Generator(device=device).manual_seed(params.seed + 1)
+        t0 = time.perf_counter()
+        ref_s = draw(ref, ref, eval_ids, cfg.posterior_samples, score_fn, generator=gen,
+                     **sample_kw)  # fmt: skip
+        init_texts, init = summary(ref_s, eval_text)
+        init.update(posterior_kl(ref_s, ref_s, cfg.kl_coef, len(eval_ids), seed=params.seed))
+        init["distinct_2"] = distinct_ngram_ratio(
+            [t for i, t in enumerate(init_texts) if i % cfg.posterior_samples < cfg.eval_samples],
+            2,
+        )
+        eval_seconds = time.perf_counter() - t0
+
+        store = checkpoint_store(args.cache, "rl", stage.checkpoint_key(params, inputs))
+        state = store.load()
+        history, elapsed, gen_seconds = [], 0.0, 0.0
+        if state is not None:
+            trainer.load_state_dict(state["trainer"])
+            history, elapsed, gen_seconds = state["history"], state["elapsed"], state["gen"]
+            log.warning("resuming from checkpoint at step %d (%s)", trainer.step, store.path)
+        bar = tqdm(total=cfg.steps, initial=trainer.step, desc=f"rl ({cfg.algo})", disable=None)
+        while trainer.step < cfg.steps:
+            t0 = time.perf_counter()
+            m = trainer.train_step()
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            gen_seconds += m["rl/generate_share"] * dt
+            if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
+                history.append({"step": trainer.step, **m})
+                tracker.log_metrics(m, step=trainer.step)
+            bar.update(1)
+            bar.set_postfix(score=f"{m['rl/score']:.2f}", kl=f"{m['rl/kl']:.2f}")
+            if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
+                store.save(
+                    {"trainer": trainer.state_dict(), "history": history, "elapsed": elapsed,
+                     "gen": gen_seconds}
+                )  # fmt: skip
+        bar.close()
+        write_history_csv(args.plots, history)
+
+        pol_s = draw(policy, ref, eval_ids, cfg.eval_samples, score_fn, generator=gen,
+                     **sample_kw)  # fmt: skip
+        final_texts, final = summary(pol_s, eval_text)
+        final.update(posterior_kl(ref_s, pol_s, cfg.kl_coef, len(eval_ids), seed=params.seed))
+        episodes = cfg.steps * min(cfg.prompts_per_step, len(train_ids)) * cfg.samples_per_prompt
+        batch_kl = [h["rl/kl"] for h in history]
+        report = {
+            "algo": cfg.algo,
+            "beta": cfg.kl_coef,
+            "beta_final": trainer.kl_ctl.beta,
+            "gold_reward": {"init": init["gold"], "final": final["gold"]},
+            "proxy_reward": {"init": init["proxy"], "final": final["proxy"]},
+            "kl_to_ref": final["kl"],
+            "kl_to_ref_k3": final["kl_k3"],
+            "posterior_kl": final["posterior_kl"],
+            "posterior_kl_interval": [final["posterior_kl_low"], final["posterior_kl_high"]],
+            "posterior_kl_init": init["posterior_kl"],
+            "log_z": final["log_z"],
+            "log_z_interval": [final["log_z_low"], final["log_z_high"]],
+            "log_z_samples_per_prompt": cfg.posterior_samples,
+            "prompts_with_log_z_below_j": final["prompts_with_log_z_below_j"],
+            "objective_j": {"init": init["objective_j"], "final": final["objective_j"]},
+            "entropy": final["entropy"],
+            "entropy_init": init["entropy"],
+            "distinct_2": final["distinct_2"],
+            "distinct_2_init": init["distinct_2"],
+            "eos_rate": {"init": init["eos_rate"], "final": final["eos_rate"]},
+            "min_batch_kl": float(min(batch_kl)) if batch_kl else float("nan"),
+            "episodes_per_sec": episodes / max(elapsed, 1e-9),
+            "generate_share": gen_seconds / max(elapsed, 1e-9),
+            "train_seconds": elapsed,
+            "eval_seconds": eval_seconds,
+            "eval_prompts": len(eval_ids),
+            "steps": cfg.steps,
+            "episodes": episodes,
+        }
+        tracker.log_text(
+            "\n\n".join(
+                f"PROMPT: {eval_text[i // cfg.eval_samples]}\nRL: {t}\n"
+                f"SFT: {init_texts[(i // cfg.eval_samples) * cfg.posterior_samples]}"
+                for i, t in enumerate(final_texts)
+                if i % cfg.eval_samples == 0
+            ),
+            "samples.txt",
+        )
+        with atomic_dir(args.out) as tmp:
+            save_model(
+                policy, tmp, args.data,
+                stage.manifest("rl", params, tracker.tags, tracker.run_id, report),
+            )  # fmt: skip
+        tracker.log_report(report, "reports/rl.json")
+        write_json(args.report, report)
+        store.clear()
+        log.info(
+            "%s: gold %.3f → %.3f, proxy %.2f → %.2f, KL %.2f nats, KL(π‖π*) %.2f, %.1f episodes/s",
+            cfg.algo, init["gold"], final["gold"], init["proxy"], final["proxy"], final["kl"],
+            final["posterior_kl"], report["episodes_per_sec"],
+        )  # fmt: skip
+
+
+if __name__ == "__main__":
+    stage.run(main, "rl")

@@ -1,0 +1,248 @@
+"""Reward modelling: gold scorers, the noisy labeller, the Bradley–Terry loss and its gradient,
+a reward model that separates a synthetic problem, the file source, normalisation, loading."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from lmpipe.config import ModelParams, RewardParams
+from lmpipe.data.sources import DataError
+from lmpipe.data.tokenizer import save_tokenizer, special_ids, train_tokenizer
+from lmpipe.gold import make_gold
+from lmpipe.model import build_model, save_model
+from lmpipe.reward import (
+    PreferenceBatches,
+    PreferenceExample,
+    RewardModel,
+    bradley_terry_loss,
+    build_reward_model,
+    encode_for_reward,
+    expected_agreement,
+    fit_normalisation,
+    label_pairs,
+    pair_metrics,
+    preference_loss_sum,
+    preference_prob,
+    raw_scores,
+    read_preference_file,
+    sample_and_label,
+    val_prompts,
+)
+from lmpipe.train import train
+
+SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "<|prompt|>": 3, "<|response|>": 4}
+
+
+# --------------------------------------------------------------------------- gold scorers
+
+
+def test_gold_scorers():
+    vader = make_gold("vader")
+    s = vader(["p", "p"], ["What a wonderful, happy day!", "This is awful and sad."])
+    assert s[0] > 0.5 and s[1] < -0.5
+    kw = make_gold("keyword", keywords=["glad", "smiled"])
+    hits = kw(["p"] * 3, ["She smiled.", "GLAD to see you", "gladly not a word match"])
+    assert hits.tolist() == [1.0, 1.0, 0.0]
+    assert make_gold("length")(["p"], ["one two three"]).tolist() == [3.0]
+    with pytest.raises(ValueError, match="unknown gold scorer 'nope'"):
+        make_gold("nope")
+    with pytest.raises(ValueError, match="at least one word"):
+        make_gold("keyword", keywords=[])
+
+
+# --------------------------------------------------------------------------- labeller
+
+
+def test_labeller_with_tau_zero_follows_gold_exactly():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        g = rng.normal(size=5)
+        for lab in label_pairs(g, 0.0, rng):
+            assert g[lab["chosen"]] > g[lab["rejected"]]
+            assert lab["p_chosen"] == 1.0
+    assert len(label_pairs(np.arange(4.0), 0.0, rng)) == 6  # every pair once
+
+
+def test_labeller_agreement_at_tau_one_matches_expectation():
+    rng = np.random.default_rng(1)
+    golds = rng.uniform(-1, 1, size=(4000, 2))
+    agree, a, b = [], [], []
+    for g in golds:
+        (lab,) = label_pairs(g, 1.0, rng)
+        agree.append(g[lab["chosen"]] > g[lab["rejected"]])
+        a.append(g[0])
+        b.append(g[1])
+    expected = expected_agreement(np.array(a), np.array(b), 1.0)
+    se = np.sqrt(expected * (1 - expected) / len(agree))
+    assert 0.55 < expected < 0.7  # noisy labeller: far from perfect
+    assert abs(np.mean(agree) - expected) < 4 * se
+    assert preference_prob(np.array([0.3]), np.array([0.3]), 0.0)[0] == 0.5
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def test_bradley_terry_loss_and_gradient_match_finite_differences():
+    torch.manual_seed(0)
+    rc = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    rr = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    margin = 0.3
+    loss = bradley_terry_loss(rc, rr, margin).sum()
+    ref = -torch.log(torch.sigmoid(rc - rr - margin)).sum()
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    eps = 1e-6
+    for x, grad in ((rc, rc.grad), (rr, rr.grad)):
+        for i in range(len(x)):
+            with torch.no_grad():
+                x[i] += eps
+                up = bradley_terry_loss(rc, rr, margin).sum()
+                x[i] -= 2 * eps
+                down = bradley_terry_loss(rc, rr, margin).sum()
+                x[i] += eps
+            assert abs(float((up - down) / (2 * eps)) - float(grad[i])) < 1e-6
+    # huge gaps stay finite
+    big = bradley_terry_loss(torch.tensor([-1e4]), torch.tensor([1e4]))
+    assert torch.isfinite(big).all() and float(big) == pytest.approx(2e4)
+
+
+# --------------------------------------------------------------------------- model
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    """A tiny causal LM saved as an lmpipe model folder (stands in for models/sft)."""
+    d = tmp_path_factory.mktemp("sft")
+    cfg = ModelParams(d_model=32, n_layers=2, n_heads=2, context=32)
+    save_model(build_model(cfg, 32, SPECIAL, seed=0), d, d, {"stage": "sft"})
+    return d
+
+
+def synthetic_pairs(n: int, seed: int) -> list[PreferenceExample]:
+    """Sequences of tokens 5..31; the preferred one holds more 7s than 9s (a rule over the
+    whole sequence, at varying positions — not readable off the last token)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        seqs = []
+        for _ in range(2):
+            length = int(rng.integers(6, 20))
+            seqs.append([1, 3, *rng.integers(5, 32, size=length).tolist(), 2])
+        score = [s.count(7) - s.count(9) for s in seqs]
+        if score[0] == score[1]:
+            continue
+        c, r = (0, 1) if score[0] > score[1] else (1, 0)
+        out.append(PreferenceExample(seqs[c], seqs[r]))
+    return out
+
+
+def test_reward_model_separates_a_synthetic_problem(backbone):
+    torch.manual_seed(0)
+    model = build_reward_model(backbone, seed=0)
+    assert model.config.num_labels == 1
+    train_ex, val_ex = synthetic_pairs(1500, 0), synthetic_pairs(300, 1)
+    cfg = RewardParams(
+        lr=3e-3, max_steps=300, batch_size=32, warmup_steps=10, eval_every=100, log_every=50,
+        checkpoint_every=0, device="cpu",
+    )  # fmt: skip
+    val = PreferenceBatches(val_ex, 64, 0, 0).fixed_batches()
+    res = train(model, PreferenceBatches(train_ex, 32, 0, 0), cfg, val_batches=val,
+                loss_sum=preference_loss_sum())  # fmt: skip
+    rc = raw_scores(model, [e.chosen for e in val_ex], 0)
+    rr = raw_scores(model, [e.rejected for e in val_ex], 0)
+    acc = float(np.mean(rc > rr))
+    assert acc >= 0.95, f"held-out accuracy {acc:.3f}, val loss {res.val_loss:.3f}"
+
+
+def test_scores_ignore_right_padding(backbone):
+    model = build_reward_model(backbone, seed=1).eval()
+    seqs = [[1, 3, 10, 11, 4, 12, 2], [1, 3, 10, 4, 2]]
+    batched = raw_scores(model, seqs, 0)
+    alone = [raw_scores(model, [s], 0)[0] for s in seqs]
+    np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_normalisation_and_round_trip(backbone, tmp_path):
+    raw = np.random.default_rng(0).normal(3.0, 2.0, size=1000)
+    norm = fit_normalisation(raw)
+    scaled = norm["gain"] * raw + norm["bias"]
+    assert abs(scaled.mean()) < 1e-9 and abs(scaled.std() - 1) < 1e-9
+    with pytest.raises(ValueError, match="one score to everything"):
+        fit_normalisation(np.ones(10))
+
+    tok = train_tokenizer([f"the cat number {i} sat" for i in range(50)], 300, 1)
+    save_tokenizer(tok, tmp_path / "tok")
+    cfg = ModelParams(d_model=32, n_layers=1, n_heads=2, context=32)
+    save_model(build_model(cfg, 300, special_ids(tok), 0), tmp_path / "sft", tmp_path / "tok", {})
+    model = build_reward_model(tmp_path / "sft", seed=0)
+    save_model(model, tmp_path / "rm", tmp_path / "tok", {"normalization": norm})
+    rm = RewardModel.load(tmp_path / "rm")
+    ids = encode_for_reward(tok, "the cat", "sat down", 32)
+    want = norm["gain"] * raw_scores(model, [ids], rm.pad_id)[0] + norm["bias"]
+    assert rm.score_text(["the cat"], ["sat down"])[0] == pytest.approx(want, rel=1e-5)
+    plain = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm")).eval()
+    assert float(plain(torch.tensor([ids])).logits[0, 0]) == pytest.approx(
+        raw_scores(model, [ids], rm.pad_id)[0], rel=1e-5
+    )
+    save_model(model, tmp_path / "rm2", tmp_path / "tok", {})
+    with pytest.raises(FileNotFoundError, match="no reward normalisation"):
+        RewardModel.load(tmp_path / "rm2")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_preference_file_good_and_malformed(tmp_path):
+    good = tmp_path / "good.jsonl"
+    rows = [{"prompt": f"p{i}", "chosen": "yes", "rejected": "no"} for i in range(3)]
+    good.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert read_preference_file(good) == rows
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "p", "chosen": "c"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: no field 'rejected'"):
+        read_preference_file(bad)
+    bad.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        read_preference_file(bad)
+    bad.write_text(json.dumps({"prompt": "p", "chosen": 3, "rejected": "r"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'chosen' must be a string"):
+        read_preference_file(bad)
+    with pytest.raises(DataError, match="does not exist"):
+        read_preference_file(tmp_path / "missing.jsonl")
+
+
+def test_val_prompts_split_by_prompt():
+    prompts = [f"p{i % 20}" for i in range(100)]
+    held = val_prompts(prompts, 0.2, seed=3)
+    assert len(held) == 4 and held == val_prompts(prompts, 0.2, seed=3)
+    with pytest.raises(DataError, match="cannot be split"):
+        val_prompts(["a", "a"], 0.5, 0)
+
+
+def test_sample_and_label_drops_truncated_and_labels_by_gold(tmp_path):
+    tok = train_tokenizer([f"the cat number {i} sat on a mat" for i in range(80)], 300, 1)
+    model = build_model(
+        ModelParams(d_model=32, n_layers=1, n_heads=2, context=64), 300, special_ids(tok), 0
+    )
+    samples, pairs = sample_and_label(
+        model, tok, ["the cat", "a mat"], k=6, max_new_tokens=8, temperature=1.0,
+        gold=make_gold("length"), tau=0.0, seed=0,
+    )  # fmt: skip
+    assert len(samples) == 12
+    ended = {(s["prompt"], s["response"]) for s in samples if s["ended_with_eos"]}
+    for p in pairs:
+        assert (p["prompt"], p["chosen"]) in ended and (p["prompt"], p["rejected"]) in ended
+        assert p["gold_chosen"] > p["gold_rejected"] or p["p_chosen"] == 0.5
+
+
+def test_pair_metrics():
+    m = pair_metrics(
+        np.array([1.0, 0.0, 2.0]), np.array([0.0, 1.0, 1.0]),
+        np.array([0.5, 0.5, 0.3]), np.array([0.0, 0.45, 0.6]),
+    )  # fmt: skip
+    assert m["val_accuracy"] == pytest.approx(2 / 3)
+    # pair 2 has a gold gap under 0.1: left out; pair 3 is ordered against gold
+    assert m["gold_order_pairs"] == 2 and m["gold_order_accuracy"] == 0.5

@@ -1,0 +1,68 @@
+"""The reward stage through the real `dvc repro` (tiny params), and its file source."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import run
+
+pytestmark = pytest.mark.e2e
+
+
+def test_reward_stage_outputs(tiny_repo):
+    from lmpipe.reward import RewardModel
+
+    rep = json.loads((tiny_repo / "reports" / "reward.json").read_text())
+    for key in ("val_accuracy", "gold_order_accuracy", "val_gold_spearman"):
+        assert np.isfinite(rep[key]), key
+    assert 0 <= rep["val_accuracy"] <= 1 and -1 <= rep["val_gold_spearman"] <= 1
+    assert rep["normalization"]["gain"] > 0
+    assert rep["sample_seconds"] > 0 and rep["train_seconds"] > 0
+    pairs = [json.loads(x) for x in (tiny_repo / "data/preferences/pairs.jsonl").open()]
+    assert {p["split"] for p in pairs} == {"train", "val"}
+    assert not {p["prompt"] for p in pairs if p["split"] == "val"} & {
+        p["prompt"] for p in pairs if p["split"] == "train"
+    }
+    assert all({"gold_chosen", "gold_rejected", "p_chosen"} <= p.keys() for p in pairs)
+    rm = RewardModel.load(tiny_repo / "models" / "reward")
+    scores = rm.score_text([p["prompt"] for p in pairs[:4]], [p["chosen"] for p in pairs[:4]])
+    assert scores.shape == (4,) and np.isfinite(scores).all()
+    man = json.loads((tiny_repo / "models/reward/lmpipe.json").read_text())
+    sft = json.loads((tiny_repo / "models/sft/lmpipe.json").read_text())
+    assert man["inputs"]["lineage.model.run_id"] == sft["mlflow_run_id"]
+    assert man["normalization"] == rep["normalization"]
+    header = (tiny_repo / "reports/plots/reward.csv").read_text().splitlines()[0]
+    assert "train/loss" in header and "eval/loss" in header
+
+
+def test_reward_from_a_preference_file(tiny_repo, tmp_path):
+    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
+    prompts_file = tiny_repo / "data/prepared/prompts/rl.jsonl"
+    prompts = [json.loads(x)["prompt"] for x in prompts_file.open()]
+    rows = [{"prompt": p, "chosen": "She was happy and glad.", "rejected": "He was sad."}
+            for p in prompts]  # fmt: skip
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params["preference"].update(source="file", path=str(pairs_file))
+    params["reward"]["checkpoint_every"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [
+        "python", "stages/reward.py", "--params", str(tmp_path / "params.yaml"),
+        "--model", "models/sft", "--data", "data/prepared", "--pairs", str(tmp_path / "prefs"),
+        "--out", str(tmp_path / "rm"), "--report", str(tmp_path / "reward.json"),
+        "--plots", str(tmp_path / "reward.csv"), "--cache", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    run(cmd, tiny_repo)
+    rep = json.loads((tmp_path / "reward.json").read_text())
+    assert rep["pairs"]["train"] + rep["pairs"]["val"] == len(rows)
+    assert rep["val_accuracy"] > 0.9  # one fixed, easy preference
+
+    # a malformed row: a clear error naming file and line, and nothing written
+    pairs_file.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "p"}) + "\n")
+    (tmp_path / "rm").rename(tmp_path / "rm_before")
+    res = run(cmd, tiny_repo, check=False)
+    assert res.returncode == 2
+    assert f"reward: error: {pairs_file}:2: no field 'chosen'" in res.stderr
+    assert not (tmp_path / "rm").exists()

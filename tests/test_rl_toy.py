@@ -1,0 +1,184 @@
+"""The RL loop on a toy "language" whose posterior π* = π₀·exp(r/β)/Z is computed exactly.
+
+A real (tiny) transformer, the real sampler and the real `RLTrainer`; responses of at most 3
+tokens over a 7-token vocabulary, so every one of the 259 possible responses per prompt can be
+enumerated and KL(π‖π*) computed in closed form.
+"""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lmpipe.config import ModelParams, RLParams
+from lmpipe.model import build_model
+from lmpipe.rl.loop import RLTrainer
+from lmpipe.rl.posterior import draw, posterior_kl
+from lmpipe.rl.rollout import ValueModel, gather_logprobs
+
+SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "<|prompt|>": 3, "<|response|>": 4}
+EOS, PAD, A, B = 2, 0, 5, 6
+PROMPTS = [[1, 3, A, 4], [1, 3, B, 4]]
+MAX_NEW = 3
+PENALTY = -1.0
+BETA = 1.0
+
+
+def responses() -> list[list[int]]:
+    """All responses: n ≤ 2 non-EOS tokens then EOS, or 3 non-EOS tokens (truncated)."""
+    other = [t for t in range(7) if t != EOS]
+    out = [[EOS]]
+    for n in (1, 2):
+        out += [[*p, EOS] for p in itertools.product(other, repeat=n)]
+    out += [list(p) for p in itertools.product(other, repeat=3)]
+    return out
+
+
+RESPONSES = responses()
+
+
+def reward(prompt: list[int], resp: list[int]) -> float:
+    """Likes the prompt's own letter; the other letter costs. Only called for ended responses."""
+    own, other = (A, B) if prompt[2] == A else (B, A)
+    return 1.5 * resp.count(own) - 1.0 * resp.count(other)
+
+
+def score_fn(prompts, resps):
+    return np.array([reward(list(p), list(r)) for p, r in zip(prompts, resps, strict=True)])
+
+
+def rl_reward(prompt, resp) -> float:
+    return reward(prompt, resp) if resp[-1] == EOS else PENALTY
+
+
+@torch.no_grad()
+def exact_logprobs(model, prompt: list[int]) -> torch.Tensor:
+    """log π(x | prompt) for every enumerated response (temperature 1)."""
+    out = torch.zeros(len(RESPONSES), dtype=torch.float64)
+    by_len: dict[int, list[int]] = {}
+    for i, r in enumerate(RESPONSES):
+        by_len.setdefault(len(r), []).append(i)
+    model.eval()
+    for _n, idx in by_len.items():
+        resp = torch.tensor([RESPONSES[i] for i in idx])
+        seq = torch.cat([torch.tensor(prompt).expand(len(idx), -1), resp], dim=1)
+        logits = model(input_ids=seq).logits[:, len(prompt) - 1 : -1].float()
+        out[idx] = gather_logprobs(logits, resp).sum(-1).double()
+    return out
+
+
+def exact_kl_to_posterior(policy, ref) -> float:
+    kls = []
+    for p in PROMPTS:
+        lp, l0 = exact_logprobs(policy, p), exact_logprobs(ref, p)
+        r = torch.tensor([rl_reward(p, x) for x in RESPONSES], dtype=torch.float64)
+        log_post = l0 + r / BETA
+        log_post -= torch.logsumexp(log_post, 0)
+        kls.append(float((lp.exp() * (lp - log_post)).sum()))
+    return float(np.mean(kls))
+
+
+def exact_log_z(ref, prompt) -> float:
+    l0 = exact_logprobs(ref, prompt)
+    r = torch.tensor([rl_reward(prompt, x) for x in RESPONSES], dtype=torch.float64)
+    return float(torch.logsumexp(l0 + r / BETA, 0))
+
+
+def make_models(seed=0):
+    cfg = ModelParams(d_model=32, n_layers=2, n_heads=2, context=16, init_std=0.3)
+    ref = build_model(cfg, 7, SPECIAL, seed=seed)
+    policy = build_model(cfg, 7, SPECIAL, seed=seed)
+    return policy, ref
+
+
+def trainer(algo: str, policy, ref, **kw) -> RLTrainer:
+    cfg = RLParams(
+        algo=algo, kl_coef=BETA, prompts_per_step=2, samples_per_prompt=32,
+        max_new_tokens=MAX_NEW, missing_eos_penalty=PENALTY, minibatch_size=32, **kw,
+    )  # fmt: skip
+    value = ValueModel.zero_head(policy) if algo == "ppo" else None
+    return RLTrainer(policy, ref, cfg, PROMPTS, score_fn, eos_id=EOS, pad_id=PAD, seed=0,
+                     value_model=value)  # fmt: skip
+
+
+def test_toy_posterior_is_far_from_the_prior():
+    policy, ref = make_models()
+    kl0 = exact_kl_to_posterior(policy, ref)
+    assert kl0 > 0.3, kl0  # the tests below have something to close
+
+
+@pytest.mark.parametrize(
+    ("algo", "steps", "kw"),
+    [
+        ("ppo", 250, {"lr": 3e-3, "lam": 1.0}),
+        ("rloo", 200, {"lr": 3e-3}),
+        ("dpg", 200, {"lr": 3e-3, "dpg_swap_every": 2}),
+    ],
+)
+def test_algorithm_reaches_the_posterior(algo, steps, kw):
+    torch.manual_seed(0)
+    policy, ref = make_models()
+    t = trainer(algo, policy, ref, steps=steps, **kw)
+    start = exact_kl_to_posterior(policy, ref)
+    for _ in range(steps):
+        m = t.train_step()
+    end = exact_kl_to_posterior(policy, ref)
+    assert end < 0.05, f"{algo}: KL(π‖π*) {start:.3f} → {end:.3f}; last metrics {m}"
+
+
+def test_ppo_first_minibatch_has_ratio_one_and_zero_kl():
+    policy, ref = make_models()
+    t = trainer("ppo", policy, ref, lr=1e-3)
+    t.train_step()
+    fm = t.first_minibatch
+    assert fm["ratio"].numel() > 0
+    assert torch.equal(fm["ratio"], torch.ones_like(fm["ratio"]))
+    assert torch.equal(fm["k1"], torch.zeros_like(fm["k1"]))
+    t.train_step()  # later steps: the policy moved, the ratio of the first minibatch is still 1
+    assert torch.equal(t.first_minibatch["ratio"], torch.ones_like(t.first_minibatch["ratio"]))
+    assert t.first_minibatch["k1"].abs().max() > 0
+
+
+def test_log_z_and_posterior_kl_estimators_match_the_exact_values():
+    policy, ref = make_models()
+    gen = torch.Generator().manual_seed(0)
+    kw = dict(max_new_tokens=MAX_NEW, temperature=1.0, eos_id=EOS, pad_id=PAD, penalty=PENALTY,
+              generator=gen)  # fmt: skip
+    ref_s = draw(ref, ref, PROMPTS, 4000, score_fn, **kw)
+    # a policy that differs from π₀: a few RLOO steps
+    t = trainer("rloo", policy, ref, lr=3e-3)
+    for _ in range(20):
+        t.train_step()
+    pol_s = draw(policy, ref, PROMPTS, 4000, score_fn, **kw)
+    est = posterior_kl(ref_s, pol_s, BETA, len(PROMPTS))
+    want_log_z = np.mean([exact_log_z(ref, p) for p in PROMPTS])
+    assert est["log_z"] == pytest.approx(want_log_z, abs=0.03)
+    assert est["log_z_low"] <= est["log_z"] <= est["log_z_high"]
+    want_kl = exact_kl_to_posterior(policy, ref)
+    assert est["posterior_kl"] == pytest.approx(want_kl, abs=0.05)
+    # at π = π₀ the estimate is log Ẑ − E[r]/β and the KL term vanishes exactly
+    self_s = draw(ref, ref, PROMPTS, 10, score_fn, **kw)
+    assert np.all(self_s.kl == 0)
+
+
+def test_adaptive_beta_moves_toward_the_target():
+    from lmpipe.rl.core import AdaptiveKL
+
+    ctl = AdaptiveKL(0.1, target=6.0, horizon=1000)
+    assert ctl.update(12.0, 100) > 0.1  # too much KL: penalise more
+    b = ctl.beta
+    assert ctl.update(1.0, 100) < b  # too little: relax
+    assert ctl.update(6.0, 100) == pytest.approx(ctl.beta)
+    fixed = AdaptiveKL(0.1, target=None, horizon=1000)
+    assert fixed.update(100.0, 100) == 0.1
+    # the step is clipped at ±20% of n/horizon
+    c = AdaptiveKL(1.0, target=1.0, horizon=100)
+    assert c.update(1e6, 100) == pytest.approx(1.2)
+
+
+def test_exact_enumeration_sums_to_one():
+    policy, _ = make_models()
+    for p in PROMPTS:
+        assert math.isclose(float(exact_logprobs(policy, p).exp().sum()), 1.0, rel_tol=1e-5)
