@@ -157,6 +157,14 @@ def main() -> None:
                 tracker.log_metrics(m, step=trainer.step)
             bar.update(1)
             bar.set_postfix(score=f"{m['rl/score']:.2f}", kl=f"{m['rl/kl']:.2f}")
+            if trainer.step % 10 == 0 or trainer.step == cfg.steps:
+                log.info(
+                    "step %d/%d: score %.3f, gold %.3f, KL %.2f (k3 %.2f), beta %.3f, "
+                    "EOS %.2f, %.1f episodes/s",
+                    trainer.step, cfg.steps, m["rl/score"], m.get("rl/gold", float("nan")),
+                    m["rl/kl"], m["rl/kl_k3"], m["rl/beta"], m["rl/eos_frac"],
+                    m["rl/episodes_per_sec"],
+                )  # fmt: skip
             if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
                 store.save(
                     {"trainer": trainer.state_dict(), "history": history, "elapsed": elapsed,

@@ -1,0 +1,38 @@
+"""The rl stage through the real `dvc repro` (tiny params): report keys, curves, the model."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def test_rl_stage_outputs(tiny_repo):
+    from transformers import AutoModelForCausalLM
+
+    rep = json.loads((tiny_repo / "reports" / "rl.json").read_text())
+    assert rep["algo"] == "ppo"
+    for key in ("gold_reward", "proxy_reward"):
+        assert set(rep[key]) == {"init", "final"} and all(np.isfinite(list(rep[key].values())))
+    for key in ("kl_to_ref", "posterior_kl", "log_z", "entropy", "distinct_2",
+                "episodes_per_sec"):  # fmt: skip
+        assert np.isfinite(rep[key]), key
+    lo, hi = rep["log_z_interval"]
+    assert lo <= rep["log_z"] <= hi
+    assert rep["episodes_per_sec"] > 0 and 0 < rep["generate_share"] < 1
+    rows = list(csv.DictReader((tiny_repo / "reports/plots/rl.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    cols = [
+        "rl/score", "rl/gold", "rl/kl", "rl/kl_k3", "rl/beta", "rl/entropy", "rl/approx_kl",
+        "rl/clipfrac", "rl/value_loss", "rl/explained_variance", "rl/ratio_mean",
+        "rl/response_len", "rl/eos_frac", "rl/episodes_per_sec",
+    ]  # fmt: skip
+    for col in cols:
+        assert col in rows[0], col
+    man = json.loads((tiny_repo / "models/rl/lmpipe.json").read_text())
+    reward = json.loads((tiny_repo / "models/reward/lmpipe.json").read_text())
+    assert man["inputs"]["lineage.reward.run_id"] == reward["mlflow_run_id"]
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_repo / "models" / "rl"))
+    assert model.config.vocab_size == 512
