@@ -75,6 +75,14 @@ def main() -> None:
                 sft, tok, prompts, k=pcfg.samples_per_prompt, max_new_tokens=pcfg.max_new_tokens,
                 temperature=pcfg.temperature, gold=gold, tau=pcfg.tau, seed=params.seed,
             )  # fmt: skip
+            if not pairs:
+                raise DataError(
+                    f"no preference pairs: of {len(samples)} samples, "
+                    f"{sum(x['ended_with_eos'] for x in samples)} ended with EOS within "
+                    f"preference.max_new_tokens = {pcfg.max_new_tokens}, and a pair needs two "
+                    "distinct ones for a prompt. Raise preference.max_new_tokens or "
+                    "samples_per_prompt, or train SFT longer so the model learns to stop"
+                )
             sample_stats = {
                 "samples": len(samples),
                 "samples_eos_rate": float(np.mean([s["ended_with_eos"] for s in samples])),

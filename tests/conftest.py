@@ -18,18 +18,19 @@ SHARED_CORPORA = ROOT.parent / "shared" / "corpora"
 TINY = {
     "seed": 7,
     "data": {"builtin_stories": 400, "val_fraction": 0.1, "test_fraction": 0.1, "rl_prompts": 32,
+             "response_sentences": 1,
              "eval_prompts": 16},
     "tokenizer": {"vocab_size": 512},
-    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "context": 64},
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "context": 128},
     "pretrain": {
         "max_steps": 60, "batch_size": 8, "warmup_steps": 5, "eval_every": 20, "eval_batches": 2,
         "log_every": 5, "checkpoint_every": 10, "lr": 0.003,
     },
     "sft": {
-        "max_steps": 20, "batch_size": 8, "warmup_steps": 2, "eval_every": 10, "eval_batches": 2,
-        "log_every": 5, "checkpoint_every": 10, "samples": 8, "max_new_tokens": 16,
+        "max_steps": 40, "batch_size": 16, "warmup_steps": 2, "eval_every": 20, "eval_batches": 2,
+        "log_every": 5, "checkpoint_every": 20, "samples": 8, "max_new_tokens": 24, "lr": 0.003,
     },
-    "preference": {"prompts": 32, "samples_per_prompt": 4, "max_new_tokens": 16,
+    "preference": {"prompts": 32, "samples_per_prompt": 6, "max_new_tokens": 32,
                    "val_fraction": 0.25},
     "reward": {
         "max_steps": 20, "batch_size": 8, "warmup_steps": 2, "eval_every": 10, "eval_batches": 2,

@@ -32,7 +32,7 @@ def test_pretrain_and_sft_reports(tiny_repo):
         assert np.isfinite(r["val_loss"]) and r["val_ppl"] == pytest.approx(np.exp(r["val_loss"]))
         assert r["tokens_per_sec"] > 0 and r["train_seconds"] > 0
     assert pre["baseline_bigram_loss"] < pre["baseline_unigram_loss"] < np.log(512) + 0.5
-    assert pre["steps"] == 60 and sft["steps"] == 20
+    assert pre["steps"] == 60 and sft["steps"] == 40
     assert 0.0 <= sft["eos_rate"] <= 1.0
     losses = [loss for _, loss in curve(tiny_repo / "reports" / "plots" / "pretrain.csv")]
     assert losses[-1] < losses[0] - 0.5  # it learned something in 60 tiny steps
@@ -58,7 +58,7 @@ def test_models_load_with_plain_transformers_and_lineage_is_tracked(tiny_repo):
     mlflow.set_tracking_uri(f"sqlite:///{tiny_repo}/mlflow.db")
     run_ = mlflow.get_run(sft["mlflow_run_id"])
     assert run_.data.tags["lineage.model.run_id"] == pre["mlflow_run_id"]
-    assert run_.data.params["sft.max_steps"] == "20"
+    assert run_.data.params["sft.max_steps"] == "40"
     assert "train/loss" in run_.data.metrics and "eval/loss" in run_.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(sft["mlflow_run_id"])}
     assert "samples.txt" in artifacts
