@@ -25,6 +25,7 @@ from lmpipe.model import context_length, load_model, n_params, save_model
 from lmpipe.reward import (
     PreferenceBatches,
     PreferenceExample,
+    bag_of_words_baseline,
     build_reward_model,
     encode_for_reward,
     fit_normalisation,
@@ -162,8 +163,11 @@ def main() -> None:
         norm = fit_normalisation(raw_scores(model, fresh_seqs, pad))
         normalise_seconds = time.perf_counter() - t0
 
+        bow = bag_of_words_baseline([p for _, p in encoded["train"]], rows)
         report = {
             **metrics,
+            "baseline_bow_val_accuracy": bow["val_accuracy"],
+            "baseline_bow_gold_order_accuracy": bow["gold_order_accuracy"],
             "val_loss": result.val_loss,
             "normalization": norm,
             "pairs": {s: len(v) for s, v in encoded.items()},

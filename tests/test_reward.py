@@ -246,3 +246,18 @@ def test_pair_metrics():
     assert m["val_accuracy"] == pytest.approx(2 / 3)
     # pair 2 has a gold gap under 0.1: left out; pair 3 is ordered against gold
     assert m["gold_order_pairs"] == 2 and m["gold_order_accuracy"] == 0.5
+
+
+def test_bag_of_words_baseline_learns_a_lexical_preference():
+    from lmpipe.reward import bag_of_words_baseline
+
+    rng = np.random.default_rng(0)
+    filler = ["the", "cat", "sat", "on", "a", "mat", "by", "door"]
+
+    def row():
+        good = " ".join(rng.choice(filler, 5)) + " happy"
+        bad = " ".join(rng.choice(filler, 5)) + " sad"
+        return {"chosen": good, "rejected": bad, "gold_chosen": 0.6, "gold_rejected": -0.5}
+
+    m = bag_of_words_baseline([row() for _ in range(200)], [row() for _ in range(50)])
+    assert m["val_accuracy"] == 1.0 and m["gold_order_accuracy"] == 1.0

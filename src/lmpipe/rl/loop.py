@@ -278,6 +278,8 @@ class RLTrainer:
         loss.backward()
         grad_norm = self._clip_and_step()
         est = core.dpg_estimates(log_p, log_q, log_pi, log_z)
+        w = torch.softmax(log_w, dim=1)  # effective sample size of P/q per prompt, as a share
+        ess = float((1.0 / (w**2).sum(1)).mean()) / k
         self.swap_window.append((float(est.kl_p_pi.mean()), float(est.kl_p_q.mean())))
         swapped = 0.0
         if len(self.swap_window) >= cfg.dpg_swap_every:
@@ -291,7 +293,7 @@ class RLTrainer:
             "rl/policy_loss": float(loss.detach()), "rl/grad_norm": grad_norm,
             "rl/kl_p_pi": float(est.kl_p_pi.mean()), "rl/kl_p_q": float(est.kl_p_q.mean()),
             "rl/tvd_p_pi": float(est.tvd_p_pi.mean()), "rl/log_z": float(log_z.mean()),
-            "rl/proposal_swaps": float(self.swaps), "rl/swapped": swapped,
+            "rl/proposal_swaps": float(self.swaps), "rl/swapped": swapped, "rl/ess_frac": ess,
         }  # fmt: skip
 
     # ----------------------------------------------------------------------- one step
