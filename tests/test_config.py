@@ -99,3 +99,20 @@ def test_flat_params_for_mlflow(tmp_path):
     assert not any(k.startswith("data.") for k in flat)
     with pytest.raises(AttributeError, match="not loaded"):
         _ = params.data
+
+
+def test_reward_and_rl_sections_validate_their_combinations(tmp_path):
+    cases = [
+        ({"rl": {"algo": "rloo", "samples_per_prompt": 1}},
+         "rl.algo 'rloo' needs rl.samples_per_prompt >= 2"),
+        ({"preference": {"source": "file"}}, "set preference.path"),
+        ({"preference": {"tau": -1}}, "preference.tau = -1"),
+        ({"rl": {"algo": "a2c"}}, "one of 'ppo', 'rloo', 'dpg'"),
+    ]  # fmt: skip
+    for params, message in cases:
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(params))
+        with pytest.raises(ParamsError, match=re.escape(message)):
+            load_params(path, ["rl", "preference"])
+    path.write_text(yaml.safe_dump({"rl": {"missing_eos_penalty": None}}))
+    assert load_params(path, ["rl"]).rl.missing_eos_penalty is None
