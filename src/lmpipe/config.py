@@ -284,6 +284,93 @@ class RLParams(Section):
         return self
 
 
+class CompressParams(Section):
+    """Distil, prune and quantize the RL policy into smaller models (stage: compress)."""
+
+    distill: bool = Field(True, description="make the distilled student")
+    prune: bool = Field(True, description="make the structurally pruned model")
+    quantize: bool = Field(True, description="make the int8 weight-only model")
+    student_layers: int = Field(2, ge=1, description="distilled: transformer blocks")
+    student_d_model: int = Field(0, ge=0, description="distilled: hidden width (0 = teacher's)")
+    student_heads: int = Field(0, ge=0, description="distilled: attention heads (0 = teacher's)")
+    student_d_ff: int = Field(
+        320, ge=0, description="distilled: MLP width (0 = the arch default for its width)"
+    )
+    student_init: Literal["teacher", "random"] = Field(
+        "teacher",
+        description="teacher: copy its embeddings, spread layers, most important neurons/heads",
+    )
+    kd_temperature: float = Field(1.0, gt=0, description="softmax temperature T of the KD loss")
+    kd_alpha: float = Field(
+        1.0, ge=0, le=1, description="weight of T^2*KL(teacher||student); 1 - it weighs CE"
+    )
+    teacher_samples: int = Field(
+        2000, ge=0, description="teacher samples for RL prompts to distil on (0 = corpus only)"
+    )
+    sample_fraction: float = Field(
+        0.5, ge=0, le=1, description="share of each batch from teacher samples (rest: corpus)"
+    )
+    lr: float = Field(1e-3, gt=0, le=1, description="distillation peak learning rate")
+    warmup_steps: int = Field(20, ge=0, description="linear warmup steps (both trainings)")
+    distill_steps: int = Field(300, ge=1, description="distillation optimizer steps")
+    batch_size: int = Field(32, ge=1, description="sequences per micro-batch")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices")
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm (0 = off)")
+    prune_importance: Literal["taylor", "magnitude"] = Field(
+        "taylor", description="taylor: activation x gradient on calibration batches; magnitude"
+    )
+    prune_mlp: float = Field(0.3, ge=0, lt=1, description="share of MLP neurons removed per layer")
+    prune_heads: float = Field(
+        0.0, ge=0, lt=1, description="share of (key/value) attention heads removed per layer"
+    )
+    calibration_batches: int = Field(8, ge=1, description="batches that score importance")
+    recovery_steps: int = Field(100, ge=0, description="pruned: distillation steps after pruning")
+    recovery_lr: float = Field(5e-4, gt=0, le=1, description="pruned: recovery peak learning rate")
+    quantize_embeddings: bool = Field(True, description="quantized: int8 input embedding too")
+    eval_every: int = Field(50, ge=1, description="steps between evaluations")
+    eval_batches: int = Field(8, ge=1, description="fixed val batches (val perplexity, KL)")
+    eval_prompts: int = Field(32, ge=1, description="eval prompts for gold and proxy scores")
+    eval_samples: int = Field(4, ge=1, description="samples per eval prompt and model")
+    max_new_tokens: int = Field(48, ge=1, description="sampled response length limit")
+    speed_new_tokens: int = Field(64, ge=1, description="tokens per row in the generation timing")
+    checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints (0 = none)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32"
+    )
+    device: str = Field("auto", description="auto (CUDA if present), cpu, cuda, cuda:N")
+
+    def train_params(self, kind: Literal["distill", "recovery"]) -> TrainParams:
+        """The shared loop's settings for the distillation or the pruned model's recovery."""
+        return TrainParams(
+            lr=self.lr if kind == "distill" else self.recovery_lr,
+            warmup_steps=self.warmup_steps,
+            max_steps=max(self.distill_steps if kind == "distill" else self.recovery_steps, 1),
+            batch_size=self.batch_size,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            eval_every=self.eval_every,
+            eval_batches=self.eval_batches,
+            checkpoint_every=self.checkpoint_every,
+            precision=self.precision,
+            device=self.device,
+        )
+
+    @model_validator(mode="after")
+    def _check(self) -> CompressParams:
+        d, h = self.student_d_model, self.student_heads
+        if d and h and d % h:
+            raise ValueError(
+                f"student_d_model = {self.student_d_model} must be divisible by "
+                f"student_heads = {self.student_heads}"
+            )
+        if self.student_init == "teacher" and self.student_d_model:
+            raise ValueError(
+                "student_init 'teacher' copies the teacher's width: leave student_d_model at 0, "
+                "or use student_init: random"
+            )
+        return self
+
+
 SECTIONS: dict[str, type[Section]] = {
     "data": DataParams,
     "tokenizer": TokenizerParams,
@@ -293,6 +380,7 @@ SECTIONS: dict[str, type[Section]] = {
     "preference": PreferenceParams,
     "reward": RewardParams,
     "rl": RLParams,
+    "compress": CompressParams,
     "tracking": TrackingParams,
 }
 """Section name → model. Later stages add theirs here."""

@@ -73,6 +73,12 @@ _HASHES: dict[tuple, str] = {}
 inputs once for tracking and once for its checkpoint key, and reads them only once."""
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file the pipeline wrote (blank lines skipped)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def hash_path(path: str | Path, chunk: int = 1 << 20) -> str:
     """sha256 of a file, or of a directory's relative file names and contents (sorted)."""
     path = Path(path)

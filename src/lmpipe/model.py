@@ -118,8 +118,12 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
-    """Load a saved model (safetensors only; nothing is unpickled), in eval mode."""
-    read_manifest(model_dir)
+    """Load a saved model (safetensors only; nothing is unpickled), in eval mode. Int8 folders
+    made by the compress stage (their manifest has `quantization`) load already quantized."""
+    if read_manifest(model_dir).get("quantization"):
+        from lmpipe.compress.quantize import load_quantized
+
+        return load_quantized(model_dir, device)
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), attn_implementation="sdpa", use_safetensors=True
     )

@@ -100,6 +100,19 @@ class MlflowTracker(NullTracker):
         self._mlflow.log_artifact(str(path), artifact_path)
 
 
+class RenamingTracker:
+    """Forwards to another tracker, renaming metric keys (two trainings in one run)."""
+
+    def __init__(self, inner: NullTracker, rename: Mapping[str, str]) -> None:
+        self.inner, self.rename = inner, dict(rename)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.inner.log_metrics({self.rename.get(k, k): v for k, v in metrics.items()}, step)
+
+
 def flatten_numeric(obj: Any, prefix: str = "") -> dict[str, float]:
     """Numeric leaves of nested dicts as `{"prefix" + "a.b": value}` (bools and strings skipped)."""
     out: dict[str, float] = {}

@@ -1,0 +1,1 @@
+"""Compression of the aligned policy: distillation, structured pruning, int8 quantization."""
