@@ -158,6 +158,8 @@ def main() -> None:
         for name, folder in folders.items():
             model = load_model(folder, "cpu" if name == "quantized" else device)
             row = {"params": n_params(model), "size_mb": q8.weight_bytes(folder) / 1e6}
+            if name == "quantized":  # the untied int8 head is a second copy of the embedding
+                row["stored_params"], row["params"] = row["params"], n_params(teacher)
             row.update(val_metrics(model, teacher, val))
             scores, samples[name] = sample_scores(
                 model, eval_ids, eval_text, cfg.eval_samples, score_fn, gold, decode,

@@ -99,3 +99,30 @@ def tiny_repo(tmp_path_factory) -> Path:
     repo = copy_repo(tmp_path_factory.mktemp("repo"), TINY)
     run(["dvc", "repro"], repo, timeout=1800)
     return repo
+
+
+ONNX_SPECIAL = {"bos": 1, "eos": 2, "pad": 0, "prompt": 3, "response": 4}
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory):
+    """A tiny llama with grouped-query attention, exported with its int8 model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lmpipe.config import ModelParams
+    from lmpipe.model import build_model
+    from lmpipe.onnx.export import build_bundle
+
+    cfg = ModelParams(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, context=64)
+    special = {"<|bos|>": 1, "<|eos|>": 2, "<|pad|>": 0}
+    model = build_model(cfg, 300, special, seed=0).eval()
+    root = tmp_path_factory.mktemp("onnx")
+    tok = root / "tokenizer.json"
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(300)}, unk_token="w5"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.save(str(tok))
+    build_bundle(
+        model, root / "b", tokenizer_file=tok, special_tokens=ONNX_SPECIAL,
+        generation={"max_new_tokens": 8}, source={"variant": "test"},
+    )  # fmt: skip
+    return model, root / "b"

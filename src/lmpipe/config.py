@@ -330,7 +330,7 @@ class CompressParams(Section):
     eval_every: int = Field(50, ge=1, description="steps between evaluations")
     eval_batches: int = Field(8, ge=1, description="fixed val batches (val perplexity, KL)")
     eval_prompts: int = Field(32, ge=1, description="eval prompts for gold and proxy scores")
-    eval_samples: int = Field(4, ge=1, description="samples per eval prompt and model")
+    eval_samples: int = Field(8, ge=1, description="samples per eval prompt and model")
     max_new_tokens: int = Field(48, ge=1, description="sampled response length limit")
     speed_new_tokens: int = Field(64, ge=1, description="tokens per row in the generation timing")
     checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints (0 = none)")
@@ -371,6 +371,42 @@ class CompressParams(Section):
         return self
 
 
+class ExportParams(Section):
+    """ONNX bundles with a KV cache, checked against PyTorch (stage: export)."""
+
+    variants: list[str] = Field(
+        ["rl", "distilled", "pruned"],
+        description="models to export: rl, or a folder name under models/compressed",
+    )
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset")
+    int8: bool = Field(True, description="also write model.int8.onnx (onnxruntime dynamic int8)")
+    int8_per_channel: bool = Field(True, description="int8: one weight scale per output channel")
+    parity_prompts: int = Field(16, ge=1, description="eval prompts in the parity check")
+    parity_steps: int = Field(32, ge=1, description="greedy decode steps compared with PyTorch")
+    max_logit_diff: float = Field(
+        1e-4, gt=0, description="fp32 gate: largest |logit difference| to PyTorch allowed"
+    )
+    ppl_batches: int = Field(4, ge=1, description="val windows batches for the int8 ppl change")
+    max_new_tokens: int = Field(64, ge=1, description="bundle default: new tokens per request")
+    temperature: float = Field(1.0, ge=0, description="bundle default: sampling temperature")
+    top_k: int = Field(0, ge=0, description="bundle default: top-k (0 = off)")
+    top_p: float = Field(1.0, gt=0, le=1, description="bundle default: nucleus top-p (1 = off)")
+    register_model: bool = Field(
+        True, description="register each bundle as a model version in the MLflow registry"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ExportParams:
+        if not self.variants:
+            raise ValueError("export.variants is empty: name at least one model to export")
+        if "quantized" in self.variants:
+            raise ValueError(
+                "'quantized' is a torchao int8 model for PyTorch; the ONNX int8 model is made "
+                "from each fp32 export (export.int8), so leave it out of export.variants"
+            )
+        return self
+
+
 SECTIONS: dict[str, type[Section]] = {
     "data": DataParams,
     "tokenizer": TokenizerParams,
@@ -381,6 +417,7 @@ SECTIONS: dict[str, type[Section]] = {
     "reward": RewardParams,
     "rl": RLParams,
     "compress": CompressParams,
+    "export": ExportParams,
     "tracking": TrackingParams,
 }
 """Section name → model. Later stages add theirs here."""

@@ -27,10 +27,6 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
-    # torchao (imported by transformers when it is installed) reports CUDA kernels this build
-    # lacks and deprecated pytree registrations at WARNING: noise for every stage on a CPU
-    for noisy in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def run(main: Callable[[], Any], stage: str) -> None:

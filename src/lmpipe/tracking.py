@@ -63,6 +63,14 @@ class NullTracker:
         self.log_dict(dict(report), artifact_file)
         self.log_metrics(flatten_numeric(report, prefix="report/"))
 
+    def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
+        self.artifacts[artifact_path] = Path(directory)
+
+    def register_model(self, name: str, artifact_path: str, tags: Mapping[str, str]) -> str | None:
+        """A model version in the registry for an artifact folder of this run; its version."""
+        self.artifacts[f"registered:{name}"] = (artifact_path, dict(tags))
+        return None
+
 
 class MlflowTracker(NullTracker):
     """Forwards to the active MLflow run (and keeps the in-memory record too)."""
@@ -98,6 +106,23 @@ class MlflowTracker(NullTracker):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         super().log_artifact(path, artifact_path)
         self._mlflow.log_artifact(str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
+        super().log_artifacts(directory, artifact_path)
+        self._mlflow.log_artifacts(str(directory), artifact_path)
+
+    def register_model(self, name: str, artifact_path: str, tags: Mapping[str, str]) -> str | None:
+        super().register_model(name, artifact_path, tags)
+        client = self._mlflow.MlflowClient()
+        try:
+            client.get_registered_model(name)
+        except self._mlflow.exceptions.MlflowException:
+            client.create_registered_model(name, description="lmpipe ONNX bundle")
+        source = f"{self._mlflow.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        version = client.create_model_version(
+            name, source, run_id=self.run_id, tags={k: str(v) for k, v in tags.items()}
+        )
+        return str(version.version)
 
 
 class RenamingTracker:

@@ -86,8 +86,9 @@ def sample_scores(
     pad_id: int,
     seed: int,
 ) -> tuple[dict[str, float], list[str]]:
-    """n samples per eval prompt (T = 1): mean gold score, mean normalised reward-model score
-    (responses that ended with EOS), EOS rate and distinct-2; plus the texts."""
+    """n samples per eval prompt (T = 1): mean gold score (with its standard error), mean
+    normalised reward-model score (responses that ended with EOS), EOS rate and distinct-2;
+    plus the texts."""
     gen = torch.Generator(device=device_of(model)).manual_seed(seed)
     s = draw(
         model, model, prompts, n, score_fn, max_new_tokens=max_new_tokens, temperature=1.0,
@@ -98,6 +99,7 @@ def sample_scores(
     proxy = s.proxy[s.ended] if s.ended.any() else np.array([float("nan")])
     return {
         "gold_reward": float(np.mean(gold)),
+        "gold_reward_se": float(np.std(gold, ddof=1) / np.sqrt(len(gold))) if len(gold) > 1 else 0,
         "proxy_reward": float(np.mean(proxy)),
         "eos_rate": float(np.mean(s.ended)),
         "distinct_2": distinct_ngram_ratio(texts, 2),

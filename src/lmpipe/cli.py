@@ -1,0 +1,80 @@
+"""`lmpipe`: generate from and serve an exported ONNX bundle (torch is never imported here)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+Bundle = Annotated[Path, typer.Argument(help="bundle folder, e.g. models/onnx/rl")]
+
+
+def _load(bundle: Path, int8: bool):
+    from lmpipe.onnx.runtime import BundleError, OnnxLM
+
+    try:
+        return OnnxLM(bundle, int8=int8)
+    except BundleError as err:
+        typer.echo(f"lmpipe: error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def generate(
+    bundle: Bundle,
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="prompt text (repeatable)")],
+    max_tokens: Annotated[int, typer.Option(min=1)] = 48,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0)] = 0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: int | None = None,
+    int8: Annotated[bool, typer.Option(help="use model.int8.onnx")] = False,
+) -> None:
+    """Complete each prompt and print one completion per line."""
+    lm = _load(bundle, int8)
+    ids = [lm.prompt_ids(p) for p in prompt]
+    try:
+        out = lm.generate_ids(
+            ids, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed,
+        )  # fmt: skip
+    except ValueError as err:
+        typer.echo(f"lmpipe: error: {err}", err=True)
+        raise typer.Exit(2) from None
+    for toks in out.tokens:
+        sys.stdout.write(lm.decode(toks).replace("\n", " ") + "\n")
+
+
+@app.command()
+def serve(
+    bundle: Bundle,
+    host: Annotated[str, typer.Option(help="bind address (loopback unless told otherwise)")] = (
+        "127.0.0.1"
+    ),
+    port: int = 8000,
+    int8: Annotated[bool, typer.Option(help="serve model.int8.onnx")] = False,
+    max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask")] = 256,
+    max_n: Annotated[int, typer.Option(help="largest n a request may ask")] = 8,
+    queue_limit: Annotated[int, typer.Option(help="running + waiting requests before 429")] = 32,
+) -> None:
+    """OpenAI-style HTTP server: POST /v1/completions, GET /v1/models, GET /health."""
+    import uvicorn
+
+    from lmpipe.serve import Completer, ServerLimits, create_app
+
+    _load(bundle, int8)  # a clear error for a bad folder before the server starts
+    limits = ServerLimits(max_tokens=max_tokens, max_n=max_n, queue_limit=queue_limit)
+    completer = Completer(bundle, int8=int8, limits=limits)
+    uvicorn.run(create_app(completer), host=host, port=port, log_level="info")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

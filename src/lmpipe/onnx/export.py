@@ -1,0 +1,270 @@
+"""Export an lmpipe causal LM to one ONNX decoder graph with a KV cache, optimise it offline,
+quantize it to int8, and check it against PyTorch.
+
+`torch.onnx.export(..., dynamo=True)` traces a wrapper whose inputs are the flat cache tensors
+(`past.<i>.key|value`, shape (batch, kv_heads, past, head_dim)) and whose outputs are the logits
+and the grown cache (`present.<i>.key|value`); batch, sequence, total and past lengths are dynamic,
+and past may be 0, so the same graph does prefill and decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from lmpipe.compress.prune import head_shape
+
+
+def cache_shape(model: PreTrainedModel) -> dict[str, int]:
+    _, kv, hd = head_shape(model)
+    return {"layers": model.config.num_hidden_layers, "kv_heads": kv, "head_dim": hd}
+
+
+def io_names(layers: int) -> tuple[list[str], list[str]]:
+    cache = [f"{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", "position_ids", *[f"past.{c}" for c in cache]]
+    return inputs, ["logits", *[f"present.{c}" for c in cache]]
+
+
+class CachedDecoder(torch.nn.Module):
+    """(input_ids, attention_mask, position_ids, *past) → (logits, *present), flat tensors."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        flat = []
+        for layer in out.past_key_values.layers:
+            flat += [layer.keys, layer.values]
+        return (out.logits, *flat)
+
+
+def export_decoder(model: PreTrainedModel, path: str | Path, opset: int = 18) -> None:
+    """Write the decoder graph to `path` (fp32, CPU tracing)."""
+    from torch.export import Dim
+
+    model = model.float().cpu().eval()
+    c = cache_shape(model)
+    b, s, p = 2, 3, 2  # sample sizes ≥ 2 so no dimension is specialised
+    ids = torch.randint(5, model.config.vocab_size, (b, s))
+    mask = torch.ones(b, p + s, dtype=torch.long)
+    pos = torch.arange(p, p + s).expand(b, -1)
+    past = [torch.zeros(b, c["kv_heads"], p, c["head_dim"]) for _ in range(2 * c["layers"])]
+    batch, seq, total, prev = Dim("batch"), Dim("seq"), Dim("total"), Dim("past")
+    shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: seq},
+        "past": tuple({0: batch, 2: prev} for _ in past),
+    }
+    inputs, outputs = io_names(c["layers"])
+    with quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # axis-renaming notes of the exporter
+        program = torch.onnx.export(
+            CachedDecoder(model), (ids, mask, pos, *past), dynamic_shapes=shapes, dynamo=True,
+            input_names=inputs, output_names=outputs, opset_version=opset, verbose=False,
+            report=False,
+        )  # fmt: skip
+        program.save(str(path))
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the exporter's and quantizer's INFO chatter (they log on the root logger)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def optimize(src: str | Path, dst: str | Path) -> None:
+    """onnxruntime's extended graph optimisations, applied once and saved (CPU-portable)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+
+
+def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) -> None:
+    """Dynamic int8 (weights int8 per output channel, activations quantized at run time) after
+    onnxruntime's recommended pre-processing (shape inference and graph optimisation)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp, quiet():
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_dynamic(
+            str(pre), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gather"],
+        )  # fmt: skip
+
+
+def build_bundle(
+    model: PreTrainedModel,
+    bundle: str | Path,
+    *,
+    tokenizer_file: str | Path,
+    special_tokens: dict[str, int],
+    generation: dict[str, Any],
+    source: dict[str, Any],
+    opset: int = 18,
+    int8: bool = True,
+    per_channel: bool = True,
+) -> None:
+    """A self-contained bundle folder: graph-optimised fp32 model, optional int8 model, the
+    tokenizer, and `bundle.json` (names, cache shape, special ids, defaults, hashes, lineage)."""
+    from lmpipe.io import hash_path, write_json
+    from lmpipe.onnx.runtime import MANIFEST
+
+    bundle = Path(bundle)
+    bundle.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        export_decoder(model, raw, opset)
+        optimize(raw, bundle / "model.onnx")
+        if int8:
+            quantize_int8(raw, bundle / "model.int8.onnx", per_channel)
+    shutil.copy2(tokenizer_file, bundle / "tokenizer.json")
+    layers = model.config.num_hidden_layers
+    inputs, outputs = io_names(layers)
+    ctx = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
+    write_json(
+        bundle / MANIFEST,
+        {
+            "format": "lmpipe-onnx-decoder/1",
+            "files": {"fp32": "model.onnx", "int8": "model.int8.onnx" if int8 else None},
+            "inputs": inputs,
+            "outputs": outputs,
+            "cache": cache_shape(model),
+            "opset": opset,
+            "context": ctx,
+            "vocab_size": model.config.vocab_size,
+            "special_tokens": special_tokens,
+            "generation": generation,
+            "source": source,
+            "sha256": {f.name: hash_path(f) for f in sorted(bundle.glob("*.onnx"))},
+        },
+    )
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+def left_pad(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(map(len, prompts))
+    ids = np.full((len(prompts), width), pad, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def parity(
+    model: PreTrainedModel, lm: Any, prompts: list[list[int]], steps: int, pad: int
+) -> dict[str, float]:
+    """ONNX (`lm`: an OnnxLM) against PyTorch on left-padded prompts: max |logit difference| at
+    prefill (real positions) and at each of `steps` greedy decode steps (both fed PyTorch's
+    greedy tokens), the cached path against a full recompute, and whether the ONNX model's own
+    greedy continuation equals PyTorch's for every prompt."""
+    model = model.float().cpu().eval()
+    ids, mask = left_pad(prompts, pad)
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    t = model(
+        input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+        position_ids=torch.from_numpy(pos), use_cache=True,
+    )  # fmt: skip
+    o_logits, past = lm.forward(ids, mask, pos, lm.empty_cache(len(prompts)))
+    real = mask.astype(bool)
+    prefill = float(np.abs(o_logits - t.logits.numpy())[real].max())
+    cache = t.past_key_values
+    seq, m = ids, mask
+    nxt = t.logits[:, -1].argmax(-1).numpy()
+    next_pos = mask.sum(-1, keepdims=True)
+    step_diffs = []
+    torch_tokens = [nxt]
+    for _ in range(steps):
+        m = np.concatenate([m, np.ones((len(prompts), 1), np.int64)], 1)
+        seq = np.concatenate([seq, nxt[:, None]], 1)
+        t = model(
+            input_ids=torch.from_numpy(nxt[:, None]), attention_mask=torch.from_numpy(m),
+            position_ids=torch.from_numpy(next_pos), past_key_values=cache, use_cache=True,
+        )  # fmt: skip
+        cache = t.past_key_values
+        o_logits, past = lm.forward(nxt[:, None], m, next_pos, past)
+        step_diffs.append(float(np.abs(o_logits[:, -1] - t.logits[:, -1].numpy()).max()))
+        next_pos = next_pos + 1
+        nxt = t.logits[:, -1].argmax(-1).numpy()
+        torch_tokens.append(nxt)
+    # the cached ONNX logits of the last step against one ONNX pass over the whole sequence
+    full_pos = np.clip(m.cumsum(-1) - 1, 0, None)
+    full, _ = lm.forward(seq, m, full_pos, lm.empty_cache(len(prompts)))
+    cached_vs_full = float(np.abs(full[:, -1] - o_logits[:, -1]).max())
+    # free-running greedy continuations, EOS ignored by comparing the first `steps` tokens
+    want = np.stack(torch_tokens[:steps], 1)
+    got = onnx_greedy(lm, ids, mask, steps)
+    same_rows = float(np.mean([np.array_equal(a, b) for a, b in zip(got, want, strict=True)]))
+    return {
+        "prefill_max_abs_logit_diff": prefill,
+        "decode_max_abs_logit_diff": max(step_diffs) if step_diffs else 0.0,
+        "max_abs_logit_diff": max([prefill, *step_diffs]),
+        "cached_vs_recompute_max_abs_diff": cached_vs_full,
+        "greedy_token_match": float(np.mean(got == want)),
+        "greedy_sequences_identical": same_rows,
+    }
+
+
+def onnx_greedy(lm: Any, ids: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:
+    """`steps` greedy tokens per row from the ONNX model, EOS not treated specially."""
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    logits, past = lm.forward(ids, mask, pos, lm.empty_cache(len(ids)))
+    next_pos = mask.sum(-1, keepdims=True)
+    out = []
+    for _ in range(steps):
+        nxt = logits[:, -1].argmax(-1)
+        out.append(nxt)
+        mask = np.concatenate([mask, np.ones((len(ids), 1), np.int64)], 1)
+        logits, past = lm.forward(nxt[:, None], mask, next_pos, past)
+        next_pos = next_pos + 1
+    return np.stack(out, 1)
+
+
+def perplexity(lm: Any, windows: np.ndarray) -> float:
+    """exp(mean next-token NLL) of the ONNX model on token windows (B, T+1)."""
+    ids, targets = windows[:, :-1], windows[:, 1:]
+    mask = np.ones_like(ids)
+    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+    logits, _ = lm.forward(ids, mask, pos, lm.empty_cache(len(ids)))
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, targets[..., None], -1).mean()
+    return float(np.exp(nll))

@@ -1,0 +1,162 @@
+"""The HTTP server over an ONNX bundle: good and bad requests, streaming, concurrency, 429."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+
+from lmpipe.serve import Completer, ServerLimits, create_app
+
+
+@pytest.fixture(scope="module")
+def client(bundle):
+    _, path = bundle
+    completer = Completer(path, limits=ServerLimits(max_tokens=16, max_n=4, queue_limit=32))
+    with TestClient(create_app(completer)) as c:
+        c.completer = completer
+        yield c
+
+
+def test_health_and_models(client):
+    assert client.get("/health").json()["status"] == "ok"
+    data = client.get("/v1/models").json()["data"]
+    assert data[0]["id"] == "b" and data[0]["object"] == "model"
+
+
+def test_completion_in_openai_shape(client):
+    r = client.post("/v1/completions", json={"prompt": "w7 w8", "max_tokens": 5, "n": 2,
+                                             "seed": 1, "temperature": 0.8})  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "b"
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
+    assert body["usage"]["completion_tokens"] <= 10
+    again = client.post("/v1/completions", json={"prompt": "w7 w8", "max_tokens": 5, "n": 2,
+                                                 "seed": 1, "temperature": 0.8})  # fmt: skip
+    assert [c["text"] for c in again.json()["choices"]] == [c["text"] for c in body["choices"]]
+
+
+def test_greedy_completion_matches_the_runtime(client, bundle):
+    lm = client.completer.lm
+    want = lm.generate_ids([lm.prompt_ids("w9 w10")], max_new_tokens=8, temperature=0)
+    r = client.post("/v1/completions", json={"prompt": "w9 w10", "max_tokens": 8,
+                                             "temperature": 0})  # fmt: skip
+    assert r.json()["choices"][0]["text"] == lm.decode(want.tokens[0])
+
+
+def test_stop_strings_cut_the_text(client):
+    full = client.post("/v1/completions", json={"prompt": "w3", "max_tokens": 12,
+                                                "temperature": 0}).json()  # fmt: skip
+    text = full["choices"][0]["text"]
+    if len(text) < 4:
+        pytest.skip("greedy continuation too short to cut")
+    stop = text[2:4]
+    cut = client.post("/v1/completions", json={"prompt": "w3", "max_tokens": 12, "temperature": 0,
+                                               "stop": [stop]}).json()  # fmt: skip
+    assert cut["choices"][0]["text"] == text[: text.find(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streaming_sends_the_same_text_as_server_sent_events(client):
+    req = {"prompt": "w11 w12", "max_tokens": 10, "temperature": 0}
+    whole = client.post("/v1/completions", json=req).json()["choices"][0]["text"]
+    with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    "body,status,words",
+    [
+        ({"max_tokens": 4}, 400, "prompt"),
+        ({"prompt": 5}, 400, "prompt"),
+        ({"prompt": "w7", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"prompt": "w7", "max_tokens": 17}, 400, "limit of 16"),
+        ({"prompt": "w7", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "w7", "n": 5}, 400, "limit of 4"),
+        ({"prompt": "w7", "temperature": -1}, 400, "temperature"),
+        ({"prompt": "w7", "top_p": 0}, 400, "top_p"),
+        ({"prompt": " ".join(["w7"] * 60), "max_tokens": 8}, 400, "context"),
+        ({"prompt": [], "max_tokens": 2}, 400, "empty"),
+        ({"prompt": "w7", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"prompt": "w7", "model": "../../etc/passwd"}, 404, "not served"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_message(client, body, status, words):
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_malformed_json_is_a_400(client):
+    r = client.post("/v1/completions", content=b"{not json",
+                    headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["message"]
+
+
+def test_sixteen_concurrent_requests_are_all_served_correctly(client):
+    lm = client.completer.lm
+    prompts = [f"w{20 + i} w{40 + i}" for i in range(16)]
+    want = [lm.decode(lm.generate_ids([lm.prompt_ids(p)], max_new_tokens=6, temperature=0)
+                      .tokens[0]) for p in prompts]  # fmt: skip
+
+    def ask(p):
+        return client.post("/v1/completions", json={"prompt": p, "max_tokens": 6,
+                                                    "temperature": 0})  # fmt: skip
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, prompts))
+    assert all(r.status_code == 200 for r in got)
+    assert [r.json()["choices"][0]["text"] for r in got] == want
+
+
+def test_requests_beyond_the_queue_limit_get_429(bundle):
+    _, path = bundle
+    completer = Completer(path, limits=ServerLimits(queue_limit=2))
+    with TestClient(create_app(completer)) as c:
+        completer.lock.acquire()  # the model is busy: requests queue behind it
+        try:
+            results = []
+            threads = [
+                threading.Thread(target=lambda: results.append(
+                    c.post("/v1/completions", json={"prompt": "w7", "max_tokens": 2}).status_code
+                ))
+                for _ in range(2)
+            ]  # fmt: skip
+            for t in threads:
+                t.start()
+            while completer.pending < 2:
+                threading.Event().wait(0.01)
+            r = c.post("/v1/completions", json={"prompt": "w7", "max_tokens": 2})
+            assert r.status_code == 429 and "busy" in r.json()["error"]["message"]
+        finally:
+            completer.lock.release()
+        for t in threads:
+            t.join()
+        assert results == [200, 200]
+
+
+def test_cli_generate_prints_completions(bundle):
+    _, path = bundle
+    res = subprocess.run(
+        [sys.executable, "-m", "lmpipe.cli", "generate", str(path), "-p", "w7 w8", "-p", "w9",
+         "--max-tokens", "4", "--temperature", "0"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(res.stdout.splitlines()) == 2
+    bad = subprocess.run([sys.executable, "-m", "lmpipe.cli", "generate", str(path.parent),
+                          "-p", "x"], capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "bundle.json" in bad.stderr
