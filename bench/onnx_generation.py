@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     model = load_model(args.model)
-    fp32, int8 = OnnxLM(args.bundle), OnnxLM(args.bundle, int8=True)
+    fp32, int8 = OnnxLM(args.bundle), OnnxLM(args.bundle, precision="int8")
     eos, pad = fp32.special["eos"], fp32.special["pad"]
     prompt = fp32.prompt_ids("Tom found a small shell on the beach and")
     n = args.new_tokens

@@ -85,7 +85,7 @@ def main() -> None:
                     source={"variant": name, "path": str(folder), "stage": source.get("stage"),
                             "mlflow_run_id": source.get("mlflow_run_id"),
                             "git_commit": source.get("git_commit")},
-                    opset=cfg.opset, int8=cfg.int8, per_channel=cfg.int8_per_channel,
+                    opset=cfg.opset, int8=cfg.int8, per_channel=cfg.int8_per_channel, fp16=cfg.fp16,
                 )  # fmt: skip
                 row = check(model, bundle, prompts, val, ctx, cfg, ids[PAD])
                 row["export_seconds"] = time.perf_counter() - t0
@@ -110,7 +110,8 @@ def main() -> None:
 
 
 def check(model, bundle: Path, prompts, val, ctx, cfg, pad) -> dict:
-    """Parity gate on fp32 (raises ParityError), then the int8 model's agreement and ppl."""
+    """Parity gate on fp32 (raises ParityError), then the int8 and fp16 models' agreement and
+    perplexity change."""
     lm = OnnxLM(bundle, providers=["CPUExecutionProvider"])
     row = ox.parity(model, lm, prompts, min(cfg.parity_steps, ctx // 2), pad)
     row["size_mb"] = (bundle / "model.onnx").stat().st_size / 1e6
@@ -128,17 +129,18 @@ def check(model, bundle: Path, prompts, val, ctx, cfg, pad) -> dict:
     starts = np.linspace(0, len(val) - ctx - 1, n).astype(np.int64)
     windows = np.stack([val[s : s + ctx + 1] for s in starts])
     row["ppl"] = ox.perplexity(lm, windows)
-    if cfg.int8:
-        q = OnnxLM(bundle, int8=True, providers=["CPUExecutionProvider"])
+    for precision in [p for p in ("int8", "fp16") if getattr(cfg, p)]:
+        # checked with the CPU provider here; fp16 is meant for CUDA, where it runs natively
+        q = OnnxLM(bundle, precision=precision, providers=["CPUExecutionProvider"])
         qrow = ox.parity(model, q, prompts, min(cfg.parity_steps, ctx // 2), pad)
         ppl = ox.perplexity(q, windows)
-        row["int8"] = {
+        row[precision] = {
             "max_abs_logit_diff": qrow["max_abs_logit_diff"],
             "greedy_token_match": qrow["greedy_token_match"],
             "greedy_sequences_identical": qrow["greedy_sequences_identical"],
             "ppl": ppl,
             "ppl_change": ppl / row["ppl"] - 1,
-            "size_mb": (bundle / "model.int8.onnx").stat().st_size / 1e6,
+            "size_mb": (bundle / q.meta["files"][precision]).stat().st_size / 1e6,
         }
     return row
 

@@ -59,12 +59,33 @@ def test_int8_bundle_loads_and_generates(bundle):
     from lmpipe.onnx.export import parity
 
     model, path = bundle
-    lm = OnnxLM(path, int8=True)
+    lm = OnnxLM(path, precision="int8")
     out = lm.generate_ids(prompts(), max_new_tokens=6, temperature=1.0, top_k=20, seed=1)
     assert len(out.tokens) == 4 and all(len(t) <= 6 for t in out.tokens)
     row = parity(model, lm, prompts(), steps=8, pad=0)
     assert row["max_abs_logit_diff"] < 0.5  # int8 is close, not exact
     assert (path / "model.int8.onnx").stat().st_size < (path / "model.onnx").stat().st_size
+
+
+def test_fp16_model_for_cuda_is_close_and_a_missing_file_is_named(bundle, tmp_path):
+    """fp16 (meant for the CUDA provider) keeps fp32 inputs/outputs, so the same runtime feeds it;
+    checked here on the CPU provider. A bundle without it says which files it has."""
+    from lmpipe.onnx.export import build_bundle, parity
+
+    model, path = bundle
+    build_bundle(
+        model, tmp_path / "h", tokenizer_file=path / "tokenizer.json", special_tokens=SPECIAL,
+        generation={}, source={"variant": "test"}, int8=False, fp16=True,
+    )  # fmt: skip
+    meta = json.loads((tmp_path / "h" / "bundle.json").read_text())
+    assert meta["files"] == {"fp32": "model.onnx", "int8": None, "fp16": "model.fp16.onnx"}
+    lm = OnnxLM(tmp_path / "h", precision="fp16")
+    row = parity(model, lm, prompts(), steps=8, pad=0)
+    assert row["max_abs_logit_diff"] < 0.05 and row["greedy_token_match"] > 0.9
+    size = (tmp_path / "h" / "model.fp16.onnx").stat().st_size
+    assert size < 0.6 * (tmp_path / "h" / "model.onnx").stat().st_size
+    with pytest.raises(BundleError, match="no int8 model file .it has: fp16, fp32"):
+        OnnxLM(tmp_path / "h", precision="int8")
 
 
 def test_generation_is_seeded_and_checks_lengths(bundle):

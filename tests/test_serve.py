@@ -122,30 +122,84 @@ def test_sixteen_concurrent_requests_are_all_served_correctly(client):
     assert [r.json()["choices"][0]["text"] for r in got] == want
 
 
+class Gate:
+    """Holds the model's worker at its next batch until opened, so requests pile up behind it."""
+
+    def __init__(self, completer):
+        self.completer, self.open_ = completer, threading.Event()
+        self.inner = completer.lm.stream_rows
+        completer.lm.stream_rows = self.stream_rows
+
+    def stream_rows(self, prompts, rows):
+        self.open_.wait(30)
+        yield from self.inner(prompts, rows)
+
+    def open(self):
+        self.open_.set()
+        self.completer.lm.stream_rows = self.inner
+
+
+def post_in_threads(c, bodies, results):
+    threads = [threading.Thread(target=lambda i=i, b=b: results.__setitem__(
+        i, c.post("/v1/completions", json=b))) for i, b in enumerate(bodies)]  # fmt: skip
+    for t in threads:
+        t.start()
+    return threads
+
+
 def test_requests_beyond_the_queue_limit_get_429(bundle):
     _, path = bundle
     completer = Completer(path, limits=ServerLimits(queue_limit=2))
     with TestClient(create_app(completer)) as c:
-        completer.lock.acquire()  # the model is busy: requests queue behind it
+        gate = Gate(completer)  # the model is busy: requests queue behind it
+        results = {}
         try:
-            results = []
-            threads = [
-                threading.Thread(target=lambda: results.append(
-                    c.post("/v1/completions", json={"prompt": "w7", "max_tokens": 2}).status_code
-                ))
-                for _ in range(2)
-            ]  # fmt: skip
-            for t in threads:
-                t.start()
+            threads = post_in_threads(c, [{"prompt": "w7", "max_tokens": 2}] * 2, results)
             while completer.pending < 2:
                 threading.Event().wait(0.01)
             r = c.post("/v1/completions", json={"prompt": "w7", "max_tokens": 2})
             assert r.status_code == 429 and "busy" in r.json()["error"]["message"]
         finally:
-            completer.lock.release()
+            gate.open()
         for t in threads:
             t.join()
-        assert results == [200, 200]
+        assert [results[i].status_code for i in range(2)] == [200, 200]
+
+
+def test_waiting_requests_run_as_one_batch_each_with_its_own_settings(bundle):
+    """Requests that queue while the model is busy share the next batch; each keeps its own
+    max_tokens, temperature, seed and stop strings, and gets what it would get alone."""
+    _, path = bundle
+    completer = Completer(path, limits=ServerLimits(max_tokens=16, max_n=4))
+    bodies = [
+        {"prompt": "w3 w4", "max_tokens": 3, "temperature": 0},
+        {"prompt": "w5", "max_tokens": 12, "temperature": 0},
+        {"prompt": "w6 w7 w8 w9", "max_tokens": 9, "temperature": 0.9, "seed": 5, "n": 3},
+        {"prompt": "w10", "max_tokens": 7, "temperature": 1.0, "top_k": 5, "seed": 2},
+    ]
+    with TestClient(create_app(completer)) as c:
+        alone = [c.post("/v1/completions", json=b).json() for b in bodies]
+        first = completer.batches
+        gate = Gate(completer)
+        threads = post_in_threads(c, [{"prompt": "w1", "max_tokens": 2}], {})
+        while completer.pending < 1:
+            threading.Event().wait(0.01)
+        together = {}
+        threads += post_in_threads(c, bodies, together)  # they queue behind the gated batch
+        while completer.pending < 1 + len(bodies):
+            threading.Event().wait(0.01)
+        gate.open()
+        for t in threads:
+            t.join()
+    # the gated request ran alone; the 4 waiting ones (6 rows) went through as one batch
+    assert completer.batches - first == 2
+    for i, body in enumerate(bodies):
+        got = together[i].json()
+        assert [ch["text"] for ch in got["choices"]] == [ch["text"] for ch in alone[i]["choices"]]
+        assert [ch["finish_reason"] for ch in got["choices"]] == [
+            ch["finish_reason"] for ch in alone[i]["choices"]
+        ]
+        assert got["usage"]["completion_tokens"] <= body["max_tokens"] * body.get("n", 1)
 
 
 def test_cli_generate_prints_completions(bundle):

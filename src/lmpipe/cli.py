@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -13,11 +14,23 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 Bundle = Annotated[Path, typer.Argument(help="bundle folder, e.g. models/onnx/rl")]
 
 
-def _load(bundle: Path, int8: bool):
+class Precision(StrEnum):
+    fp32 = "fp32"
+    int8 = "int8"
+    fp16 = "fp16"
+
+
+PrecisionOpt = Annotated[
+    Precision,
+    typer.Option(help="model file: fp32, int8 (model.int8.onnx), fp16 (for CUDA)"),
+]
+
+
+def _load(bundle: Path, precision: Precision):
     from lmpipe.onnx.runtime import BundleError, OnnxLM
 
     try:
-        return OnnxLM(bundle, int8=int8)
+        return OnnxLM(bundle, precision=precision.value)
     except BundleError as err:
         typer.echo(f"lmpipe: error: {err}", err=True)
         raise typer.Exit(2) from None
@@ -32,10 +45,10 @@ def generate(
     top_k: Annotated[int, typer.Option(min=0)] = 0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: int | None = None,
-    int8: Annotated[bool, typer.Option(help="use model.int8.onnx")] = False,
+    precision: PrecisionOpt = Precision.fp32,
 ) -> None:
     """Complete each prompt and print one completion per line."""
-    lm = _load(bundle, int8)
+    lm = _load(bundle, precision)
     ids = [lm.prompt_ids(p) for p in prompt]
     try:
         out = lm.generate_ids(
@@ -56,19 +69,24 @@ def serve(
         "127.0.0.1"
     ),
     port: int = 8000,
-    int8: Annotated[bool, typer.Option(help="serve model.int8.onnx")] = False,
+    precision: PrecisionOpt = Precision.fp32,
     max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask")] = 256,
     max_n: Annotated[int, typer.Option(help="largest n a request may ask")] = 8,
     queue_limit: Annotated[int, typer.Option(help="running + waiting requests before 429")] = 32,
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="rows (prompts × n) of waiting requests run as one batch")
+    ] = 32,
 ) -> None:
     """OpenAI-style HTTP server: POST /v1/completions, GET /v1/models, GET /health."""
     import uvicorn
 
     from lmpipe.serve import Completer, ServerLimits, create_app
 
-    _load(bundle, int8)  # a clear error for a bad folder before the server starts
-    limits = ServerLimits(max_tokens=max_tokens, max_n=max_n, queue_limit=queue_limit)
-    completer = Completer(bundle, int8=int8, limits=limits)
+    _load(bundle, precision)  # a clear error for a bad folder before the server starts
+    limits = ServerLimits(
+        max_tokens=max_tokens, max_n=max_n, queue_limit=queue_limit, max_batch=max_batch
+    )
+    completer = Completer(bundle, precision.value, limits=limits)
     uvicorn.run(create_app(completer), host=host, port=port, log_level="info")
 
 

@@ -381,6 +381,9 @@ class ExportParams(Section):
     opset: int = Field(18, ge=17, le=23, description="ONNX opset")
     int8: bool = Field(True, description="also write model.int8.onnx (onnxruntime dynamic int8)")
     int8_per_channel: bool = Field(True, description="int8: one weight scale per output channel")
+    fp16: bool = Field(
+        False, description="also write model.fp16.onnx for the CUDA execution provider"
+    )
     parity_prompts: int = Field(16, ge=1, description="eval prompts in the parity check")
     parity_steps: int = Field(32, ge=1, description="greedy decode steps compared with PyTorch")
     max_logit_diff: float = Field(

@@ -4,25 +4,29 @@
 
 `POST /v1/completions` (prompt, max_tokens, temperature, top_p, top_k, n, stop, seed, stream),
 `GET /v1/models`, `GET /health`. Every bad request gets a 4xx with a message in OpenAI's error
-shape; requests beyond `queue_limit` (running + waiting) get 429. Generations run one at a time
-on the model (onnxruntime already uses every core for one batch); a request's prompts × n are
-one batch. Nothing here reads a file a client names.
+shape; requests beyond `queue_limit` (running + waiting) get 429. One worker thread owns the
+model: the requests that arrived while it was busy run together as the next batch (up to
+`max_batch` rows of prompts × n), each row with its own settings; a row that ends leaves the
+batch. Nothing here reads a file a client names.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lmpipe.onnx.runtime import OnnxLM
+from lmpipe.onnx.runtime import OnnxLM, Row
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class ServerLimits:
     max_n: int = 8
     max_prompts: int = 16
     queue_limit: int = 32
+    max_batch: int = 32  # rows (prompts × n, over all requests) run together
 
 
 class CompletionRequest(BaseModel):
@@ -75,17 +80,37 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
-class Completer:
-    """The model, the request checks, and the text side of generation (stop strings,
-    incremental decoding for streams)."""
+@dataclass
+class Job:
+    """One request's rows, waiting for or riding in a batch; the worker puts its results on `out`:
+    ("delta", [new text per row or None]), then ("done", result) or ("error", exception)."""
 
-    def __init__(self, bundle: str | Path, int8: bool = False, limits: ServerLimits | None = None):
-        self.lm = OnnxLM(bundle, int8=int8)
-        self.name = Path(bundle).name + ("-int8" if int8 else "")
+    req: CompletionRequest
+    ids: list[list[int]]
+    out: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Completer:
+    """The model, the request checks, and a batching worker: requests that wait while the model
+    is busy are run together as one batch (each row with its own sampling settings, seed and
+    token budget), so 16 clients cost little more than one. Text side: stop strings and
+    incremental decoding for streams."""
+
+    def __init__(
+        self, bundle: str | Path, precision: str = "fp32", limits: ServerLimits | None = None
+    ) -> None:
+        self.lm = OnnxLM(bundle, precision=precision)
+        self.name = Path(bundle).name + ("" if precision == "fp32" else f"-{precision}")
         self.limits = limits or ServerLimits()
-        self.lock = threading.Lock()  # one generation at a time on the model
+        self.context = self.lm.meta["context"]
         self.pending = 0
         self.pending_lock = threading.Lock()
+        self.waiting: deque[Job] = deque()
+        self.wake = threading.Condition()
+        self.batches = 0  # batches run so far (for /health and tests)
+        self.worker = threading.Thread(target=self._work, name="lmpipe-batcher", daemon=True)
+        self.worker.start()
 
     def admit(self) -> None:
         with self.pending_lock:
@@ -117,53 +142,117 @@ class Completer:
             raise RequestError(f"{len(prompts)} prompts in one request; the limit is "
                                f"{lim.max_prompts}", param="prompt")  # fmt: skip
         ids = [self.lm.prompt_ids(p) for p in prompts for _ in range(req.n)]
-        context = self.lm.meta["context"]
         longest = max(map(len, ids))
-        if longest + req.max_tokens > context:
+        if longest + req.max_tokens > self.context:
             raise RequestError(
                 f"the prompt takes {longest} tokens and max_tokens is {req.max_tokens}: together "
-                f"more than the model's context of {context}; shorten the prompt or max_tokens",
+                f"more than the model's context of {self.context}; shorten the prompt or "
+                "max_tokens",
                 param="prompt",
             )
         return prompts, ids
+
+    # ------------------------------------------------------------------ the batching worker
+
+    def _take(self) -> list[Job]:
+        """The oldest waiting job and those behind it, in order, while the batch stays within
+        `max_batch` rows and the context (longest prompt + largest budget)."""
+        with self.wake:
+            while not self.waiting:
+                self.wake.wait()
+            batch = [self.waiting.popleft()]
+            rows = len(batch[0].ids)
+            width, budget = max(map(len, batch[0].ids)), batch[0].req.max_tokens
+            while self.waiting:
+                job = self.waiting[0]
+                w, b = max(width, max(map(len, job.ids))), max(budget, job.req.max_tokens)
+                if rows + len(job.ids) > self.limits.max_batch or w + b > self.context:
+                    break
+                batch.append(self.waiting.popleft())
+                rows, width, budget = rows + len(job.ids), w, b
+            return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._take()
+            self.batches += 1
+            try:
+                self._run(batch)
+            except Exception as err:
+                for job in batch:
+                    job.out.put(("error", err))
+
+    def _run(self, batch: list[Job]) -> None:
+        prompts: list[list[int]] = []
+        rows: list[Row] = []
+        spans: list[range] = []
+        for job in batch:
+            r = job.req
+            rng = np.random.default_rng(r.seed)  # shared by the job's rows, as when alone
+            spans.append(range(len(rows), len(rows) + len(job.ids)))
+            prompts += job.ids
+            rows += [Row(r.max_tokens, r.temperature, r.top_k, r.top_p, rng) for _ in job.ids]
+        tokens: list[list[int]] = [[] for _ in rows]
+        sent = [""] * len(rows)
+        reason: list[str | None] = [None] * len(rows)
+        done = [False] * len(batch)
+        for step in self.lm.stream_rows(prompts, rows):
+            for j, job in enumerate(batch):
+                if done[j]:
+                    continue
+                deltas: list[str | None] = []
+                for i in spans[j]:
+                    deltas.append(None)
+                    if reason[i] is not None:
+                        continue
+                    if job.cancelled.is_set():
+                        reason[i] = "cancelled"
+                    elif not step.live[i]:
+                        reason[i] = "stop"  # EOS
+                    else:
+                        tokens[i].append(int(step.tokens[i]))
+                        text = self.lm.decode(tokens[i])
+                        stops = job.req.stop
+                        cut = min((k for s in stops if (k := text.find(s)) >= 0), default=-1)
+                        if cut >= 0:
+                            text, reason[i] = text[:cut], "stop"
+                        elif len(tokens[i]) == rows[i].max_new_tokens:
+                            reason[i] = "length"
+                        if not text.endswith("\ufffd") or reason[i]:  # wait for a whole char
+                            deltas[-1] = text[len(sent[i]) :]
+                            sent[i] = text
+                    if reason[i] is not None:
+                        step.live[i] = False
+                job.out.put(("delta", deltas))
+                if all(reason[i] is not None for i in spans[j]):
+                    done[j] = True
+                    job.out.put(("done", {
+                        "finish_reason": [reason[i] for i in spans[j]],
+                        "completion_tokens": sum(len(tokens[i]) for i in spans[j]),
+                    }))  # fmt: skip
 
     def run(
         self, req: CompletionRequest, ids: list[list[int]], result: dict[str, Any]
     ) -> Iterator[list[str | None]]:
         """Per step, the new text of every row (None where there is none); at the end `result`
-        holds each row's finish reason and its number of generated tokens."""
-        stops: list[str] = req.stop  # normalised by the validator
-        rows = len(ids)
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        sent = [""] * rows
-        reason: list[str | None] = [None] * rows
-        with self.lock:
-            steps = self.lm.stream_ids(
-                ids, max_new_tokens=req.max_tokens, temperature=req.temperature,
-                top_k=req.top_k, top_p=req.top_p, seed=req.seed,
-            )  # fmt: skip
-            for tok, live in steps:
-                deltas: list[str | None] = [None] * rows
-                for i in range(rows):
-                    if reason[i] is not None:
-                        continue
-                    if not live[i]:
-                        reason[i] = "stop"
-                        continue
-                    tokens[i].append(int(tok[i]))
-                    text = self.lm.decode(tokens[i])
-                    cut = min((j for s in stops if (j := text.find(s)) >= 0), default=-1)
-                    if cut >= 0:
-                        text, reason[i] = text[:cut], "stop"
-                    elif text.endswith("\ufffd"):
-                        continue  # half of a multi-byte character: wait for the rest
-                    deltas[i] = text[len(sent[i]) :]
-                    sent[i] = text
-                yield deltas
-                if all(r is not None for r in reason):
-                    break
-        result["finish_reason"] = [r or "length" for r in reason]
-        result["completion_tokens"] = sum(map(len, tokens))
+        holds each row's finish reason and its number of generated tokens. Closing the
+        iterator early (a client gone) ends the request's rows at the next step."""
+        job = Job(req, ids)
+        with self.wake:
+            self.waiting.append(job)
+            self.wake.notify()
+        try:
+            while True:
+                kind, value = job.out.get()
+                if kind == "delta":
+                    yield value
+                elif kind == "done":
+                    result.update(value)
+                    return
+                else:
+                    raise value
+        finally:
+            job.cancelled.set()
 
 
 def create_app(completer: Completer):
@@ -188,7 +277,8 @@ def create_app(completer: Completer):
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": completer.name, "pending": completer.pending}
+        return {"status": "ok", "model": completer.name, "pending": completer.pending,
+                "batches": completer.batches}  # fmt: skip
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:

@@ -127,6 +127,20 @@ def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) ->
         )  # fmt: skip
 
 
+def to_fp16(src: str | Path, dst: str | Path) -> None:
+    """fp16 weights and compute for the CUDA execution provider; inputs and outputs (ids, cache,
+    logits) stay fp32 so the runtime feeds it exactly like the fp32 model."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    for node in model.graph.node:  # the exporter's per-node debug info (stack traces)
+        del node.metadata_props[:]
+    with quiet():
+        half = convert_float_to_float16(model, keep_io_types=True)
+    onnx.save(half, str(dst))
+
+
 def build_bundle(
     model: PreTrainedModel,
     bundle: str | Path,
@@ -138,9 +152,11 @@ def build_bundle(
     opset: int = 18,
     int8: bool = True,
     per_channel: bool = True,
+    fp16: bool = False,
 ) -> None:
-    """A self-contained bundle folder: graph-optimised fp32 model, optional int8 model, the
-    tokenizer, and `bundle.json` (names, cache shape, special ids, defaults, hashes, lineage)."""
+    """A self-contained bundle folder: graph-optimised fp32 model, optional int8 (CPU) and fp16
+    (CUDA) models, the tokenizer, and `bundle.json` (names, cache shape, special ids, defaults,
+    hashes, lineage)."""
     from lmpipe.io import hash_path, write_json
     from lmpipe.onnx.runtime import MANIFEST
 
@@ -152,6 +168,8 @@ def build_bundle(
         optimize(raw, bundle / "model.onnx")
         if int8:
             quantize_int8(raw, bundle / "model.int8.onnx", per_channel)
+        if fp16:
+            to_fp16(raw, bundle / "model.fp16.onnx")
     shutil.copy2(tokenizer_file, bundle / "tokenizer.json")
     layers = model.config.num_hidden_layers
     inputs, outputs = io_names(layers)
@@ -160,7 +178,11 @@ def build_bundle(
         bundle / MANIFEST,
         {
             "format": "lmpipe-onnx-decoder/1",
-            "files": {"fp32": "model.onnx", "int8": "model.int8.onnx" if int8 else None},
+            "files": {
+                "fp32": "model.onnx",
+                "int8": "model.int8.onnx" if int8 else None,
+                "fp16": "model.fp16.onnx" if fp16 else None,
+            },
             "inputs": inputs,
             "outputs": outputs,
             "cache": cache_shape(model),

@@ -1,7 +1,8 @@
 """Generation from an exported bundle with onnxruntime, numpy and tokenizers — no torch.
 
 A bundle (`models/onnx/<variant>/`) holds `model.onnx` (fp32, graph-optimised), optionally
-`model.int8.onnx`, `tokenizer.json` and `bundle.json` (input/output names, cache shapes, special
+`model.int8.onnx` (int8 weights, for CPUs) and `model.fp16.onnx` (for the CUDA provider),
+`tokenizer.json` and `bundle.json` (input/output names, cache shapes, special
 token ids, generation defaults, hashes and lineage). One decoder graph serves prefill and decode:
 inputs `input_ids`, `attention_mask`, `position_ids` and `past.<i>.key|value`, outputs `logits` and
 `present.<i>.key|value`. Prefill passes an empty cache (past length 0).
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,24 @@ def next_tokens(
 
 
 @dataclass
+class Row:
+    """How one row of a batch is generated."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+
+
+@dataclass
+class Step:
+    tokens: np.ndarray  # (rows,) the token each row emitted at this step (PAD once it ended)
+    live: np.ndarray  # (rows,) bool, False once a row ended; the caller may clear entries
+    index: int  # tokens generated so far, this step included
+
+
+@dataclass
 class Generated:
     tokens: list[list[int]]  # response token ids, EOS excluded
     finish_reason: list[str]  # "stop" (EOS or a stop string) or "length"
@@ -90,7 +109,7 @@ class OnnxLM:
         self,
         directory: str | Path,
         *,
-        int8: bool = False,
+        precision: str = "fp32",
         providers: Sequence[str] | None = None,
         threads: int = 0,
     ) -> None:
@@ -98,9 +117,13 @@ class OnnxLM:
 
         self.dir = Path(directory)
         self.meta = read_bundle(self.dir)
-        name = self.meta["files"]["int8" if int8 else "fp32"]
+        name = self.meta["files"].get(precision)
         if name is None or not (self.dir / name).exists():
-            raise BundleError(f"{self.dir} has no {'int8' if int8 else 'fp32'} model file")
+            have = [k for k, v in self.meta["files"].items() if v and (self.dir / v).exists()]
+            raise BundleError(
+                f"{self.dir} has no {precision} model file (it has: {', '.join(have) or 'none'})"
+            )
+        self.precision = precision
         if providers is None:
             avail = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
@@ -161,6 +184,63 @@ class OnnxLM:
                 f"model's context of {context} tokens"
             )
 
+    def stream_rows(self, prompts: Sequence[Sequence[int]], rows: Sequence[Row]) -> Iterator[Step]:
+        """Batched generation where every row has its own sampling settings, token budget and
+        random generator (rows that share a generator and settings draw together, in row order).
+        Left-padded prefill, then one decode pass per token; rows that ended are dropped from the
+        batch so they cost nothing. Yields a `Step` per token: `tokens[i]` is row i's new token
+        where `live[i]`, and the caller may set `live[i] = False` to end row i early (a stop
+        string, a client gone). Ends when every row has ended."""
+        if len(rows) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(rows)} row settings")
+        self.check_lengths(prompts, max(r.max_new_tokens for r in rows))
+        pad, eos = self.special["pad"], self.special["eos"]
+        b, width = len(prompts), max(map(len, prompts))
+        ids = np.full((b, width), pad, dtype=np.int64)
+        mask = np.zeros((b, width), dtype=np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = p
+            mask[i, width - len(p) :] = 1
+        pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+        logits, past = self.forward(ids, mask, pos, self.empty_cache(b))
+        logits = logits[:, -1]
+        next_pos = mask.sum(-1, keepdims=True)
+        groups: dict[tuple, list[int]] = {}  # rows drawing together from one generator
+        for i, r in enumerate(rows):
+            groups.setdefault((id(r.rng), r.temperature, r.top_k, r.top_p), []).append(i)
+        budget = np.array([r.max_new_tokens for r in rows])
+        active = np.arange(b)  # the original row of each batch position
+        live = np.ones(b, dtype=bool)
+        step = Step(np.full(b, pad, dtype=np.int64), live, 0)
+        while True:
+            pick = np.full(b, pad, dtype=np.int64)
+            where = np.full(b, -1)
+            where[active] = np.arange(len(active))
+            for members in groups.values():
+                members = [i for i in members if live[i]]
+                if members:
+                    r = rows[members[0]]
+                    drawn = next_tokens(logits[where[members]], r.rng, r.temperature, r.top_k,
+                                        r.top_p)  # fmt: skip
+                    pick[members] = drawn
+            step.tokens = np.where(live, pick, pad)
+            live &= step.tokens != eos
+            step.index += 1
+            yield step  # the caller may end rows here
+            live &= budget > step.index
+            keep = live[active]
+            if not keep.any():
+                return
+            tok = step.tokens[active][keep]
+            if not keep.all():  # drop ended rows from the batch
+                active = active[keep]
+                mask, next_pos = mask[keep], next_pos[keep]
+                past = {k: v[keep] for k, v in past.items()}
+            mask = np.concatenate([mask, np.ones((len(active), 1), dtype=np.int64)], 1)
+            logits, past = self.forward(tok[:, None], mask, next_pos, past)
+            logits = logits[:, -1]
+            next_pos = next_pos + 1
+
     def stream_ids(
         self,
         prompts: Sequence[Sequence[int]],
@@ -171,31 +251,12 @@ class OnnxLM:
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Batched generation, one step at a time: left-padded prefill, then one decode pass per
-        token. Yields (tokens, live) per step: `live[i]` is False once row i emitted EOS (its
-        token is then EOS, or PAD after it). Stops when every row ended or at max_new_tokens."""
-        self.check_lengths(prompts, max_new_tokens)
-        pad, eos = self.special["pad"], self.special["eos"]
-        b, width = len(prompts), max(map(len, prompts))
-        ids = np.full((b, width), pad, dtype=np.int64)
-        mask = np.zeros((b, width), dtype=np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = p
-            mask[i, width - len(p) :] = 1
-        pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+        """Every row with the same settings and one generator: yields (tokens, live) per step;
+        `live[i]` is False once row i emitted EOS (its token is then EOS, or PAD after it)."""
         rng = np.random.default_rng(seed)
-        logits, past = self.forward(ids, mask, pos, self.empty_cache(b))
-        next_pos = mask.sum(-1, keepdims=True)
-        live = np.ones(b, dtype=bool)
-        for step in range(max_new_tokens):
-            tok = np.where(live, next_tokens(logits[:, -1], rng, temperature, top_k, top_p), pad)
-            live = live & (tok != eos)
-            yield tok, live
-            if not live.any() or step == max_new_tokens - 1:
-                return
-            mask = np.concatenate([mask, live.astype(np.int64)[:, None]], 1)
-            logits, past = self.forward(tok[:, None], mask, next_pos, past)
-            next_pos = next_pos + 1
+        rows = [Row(max_new_tokens, temperature, top_k, top_p, rng)] * len(prompts)
+        for step in self.stream_rows(prompts, rows):
+            yield step.tokens, step.live.copy()
 
     def generate_ids(
         self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, **sampling: Any
