@@ -1,4 +1,4 @@
-"""`lmpipe`: generate from and serve an exported ONNX bundle (torch is never imported here)."""
+"""`lmpipe`: generate from and serve an ONNX bundle, compare MLflow runs (torch never imported)."""
 
 from __future__ import annotations
 
@@ -88,6 +88,80 @@ def serve(
     )
     completer = Completer(bundle, precision.value, limits=limits)
     uvicorn.run(create_app(completer), host=host, port=port, log_level="info")
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    markdown = "markdown"
+
+
+@app.command()
+def compare(
+    stage: Annotated[
+        str | None, typer.Option(help="only runs of this stage, e.g. rl (default: all stages)")
+    ] = None,
+    experiment: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow experiment (default: tracking.experiment of ./params.yaml, else lmpipe)"
+        ),
+    ] = None,
+    last: Annotated[int, typer.Option(min=1, help="the newest N runs")] = 10,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="output format")] = (
+        OutputFormat.table
+    ),
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow store (default: MLFLOW_TRACKING_URI, else tracking.uri of ./params.yaml, "
+            "else sqlite:///mlflow.db; a relative sqlite path is taken from the current folder)"
+        ),
+    ] = None,
+    all_params: Annotated[
+        bool, typer.Option("--all-params", help="show every param, not only those that differ")
+    ] = False,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric",
+            metavar="KEY",
+            help="metric to show instead of the stage's headline ones (repeatable; "
+            "`report/` may be left out)",
+        ),
+    ] = None,
+) -> None:
+    """Compare runs recorded in MLflow: the params that differ and the headline metrics."""
+    from lmpipe.compare import (
+        CompareError,
+        build_table,
+        default_experiment,
+        fetch_runs,
+        missing_metrics,
+        render,
+        resolve_tracking_uri,
+        tracking_params,
+    )
+
+    keys = [k.strip() for m in metric or [] for k in m.split(",") if k.strip()]
+    try:
+        uri = resolve_tracking_uri(tracking_uri)
+        cfg = tracking_params()
+        runs = fetch_runs(
+            uri,
+            experiment or default_experiment(),
+            stage=stage,
+            last=last,
+            timeout_s=cfg.timeout_s if cfg is not None else 10.0,
+        )
+        table = build_table(runs, stage=stage, all_params=all_params, metrics=keys)
+        text = render(table, fmt.value)
+    except CompareError as err:
+        typer.echo(f"lmpipe: error: {err}", err=True)
+        raise typer.Exit(2) from None
+    for line in missing_metrics(keys, runs):
+        typer.echo(f"lmpipe: warning: {line}", err=True)
+    sys.stdout.write(text + "\n")
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ParamsError(ValueError):
@@ -410,6 +410,32 @@ class ExportParams(Section):
         return self
 
 
+class EvaluateParams(Section):
+    """The report card of every model the pipeline made (stage: evaluate)."""
+
+    eval_prompts: int = Field(32, ge=1, description="held-out prompts (data/prepared eval set)")
+    samples_per_prompt: int = Field(4, ge=2, description="samples per prompt and model (T = 1)")
+    max_new_tokens: int = Field(48, ge=1, description="longest response sampled")
+    ppl_windows: int = Field(32, ge=1, description="test-split windows for perplexity")
+    ppl_context: int = Field(0, ge=0, description="window length (0 = the model's context)")
+    best_of_n: list[int] = Field(
+        [1, 2, 4, 8, 16], description="best-of-n from SFT, ranked by the proxy: the values of n"
+    )
+    self_bleu_texts: int = Field(128, ge=2, description="samples per model used for self-BLEU")
+    speed_batch: int = Field(8, ge=1, description="batch for the tokens/s figure")
+    speed_new_tokens: int = Field(32, ge=1, description="tokens generated per timed run")
+    speed_repeats: int = Field(3, ge=1, description="timed runs per figure (median)")
+    side_by_side: int = Field(4, ge=0, description="prompts shown side by side in report.md")
+    device: str = Field("auto", description="auto (CUDA if present), cpu, cuda, cuda:N")
+
+    @field_validator("best_of_n")
+    @classmethod
+    def _bon(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 1 for n in v):
+            raise ValueError("best_of_n needs one or more n >= 1, e.g. [1, 2, 4, 8, 16]")
+        return sorted(set(v))
+
+
 SECTIONS: dict[str, type[Section]] = {
     "data": DataParams,
     "tokenizer": TokenizerParams,
@@ -421,6 +447,7 @@ SECTIONS: dict[str, type[Section]] = {
     "rl": RLParams,
     "compress": CompressParams,
     "export": ExportParams,
+    "evaluate": EvaluateParams,
     "tracking": TrackingParams,
 }
 """Section name → model. Later stages add theirs here."""

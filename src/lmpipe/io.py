@@ -40,20 +40,34 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename), sorted keys, trailing newline."""
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Any]:
+    """A text file opened beside `path`, moved into place only when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
-            f.write("\n")
+            yield f
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename), sorted keys, trailing newline."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+
+
+def write_jsonl(path: str | Path, rows: Any) -> None:
+    """One JSON object per line, written atomically."""
+    with atomic_write(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

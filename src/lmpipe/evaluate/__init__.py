@@ -1,0 +1,1 @@
+"""Evaluation: metrics, model engines (PyTorch and ONNX) and the report card."""

@@ -1,0 +1,226 @@
+"""One interface over every model the pipeline makes: PyTorch folders and ONNX bundles.
+
+An engine samples responses (temperature 1, no top-k/top-p, so that log-probabilities and KLs are
+those of the model itself), scores given token sequences (log-probabilities of responses, NLL of
+text windows) and times generation. Everything crosses the interface as numpy arrays and token
+lists, so the metrics are computed by the same code for both kinds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lmpipe.evaluate.metrics import nll_of_targets
+
+
+@dataclass
+class Samples:
+    responses: list[list[int]]  # token ids, EOS excluded
+    ended: np.ndarray  # bool: the response ended with EOS within the limit
+    seconds: float
+
+
+def folder_mb(path: str | Path, pattern: str = "*") -> float:
+    return sum(f.stat().st_size for f in Path(path).glob(pattern) if f.is_file()) / 1e6
+
+
+def left_pad_np(seqs: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(map(len, seqs))
+    ids = np.full((len(seqs), width), pad, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = s
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+class Engine:
+    """What evaluation needs of a model. Subclasses give `logits` and `generate`."""
+
+    name: str
+    kind: str  # "torch" or "onnx"
+    size_mb: float
+
+    def __init__(self, eos: int, pad: int) -> None:
+        self.eos, self.pad = eos, pad
+
+    # -- to implement
+    def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Full-sequence logits (B, T, V) for left-padded ids, no cache."""
+        raise NotImplementedError
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, seed: int
+    ) -> tuple[list[list[int]], list[bool]]:
+        """Sampled responses (EOS excluded) and whether each ended with EOS."""
+        raise NotImplementedError
+
+    def time_generation(self, prompt: Sequence[int], batch: int, new_tokens: int) -> float:
+        """Seconds to generate exactly `new_tokens` tokens per row (EOS never chosen)."""
+        raise NotImplementedError
+
+    # -- shared
+    def sample(
+        self, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int, seed: int,
+        batch_size: int = 128,
+    ) -> Samples:  # fmt: skip
+        """n samples per prompt, prompt-major."""
+        rows = [p for p in prompts for _ in range(n)]
+        t0 = time.perf_counter()
+        responses: list[list[int]] = []
+        ended: list[bool] = []
+        for k, start in enumerate(range(0, len(rows), batch_size)):
+            r, e = self.generate(rows[start : start + batch_size], max_new_tokens, seed + k)
+            responses += r
+            ended += e
+        return Samples(responses, np.array(ended, dtype=bool), time.perf_counter() - t0)
+
+    def response_logprobs(
+        self,
+        prompts: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        ended: Sequence[bool],
+        batch_size: int = 32,
+    ) -> np.ndarray:
+        """Σ log p(response token | prefix) per sequence, the EOS token included where the
+        response ended with one."""
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            seqs, spans = [], []
+            for p, r, e in zip(prompts[start : start + batch_size],
+                               responses[start : start + batch_size],
+                               ended[start : start + batch_size], strict=True):  # fmt: skip
+                tail = [*r, self.eos] if e else list(r)
+                seqs.append([*p, *tail])
+                spans.append(len(tail))
+            ids, mask = left_pad_np(seqs, self.pad)
+            targets = np.full_like(ids, -1)
+            for i, k in enumerate(spans):
+                if k:
+                    targets[i, -k - 1 : -1] = ids[i, -k:]  # logits at t predict token t + 1
+            logits = self.logits(ids, mask)
+            for i in range(len(seqs)):
+                nll, _ = nll_of_targets(logits[i], targets[i])
+                out.append(-nll)
+        return np.array(out)
+
+    def nll(self, windows: np.ndarray, batch_size: int = 16) -> tuple[float, int]:
+        """Σ next-token NLL over text windows (B, T+1) and the number of tokens."""
+        total, count = 0.0, 0
+        for start in range(0, len(windows), batch_size):
+            w = windows[start : start + batch_size]
+            logits = self.logits(w[:, :-1], np.ones_like(w[:, :-1]))
+            s, c = nll_of_targets(logits, w[:, 1:])
+            total, count = total + s, count + c
+        return total, count
+
+    def speed(
+        self, prompt: Sequence[int], batch: int, new_tokens: int, repeats: int = 3
+    ) -> dict[str, float]:
+        """Median of `repeats` timed runs after a warm-up: tokens/s and ms per token."""
+        self.time_generation(prompt, batch, new_tokens)
+        sec = statistics.median(
+            self.time_generation(prompt, batch, new_tokens) for _ in range(repeats)
+        )
+        return {"tokens_per_sec": batch * new_tokens / sec, "ms_per_token": 1000 * sec / new_tokens}
+
+
+class TorchEngine(Engine):
+    kind = "torch"
+
+    def __init__(self, name: str, folder: str | Path, eos: int, pad: int, device: str = "cpu"):
+        from lmpipe.model import load_model
+
+        super().__init__(eos, pad)
+        self.name, self.folder = name, Path(folder)
+        self.model = load_model(folder, device).eval()
+        self.device = device
+        self.size_mb = folder_mb(folder, "*.safetensors")
+
+    def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        from lmpipe.sampling import positions
+
+        with torch.no_grad():
+            t_ids = torch.as_tensor(ids, device=self.device)
+            t_mask = torch.as_tensor(mask, device=self.device)
+            out = self.model(input_ids=t_ids, attention_mask=t_mask,
+                             position_ids=positions(t_mask), use_cache=False)  # fmt: skip
+        return out.logits.float().cpu().numpy()
+
+    def generate(self, prompts, max_new_tokens, seed):
+        import torch
+
+        from lmpipe.sampling import generate
+
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        g = generate(self.model, prompts, max_new_tokens=max_new_tokens, eos_id=self.eos,
+                     pad_id=self.pad, temperature=1.0, generator=gen)  # fmt: skip
+        lengths = g.lengths.cpu().tolist()
+        ended = g.ended.cpu().tolist()
+        resp = g.response.cpu()
+        return [resp[i, : n - int(e)].tolist() for i, (n, e) in
+                enumerate(zip(lengths, ended, strict=True))], ended  # fmt: skip
+
+    def time_generation(self, prompt, batch, new_tokens):
+        import torch
+
+        from lmpipe.sampling import generate
+
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        if self.device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        generate(self.model, [list(prompt)] * batch, max_new_tokens=new_tokens, eos_id=-1,
+                 pad_id=self.pad, generator=gen)  # fmt: skip
+        if self.device != "cpu":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+class OnnxEngine(Engine):
+    kind = "onnx"
+
+    def __init__(self, name: str, folder: str | Path, precision: str = "fp32"):
+        from lmpipe.onnx.runtime import OnnxLM
+
+        self.lm = OnnxLM(folder, precision=precision)
+        sp = self.lm.special
+        super().__init__(sp["eos"], sp["pad"])
+        self.name, self.folder = name, Path(folder)
+        self.size_mb = folder_mb(folder, self.lm.meta["files"][precision])
+
+    def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+        logits, _ = self.lm.forward(ids, mask, pos, self.lm.empty_cache(len(ids)))
+        return logits
+
+    def generate(self, prompts, max_new_tokens, seed):
+        out = self.lm.generate_ids(prompts, max_new_tokens=max_new_tokens, temperature=1.0,
+                                   seed=seed)  # fmt: skip
+        return out.tokens, [r == "stop" for r in out.finish_reason]
+
+    def time_generation(self, prompt, batch, new_tokens):
+        forward: Callable = self.lm.forward
+        eos = self.eos
+
+        def no_eos(*a):
+            logits, past = forward(*a)
+            logits[..., eos] = -np.inf
+            return logits, past
+
+        self.lm.forward = no_eos
+        try:
+            t0 = time.perf_counter()
+            self.lm.generate_ids([list(prompt)] * batch, max_new_tokens=new_tokens,
+                                 temperature=0)  # fmt: skip
+            return time.perf_counter() - t0
+        finally:
+            self.lm.forward = forward

@@ -1,0 +1,127 @@
+"""The numbers on the report card: pure functions of samples, scores and log-probabilities."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from lmpipe.data.stats import distinct_ngram_ratio
+
+__all__ = [
+    "best_of_n",
+    "best_of_n_kl_bound",
+    "distinct_ngram_ratio",
+    "flags",
+    "nll_of_targets",
+    "self_bleu",
+]
+
+
+def nll_of_targets(logits: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
+    """(Σ −log p(target), number of targets) for logits (..., V) and integer targets (...);
+    targets < 0 are skipped. Log-softmax in float64 so that sums over many tokens stay exact."""
+    x = logits.reshape(-1, logits.shape[-1]).astype(np.float64)
+    t = targets.reshape(-1)
+    keep = t >= 0
+    x, t = x[keep], t[keep]
+    if not len(t):
+        return 0.0, 0
+    m = x.max(-1, keepdims=True)
+    log_z = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[:, 0]
+    return float((log_z - x[np.arange(len(t)), t]).sum()), len(t)
+
+
+def self_bleu(texts: Sequence[str], max_texts: int = 200) -> float:
+    """Mean sentence BLEU (sacrebleu, 0–1) of each text against all the others as references:
+    1 when every text is the same, near 0 for unrelated texts. Texts without words are skipped;
+    the first `max_texts` are used (the cost is quadratic)."""
+    from sacrebleu.metrics import BLEU
+
+    texts = [t for t in texts if t.strip()][:max_texts]
+    if len(texts) < 2:
+        return float("nan")
+    bleu = BLEU(effective_order=True)
+    scores = [bleu.sentence_score(t, texts[:i] + texts[i + 1 :]).score for i, t in enumerate(texts)]
+    return float(np.mean(scores) / 100)
+
+
+def best_of_n_kl_bound(n: int) -> float:
+    """KL(best-of-n ‖ base) ≤ log n − (n − 1)/n, in nats (Beirami et al. 2024; exact for a
+    continuous score without ties)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n(select: np.ndarray, values: Mapping[str, np.ndarray], n: int) -> dict[str, float]:
+    """Expected values of the sample that best-of-n keeps, for each prompt's m ≥ n samples.
+
+    `select` (P, m) is the score best-of-n ranks by (the proxy reward); each `values[k]` (P, m)
+    is measured on the kept sample. Unbiased: over all n-subsets of a prompt's m samples, the
+    sample of rank i (ascending by `select`) is the kept one in C(i−1, n−1) of the C(m, n)
+    subsets. Averaged over prompts."""
+    m = select.shape[1]
+    if not 1 <= n <= m:
+        raise ValueError(f"best-of-{n} needs at least {n} samples per prompt, got {m}")
+    ranks = np.arange(1, m + 1)
+    weight = np.array([math.comb(i - 1, n - 1) for i in ranks], dtype=np.float64)
+    weight /= math.comb(m, n)
+    order = np.argsort(select, axis=1, kind="stable")
+    out = {}
+    for key, v in {"select": select, **values}.items():
+        ordered = np.take_along_axis(np.asarray(v, dtype=np.float64), order, 1)
+        out[key] = float((ordered * weight).sum(1).mean())
+    return out
+
+
+def _quarter_means(series: Sequence[float]) -> tuple[float, float]:
+    x = np.asarray([v for v in series if v == v], dtype=np.float64)  # NaNs dropped
+    k = max(1, len(x) // 4)
+    return float(x[:k].mean()), float(x[-k:].mean())
+
+
+def flags(
+    rl_curve: Mapping[str, Sequence[float]],
+    rows: Mapping[str, Mapping[str, float]],
+    *,
+    gold_drop: float = 0.02,
+    entropy_ratio: float = 0.5,
+    eos_drop: float = 0.1,
+) -> list[str]:
+    """Warnings, in words, about the RL run: the proxy rose while the gold score fell (between
+    the first and last quarter of training, or RL against SFT in this evaluation), entropy
+    collapsed (last quarter below `entropy_ratio` × first), the EOS rate dropped."""
+    out: list[str] = []
+    proxy, gold = rl_curve.get("rl/proxy", []), rl_curve.get("rl/gold", [])
+    if len([v for v in proxy if v == v]) >= 4 and len([v for v in gold if v == v]) >= 4:
+        (p0, p1), (g0, g1) = _quarter_means(proxy), _quarter_means(gold)
+        if p1 > p0 and g1 < g0 - gold_drop:
+            out.append(
+                f"Reward hacking during RL: the proxy score rose ({p0:.3f} → {p1:.3f}) while the "
+                f"gold score fell ({g0:.3f} → {g1:.3f}) between the first and last quarter of "
+                "training. Raise rl.kl_coef, stop earlier, or improve the reward model."
+            )
+    sft, rl = rows.get("sft"), rows.get("rl")
+    if sft and rl:
+        if rl["proxy_reward"] > sft["proxy_reward"] and rl["gold_reward"] < sft["gold_reward"]:
+            out.append(
+                f"The RL policy scores higher than SFT on the proxy ({sft['proxy_reward']:.3f} → "
+                f"{rl['proxy_reward']:.3f}) but lower on the gold score ({sft['gold_reward']:.3f} "
+                f"→ {rl['gold_reward']:.3f}): the reward model is being exploited."
+            )
+        if rl["eos_rate"] < sft["eos_rate"] - eos_drop:
+            out.append(
+                f"The EOS rate dropped from {sft['eos_rate']:.2f} (SFT) to {rl['eos_rate']:.2f} "
+                "(RL): responses run to the length limit. Check rl.missing_eos_penalty."
+            )
+    ent = rl_curve.get("rl/entropy", [])
+    if len([v for v in ent if v == v]) >= 4:
+        e0, e1 = _quarter_means(ent)
+        if e1 < entropy_ratio * e0:
+            out.append(
+                f"Entropy collapsed during RL: {e0:.2f} → {e1:.2f} nats/token between the first "
+                "and last quarter. Raise rl.kl_coef or lower the learning rate."
+            )
+    return out

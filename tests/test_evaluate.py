@@ -1,0 +1,130 @@
+"""Report-card metrics against hand-computed values, and the report built from fixture metrics."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from lmpipe.evaluate import metrics as M
+from lmpipe.evaluate import report as R
+
+
+def test_distinct_n_by_hand():
+    texts = ["the cat sat", "the cat ran"]
+    assert M.distinct_ngram_ratio(texts, 1) == pytest.approx(4 / 6)  # the cat sat ran
+    assert M.distinct_ngram_ratio(texts, 2) == pytest.approx(3 / 4)  # (the cat) twice
+
+
+def test_self_bleu_is_one_for_copies_and_low_for_unrelated_texts():
+    same = ["the little cat sat on the warm mat today"] * 4
+    assert M.self_bleu(same) == pytest.approx(1.0)
+    other = ["alpha beta gamma delta", "one two three four", "red green blue white"]
+    assert M.self_bleu(other) < 0.05
+    mixed = M.self_bleu(same[:2] + other)
+    assert 0.05 < mixed < 1.0
+    assert math.isnan(M.self_bleu(["only one"]))
+
+
+def test_nll_of_targets_matches_a_hand_computed_softmax():
+    logits = np.array([[[0.0, math.log(3.0)], [2.0, 2.0]]])  # p = (1/4, 3/4), (1/2, 1/2)
+    targets = np.array([[1, 0]])
+    nll, n = M.nll_of_targets(logits, targets)
+    assert n == 2 and nll == pytest.approx(-math.log(0.75) - math.log(0.5))
+    nll, n = M.nll_of_targets(logits, np.array([[1, -1]]))  # -1 is skipped
+    assert n == 1 and nll == pytest.approx(-math.log(0.75))
+    # perplexity of a uniform model is the vocabulary size
+    u = np.zeros((3, 5, 7))
+    nll, n = M.nll_of_targets(u, np.zeros((3, 5), dtype=int))
+    assert math.exp(nll / n) == pytest.approx(7.0)
+
+
+def test_best_of_n_equals_the_average_over_every_subset():
+    rng = np.random.default_rng(0)
+    select = rng.normal(size=(3, 6))
+    gold = rng.normal(size=(3, 6))
+    for n in (1, 2, 3, 6):
+        want = np.mean([
+            np.mean([gold[p, max(sub, key=lambda j: select[p, j])]
+                     for sub in itertools.combinations(range(6), n)])
+            for p in range(3)
+        ])  # fmt: skip
+        got = M.best_of_n(select, {"gold": gold}, n)
+        assert got["gold"] == pytest.approx(want)
+    assert M.best_of_n(select, {}, 1)["select"] == pytest.approx(select.mean())
+    with pytest.raises(ValueError, match="at least 7"):
+        M.best_of_n(select, {}, 7)
+
+
+def test_best_of_n_kl_bound():
+    assert M.best_of_n_kl_bound(1) == 0.0
+    assert M.best_of_n_kl_bound(2) == pytest.approx(math.log(2) - 0.5)
+    assert M.best_of_n_kl_bound(16) == pytest.approx(math.log(16) - 15 / 16)
+
+
+def row(gold, proxy, eos=0.9):
+    return {"gold_reward": gold, "proxy_reward": proxy, "eos_rate": eos, "kl_to_sft": 1.0}
+
+
+def test_flags_name_reward_hacking_entropy_collapse_and_eos_drop():
+    healthy = {"rl/proxy": [0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4],
+               "rl/gold": [0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.5],
+               "rl/entropy": [4.0, 3.9, 3.9, 3.8, 3.8, 3.7, 3.7, 3.6]}  # fmt: skip
+    assert M.flags(healthy, {"sft": row(0.2, 0.0), "rl": row(0.5, 1.0)}) == []
+    hacked = {**healthy, "rl/gold": [0.3, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05, 0.0]}
+    (f,) = M.flags(hacked, {})
+    assert "proxy score rose" in f and "gold score fell" in f
+    collapsed = {**healthy, "rl/entropy": [4.0, 3.5, 3.0, 2.5, 2.0, 1.5, 1.0, 0.5]}
+    (f,) = M.flags(collapsed, {})
+    assert "Entropy collapsed" in f
+    fs = M.flags({}, {"sft": row(0.3, 0.0, 0.9), "rl": row(0.2, 1.0, 0.5)})
+    assert any("exploited" in f for f in fs) and any("EOS rate dropped" in f for f in fs)
+
+
+def fixture_metrics():
+    names = ["pretrain", "sft", "rl", "distilled", "pruned", "quantized", "onnx-rl",
+             "onnx-rl-int8"]  # fmt: skip
+    variants = {}
+    for i, name in enumerate(names):
+        variants[name] = {"ppl": 30 + i, "gold_reward": 0.1 * i, "proxy_reward": 0.2 * i,
+                          "kl_to_sft": 0.5 * i, "rl_score": 0.1 * i, "distinct_1": 0.5,
+                          "distinct_2": 0.7,
+                          "self_bleu": 0.2, "response_tokens": 30.0, "eos_rate": 0.9,
+                          "tokens_per_sec": 1000.0, "latency_ms_per_token": 2.5,
+                          "size_mb": 20.0 - i}  # fmt: skip
+    best = [{"n": n, "kl_bound": M.best_of_n_kl_bound(n), "gold": 0.1 + 0.02 * n,
+             "proxy": 0.1 * n} for n in (1, 2, 4, 8, 16)]  # fmt: skip
+    return {"variants": variants, "best_of_n": best, "flags": ["Entropy collapsed: test"],
+            "eval": {"prompts": 4, "samples_per_prompt": 2, "seed": 1, "max_new_tokens": 8,
+                     "ppl_tokens": 100, "speed_batch": 8, "speed_new_tokens": 8}}  # fmt: skip
+
+
+def test_report_contains_every_model_flags_and_figures(tmp_path):
+    metrics = fixture_metrics()
+    side = [{"prompt": "Tom saw a dog.", "responses": {"sft": "It ran.", "rl": "It was happy!",
+                                                      "onnx-rl-int8": "It was glad."}}]  # fmt: skip
+    md = R.markdown(metrics, side)
+    for name in metrics["variants"]:
+        assert f"| {name} |" in md
+    assert "Entropy collapsed: test" in md and "| 16 |" in md and "It was glad." in md
+    curves = {"pretrain": {"step": [1, 2, 3], "train/loss": [3, 2, 1], "eval/loss": [3.1, 2.1,
+                                                                                    1.2]},
+              "rl": {"step": [1, 2, 3], "rl/score": [0, 1, 2], "rl/gold": [0.1, 0.2, 0.3],
+                     "rl/proxy": [0, 1, 2], "rl/kl": [0, 1, math.nan]}}  # fmt: skip
+    R.figure_training_curves(curves, tmp_path / "a.png")
+    R.figure_overoptimisation(curves["rl"], metrics["best_of_n"],
+                              {"rl": metrics["variants"]["rl"]}, tmp_path / "b.png")  # fmt: skip
+    R.figure_distributions({"sft": {"gold": np.zeros(5), "proxy": np.ones(5)}}, tmp_path / "c.png")
+    R.figure_size_quality(metrics["variants"], tmp_path / "d.png")
+    for f in "abcd":
+        assert (tmp_path / f"{f}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_read_curves_keeps_missing_values_as_nan(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_text("step,a,b\n1,0.5,\n2,,3\n")
+    cols = R.read_curves(p)
+    assert cols["step"] == [1, 2] and cols["a"][0] == 0.5 and math.isnan(cols["a"][1])
+    assert R.read_curves(tmp_path / "missing.csv") == {}
