@@ -44,6 +44,10 @@ TINY = {
                  "eval_batches": 2, "calibration_batches": 2, "eval_prompts": 4,
                  "eval_samples": 2, "max_new_tokens": 16, "speed_new_tokens": 8,
                  "checkpoint_every": 4},
+    "export": {"parity_prompts": 4, "parity_steps": 8, "ppl_batches": 1},
+    "evaluate": {"eval_prompts": 4, "samples_per_prompt": 2, "max_new_tokens": 16,
+                 "ppl_windows": 4, "best_of_n": [1, 2, 4], "self_bleu_texts": 8,
+                 "speed_new_tokens": 8, "speed_repeats": 1, "side_by_side": 2},
 }  # fmt: skip
 
 
