@@ -1,10 +1,10 @@
 """Server load: requests/s and latency of `lmpipe serve` at 1 and 16 concurrent clients.
 
-One process: the server runs with uvicorn in a thread on a free loopback port, clients are
-threads with their own HTTP connection, each sending its next request as soon as the last one
-returned (closed loop). Every request is a completion of `--max-tokens` tokens for one of the eval
-prompts (`data/prepared/prompts/eval.jsonl`), sampled with temperature 1 and a per-request seed,
-so every configuration does the same work. Two server settings are run: `max_batch 1` (one
+The server is `lmpipe serve` in its own process (as deployed) on a free loopback port; clients
+are threads of this process, each with its own HTTP connection, sending its next request as soon
+as the last one returned (closed loop). Every request asks for `--max-tokens` tokens for one of
+the eval prompts (`data/prepared/prompts/eval.jsonl`), sampled at temperature 1 with a seed per
+request, so every configuration does the same work. Two server settings: `--max-batch 1` (one
 request at a time on the model: the baseline) and the default batching of waiting requests.
 
     python bench/serve_load.py [--bundle models/onnx/rl] [--precision int8] [--requests 64]
@@ -16,14 +16,13 @@ import argparse
 import json
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import uvicorn
-
-from lmpipe.serve import Completer, ServerLimits, create_app
 
 
 def free_port() -> int:
@@ -32,18 +31,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(completer: Completer) -> tuple[uvicorn.Server, str]:
+def start(bundle: str, precision: str, max_batch: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cfg = uvicorn.Config(create_app(completer), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(cfg)
-    threading.Thread(target=server.run, daemon=True).start()
+    cmd = [sys.executable, "-m", "lmpipe.cli", "serve", bundle, "--port", str(port),
+           "--precision", precision, "--max-batch", str(max_batch),
+           "--queue-limit", "64"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
+    for _ in range(600):
         try:
             if httpx.get(f"{url}/health").status_code == 200:
-                return server, url
+                return proc, url
         except httpx.TransportError:
             time.sleep(0.05)
+    proc.kill()
     raise RuntimeError("server did not start")
 
 
@@ -98,19 +99,19 @@ def main() -> None:
           f"{'p95 ms':>8s}")  # fmt: skip
     base: dict[int, float] = {}
     for max_batch in (1, 32):
-        completer = Completer(args.bundle, args.precision,
-                              limits=ServerLimits(max_batch=max_batch, queue_limit=64))  # fmt: skip
-        server, url = start(completer)
-        load(url, prompts, 1, 4, args.max_tokens)  # warm-up
-        for clients in (1, 16):
-            m = load(url, prompts, clients, args.requests, args.max_tokens)
-            base.setdefault(clients, m["rps"])
-            name = "one at a time" if max_batch == 1 else f"batching ({max_batch})"
-            print(f"{name:16s} {clients:7d} {m['rps']:7.1f} {m['tps']:9,.0f} "
-                  f"{1000 * m['p50']:8.1f} {1000 * m['p95']:8.1f}   "
-                  f"{m['rps'] / base[clients]:.2f}x req/s")  # fmt: skip
-        server.should_exit = True
-        time.sleep(0.5)
+        proc, url = start(args.bundle, args.precision, max_batch)
+        try:
+            load(url, prompts, 1, 4, args.max_tokens)  # warm-up
+            for clients in (1, 16):
+                m = load(url, prompts, clients, args.requests, args.max_tokens)
+                base.setdefault(clients, m["rps"])
+                name = "one at a time" if max_batch == 1 else f"batching ({max_batch})"
+                print(f"{name:16s} {clients:7d} {m['rps']:7.1f} {m['tps']:9,.0f} "
+                      f"{1000 * m['p50']:8.1f} {1000 * m['p95']:8.1f}   "
+                      f"{m['rps'] / base[clients]:.2f}x req/s")  # fmt: skip
+        finally:
+            proc.terminate()
+            proc.wait()
 
 
 if __name__ == "__main__":
