@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from lmpipe.config import ParamsError, TrackingParams, parse_section, read_yaml
-from lmpipe.tracking import TrackingError, check_reachable
+from lmpipe.tracking import TrackingError, absolute_uri, check_reachable
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "lmpipe"
@@ -109,12 +109,7 @@ def resolve_tracking_uri(uri: str | None, cwd: str | Path = ".") -> str:
     if not uri:
         cfg = tracking_params(cwd)
         uri = cfg.uri if cfg is not None else DEFAULT_URI
-    root = Path(cwd).resolve()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{(root / uri.removeprefix('sqlite:///')).as_posix()}"
-    if "://" not in uri:
-        return (root / uri).resolve().as_uri()
-    return uri
+    return absolute_uri(uri, cwd)
 
 
 def default_experiment(cwd: str | Path = ".") -> str:

@@ -149,15 +149,19 @@ def flatten_numeric(obj: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def resolve_uri(cfg: TrackingParams, root: str | Path) -> str:
-    """`MLFLOW_TRACKING_URI` wins; a relative `sqlite:///x.db` or plain path is made absolute."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+def absolute_uri(uri: str, root: str | Path) -> str:
+    """A relative `sqlite:///x.db` or plain path taken from `root`; other URIs unchanged."""
     root = Path(root).resolve()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{(root / uri.removeprefix('sqlite:///')).as_posix()}"
     if "://" not in uri:
         return (root / uri).resolve().as_uri()
     return uri
+
+
+def resolve_uri(cfg: TrackingParams, root: str | Path) -> str:
+    """`MLFLOW_TRACKING_URI` wins over `tracking.uri`; relative paths are taken from `root`."""
+    return absolute_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri, root)
 
 
 def check_reachable(uri: str, timeout_s: float) -> None:

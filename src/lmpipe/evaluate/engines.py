@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lmpipe.evaluate.metrics import nll_of_targets
+from lmpipe.onnx.runtime import left_pad
 
 
 @dataclass
@@ -28,16 +29,6 @@ class Samples:
 
 def folder_mb(path: str | Path, pattern: str = "*") -> float:
     return sum(f.stat().st_size for f in Path(path).glob(pattern) if f.is_file()) / 1e6
-
-
-def left_pad_np(seqs: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(map(len, seqs))
-    ids = np.full((len(seqs), width), pad, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = s
-        mask[i, width - len(s) :] = 1
-    return ids, mask
 
 
 class Engine:
@@ -99,7 +90,7 @@ class Engine:
                 tail = [*r, self.eos] if e else list(r)
                 seqs.append([*p, *tail])
                 spans.append(len(tail))
-            ids, mask = left_pad_np(seqs, self.pad)
+            ids, mask = left_pad(seqs, self.pad)
             targets = np.full_like(ids, -1)
             for i, k in enumerate(spans):
                 if k:

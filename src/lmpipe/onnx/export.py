@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from lmpipe.compress.prune import head_shape
+from lmpipe.onnx.runtime import left_pad
 
 
 def cache_shape(model: PreTrainedModel) -> dict[str, int]:
@@ -198,16 +199,6 @@ def build_bundle(
 
 
 # ----------------------------------------------------------------------------- parity
-
-
-def left_pad(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(map(len, prompts))
-    ids = np.full((len(prompts), width), pad, dtype=np.int64)
-    mask = np.zeros((len(prompts), width), dtype=np.int64)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = p
-        mask[i, width - len(p) :] = 1
-    return ids, mask
 
 
 @torch.no_grad()

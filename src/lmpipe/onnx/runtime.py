@@ -32,6 +32,17 @@ def read_bundle(directory: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists right-aligned in one int64 batch, and the attention mask (0 on padding)."""
+    width = max(map(len, prompts))
+    ids = np.full((len(prompts), width), pad, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
 # ----------------------------------------------------------------------------- sampling
 
 
@@ -195,12 +206,8 @@ class OnnxLM:
             raise ValueError(f"{len(prompts)} prompts but {len(rows)} row settings")
         self.check_lengths(prompts, max(r.max_new_tokens for r in rows))
         pad, eos = self.special["pad"], self.special["eos"]
-        b, width = len(prompts), max(map(len, prompts))
-        ids = np.full((b, width), pad, dtype=np.int64)
-        mask = np.zeros((b, width), dtype=np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = p
-            mask[i, width - len(p) :] = 1
+        b = len(prompts)
+        ids, mask = left_pad(prompts, pad)
         pos = np.clip(mask.cumsum(-1) - 1, 0, None)
         logits, past = self.forward(ids, mask, pos, self.empty_cache(b))
         logits = logits[:, -1]
