@@ -57,7 +57,7 @@ def main() -> None:
     if missing:
         raise FileNotFoundError(f"missing models: {', '.join(missing)}; run `dvc repro` first")
     bundles = sorted(p for p in (m / "onnx").glob("*") if (p / "bundle.json").exists())
-    inputs = {**{k: v for k, v in torch_models.items()}, "reward": m / "reward",
+    inputs = {**torch_models, "reward": m / "reward",
               "onnx": m / "onnx", "data": args.data}  # fmt: skip
     pref = read_manifest(m / "reward")["params"]["preference"]
     gold_fn = make_gold(pref["gold"], keywords=pref.get("keywords", ()))
@@ -76,7 +76,7 @@ def main() -> None:
                 if files.get(precision) and (b / files[precision]).exists():
                     suffix = "" if precision == "fp32" else f"-{precision}"
                     engines.append(OnnxEngine(f"onnx-{b.name}{suffix}", b, precision))
-        context = min(R_context(e) for e in engines)
+        context = min(e.context for e in engines)
         rows = read_jsonl(args.data / "prompts" / "eval.jsonl")
         pairs = [(r["prompt"], prompt_ids(tok, r["prompt"])) for r in rows]
         pairs = [(t, p) for t, p in pairs if len(p) + cfg.max_new_tokens <= context]
@@ -168,12 +168,11 @@ def main() -> None:
         rt = [t for t in texts for _ in range(big)]
         proxy = proxy_of(rp, s.responses, s.ended)
         gold = np.asarray(gold_fn(rt, [decode(r) for r in s.responses]), dtype=float)
-        select = np.where(s.ended, proxy, penalty).reshape(len(prompts), big)
-        proxy_filled = np.where(s.ended, proxy, penalty).reshape(len(prompts), big)
+        select = np.where(s.ended, proxy, penalty).reshape(len(prompts), big)  # the RL reward
         best = []
         for k in cfg.best_of_n:
             got = M.best_of_n(select, {"gold": gold.reshape(len(prompts), big),
-                                       "proxy": proxy_filled}, k)  # fmt: skip
+                                       "proxy": select}, k)  # fmt: skip
             best.append({"n": k, "kl_bound": M.best_of_n_kl_bound(k), "gold": got["gold"],
                          "proxy": got["proxy"]})  # fmt: skip
         log.info("best-of-n from SFT (%d samples per prompt, %.0f s): %s", big,
@@ -223,14 +222,6 @@ def main() -> None:
         tracker.log_artifacts(args.figures, "figures")
         tracker.log_text(args.report.read_text(), "report.md")
         write_json(args.metrics, report)
-
-
-def R_context(e: Engine) -> int:
-    if isinstance(e, OnnxEngine):
-        return int(e.lm.meta["context"])
-    from lmpipe.model import context_length
-
-    return context_length(e.model)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ class Engine:
     name: str
     kind: str  # "torch" or "onnx"
     size_mb: float
+    context: int  # longest sequence the model takes
 
     def __init__(self, eos: int, pad: int) -> None:
         self.eos, self.pad = eos, pad
@@ -126,11 +127,12 @@ class TorchEngine(Engine):
     kind = "torch"
 
     def __init__(self, name: str, folder: str | Path, eos: int, pad: int, device: str = "cpu"):
-        from lmpipe.model import load_model
+        from lmpipe.model import context_length, load_model
 
         super().__init__(eos, pad)
         self.name, self.folder = name, Path(folder)
         self.model = load_model(folder, device).eval()
+        self.context = context_length(self.model)
         self.device = device
         self.size_mb = folder_mb(folder, "*.safetensors")
 
@@ -187,6 +189,7 @@ class OnnxEngine(Engine):
         super().__init__(sp["eos"], sp["pad"])
         self.name, self.folder = name, Path(folder)
         self.size_mb = folder_mb(folder, self.lm.meta["files"][precision])
+        self.context = int(self.lm.meta["context"])
 
     def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         pos = np.clip(mask.cumsum(-1) - 1, 0, None)
