@@ -57,9 +57,26 @@ def test_failed_stage_marks_run_failed(tmp_path, monkeypatch):
 def test_env_uri_wins_and_relative_paths_resolve(tmp_path, monkeypatch):
     cfg = TrackingParams(uri="sqlite:///mlflow.db")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
     assert resolve_uri(cfg, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    # inside `dvc exp run --temp` the stage runs in a copy; DVC_ROOT names the project
+    project = tmp_path / "project"
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    copy = tmp_path / "project/.dvc/tmp/exps/tmpabc"
+    assert resolve_uri(cfg, copy) == f"sqlite:///{project.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
     assert resolve_uri(cfg, tmp_path) == "http://example.invalid:5000"
+
+
+def test_runs_inside_a_dvc_experiment_carry_its_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "kl-sweep-3")
+    with stage_run("x", params(), TrackingParams(enabled=False), root=tmp_path) as tr:
+        pass
+    assert tr.tags["dvc.exp_name"] == "kl-sweep-3"
+    monkeypatch.delenv("DVC_EXP_NAME")
+    with stage_run("x", params(), TrackingParams(enabled=False), root=tmp_path) as tr:
+        pass
+    assert "dvc.exp_name" not in tr.tags
 
 
 def test_unreachable_server_fails_fast(tmp_path, monkeypatch):

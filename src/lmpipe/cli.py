@@ -1,4 +1,5 @@
-"""`lmpipe`: generate from and serve an ONNX bundle, compare MLflow runs (torch never imported)."""
+"""`lmpipe`: generate from and serve an ONNX bundle, compare MLflow runs, sweep params (torch
+never imported)."""
 
 from __future__ import annotations
 
@@ -162,6 +163,45 @@ def compare(
     for line in missing_metrics(keys, runs):
         typer.echo(f"lmpipe: warning: {line}", err=True)
     sys.stdout.write(text + "\n")
+
+
+@app.command()
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="sweep spec, e.g. sweeps/kl.yaml")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="validate the spec and print the plan; run nothing")
+    ] = False,
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="override the spec's number of trials")
+    ] = None,
+) -> None:
+    """Search params with DVC experiments (grid, random or TPE); resumes where it stopped."""
+    from dataclasses import replace
+
+    from lmpipe.sweep import SweepError, load_spec, sweep_dir
+    from lmpipe.sweep import sweep as run
+
+    root = Path.cwd()
+    try:
+        plan = load_spec(spec, root)
+        if trials is not None:
+            plan = replace(plan, trials=trials if plan.search != "grid" else min(
+                trials, len(plan.grid())))  # fmt: skip
+        typer.echo(
+            f"sweep {plan.name}: {plan.search}, {plan.trials} trials, {plan.parallel} at a time; "
+            f"{plan.direction} {plan.objective}; each trial runs `dvc exp run` up to "
+            f"{', '.join(plan.targets)}"
+        )
+        for d in plan.dims:
+            typer.echo(f"  {d.name}: {d.describe()}")
+        if dry_run:
+            return
+        files = run(plan, root, echo=typer.echo)
+    except SweepError as err:
+        typer.echo(f"lmpipe: error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo((sweep_dir(root, plan) / "summary.md").read_text())
+    typer.echo("files: " + ", ".join(str(p.relative_to(root)) for p in files.values()))
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """MLflow behind a thin wrapper: one run per stage execution, and a null tracker for tests.
 
 Conventions (DESIGN.md): tracking URI from `MLFLOW_TRACKING_URI`, else `tracking.uri` (a relative
-sqlite path is taken from the repo root); run named after the stage in `tracking.experiment`;
-params flattened; tags `lmpipe.stage`, `git.commit`, `git.dirty`, `input.<name>.sha256` and
-`lineage.<name>.run_id` (the run that produced an input, read from its manifest).
+sqlite path is taken from the repo root, `DVC_ROOT` inside `dvc exp run`); run named after the
+stage in `tracking.experiment`; params flattened; tags `lmpipe.stage`, `git.commit`,
+`git.dirty`, `input.<name>.sha256` and `lineage.<name>.run_id` (the run that produced an input,
+read from its manifest), and `dvc.exp_name` inside a DVC experiment.
 """
 
 from __future__ import annotations
@@ -160,8 +161,20 @@ def absolute_uri(uri: str, root: str | Path) -> str:
 
 
 def resolve_uri(cfg: TrackingParams, root: str | Path) -> str:
-    """`MLFLOW_TRACKING_URI` wins over `tracking.uri`; relative paths are taken from `root`."""
-    return absolute_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri, root)
+    """`MLFLOW_TRACKING_URI` wins over `tracking.uri`; relative paths are taken from the project.
+
+    The project is `DVC_ROOT` when DVC set it: `dvc exp run --temp` and `--queue` run the stages in
+    a copy under .dvc/tmp/exps, and their runs belong in the project's store, not the copy's.
+    """
+    base = os.environ.get("DVC_ROOT") or root
+    return absolute_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri, base)
+
+
+def experiment_tags() -> dict[str, str]:
+    """`dvc.exp_name` when the stage runs inside `dvc exp run` (DVC sets `DVC_EXP_NAME`): ties
+    MLflow runs to the DVC experiment that made them (`lmpipe sweep` finds its trials by it)."""
+    name = os.environ.get("DVC_EXP_NAME")
+    return {"dvc.exp_name": name} if name else {}
 
 
 def check_reachable(uri: str, timeout_s: float) -> None:
@@ -208,7 +221,12 @@ def stage_run(
     root: str | Path = ".",
 ) -> Iterator[NullTracker]:
     """Open one MLflow run for a stage execution; mark it FAILED if the body raises."""
-    tags = {"lmpipe.stage": stage, **git_state(root), **input_tags(inputs or {})}
+    tags = {
+        "lmpipe.stage": stage,
+        **git_state(root),
+        **experiment_tags(),
+        **input_tags(inputs or {}),
+    }
     if not cfg.enabled:
         tracker = NullTracker()
         tracker.log_params(params.flat())
