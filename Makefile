@@ -11,7 +11,15 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test lint format ui venv clean-venv
+# Containers (README: Containers). The repo is mounted at /work; --gpus all where nvidia-smi works.
+IMAGE ?= lmpipe
+BUNDLE ?= models/onnx/rl
+PORT ?= 8000
+GPU_FLAGS := $(shell nvidia-smi >/dev/null 2>&1 && echo --gpus all)
+DOCKER_RUN = docker run --rm $(GPU_FLAGS) --user $(shell id -u):$(shell id -g) -v "$(CURDIR)":/work \
+	-e MLFLOW_TRACKING_URI -e LMPIPE_NPROC -e LMPIPE_TORCHRUN_ARGS
+
+.PHONY: repro test lint format ui venv clean-venv docker-build docker-repro docker-serve
 
 venv: $(VENV)/.installed
 
@@ -32,6 +40,7 @@ test: venv lint
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
 
 format: venv
 	$(BIN)/ruff check --fix .
@@ -42,3 +51,13 @@ ui: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+docker-build:
+	docker build --target train -t $(IMAGE):train .
+	docker build --target serve -t $(IMAGE):serve .
+
+docker-repro:
+	$(DOCKER_RUN) $(IMAGE):train dvc repro
+
+docker-serve:
+	docker run --rm -p $(PORT):8000 -v "$(abspath $(BUNDLE))":/bundle:ro $(IMAGE):serve

@@ -3,6 +3,7 @@
     python bench/train_throughput.py          # default model + nanoGPT's Shakespeare-char shape
     python bench/train_throughput.py --steps 40 --shapes nanogpt --compile
     python bench/train_throughput.py --shapes nanogpt --nanogpt /path/to/nanoGPT/model.py
+    python bench/train_throughput.py --shapes gpu-125m --precisions bf16 --compile   # a GPU
 
 Runs the real loop (`lmpipe.train.train`: AdamW, schedule, clipping, loss) on random tokens.
 Variants of one shape alternate in the same process (A, B, A, B, ...) and the median of the
@@ -17,12 +18,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from lmpipe.config import ModelParams, PretrainParams
 from lmpipe.model import build_model, n_params
+from lmpipe.profiles import read_profile
 from lmpipe.train import TokenWindows, flops_per_token, peak_flops, train
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2}
@@ -36,9 +39,21 @@ SHAPES = {
         16,
     ),
     "nanogpt-llama": (ModelParams(d_model=256, n_layers=4, n_heads=4, context=128), 65, 16),
-    # the GPU profile (params/gpu-125m.yaml)
-    "gpt-125m": (ModelParams(d_model=768, n_layers=12, n_heads=12, context=1024), 8192, 16),
 }
+
+
+def _profile_shape(path: Path) -> tuple[ModelParams, int, int]:
+    """The model, vocab and per-process micro-batch of a params profile."""
+    prof = read_profile(path)
+    return (
+        ModelParams(**prof.get("model", {})),
+        prof.get("tokenizer", {}).get("vocab_size", 4096),
+        prof.get("pretrain", {}).get("batch_size", 32),
+    )
+
+
+# the GPU profile: python bench/train_throughput.py --shapes gpu-125m --compile (on a GPU)
+SHAPES["gpu-125m"] = _profile_shape(Path(__file__).resolve().parents[1] / "params/gpu-125m.yaml")
 
 
 def run_once(shape: str, precision: str, steps: int, compile_: bool, device: str, peak: float):

@@ -66,8 +66,11 @@ def env_for(repo: Path) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], repo: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=repo, env=env_for(repo), capture_output=True, text=True, **kw)
+def run(
+    cmd: list[str], repo: Path, check: bool = True, extra_env: dict | None = None, **kw
+) -> subprocess.CompletedProcess:
+    env = {**env_for(repo), **(extra_env or {})}
+    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, **kw)
     if check and res.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({res.returncode})\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"

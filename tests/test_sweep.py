@@ -21,6 +21,8 @@ from lmpipe.sweep.report import pareto, trial_rows, write_outputs
 from lmpipe.sweep.run import (
     TrialOutcome,
     best_trial,
+    check_overrides,
+    error_summary,
     format_override,
     lookup,
     open_study,
@@ -117,6 +119,32 @@ def test_lookup_follows_nesting_and_dotted_keys():
 def test_pareto_keeps_the_points_nothing_beats_with_less_kl():
     pts = [(1, 0.2), (2, 0.1), (3, 0.5), (4, 0.4), (0.5, 0.2)]
     assert pareto(pts) == [(0.5, 0.2), (3, 0.5)]
+
+
+def test_a_failed_trial_is_summarised_by_the_stage_error_not_dvc_noise():
+    log = """Running stage 'rl':
+> python stages/rl.py --params params.yaml
+rl: error: invalid params in params.yaml:
+rl: rl.algo 'rloo' needs rl.samples_per_prompt >= 2
+ERROR: failed to reproduce 'rl': failed to run: python stages/rl.py, exited with 2
+ERROR: failed to reproduce 'rl': failed to run: python stages/rl.py, exited with 2
+"""
+    assert error_summary(log, 255) == (
+        "exit 255: rl: error: invalid params in params.yaml: | "
+        "rl: rl.algo 'rloo' needs rl.samples_per_prompt >= 2"
+    )
+    crash = "Traceback (most recent call last):\n  File x\nRuntimeError: loss is nan at step 3\n"
+    assert error_summary(crash + "ERROR: failed to reproduce 'rl'\n", 1) == (
+        "exit 1: RuntimeError: loss is nan at step 3"
+    )
+    assert error_summary("ERROR: a\nERROR: a\n", 1) == "exit 1: ERROR: a"
+
+
+def test_combinations_are_checked_before_a_trial_starts():
+    params = ROOT / "params.yaml"
+    bad = check_overrides(params, {"rl.algo": "rloo", "rl.samples_per_prompt": 1})
+    assert bad.startswith("invalid params") and "samples_per_prompt" in bad
+    assert check_overrides(params, {"rl.algo": "rloo", "rl.samples_per_prompt": 2}) is None
 
 
 # --- the loop, with a fake executor -----------------------------------------------------------
@@ -256,6 +284,7 @@ def test_sweep_runs_dvc_experiments_resumes_after_kill_and_groups_runs(tiny_repo
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     run(["git", "add", "-A"], repo)  # a user commits dvc.lock after `dvc repro`
     run([*git, "commit", "-qm", "repro"], repo)
+    assert "up to date" in run(["dvc", "status"], repo).stdout, "the shared tiny repo is stale"
     base = yaml.safe_load((repo / "params.yaml").read_text())["rl"]["kl_coef"]
     values = [base * 4, base / 4, base * 16]
     (repo / "kl.yaml").write_text(yaml.safe_dump({

@@ -106,9 +106,12 @@ def test_torchrun_two_processes_match_one_process(tiny_repo, tmp_path):
     one_params = tmp_path / "one.yaml"
     one_params.write_text(yaml.safe_dump(params))
     common = ["--data", "data/prepared", "--report", str(tmp_path / "r.json")]
-    run(["torchrun", "--standalone", "--nproc_per_node=2", "stages/pretrain.py", "--params",
-         str(ddp_params), "--out", str(tmp_path / "ddp"), "--plots", str(tmp_path / "ddp.csv"),
-         *common], tiny_repo, timeout=600)  # fmt: skip
+    # LMPIPE_NPROC=2: the stage script replaces itself with `torchrun --nproc_per_node=2`
+    res = run(["python", "stages/pretrain.py", "--params", str(ddp_params),
+               "--out", str(tmp_path / "ddp"), "--plots", str(tmp_path / "ddp.csv"), *common],
+              tiny_repo, timeout=600, extra_env={"LMPIPE_NPROC": "2",
+                                                 "LMPIPE_LOG_LEVEL": "INFO"})  # fmt: skip
+    assert "torchrun --nproc_per_node=2 --standalone stages/pretrain.py" in res.stderr
     assert report_at(tmp_path / "r.json")["world_size"] == 2
     run(["python", "stages/pretrain.py", "--params", str(one_params),
          "--out", str(tmp_path / "one"), "--plots", str(tmp_path / "one.csv"), *common],
@@ -121,3 +124,24 @@ def test_torchrun_two_processes_match_one_process(tiny_repo, tmp_path):
 
 def report_at(path):
     return json.loads(path.read_text())
+
+
+def test_lmpipe_nproc_builds_the_torchrun_command_only_where_it_applies():
+    from lmpipe.stage import torchrun_command
+
+    argv = ["stages/sft.py", "--params", "params.yaml"]
+    assert torchrun_command("sft", argv, {}) is None
+    assert torchrun_command("sft", argv, {"LMPIPE_NPROC": "1"}) is None
+    assert torchrun_command("sft", argv, {"LMPIPE_NPROC": "4"}) == [
+        "torchrun", "--nproc_per_node=4", "--standalone", *argv]  # fmt: skip
+    assert torchrun_command("sft", argv, {"LMPIPE_NPROC": "auto"})[1] == "--nproc_per_node=gpu"
+    multi = {"LMPIPE_NPROC": "8", "LMPIPE_TORCHRUN_ARGS":
+             "--nnodes=2 --node_rank=1 --rdzv_backend=c10d --rdzv_endpoint=h0:29500"}  # fmt: skip
+    assert torchrun_command("pretrain", argv, multi) == [
+        "torchrun", "--nproc_per_node=8", "--nnodes=2", "--node_rank=1", "--rdzv_backend=c10d",
+        "--rdzv_endpoint=h0:29500", *argv]  # fmt: skip
+    # already inside torchrun, or a stage that runs in one process: no relaunch
+    assert torchrun_command("sft", argv, {"LMPIPE_NPROC": "4", "RANK": "0"}) is None
+    assert torchrun_command("rl", argv, {"LMPIPE_NPROC": "4"}) is None
+    with pytest.raises(SystemExit, match="LMPIPE_NPROC = 'two'"):
+        torchrun_command("sft", argv, {"LMPIPE_NPROC": "two"})

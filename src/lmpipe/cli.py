@@ -204,6 +204,49 @@ def sweep(
     typer.echo("files: " + ", ".join(str(p.relative_to(root)) for p in files.values()))
 
 
+params_app = typer.Typer(no_args_is_help=True, help="Apply a params profile (params/*.yaml).")
+app.add_typer(params_app, name="params")
+
+
+@params_app.command("apply")
+def params_apply(
+    profile: Annotated[Path, typer.Argument(help="profile, e.g. params/gpu-125m.yaml")],
+    params_file: Annotated[Path, typer.Option("--params", help="file to update")] = Path(
+        "params.yaml"
+    ),
+) -> None:
+    """Write a profile's values into params.yaml (comments kept; validated first)."""
+    from lmpipe.config import ParamsError
+    from lmpipe.profiles import apply
+
+    try:
+        changed = apply(profile, params_file)
+    except ParamsError as err:
+        typer.echo(f"lmpipe: error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{params_file}: {len(changed)} value(s) changed" + (": " if changed else "")
+               + ", ".join(changed))  # fmt: skip
+
+
+@params_app.command("flags")
+def params_flags(
+    profile: Annotated[Path, typer.Argument(help="profile, e.g. params/gpu-125m.yaml")],
+    params_file: Annotated[Path, typer.Option("--params", help="file it applies to")] = Path(
+        "params.yaml"
+    ),
+) -> None:
+    """Print `-S key=value` flags: dvc exp run $(lmpipe params flags params/gpu-125m.yaml)."""
+    from lmpipe.config import ParamsError
+    from lmpipe.profiles import dvc_flags
+
+    try:
+        flags = dvc_flags(profile, params_file)
+    except ParamsError as err:
+        typer.echo(f"lmpipe: error: {err}", err=True)
+        raise typer.Exit(2) from None
+    sys.stdout.write(" ".join(flags) + "\n")
+
+
 def main() -> None:
     app()
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from lmpipe.config import ParamsError
@@ -29,9 +30,55 @@ def setup_logging() -> None:
     )
 
 
+DDP_STAGES = ("pretrain", "sft")
+"""Stages whose training loop runs data-parallel under torchrun (each rank its own batches)."""
+
+
+def torchrun_command(stage: str, argv: list[str], env: Mapping[str, str]) -> list[str] | None:
+    """The torchrun command that reruns this stage on `LMPIPE_NPROC` processes, or None.
+
+    `LMPIPE_NPROC` is an environment variable, not a param: it changes no DVC hash, since results
+    differ only in floating-point order. `LMPIPE_TORCHRUN_ARGS` adds torchrun flags (several
+    nodes: `--nnodes=2 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=host0:29500`); without
+    it the run is `--standalone` on this machine. None inside torchrun (RANK is set), for stages
+    that do not run data-parallel, and for 1 process.
+    """
+    raw = env.get("LMPIPE_NPROC", "").strip()
+    if not raw or "RANK" in env:
+        return None
+    if raw != "auto" and not raw.isdigit():
+        raise SystemExit(f"{stage}: error: LMPIPE_NPROC = {raw!r}: a number of processes or auto")
+    if stage not in DDP_STAGES:
+        logging.getLogger(__name__).info(
+            "LMPIPE_NPROC=%s ignored: %s runs in one process (data-parallel: %s)",
+            raw, stage, ", ".join(DDP_STAGES),
+        )  # fmt: skip
+        return None
+    if raw == "auto":
+        nproc = "gpu"
+    elif int(raw) <= 1:
+        return None
+    else:
+        nproc = raw
+    extra = shlex.split(env.get("LMPIPE_TORCHRUN_ARGS", ""))
+    if not any(a.startswith(("--nnodes", "--rdzv", "--master")) for a in extra):
+        extra = ["--standalone", *extra]
+    return ["torchrun", f"--nproc_per_node={nproc}", *extra, *argv]
+
+
 def run(main: Callable[[], Any], stage: str) -> None:
-    """Run a stage's `main`; user errors end with `stage: error: ...` and exit code 2."""
+    """Run a stage's `main`; user errors end with `stage: error: ...` and exit code 2.
+
+    With `LMPIPE_NPROC=N` a data-parallel stage replaces itself with `torchrun` on N processes
+    (the same script and flags), so `LMPIPE_NPROC=8 dvc repro` trains on 8 GPUs.
+    """
     setup_logging()
+    cmd = torchrun_command(stage, [sys.argv[0], *sys.argv[1:]], os.environ)
+    if cmd is not None:
+        logging.getLogger(__name__).info("%s: %s", stage, " ".join(cmd))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execvp(cmd[0], cmd)
     try:
         main()
     except USER_ERRORS as err:

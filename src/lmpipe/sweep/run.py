@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -141,6 +142,15 @@ class DvcExecutor:
         return TrialOutcome(values=values, exp_rev=rev, seconds=seconds)
 
     def __call__(self, requests: Sequence[TrialRequest]) -> list[TrialOutcome]:
+        invalid = {r.number: check_overrides(self.root / self.spec.params_file, r.overrides)
+                   for r in requests}  # fmt: skip
+        runnable = [r for r in requests if invalid[r.number] is None]
+        done = {o_req.number: o for o_req, o in zip(runnable, self._run(runnable), strict=True)}
+        return [done.get(r.number) or TrialOutcome(error=invalid[r.number]) for r in requests]
+
+    def _run(self, requests: Sequence[TrialRequest]) -> list[TrialOutcome]:
+        if not requests:
+            return []
         if len(requests) == 1:
             req = requests[0]
             log_file = self.log_dir / f"trial-{req.number}.log"
@@ -176,12 +186,51 @@ class DvcExecutor:
         return outcomes
 
 
-def _error_tail(log_file: Path, rc: int, lines: int = 12) -> str:
-    """The lines of a failed trial's log that say why: errors first, else the tail."""
-    text = log_file.read_text(errors="replace").splitlines() if log_file.exists() else []
-    errs = [ln for ln in text if "error" in ln.lower() or "Traceback" in ln]
-    picked = (errs or text)[-lines:]
-    return f"exit {rc}: " + " | ".join(ln.strip() for ln in picked if ln.strip())[-2000:]
+_STAGE_ERROR = re.compile(r"^[\w-]+: error: ")
+_PY_ERROR = re.compile(r"^\w+(\.\w+)*(Error|Exception|Interrupt): ")
+
+
+def error_summary(text: str, rc: int, lines: int = 8) -> str:
+    """What a failed trial's log says went wrong: the stage's own `stage: error:` message (and
+    the lines that follow it), else a Python exception line, else DVC's errors, else the tail."""
+    rows = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+    start = next((i for i, ln in enumerate(rows) if _STAGE_ERROR.match(ln)), None)
+    if start is not None:
+        picked = []
+        for ln in rows[start : start + lines]:
+            if ln.startswith("ERROR:"):
+                break
+            picked.append(ln)
+    else:
+        py = [ln for ln in rows if _PY_ERROR.match(ln)]
+        dvc = list(dict.fromkeys(ln for ln in rows if ln.startswith("ERROR:")))
+        picked = py[-1:] or dvc[-2:] or rows[-lines:]
+    return f"exit {rc}: " + " | ".join(ln.strip() for ln in picked)[-2000:]
+
+
+def _error_tail(log_file: Path, rc: int) -> str:
+    text = log_file.read_text(errors="replace") if log_file.exists() else ""
+    return error_summary(text, rc)
+
+
+def check_overrides(params_file: Path, overrides: dict[str, Any]) -> str | None:
+    """The params a trial would run with, validated as the stages will: an error or None.
+    Catches combinations no single value shows (e.g. rloo with one sample per prompt)."""
+    from lmpipe.config import ParamsError, parse_section, read_yaml
+
+    doc = read_yaml(params_file)
+    touched = set()
+    for key, value in overrides.items():
+        section, field_name = key.split(".", 1)
+        doc.setdefault(section, {})[field_name] = value
+        touched.add(section)
+    errors = []
+    for section in sorted(touched):
+        try:
+            parse_section(section, doc[section])
+        except ParamsError as err:
+            errors.append(str(err))
+    return ("invalid params: " + "; ".join(errors)) if errors else None
 
 
 # --- the loop -------------------------------------------------------------------------------
