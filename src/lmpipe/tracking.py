@@ -177,6 +177,14 @@ def experiment_tags() -> dict[str, str]:
     return {"dvc.exp_name": name} if name else {}
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: beside an embedded sqlite store (not in the
+    working dir of whichever process created it); the server's default otherwise."""
+    if uri.startswith("sqlite:"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
 def check_reachable(uri: str, timeout_s: float) -> None:
     """Fail fast with a clear message when an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
@@ -245,12 +253,7 @@ def stage_run(
     mlflow.set_tracking_uri(uri)
     try:
         if mlflow.get_experiment_by_name(cfg.experiment) is None:
-            artifacts = None
-            if uri.startswith("sqlite:"):
-                # Keep artifacts beside the embedded store, not in the stage's working dir.
-                db = Path(uri.removeprefix("sqlite:///"))
-                artifacts = (db.parent / "mlartifacts").as_uri()
-            mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
+            mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location(uri))
         mlflow.set_experiment(cfg.experiment)
     except mlflow.exceptions.MlflowException as err:
         raise TrackingError(f"cannot use MLflow at {uri}: {err}") from None

@@ -180,13 +180,11 @@ class SweepTracking:
         for noisy in ("alembic", "mlflow.store.db.utils"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=uri)
+        from lmpipe.tracking import artifact_location
+
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            artifacts = None
-            if uri.startswith("sqlite:"):
-                db = Path(uri.removeprefix("sqlite:///"))
-                artifacts = (db.parent / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifacts)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location(uri))
         else:
             self.experiment_id = exp.experiment_id
         self.run_id: str | None = None

@@ -111,9 +111,13 @@ class DvcExecutor:
     def _git(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True)
 
-    def exp_rev(self, name: str) -> str | None:
-        head = self._git("rev-parse", "HEAD").stdout.strip()
-        ref = f"refs/exps/{head[:2]}/{head[2:]}/{name}"
+    def head(self) -> str:
+        return self._git("rev-parse", "HEAD").stdout.strip()
+
+    def exp_rev(self, name: str, baseline: str) -> str | None:
+        """The commit of experiment `name` made on `baseline` (HEAD when the trial started:
+        a commit made while the sweep runs does not lose the trial's results)."""
+        ref = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
         res = self._git("rev-parse", "--verify", "--quiet", ref)
         return res.stdout.strip() or None
 
@@ -130,9 +134,11 @@ class DvcExecutor:
             args += ["-S", f"{self.spec.params_file}:{key}={format_override(value)}"]
         return args
 
-    def _collect(self, req: TrialRequest, log_file: Path, rc: int, t0: float) -> TrialOutcome:
+    def _collect(
+        self, req: TrialRequest, log_file: Path, rc: int, t0: float, baseline: str
+    ) -> TrialOutcome:
         seconds = time.monotonic() - t0
-        rev = self.exp_rev(req.exp_name)
+        rev = self.exp_rev(req.exp_name, baseline)
         if rc != 0 or rev is None:
             return TrialOutcome(error=_error_tail(log_file, rc), seconds=seconds)
         try:
@@ -151,6 +157,7 @@ class DvcExecutor:
     def _run(self, requests: Sequence[TrialRequest]) -> list[TrialOutcome]:
         if not requests:
             return []
+        baseline = self.head()
         if len(requests) == 1:
             req = requests[0]
             log_file = self.log_dir / f"trial-{req.number}.log"
@@ -161,7 +168,7 @@ class DvcExecutor:
                 fh.flush()
                 res = subprocess.run(cmd, cwd=self.root, stdout=fh, stderr=subprocess.STDOUT)
             rc = res.returncode
-            return [self._collect(req, log_file, rc, t0)]
+            return [self._collect(req, log_file, rc, t0, baseline)]
         # several at once: DVC's queue runs them in temp dirs, `parallel` at a time
         t0 = time.monotonic()
         batch_log = self.log_dir / f"batch-{requests[0].number}.log"
@@ -181,8 +188,8 @@ class DvcExecutor:
             logs = subprocess.run([self.dvc, "queue", "logs", req.exp_name], cwd=self.root,
                                   capture_output=True, text=True)  # fmt: skip
             log_file.write_text(logs.stdout + logs.stderr)
-            rc = 0 if self.exp_rev(req.exp_name) else 1
-            outcomes.append(self._collect(req, log_file, rc, t0))
+            rc = 0 if self.exp_rev(req.exp_name, baseline) else 1
+            outcomes.append(self._collect(req, log_file, rc, t0, baseline))
         return outcomes
 
 
