@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, run
+from lmpipe.pipeline import stage_outputs, within
 
 STAGES = ["prepare", "pretrain", "sft", "reward", "rl", "compress", "export", "evaluate"]
 
@@ -38,14 +39,6 @@ def test_every_stage_lists_exactly_the_params_sections_it_reads():
         )
 
 
-def outputs(stage: dict) -> list[str]:
-    paths = []
-    for kind in ("outs", "metrics", "plots"):
-        for o in stage.get(kind, []):
-            paths += list(o) if isinstance(o, dict) else [o]
-    return paths
-
-
 def stale(repo) -> set[str]:
     """The stages `dvc repro` will run: those `dvc status` names (their own deps changed) and
     every stage downstream of them in dvc.yaml's graph (dvc status lists only the former)."""
@@ -54,8 +47,9 @@ def stale(repo) -> set[str]:
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
 
     def feeds(a: str, b: str) -> bool:  # an output of a is (inside) a dep of b
-        return any(d == o or d.startswith(o.rstrip("/") + "/")
-                   for o in outputs(stages[a]) for d in stages[b].get("deps", []))  # fmt: skip
+        return any(
+            within(d, o) for o in stage_outputs(stages[a]) for d in stages[b].get("deps", [])
+        )
 
     grew = True
     while grew:

@@ -553,7 +553,11 @@ def load_params(path: str | Path, sections: list[str]) -> Params:
     Every section present in the file is validated (a typo in an unrelated section still fails
     early), but only `sections` are returned — what the stage depends on.
     """
-    doc = read_yaml(path)
+    return validate_doc(read_yaml(path), sections, where=str(path))
+
+
+def validate_doc(doc: dict[str, Any], sections: list[str], where: str = "params") -> Params:
+    """`load_params` on a dict already read (or merged): every section validated."""
     unknown = [k for k in doc if k != "seed" and k not in SECTIONS]
     if unknown:
         parse_section(unknown[0], doc[unknown[0]])  # raises with a suggestion
@@ -568,7 +572,7 @@ def load_params(path: str | Path, sections: list[str]) -> Params:
         except ParamsError as err:
             errors.append(str(err))
     if errors:
-        raise ParamsError(f"invalid params in {path}:\n" + "\n".join(errors))
+        raise ParamsError(f"invalid params in {where}:\n" + "\n".join(errors))
     return Params(seed=seed, sections={s: parsed[s] for s in sections})
 
 

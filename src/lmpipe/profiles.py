@@ -8,12 +8,10 @@ written, so a profile with a typo never half-applies.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from lmpipe.config import SECTIONS, ParamsError, load_params, read_yaml
+from lmpipe.config import SECTIONS, ParamsError, read_yaml, validate_doc
 
 
 def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -51,16 +49,10 @@ def merged(base: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validate(doc: dict[str, Any], where: str) -> None:
-    import yaml
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        yaml.safe_dump(doc, fh, sort_keys=False)
     try:
-        load_params(fh.name, list(SECTIONS))
+        validate_doc(doc, list(SECTIONS))
     except ParamsError as err:
         raise ParamsError(f"{where} would give invalid params:\n{err}") from None
-    finally:
-        os.unlink(fh.name)
 
 
 def apply(profile_path: str | Path, params_path: str | Path = "params.yaml") -> list[str]:

@@ -12,8 +12,6 @@ from typing import Any
 from lmpipe.sweep.run import INTERRUPTED, best_trial, format_override
 from lmpipe.sweep.spec import Spec
 
-log = logging.getLogger(__name__)
-
 
 def trial_rows(study, spec: Spec) -> list[dict[str, Any]]:
     """One row per trial that ran (interrupted attempts left out: they are run again)."""

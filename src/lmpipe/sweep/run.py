@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import logging
 import math
 import os
 import re
@@ -20,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmpipe.sweep.spec import MetricRef, Spec, SweepError
-
-log = logging.getLogger(__name__)
+from lmpipe.sweep.spec import MetricRef, Spec, SweepError, override_errors
 
 INTERRUPTED = "interrupted"
 """User attr of a trial cut short by a kill or Ctrl-C: it is run again on resume, not counted."""
@@ -223,20 +220,9 @@ def _error_tail(log_file: Path, rc: int) -> str:
 def check_overrides(params_file: Path, overrides: dict[str, Any]) -> str | None:
     """The params a trial would run with, validated as the stages will: an error or None.
     Catches combinations no single value shows (e.g. rloo with one sample per prompt)."""
-    from lmpipe.config import ParamsError, parse_section, read_yaml
+    from lmpipe.config import read_yaml
 
-    doc = read_yaml(params_file)
-    touched = set()
-    for key, value in overrides.items():
-        section, field_name = key.split(".", 1)
-        doc.setdefault(section, {})[field_name] = value
-        touched.add(section)
-    errors = []
-    for section in sorted(touched):
-        try:
-            parse_section(section, doc[section])
-        except ParamsError as err:
-            errors.append(str(err))
+    errors = override_errors(read_yaml(params_file), overrides)
     return ("invalid params: " + "; ".join(errors)) if errors else None
 
 

@@ -25,7 +25,6 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lmpipe.config import SECTIONS, ParamsError, parse_section, read_yaml
+from lmpipe.pipeline import producer, upstream
 
 
 class SweepError(ValueError):
@@ -266,43 +266,25 @@ def _check_param(dim: Dim, base: dict[str, Any]) -> None:
     if dim.kind in ("int", "logint"):
         values = tuple(int(v) for v in values)
     for value in values:
-        raw = dict(base.get(section) or {})
-        raw[key] = value
+        errors = override_errors(base, {dim.name: value})
+        if errors:
+            raise SweepError(f"params.{dim.name} = {value!r} is refused:\n" + "\n".join(errors))
+
+
+def override_errors(base: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
+    """What the params schema says of `base` with `{"section.key": value}` set: each section an
+    override touches is validated whole, so combinations are checked too."""
+    sections: dict[str, dict[str, Any]] = {}
+    for name, value in overrides.items():
+        section, key = name.split(".", 1)
+        sections.setdefault(section, dict(base.get(section) or {}))[key] = value
+    errors = []
+    for section, raw in sorted(sections.items()):
         try:
             parse_section(section, raw)
         except ParamsError as err:
-            raise SweepError(f"params.{dim.name} = {value!r} is refused:\n{err}") from None
-
-
-def _stage_outputs(stage: dict[str, Any]) -> list[str]:
-    paths: list[str] = []
-    for kind in ("outs", "metrics", "plots"):
-        for o in stage.get(kind, []) or []:
-            paths += list(o) if isinstance(o, dict) else [o]
-    return paths
-
-
-def _within(path: str, out: str) -> bool:
-    return path == out or path.startswith(out.rstrip("/") + "/")
-
-
-def upstream(stages: dict[str, Any], targets: Iterable[str]) -> set[str]:
-    """The targets and every stage whose outputs they (transitively) depend on."""
-    seen: set[str] = set()
-    todo = list(targets)
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for dep in stages[name].get("deps", []) or []:
-            todo += [s for s in stages if any(_within(dep, o) for o in _stage_outputs(stages[s]))]
-    return seen
-
-
-def producer(stages: dict[str, Any], path: str) -> str | None:
-    return next((s for s in stages if any(_within(path, o) for o in _stage_outputs(stages[s]))),
-                None)  # fmt: skip
+            errors.append(str(err))
+    return errors
 
 
 def load_spec(path: str | Path, root: str | Path = ".") -> Spec:
