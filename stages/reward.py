@@ -124,7 +124,7 @@ def main() -> None:
             )  # fmt: skip
         del sft  # sampling is done; the reward model starts from a fresh copy of the backbone
 
-        model = build_reward_model(args.model, params.seed)
+        model = build_reward_model(args.model, params.seed, cfg.pooling)
         train_ex = [e for e, _ in encoded["train"]]
         val_ex = [e for e, _ in encoded["val"]]
         source = PreferenceBatches(train_ex, cfg.batch_size, params.seed, pad)

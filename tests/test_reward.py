@@ -28,6 +28,7 @@ from lmpipe.reward import (
     preference_prob,
     raw_scores,
     read_preference_file,
+    sequence_scores,
     sample_and_label,
     val_prompts,
 )
@@ -139,9 +140,10 @@ def synthetic_pairs(n: int, seed: int) -> list[PreferenceExample]:
     return out
 
 
-def test_reward_model_separates_a_synthetic_problem(backbone):
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_reward_model_separates_a_synthetic_problem(backbone, pooling):
     torch.manual_seed(0)
-    model = build_reward_model(backbone, seed=0)
+    model = build_reward_model(backbone, seed=0, pooling=pooling, response_token_id=3)
     assert model.config.num_labels == 1
     train_ex, val_ex = synthetic_pairs(1500, 0), synthetic_pairs(300, 1)
     cfg = RewardParams(
@@ -157,12 +159,48 @@ def test_reward_model_separates_a_synthetic_problem(backbone):
     assert acc >= 0.95, f"held-out accuracy {acc:.3f}, val loss {res.val_loss:.3f}"
 
 
-def test_scores_ignore_right_padding(backbone):
-    model = build_reward_model(backbone, seed=1).eval()
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_scores_ignore_right_padding(backbone, pooling):
+    model = build_reward_model(backbone, seed=1, pooling=pooling, response_token_id=3).eval()
     seqs = [[1, 3, 10, 11, 4, 12, 2], [1, 3, 10, 4, 2]]
     batched = raw_scores(model, seqs, 0)
     alone = [raw_scores(model, [s], 0)[0] for s in seqs]
     np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_pooling_averages_the_head_over_response_positions(backbone):
+    """By hand: the head at each position after RESPONSE (EOS included, pads not), averaged;
+    a sequence without RESPONSE averages all its tokens."""
+    model = build_reward_model(backbone, seed=2, pooling="mean", response_token_id=4).eval()
+    ids = torch.tensor([[1, 3, 10, 11, 4, 12, 13, 2, 0, 0], [1, 3, 10, 12, 13, 14, 2, 0, 0, 0]])
+    with torch.no_grad():
+        head = model.score(model.base_model(input_ids=ids).last_hidden_state).squeeze(-1)
+        got = sequence_scores(model, ids)
+    want = [head[0, 5:8].mean(), head[1, :7].mean()]
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)
+    # what follows the EOS (padding) changes nothing
+    padded = ids.clone()
+    padded[0, 8:] = 0
+    padded = torch.cat([padded, torch.zeros(2, 3, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_scores(model, padded), got, rtol=1e-5, atol=1e-6)
+
+
+def test_pooling_is_saved_with_the_model(backbone, tmp_path):
+    model = build_reward_model(backbone, seed=0, pooling="mean", response_token_id=4)
+    save_model(model, tmp_path / "rm", backbone, {"normalization": {"gain": 2.0, "bias": 1.0}})
+    loaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm")).eval()
+    assert loaded.config.lmpipe_reward_pooling == "mean"
+    assert loaded.config.lmpipe_response_token_id == 4
+    seqs = [[1, 3, 10, 4, 12, 2], [1, 3, 4, 9, 9, 9, 2]]
+    np.testing.assert_allclose(raw_scores(loaded, seqs, 0), raw_scores(model, seqs, 0), rtol=1e-5)
+    # plain transformers reads the last token: a different number, which is why lmpipe scores
+    # through sequence_scores (and RewardModel) only
+    with torch.no_grad():
+        last = float(loaded(torch.tensor([seqs[0]])).logits[0, 0])
+    assert last != pytest.approx(raw_scores(model, seqs[:1], 0)[0], rel=1e-3)
+    with pytest.raises(ValueError, match="not one of"):
+        build_reward_model(backbone, seed=0, pooling="max")
 
 
 def test_normalisation_and_round_trip(backbone, tmp_path):

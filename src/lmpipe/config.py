@@ -220,6 +220,10 @@ class RewardParams(TrainParams):
     eval_every: int = Field(50, ge=1, description="steps between evaluations")
     checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0 = none)")
     margin: float = Field(0.0, ge=0, description="loss: -log sigmoid(r_chosen - r_rejected - m)")
+    pooling: Literal["last", "mean"] = Field(
+        "mean",
+        description="head read at the last token (plain transformers) or averaged over the response",
+    )
     norm_samples: int = Field(
         512, ge=16, description="fresh SFT samples that fit the gain/bias (mean 0, std 1)"
     )

@@ -1,10 +1,13 @@
 """Reward modelling: pairwise labels from a gold scorer, the Bradley–Terry loss, the scalar-head
 model, and the normalised scorer that RL and evaluation use.
 
-The reward model is `AutoModelForSequenceClassification` (one label) on the SFT backbone: it reads
-the hidden state of the last non-pad token of `BOS PROMPT prompt RESPONSE response EOS` (the SFT
-template), so it loads with plain transformers. Its raw score r is normalised as gain·r + bias,
-fitted to mean 0, std 1 on fresh samples of the SFT policy; the constants live in `lmpipe.json`.
+The reward model is `AutoModelForSequenceClassification` (one label) on the SFT backbone, over
+`BOS PROMPT prompt RESPONSE response EOS` (the SFT template). Its scalar head reads either the
+hidden state of the last non-pad token (`pooling: last`, what plain transformers computes) or
+every response position, averaged (`pooling: mean`); the choice is stored in the model's
+config.json as `lmpipe_reward_pooling`, so `sequence_scores` scores a saved model the way it was
+trained. Its raw score r is normalised as gain·r + bias, fitted to mean 0, std 1 on fresh samples
+of the SFT policy; the constants live in `lmpipe.json`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from lmpipe.data.sources import DataError, iter_jsonl
-from lmpipe.data.tokenizer import EOS, PAD, load_tokenizer, special_ids
+from lmpipe.data.tokenizer import EOS, PAD, RESPONSE, load_tokenizer, special_ids
 from lmpipe.model import context_length, read_manifest
 from lmpipe.sft import PairBatches, prompt_ids
 
@@ -148,9 +151,18 @@ def read_preference_file(path: str | Path) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------- model
 
 
-def build_reward_model(sft_dir: str | Path, seed: int) -> PreTrainedModel:
+POOLINGS = ("last", "mean")
+
+
+def build_reward_model(
+    sft_dir: str | Path, seed: int, pooling: str = "last", response_token_id: int | None = None
+) -> PreTrainedModel:
     """The SFT backbone with a fresh scalar head, N(0, 1/(d+1)) as in Ziegler et al.; dropout
-    off (eval-mode numerics in training too)."""
+    off (eval-mode numerics in training too). `pooling` (see `sequence_scores`) is written to
+    the config, so it is saved with the model; `mean` needs the RESPONSE token id (default:
+    from the folder's tokenizer)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"reward pooling {pooling!r} is not one of {POOLINGS}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -164,14 +176,42 @@ def build_reward_model(sft_dir: str | Path, seed: int) -> PreTrainedModel:
     for key in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if hasattr(model.config, key):
             setattr(model.config, key, 0.0)
+    model.config.lmpipe_reward_pooling = pooling
+    if pooling != "last":
+        if response_token_id is None:
+            response_token_id = special_ids(load_tokenizer(sft_dir))[RESPONSE]
+        model.config.lmpipe_response_token_id = response_token_id
     return model
+
+
+def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) fp32 raw scores of right-padded sequences in the template.
+
+    `last`: the head at the last non-pad token (transformers' own sequence classification).
+    `mean`: the head at every response position (after RESPONSE, up to and including EOS),
+    averaged. A sequence without the RESPONSE token is averaged over all its tokens.
+    On the default task (sentiment of the response) `mean` ranks pairs much better than `last`
+    (README, "Reward model"); a causal model reading one position has to learn to gather
+    the evidence first.
+    """
+    config = model.config
+    if getattr(config, "lmpipe_reward_pooling", "last") == "last":
+        return model(input_ids=input_ids).logits[:, 0].float()
+    hidden = model.base_model(input_ids=input_ids).last_hidden_state  # causal: pads come last
+    per_token = model.score(hidden).squeeze(-1).float()  # (B, T)
+    real = input_ids != config.pad_token_id
+    resp = input_ids == config.lmpipe_response_token_id
+    after = resp.cumsum(-1) > 0
+    keep = torch.where(resp.any(-1, keepdim=True), after & ~resp, torch.ones_like(after)) & real
+    weight = keep.float()
+    return (per_token * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
 
 
 def preference_loss_sum(margin: float = 0.0):
     """`loss_sum(model, batch)` for the training loop: summed Bradley–Terry loss of a batch."""
 
     def loss_sum(model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
-        r = model(input_ids=batch.input_ids).logits[:, 0].float()
+        r = sequence_scores(model, batch.input_ids)
         n = batch.n_targets
         return bradley_terry_loss(r[:n], r[n:], margin).sum()
 
@@ -189,7 +229,7 @@ def raw_scores(
     out = []
     for i in range(0, len(seqs), batch_size):
         ids = right_pad(seqs[i : i + batch_size], pad_id).to(device)
-        out.append(model(input_ids=ids).logits[:, 0].float().cpu())
+        out.append(sequence_scores(model, ids).cpu())
     model.train(was_training)
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
