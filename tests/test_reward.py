@@ -28,8 +28,8 @@ from lmpipe.reward import (
     preference_prob,
     raw_scores,
     read_preference_file,
-    sequence_scores,
     sample_and_label,
+    sequence_scores,
     val_prompts,
 )
 from lmpipe.train import train

@@ -222,7 +222,7 @@ class RewardParams(TrainParams):
     margin: float = Field(0.0, ge=0, description="loss: -log sigmoid(r_chosen - r_rejected - m)")
     pooling: Literal["last", "mean"] = Field(
         "mean",
-        description="head read at the last token (plain transformers) or averaged over the response",
+        description="last token (as plain transformers) or mean over response tokens",
     )
     norm_samples: int = Field(
         512, ge=16, description="fresh SFT samples that fit the gain/bias (mean 0, std 1)"
