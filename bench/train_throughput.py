@@ -117,16 +117,15 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}")
     for shape in args.shapes:
         results: dict[str, list[float]] = {p: [] for p in args.precisions}
-        for _ in range(args.repeats):
+        ref: dict[str, list[float]] = {p: [] for p in args.precisions}
+        with_ref = bool(args.nanogpt) and shape.startswith("nanogpt")
+        for _ in range(args.repeats):  # ours and the reference alternate: drift biases neither
             for p in args.precisions:
                 tps, n, fpt = run_once(
                     shape, p, args.steps, args.compile, args.device, args.peak_tflops
                 )
                 results[p].append(tps)
-        ref: dict[str, list[float]] = {p: [] for p in args.precisions}
-        if args.nanogpt and shape.startswith("nanogpt"):
-            for _ in range(args.repeats):
-                for p in args.precisions:
+                if with_ref:
                     ref[p].append(run_nanogpt(args.nanogpt, p, args.steps, args.device))
         base = statistics.median(results[args.precisions[0]])
         for p in args.precisions:
