@@ -4,6 +4,8 @@ never imported)."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -27,14 +29,21 @@ PrecisionOpt = Annotated[
 ]
 
 
+@contextmanager
+def _user_errors(*kinds: type[Exception]) -> Iterator[None]:
+    """Errors the user can fix end the command with their message and exit code 2."""
+    try:
+        yield
+    except kinds as err:
+        typer.echo(f"lmpipe: error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _load(bundle: Path, precision: Precision):
     from lmpipe.onnx.runtime import BundleError, OnnxLM
 
-    try:
+    with _user_errors(BundleError):
         return OnnxLM(bundle, precision=precision.value)
-    except BundleError as err:
-        typer.echo(f"lmpipe: error: {err}", err=True)
-        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -51,14 +60,11 @@ def generate(
     """Complete each prompt and print one completion per line."""
     lm = _load(bundle, precision)
     ids = [lm.prompt_ids(p) for p in prompt]
-    try:
+    with _user_errors(ValueError):
         out = lm.generate_ids(
             ids, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed,
         )  # fmt: skip
-    except ValueError as err:
-        typer.echo(f"lmpipe: error: {err}", err=True)
-        raise typer.Exit(2) from None
     for toks in out.tokens:
         sys.stdout.write(lm.decode(toks).replace("\n", " ") + "\n")
 
@@ -145,7 +151,7 @@ def compare(
     )
 
     keys = [k.strip() for m in metric or [] for k in m.split(",") if k.strip()]
-    try:
+    with _user_errors(CompareError):
         uri = resolve_tracking_uri(tracking_uri)
         cfg = tracking_params()
         runs = fetch_runs(
@@ -157,9 +163,6 @@ def compare(
         )
         table = build_table(runs, stage=stage, all_params=all_params, metrics=keys)
         text = render(table, fmt.value)
-    except CompareError as err:
-        typer.echo(f"lmpipe: error: {err}", err=True)
-        raise typer.Exit(2) from None
     for line in missing_metrics(keys, runs):
         typer.echo(f"lmpipe: warning: {line}", err=True)
     sys.stdout.write(text + "\n")
@@ -182,7 +185,7 @@ def sweep(
     from lmpipe.sweep import sweep as run
 
     root = Path.cwd()
-    try:
+    with _user_errors(SweepError):
         plan = load_spec(spec, root)
         if trials is not None:
             plan = replace(plan, trials=trials if plan.search != "grid" else min(
@@ -197,9 +200,6 @@ def sweep(
         if dry_run:
             return
         files = run(plan, root, echo=typer.echo)
-    except SweepError as err:
-        typer.echo(f"lmpipe: error: {err}", err=True)
-        raise typer.Exit(2) from None
     typer.echo((sweep_dir(root, plan) / "summary.md").read_text())
     typer.echo("files: " + ", ".join(str(p.relative_to(root)) for p in files.values()))
 
@@ -207,43 +207,36 @@ def sweep(
 params_app = typer.Typer(no_args_is_help=True, help="Apply a params profile (params/*.yaml).")
 app.add_typer(params_app, name="params")
 
+Profile = Annotated[Path, typer.Argument(help="profile, e.g. params/gpu-125m.yaml")]
+ParamsFile = Annotated[Path, typer.Option("--params", help="the params file it applies to")]
+
 
 @params_app.command("apply")
 def params_apply(
-    profile: Annotated[Path, typer.Argument(help="profile, e.g. params/gpu-125m.yaml")],
-    params_file: Annotated[Path, typer.Option("--params", help="file to update")] = Path(
-        "params.yaml"
-    ),
+    profile: Profile,
+    params_file: ParamsFile = Path("params.yaml"),
 ) -> None:
     """Write a profile's values into params.yaml (comments kept; validated first)."""
     from lmpipe.config import ParamsError
     from lmpipe.profiles import apply
 
-    try:
+    with _user_errors(ParamsError):
         changed = apply(profile, params_file)
-    except ParamsError as err:
-        typer.echo(f"lmpipe: error: {err}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"{params_file}: {len(changed)} value(s) changed" + (": " if changed else "")
                + ", ".join(changed))  # fmt: skip
 
 
 @params_app.command("flags")
 def params_flags(
-    profile: Annotated[Path, typer.Argument(help="profile, e.g. params/gpu-125m.yaml")],
-    params_file: Annotated[Path, typer.Option("--params", help="file it applies to")] = Path(
-        "params.yaml"
-    ),
+    profile: Profile,
+    params_file: ParamsFile = Path("params.yaml"),
 ) -> None:
     """Print `-S key=value` flags: dvc exp run $(lmpipe params flags params/gpu-125m.yaml)."""
     from lmpipe.config import ParamsError
     from lmpipe.profiles import dvc_flags
 
-    try:
+    with _user_errors(ParamsError):
         flags = dvc_flags(profile, params_file)
-    except ParamsError as err:
-        typer.echo(f"lmpipe: error: {err}", err=True)
-        raise typer.Exit(2) from None
     sys.stdout.write(" ".join(flags) + "\n")
 
 
