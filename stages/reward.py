@@ -18,18 +18,19 @@ from scipy.stats import spearmanr
 from lmpipe import stage
 from lmpipe.config import load_params
 from lmpipe.data.sources import DataError
-from lmpipe.data.tokenizer import PAD, load_tokenizer, special_ids
+from lmpipe.data.tokenizer import PAD, RESPONSE, load_tokenizer, special_ids
 from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.model import context_length, load_model, n_params, save_model
 from lmpipe.reward import (
     PreferenceBatches,
-    PreferenceExample,
     bag_of_words_baseline,
     build_reward_model,
     encode_for_reward,
+    encode_pairs,
     fit_normalisation,
     pair_metrics,
+    preference_groups,
     preference_loss_sum,
     raw_scores,
     read_preference_file,
@@ -101,12 +102,7 @@ def main() -> None:
             p["split"] = "val" if p["prompt"] in held_out else "train"
 
         context = context_length(sft)
-        encoded = {"train": [], "val": []}
-        for p in pairs:
-            c = encode_for_reward(tok, p["prompt"], p["chosen"], context)
-            r = encode_for_reward(tok, p["prompt"], p["rejected"], context)
-            if c and r:
-                encoded[p["split"]].append((PreferenceExample(c, r), p))
+        encoded = encode_pairs(tok, pairs, context)
         if not encoded["train"] or not encoded["val"]:
             raise DataError(
                 f"{len(encoded['train'])} train and {len(encoded['val'])} val pairs fit the "
@@ -124,11 +120,12 @@ def main() -> None:
             )  # fmt: skip
         del sft  # sampling is done; the reward model starts from a fresh copy of the backbone
 
-        model = build_reward_model(args.model, params.seed, cfg.pooling)
-        train_ex = [e for e, _ in encoded["train"]]
+        model = build_reward_model(args.model, params.seed, cfg.pooling, special_ids(tok)[RESPONSE])
+        train_groups = preference_groups(encoded["train"], cfg.batching)
+        val_groups = preference_groups(encoded["val"], cfg.batching)
+        source = PreferenceBatches(train_groups, cfg.batch_size, params.seed, pad)
+        val = PreferenceBatches(val_groups, cfg.batch_size, 0, pad).fixed_batches(cfg.eval_batches)
         val_ex = [e for e, _ in encoded["val"]]
-        source = PreferenceBatches(train_ex, cfg.batch_size, params.seed, pad)
-        val = PreferenceBatches(val_ex, cfg.batch_size, 0, pad).fixed_batches(cfg.eval_batches)
         store = checkpoint_store(args.cache, "reward", stage.checkpoint_key(params, inputs))
         result = train(
             model, source, cfg, val_batches=val, loss_sum=preference_loss_sum(cfg.margin),

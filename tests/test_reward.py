@@ -16,14 +16,17 @@ from lmpipe.model import build_model, save_model
 from lmpipe.reward import (
     PreferenceBatches,
     PreferenceExample,
+    PreferenceGroup,
     RewardModel,
     bradley_terry_loss,
     build_reward_model,
     encode_for_reward,
     expected_agreement,
     fit_normalisation,
+    group_pairs,
     label_pairs,
     pair_metrics,
+    preference_groups,
     preference_loss_sum,
     preference_prob,
     raw_scores,
@@ -122,22 +125,25 @@ def backbone(tmp_path_factory):
     return d
 
 
-def synthetic_pairs(n: int, seed: int) -> list[PreferenceExample]:
-    """Sequences of tokens 5..31; the preferred one holds more 7s than 9s (a rule over the
-    whole sequence, at varying positions — not readable off the last token)."""
+def synthetic_pairs(n: int, seed: int, k: int = 4) -> tuple[list[PreferenceExample], list[str]]:
+    """n groups of k sequences of tokens 5..31 (one "prompt" each), every pair labelled: the
+    preferred one holds more 7s than 9s (a rule over the whole sequence, at varying positions —
+    not readable off the last token). Returns the pairs and each pair's prompt key."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        seqs = []
-        for _ in range(2):
-            length = int(rng.integers(6, 20))
-            seqs.append([1, 3, *rng.integers(5, 32, size=length).tolist(), 2])
+    out, keys = [], []
+    for g in range(n):
+        seqs = [
+            [1, 3, *rng.integers(5, 32, size=int(rng.integers(6, 20))).tolist(), 2]
+            for _ in range(k)
+        ]
         score = [s.count(7) - s.count(9) for s in seqs]
-        if score[0] == score[1]:
-            continue
-        c, r = (0, 1) if score[0] > score[1] else (1, 0)
-        out.append(PreferenceExample(seqs[c], seqs[r]))
-    return out
+        for i in range(k):
+            for j in range(i + 1, k):
+                if score[i] != score[j]:
+                    c, r = (i, j) if score[i] > score[j] else (j, i)
+                    out.append(PreferenceExample(seqs[c], seqs[r]))
+                    keys.append(f"prompt {g}")
+    return out, keys
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
@@ -145,18 +151,67 @@ def test_reward_model_separates_a_synthetic_problem(backbone, pooling):
     torch.manual_seed(0)
     model = build_reward_model(backbone, seed=0, pooling=pooling, response_token_id=3)
     assert model.config.num_labels == 1
-    train_ex, val_ex = synthetic_pairs(1500, 0), synthetic_pairs(300, 1)
+    (train_ex, train_keys), (val_ex, val_keys) = synthetic_pairs(400, 0), synthetic_pairs(80, 1)
     cfg = RewardParams(
-        lr=3e-3, max_steps=300, batch_size=32, warmup_steps=10, eval_every=100, log_every=50,
+        lr=3e-3, max_steps=300, batch_size=6, warmup_steps=10, eval_every=100, log_every=50,
         checkpoint_every=0, device="cpu",
     )  # fmt: skip
-    val = PreferenceBatches(val_ex, 64, 0, 0).fixed_batches()
-    res = train(model, PreferenceBatches(train_ex, 32, 0, 0), cfg, val_batches=val,
-                loss_sum=preference_loss_sum())  # fmt: skip
+    val = PreferenceBatches(group_pairs(val_ex, val_keys), 16, 0, 0).fixed_batches()
+    source = PreferenceBatches(group_pairs(train_ex, train_keys), cfg.batch_size, 0, 0)
+    res = train(model, source, cfg, val_batches=val, loss_sum=preference_loss_sum())
     rc = raw_scores(model, [e.chosen for e in val_ex], 0)
     rr = raw_scores(model, [e.rejected for e in val_ex], 0)
     acc = float(np.mean(rc > rr))
     assert acc >= 0.95, f"held-out accuracy {acc:.3f}, val loss {res.val_loss:.3f}"
+
+
+def test_group_pairs_merges_a_prompts_pairs_and_shares_its_sequences():
+    a, b, c, d = [1, 5, 2], [1, 6, 2], [1, 7, 7, 2], [1, 8, 2]
+    pairs = [PreferenceExample(a, b), PreferenceExample(c, a), PreferenceExample(d, b)]
+    groups = group_pairs([*pairs, PreferenceExample(a, d)], ["p", "p", "q", "p"])
+    assert groups[0] == PreferenceGroup((tuple(a), tuple(b), tuple(c), tuple(d)),
+                                        ((0, 1), (2, 0), (0, 3)))  # fmt: skip
+    assert groups[1] == PreferenceGroup((tuple(d), tuple(b)), ((0, 1),))
+    batch = PreferenceBatches(groups, 2, 0, 0).fixed_batches()[0]
+    assert batch.n_targets == 4 and batch.input_ids.shape == (6, 4)  # 6 distinct rows, not 8
+    rows = batch.input_ids.tolist()
+    chosen = [[t for t in rows[i] if t] for i in batch.chosen.tolist()]
+    rejected = [[t for t in rows[i] if t] for i in batch.rejected.tolist()]
+    assert chosen == [a, c, a, d] and rejected == [b, a, d, b]
+
+
+def test_preference_groups_follow_reward_batching():
+    a, b, c = [1, 5, 2], [1, 6, 2], [1, 7, 2]
+    row = {"prompt": "p"}
+    encoded = [(PreferenceExample(a, b), row), (PreferenceExample(c, a), row)]
+    assert preference_groups(encoded, "pair") == [
+        PreferenceGroup((tuple(a), tuple(b)), ((0, 1),)),
+        PreferenceGroup((tuple(c), tuple(a)), ((0, 1),)),
+    ]
+    assert preference_groups(encoded, "prompt") == [
+        PreferenceGroup((tuple(a), tuple(b), tuple(c)), ((0, 1), (2, 0)))
+    ]
+    with pytest.raises(ValueError, match="reward.batching 'prompts'"):
+        preference_groups(encoded, "prompts")
+
+
+def test_grouped_batches_give_the_loss_and_gradient_of_separate_pairs(backbone):
+    """Scoring each response once per prompt changes the cost, not the loss: the summed
+    Bradley–Terry loss and its gradient equal those of the same pairs batched one by one."""
+    (ex, keys) = synthetic_pairs(3, 2, k=4)
+    loss_sum = preference_loss_sum(margin=0.5)
+    grads, losses = [], []
+    for groups in (group_pairs(ex, keys), [PreferenceGroup.of_pair(e) for e in ex]):
+        model = build_reward_model(backbone, seed=3, pooling="mean", response_token_id=3)
+        batch = PreferenceBatches(groups, len(groups), 0, 0).fixed_batches()[0]
+        assert batch.n_targets == len(ex)
+        loss = loss_sum(model, batch)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert len(group_pairs(ex, keys)) == 3 < len(ex)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])

@@ -215,7 +215,13 @@ class RewardParams(TrainParams):
     lr: float = Field(3e-4, gt=0, le=1, description="peak learning rate (after warmup)")
     warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
     max_steps: int = Field(150, ge=1, description="optimizer steps")
-    batch_size: int = Field(64, ge=1, description="preference pairs per micro-batch")
+    batch_size: int = Field(
+        64, ge=1, description="pairs (batching: pair) or prompts (batching: prompt) per micro-batch"
+    )
+    batching: Literal["pair", "prompt"] = Field(
+        "pair",
+        description="pair: independent pairs; prompt: all pairs of a prompt, one pass a response",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices (not norms/biases)")
     eval_every: int = Field(50, ge=1, description="steps between evaluations")
     checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0 = none)")

@@ -96,18 +96,81 @@ class PreferenceExample:
     rejected: list[int]
 
 
+@dataclass(frozen=True)
+class PreferenceGroup:
+    """The labelled pairs of one prompt: its distinct sequences and (chosen, rejected) indices
+    into them. Training batches whole groups, so each response is scored once per step however
+    many pairs it is in (k samples give up to k(k−1)/2 pairs for k forward passes, not
+    k(k−1)), and all comparisons of a prompt enter one gradient step together, as InstructGPT
+    trains its reward model (Ouyang et al. 2022): faster, and no response is fitted k−1 times
+    per epoch."""
+
+    seqs: tuple[tuple[int, ...], ...]
+    pairs: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of_pair(cls, example: PreferenceExample) -> PreferenceGroup:
+        return cls((tuple(example.chosen), tuple(example.rejected)), ((0, 1),))
+
+
+def group_pairs(
+    examples: Sequence[PreferenceExample], keys: Sequence[str]
+) -> list[PreferenceGroup]:
+    """Pairs with the same key (their prompt) into one group, identical sequences merged;
+    groups in order of first appearance."""
+    seqs: dict[str, dict[tuple[int, ...], int]] = {}
+    pairs: dict[str, list[tuple[int, int]]] = {}
+    for e, key in zip(examples, keys, strict=True):
+        index = seqs.setdefault(key, {})
+        c = index.setdefault(tuple(e.chosen), len(index))
+        r = index.setdefault(tuple(e.rejected), len(index))
+        pairs.setdefault(key, []).append((c, r))
+    return [PreferenceGroup(tuple(seqs[k]), tuple(pairs[k])) for k in seqs]
+
+
+def encode_pairs(
+    tok: Tokenizer, rows: Sequence[dict[str, Any]], context: int
+) -> dict[str, list[tuple[PreferenceExample, dict[str, Any]]]]:
+    """Rows with `prompt`, `chosen`, `rejected` and `split` (train/val), encoded; a pair whose
+    chosen or rejected sequence does not fit the context is left out."""
+    out: dict[str, list[tuple[PreferenceExample, dict[str, Any]]]] = {"train": [], "val": []}
+    for p in rows:
+        c = encode_for_reward(tok, p["prompt"], p["chosen"], context)
+        r = encode_for_reward(tok, p["prompt"], p["rejected"], context)
+        if c and r:
+            out[p["split"]].append((PreferenceExample(c, r), p))
+    return out
+
+
+def preference_groups(
+    encoded: Sequence[tuple[PreferenceExample, dict[str, Any]]], batching: str
+) -> list[PreferenceGroup]:
+    """`encode_pairs` output of one split as training examples: one group per prompt
+    (`batching: prompt`) or per pair (`pair`)."""
+    if batching == "prompt":
+        return group_pairs([e for e, _ in encoded], [p["prompt"] for _, p in encoded])
+    if batching == "pair":
+        return [PreferenceGroup.of_pair(e) for e, _ in encoded]
+    raise ValueError(f"reward.batching {batching!r} is not 'pair' or 'prompt'")
+
+
 @dataclass
 class PreferenceBatch:
-    """Chosen sequences in rows [0, B), rejected in [B, 2B), right-padded to one width."""
+    """Distinct sequences, right-padded to one width, and each pair's (chosen, rejected) rows."""
 
     input_ids: torch.Tensor
+    chosen: torch.Tensor  # (P,) row of each pair's chosen sequence
+    rejected: torch.Tensor  # (P,)
 
     @property
     def n_targets(self) -> int:  # the loop divides the summed loss by this: pairs
-        return self.input_ids.shape[0] // 2
+        return int(self.chosen.numel())
 
     def to(self, device: torch.device) -> PreferenceBatch:
-        return PreferenceBatch(self.input_ids.to(device, non_blocking=device.type == "cuda"))
+        nb = device.type == "cuda"
+        return PreferenceBatch(
+            *(t.to(device, non_blocking=nb) for t in (self.input_ids, self.chosen, self.rejected))
+        )
 
 
 def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
@@ -118,16 +181,22 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     return out
 
 
-def collate_preferences(examples: Sequence[PreferenceExample], pad_id: int) -> PreferenceBatch:
-    seqs = [e.chosen for e in examples] + [e.rejected for e in examples]
-    return PreferenceBatch(right_pad(seqs, pad_id))
+def collate_preferences(groups: Sequence[PreferenceGroup], pad_id: int) -> PreferenceBatch:
+    seqs: list[Sequence[int]] = []
+    chosen, rejected = [], []
+    for g in groups:
+        chosen += [len(seqs) + c for c, _ in g.pairs]
+        rejected += [len(seqs) + r for _, r in g.pairs]
+        seqs += g.seqs
+    return PreferenceBatch(right_pad(seqs, pad_id), torch.tensor(chosen), torch.tensor(rejected))
 
 
 class PreferenceBatches(PairBatches):
-    """Seeded epochs over preference pairs (same sampler, state and rank slicing as SFT)."""
+    """Seeded epochs over preference groups, `batch_size` groups a micro-batch (same sampler,
+    state and rank slicing as SFT)."""
 
-    def collate(self, examples: Sequence[PreferenceExample]) -> PreferenceBatch:
-        return collate_preferences(examples, self.pad_id)
+    def collate(self, groups: Sequence[PreferenceGroup]) -> PreferenceBatch:
+        return collate_preferences(groups, self.pad_id)
 
 
 def read_preference_file(path: str | Path) -> list[dict[str, str]]:
@@ -191,7 +260,7 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Te
     `mean`: the head at every response position (after RESPONSE, up to and including EOS),
     averaged. A sequence without the RESPONSE token is averaged over all its tokens.
     On the default task (sentiment of the response) `mean` ranks pairs much better than `last`
-    (README, "Reward model"); a causal model reading one position has to learn to gather
+    (README, section "reward"); a causal model reading one position has to learn to gather
     the evidence first.
     """
     config = model.config
@@ -212,8 +281,7 @@ def preference_loss_sum(margin: float = 0.0):
 
     def loss_sum(model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
         r = sequence_scores(model, batch.input_ids)
-        n = batch.n_targets
-        return bradley_terry_loss(r[:n], r[n:], margin).sum()
+        return bradley_terry_loss(r[batch.chosen], r[batch.rejected], margin).sum()
 
     return loss_sum
 

@@ -1,0 +1,96 @@
+"""Reward-model variants trained on the pairs of the last `reward` run, scored like the stage.
+
+    python bench/reward_variants.py                      # the stage's params
+    python bench/reward_variants.py --pooling last mean
+    python bench/reward_variants.py --batching prompt --batch-size 16
+    python bench/reward_variants.py --lr 1e-3 --steps 300
+
+Reads `data/preferences/pairs.jsonl` (written by `dvc repro reward`), trains each variant
+(pooling × batching) with the stage's loop and `reward.*` params from params.yaml, overridden by
+the flags, and prints the held-out accuracy against the labels and against the gold order (pairs
+whose gold scores differ by >= 0.1), as in `reports/reward.json`, with the training time.
+`--batching pair` batches `batch_size` independent pairs (a response is scored once per pair it
+is in); `prompt` batches `batch_size` prompts with all their labelled pairs, each response
+scored once (see `reward.batching`). With the stage's params a variant reproduces the stage's
+figures exactly (same seed, same batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lmpipe.config import load_params
+from lmpipe.data.tokenizer import PAD, RESPONSE, load_tokenizer, special_ids
+from lmpipe.model import context_length, load_model
+from lmpipe.reward import (
+    PreferenceBatches,
+    build_reward_model,
+    encode_pairs,
+    pair_metrics,
+    preference_groups,
+    preference_loss_sum,
+    raw_scores,
+)
+from lmpipe.train import train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--sft", default="models/sft")
+    ap.add_argument("--pairs", default="data/preferences/pairs.jsonl")
+    ap.add_argument("--pooling", nargs="+", default=None, help="default: reward.pooling")
+    ap.add_argument("--batching", nargs="+", default=None, choices=["pair", "prompt"])
+    ap.add_argument("--batch-size", type=int, default=None, help="default: reward.batch_size")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    args = ap.parse_args()
+
+    params = load_params(args.params, ["reward"])
+    update = {"checkpoint_every": 0, "eval_every": 10**9}
+    for key, value in (("lr", args.lr), ("max_steps", args.steps), ("batch_size", args.batch_size)):
+        if value is not None:
+            update[key] = value
+    cfg = params.reward.model_copy(update=update)
+    tok = load_tokenizer(args.sft)
+    ids = special_ids(tok)
+    rows = [json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line]
+    encoded = encode_pairs(tok, rows, context_length(load_model(args.sft)))
+    val = encoded["val"]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{len(encoded['train'])} train / {len(val)} val pairs; "
+        f"lr {cfg.lr}, {cfg.max_steps} steps x {cfg.batch_size} prompts or pairs"
+    )
+    for batching in args.batching or [cfg.batching]:
+        groups = preference_groups(encoded["train"], batching)
+        for pooling in args.pooling or [cfg.pooling]:
+            t0 = time.perf_counter()
+            model = build_reward_model(args.sft, params.seed, pooling, ids[RESPONSE])
+            source = PreferenceBatches(groups, cfg.batch_size, params.seed, ids[PAD])
+            result = train(
+                model, source, cfg, val_batches=[], loss_sum=preference_loss_sum(cfg.margin)
+            )
+            model.eval()
+            m = pair_metrics(
+                raw_scores(model, [e.chosen for e, _ in val], ids[PAD]),
+                raw_scores(model, [e.rejected for e, _ in val], ids[PAD]),
+                [p["gold_chosen"] for _, p in val],
+                [p["gold_rejected"] for _, p in val],
+            )
+            print(
+                f"batching {batching:6s} pooling {pooling:5s} "
+                f"val_accuracy {m['val_accuracy']:.3f}  "
+                f"gold_order_accuracy {m['gold_order_accuracy']:.3f} "
+                f"({m['gold_order_pairs']} pairs)  training {result.train_seconds:.0f} s, "
+                f"{time.perf_counter() - t0:.0f} s in all"
+            )
+
+
+if __name__ == "__main__":
+    main()
