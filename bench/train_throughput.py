@@ -4,6 +4,7 @@
     python bench/train_throughput.py --steps 40 --shapes nanogpt --compile
     python bench/train_throughput.py --shapes nanogpt --nanogpt /path/to/nanoGPT/model.py
     python bench/train_throughput.py --shapes gpu-125m --precisions bf16 --compile   # a GPU
+    python bench/train_throughput.py --shapes nanogpt --profile --nanogpt ...   # where time goes
 
 Runs the real loop (`lmpipe.train.train`: AdamW, schedule, clipping, loss) on random tokens.
 Variants of one shape alternate in the same process (A, B, A, B, ...) and the median of the
@@ -72,8 +73,8 @@ def run_once(shape: str, precision: str, steps: int, compile_: bool, device: str
     return statistics.median(tps), n_params(model), flops_per_token(model)
 
 
-def run_nanogpt(path: str, precision: str, steps: int, device: str) -> float:
-    """tokens/s of nanoGPT's GPT (Shakespeare-char shape, batch 16), the same step as ours."""
+def nanogpt_model(path: str, device: str) -> torch.nn.Module:
+    """nanoGPT's GPT at the Shakespeare-char shape (its train.py default bias=False)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("nanogpt_model", path)
@@ -82,7 +83,12 @@ def run_nanogpt(path: str, precision: str, steps: int, device: str) -> float:
     conf = mod.GPTConfig(block_size=128, vocab_size=65, n_layer=4, n_head=4, n_embd=256,
                          dropout=0.0, bias=False)  # fmt: skip
     torch.manual_seed(0)
-    model = mod.GPT(conf).to(device)
+    return mod.GPT(conf).to(device)
+
+
+def run_nanogpt(path: str, precision: str, steps: int, device: str) -> float:
+    """tokens/s of nanoGPT's GPT (Shakespeare-char shape, batch 16), the same step as ours."""
+    model = nanogpt_model(path, device)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device)
     data = torch.randint(0, 65, (16, 129))
     x, y = data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)
@@ -102,6 +108,47 @@ def run_nanogpt(path: str, precision: str, steps: int, device: str) -> float:
     return 16 * 128 / statistics.median(times)
 
 
+def profile(shape: str, nanogpt: str | None, device: str, steps: int = 5) -> None:
+    """Where a bare fp32 step's time goes (forward, loss, backward, clip, AdamW), ours against
+    nanoGPT's: the operators by self time, from torch.profiler."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    mcfg, vocab, batch = SHAPES[shape]
+    data = torch.randint(
+        0, vocab, (batch, mcfg.context + 1), generator=torch.Generator().manual_seed(0)
+    )
+    x, y = data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)
+    ours = build_model(mcfg, vocab, SPECIAL, seed=0).to(device)
+
+    def ours_loss():
+        logits = ours(input_ids=x, use_cache=False).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    models = {"ours": (ours, ours_loss)}
+    if nanogpt and shape.startswith("nanogpt"):
+        ref = nanogpt_model(nanogpt, device)
+        models["nanoGPT"] = (ref, lambda: ref(x, y)[1])
+    for name, (model, loss_fn) in models.items():
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model.train()
+
+        def step(model=model, loss_fn=loss_fn, opt=opt):
+            loss_fn().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        print(f"--- {name} ({shape}), {steps} steps")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["default", "nanogpt", "nanogpt-llama"])
@@ -112,7 +159,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--peak-tflops", type=float, default=0.0)
     ap.add_argument("--nanogpt", default=None, help="path to nanoGPT's model.py, as reference")
+    ap.add_argument("--profile", action="store_true", help="operator profile, no timing")
     args = ap.parse_args()
+    if args.profile:
+        for shape in args.shapes:
+            profile(shape, args.nanogpt, args.device)
+        return
     dev = torch.device(args.device)
     print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}")
     for shape in args.shapes:
