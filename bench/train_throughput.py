@@ -27,7 +27,7 @@ import torch
 from lmpipe.config import ModelParams, PretrainParams
 from lmpipe.model import build_model, n_params
 from lmpipe.profiles import read_profile
-from lmpipe.train import TokenWindows, flops_per_token, peak_flops, train
+from lmpipe.train import TokenWindows, flops_per_token, lm_loss_sum, peak_flops, train
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2}
 SHAPES = {
@@ -111,20 +111,18 @@ def run_nanogpt(path: str, precision: str, steps: int, device: str) -> float:
 def profile(shape: str, nanogpt: str | None, device: str, steps: int = 5) -> None:
     """Where a bare fp32 step's time goes (forward, loss, backward, clip, AdamW), ours against
     nanoGPT's: the operators by self time, from torch.profiler."""
-    import torch.nn.functional as F
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    mcfg, vocab, batch = SHAPES[shape]
-    data = torch.randint(
-        0, vocab, (batch, mcfg.context + 1), generator=torch.Generator().manual_seed(0)
-    )
-    x, y = data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)
+    mcfg, vocab, batch_size = SHAPES[shape]
+    tokens = np.random.default_rng(0).integers(0, vocab, size=200_000).astype(np.uint16)
+    batch = TokenWindows(tokens, mcfg.context, batch_size, seed=0).fixed_batches(1)[0]
+    batch = batch.to(torch.device(device))
+    x, y = batch.input_ids.contiguous(), batch.labels.contiguous()  # nanoGPT .view()s them
     ours = build_model(mcfg, vocab, SPECIAL, seed=0).to(device)
 
-    def ours_loss():
-        logits = ours(input_ids=x, use_cache=False).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    def ours_loss():  # the loss our loop trains on
+        return lm_loss_sum(ours, batch) / batch.n_targets
 
     models = {"ours": (ours, ours_loss)}
     if nanogpt and shape.startswith("nanogpt"):
