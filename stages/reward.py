@@ -66,7 +66,8 @@ def main() -> None:
 
     with stage_run("reward", params, params.tracking, inputs) as tracker:
         tok = load_tokenizer(args.data)
-        pad = special_ids(tok)[PAD]
+        sids = special_ids(tok)
+        pad = sids[PAD]
         sft = load_model(args.model)
         rl_prompts = [r["prompt"] for r in read_jsonl(args.data / "prompts" / "rl.jsonl")]
 
@@ -120,7 +121,7 @@ def main() -> None:
             )  # fmt: skip
         del sft  # sampling is done; the reward model starts from a fresh copy of the backbone
 
-        model = build_reward_model(args.model, params.seed, cfg.pooling, special_ids(tok)[RESPONSE])
+        model = build_reward_model(args.model, params.seed, cfg.pooling, sids[RESPONSE])
         train_groups = preference_groups(encoded["train"], cfg.batching)
         val_groups = preference_groups(encoded["val"], cfg.batching)
         source = PreferenceBatches(train_groups, cfg.batch_size, params.seed, pad)

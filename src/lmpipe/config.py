@@ -191,7 +191,7 @@ class PreferenceParams(Section):
     )
     prompts: int = Field(1000, ge=2, description="RL prompts to sample for (at most all of them)")
     samples_per_prompt: int = Field(
-        6, ge=2, le=16, description="k responses per prompt; every pair of them is labelled"
+        12, ge=2, le=16, description="k responses per prompt; every pair of them is labelled"
     )
     max_new_tokens: int = Field(48, ge=1, description="response length limit when sampling")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
@@ -212,14 +212,14 @@ class PreferenceParams(Section):
 class RewardParams(TrainParams):
     """Bradley-Terry reward model on the SFT backbone with a scalar head (stage: reward)."""
 
-    lr: float = Field(3e-4, gt=0, le=1, description="peak learning rate (after warmup)")
+    lr: float = Field(5e-4, gt=0, le=1, description="peak learning rate (after warmup)")
     warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
-    max_steps: int = Field(150, ge=1, description="optimizer steps")
+    max_steps: int = Field(300, ge=1, description="optimizer steps")
     batch_size: int = Field(
-        64, ge=1, description="pairs (batching: pair) or prompts (batching: prompt) per micro-batch"
+        8, ge=1, description="pairs (batching: pair) or prompts (batching: prompt) per micro-batch"
     )
     batching: Literal["pair", "prompt"] = Field(
-        "pair",
+        "prompt",
         description="pair: independent pairs; prompt: all pairs of a prompt, one pass a response",
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices (not norms/biases)")

@@ -61,7 +61,8 @@ def hf_config(cfg: ModelParams, vocab_size: int, special: dict[str, int]) -> Pre
         n_head=cfg.n_heads,
         n_inner=ff_width(cfg),
         # exact (erf) GELU, as nanoGPT: on CPU its kernel is about twice as fast as the tanh
-        # approximation of the original GPT-2 (bench/train_throughput.py, README "Throughput")
+        # approximation of the original GPT-2 (bench/train_throughput.py --profile; README,
+        # "Measured figures", paragraph "Training throughput")
         activation_function="gelu",
         resid_pdrop=cfg.dropout,
         embd_pdrop=cfg.dropout,

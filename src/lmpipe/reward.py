@@ -98,12 +98,13 @@ class PreferenceExample:
 
 @dataclass(frozen=True)
 class PreferenceGroup:
-    """The labelled pairs of one prompt: its distinct sequences and (chosen, rejected) indices
-    into them. Training batches whole groups, so each response is scored once per step however
-    many pairs it is in (k samples give up to k(k−1)/2 pairs for k forward passes, not
-    k(k−1)), and all comparisons of a prompt enter one gradient step together, as InstructGPT
-    trains its reward model (Ouyang et al. 2022): faster, and no response is fitted k−1 times
-    per epoch."""
+    """Labelled pairs over distinct sequences: (chosen, rejected) indices into `seqs`. A batch
+    of groups scores each sequence once however many of its pairs it holds.
+
+    `reward.batching: prompt` (the default) makes one group per prompt (`group_pairs`): k
+    samples give up to k(k−1)/2 pairs for k forward passes instead of k(k−1), and all
+    comparisons of a prompt enter one gradient step together, as InstructGPT trains its reward
+    model (Ouyang et al. 2022). `reward.batching: pair` makes one group per pair (`of_pair`)."""
 
     seqs: tuple[tuple[int, ...], ...]
     pairs: tuple[tuple[int, int], ...]
