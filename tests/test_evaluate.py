@@ -81,6 +81,9 @@ def test_flags_name_reward_hacking_entropy_collapse_and_eos_drop():
     assert "Entropy collapsed" in f
     fs = M.flags({}, {"sft": row(0.3, 0.0, 0.9), "rl": row(0.2, 1.0, 0.5)})
     assert any("exploited" in f for f in fs) and any("EOS rate dropped" in f for f in fs)
+    # No sample of a model ended with EOS: no proxy score to compare, the EOS flag still works.
+    fs = M.flags({}, {"sft": row(0.3, None, 0.9), "rl": row(0.2, 1.0, 0.5)})
+    assert not any("exploited" in f for f in fs) and any("EOS rate dropped" in f for f in fs)
 
 
 def fixture_metrics():

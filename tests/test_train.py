@@ -19,6 +19,7 @@ from lmpipe.train import (
     lr_at,
     param_groups,
     train,
+    use_bf16,
 )
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2}
@@ -74,6 +75,32 @@ def test_loss_decreases_on_a_memorisable_batch():
     assert losses[0] > math.log(17)  # starts near uniform over the tokens seen
     assert losses[-1] < 0.2 * losses[0]
     assert res.val_loss < 0.5
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "want"),
+    [(False, False, False), (True, False, True), (False, True, True), (True, True, True)],
+)
+def test_auto_precision_follows_the_cpu(monkeypatch, amx, avx512_bf16, want):
+    # bf16 only where the CPU has native bf16 matmuls: AVX2-only CPUs emulate it, 30x slower.
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    cpu = torch.device("cpu")
+    assert use_bf16("auto", cpu) is want
+    assert use_bf16("fp32", cpu) is False
+    assert use_bf16("bf16", cpu) is True
+
+
+def test_bf16_autocast_learns_and_keeps_fp32_weights():
+    torch.manual_seed(0)
+    m = tiny_model()
+    tokens = np.tile(np.arange(3, 20, dtype=np.uint16), 20)
+    src = TokenWindows(tokens, 16, 4, seed=0)
+    res = train(m, src, cfg(max_steps=80, lr=1e-2, precision="bf16"),
+                val_batches=src.fixed_batches(1))  # fmt: skip
+    losses = [r["train/loss"] for r in res.history]
+    assert losses[-1] < 0.2 * losses[0]
+    assert all(p.dtype == torch.float32 for p in m.parameters())  # autocast, not a cast
 
 
 def grads(model):

@@ -151,7 +151,7 @@ class TrainParams(Section):
     log_every: int = Field(10, ge=1, description="steps between logged training metrics")
     checkpoint_every: int = Field(40, ge=0, description="steps between checkpoints (0 = none)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32"
+        "auto", description="auto: bf16 autocast on CUDA and on AMX or AVX512-BF16 CPUs, else fp32"
     )
     compile: bool = Field(False, description="torch.compile the model")
     device: str = Field("auto", description="auto (CUDA if present), cpu, cuda, cuda:N")
@@ -345,7 +345,7 @@ class CompressParams(Section):
     speed_new_tokens: int = Field(64, ge=1, description="tokens per row in the generation timing")
     checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints (0 = none)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32"
+        "auto", description="auto: bf16 autocast on CUDA and on AMX or AVX512-BF16 CPUs, else fp32"
     )
     device: str = Field("auto", description="auto (CUDA if present), cpu, cuda, cuda:N")
 

@@ -105,7 +105,13 @@ def flags(
             )
     sft, rl = rows.get("sft"), rows.get("rl")
     if sft and rl:
-        if rl["proxy_reward"] > sft["proxy_reward"] and rl["gold_reward"] < sft["gold_reward"]:
+        # proxy_reward is None where no sample ended with EOS (the proxy scores ended ones).
+        proxies = (rl["proxy_reward"], sft["proxy_reward"])
+        if (
+            None not in proxies
+            and proxies[0] > proxies[1]
+            and rl["gold_reward"] < sft["gold_reward"]
+        ):
             out.append(
                 f"The RL policy scores higher than SFT on the proxy ({sft['proxy_reward']:.3f} → "
                 f"{rl['proxy_reward']:.3f}) but lower on the gold score ({sft['gold_reward']:.3f} "
