@@ -165,7 +165,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainParams) -> torch.optim.Adam
 
 def cpu_fast_bf16() -> bool:
     """Whether bf16 autocast trains faster than fp32 on this CPU: with AMX tiles, or with
-    AVX-512 BF16 (measured 1.41-1.47x fp32 on an AMD EPYC with avx512_bf16). On CPUs without
+    AVX-512 BF16 (measured 1.30-1.47x fp32 on an AMD EPYC with avx512_bf16). On CPUs without
     either (AVX2 only) oneDNN emulates bf16, measured 30x slower than fp32
     (bench/train_throughput.py)."""
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
@@ -329,9 +329,9 @@ def train(
     bf16 = use_bf16(cfg.precision, device)
     if rank == 0:
         # `auto` resolves per machine: the tag says which precision this run trained in.
-        tracker.set_tags({f"{prefix}/precision": "bf16" if bf16 else "fp32"})
-        log.info("%s: precision %s (%s) on %s", prefix, "bf16" if bf16 else "fp32",
-                 cfg.precision, device)  # fmt: skip
+        resolved = "bf16" if bf16 else "fp32"
+        tracker.set_tags({f"{prefix}/precision": resolved})
+        log.info("%s: precision %s (%s) on %s", prefix, resolved, cfg.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -106,12 +106,9 @@ def flags(
     sft, rl = rows.get("sft"), rows.get("rl")
     if sft and rl:
         # proxy_reward is None where no sample ended with EOS (the proxy scores ended ones).
-        proxies = (rl["proxy_reward"], sft["proxy_reward"])
-        if (
-            None not in proxies
-            and proxies[0] > proxies[1]
-            and rl["gold_reward"] < sft["gold_reward"]
-        ):
+        rl_proxy, sft_proxy = rl["proxy_reward"], sft["proxy_reward"]
+        proxy_rose = None not in (rl_proxy, sft_proxy) and rl_proxy > sft_proxy
+        if proxy_rose and rl["gold_reward"] < sft["gold_reward"]:
             out.append(
                 f"The RL policy scores higher than SFT on the proxy ({sft['proxy_reward']:.3f} → "
                 f"{rl['proxy_reward']:.3f}) but lower on the gold score ({sft['gold_reward']:.3f} "
