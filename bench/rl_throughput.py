@@ -4,11 +4,13 @@ TRL's RLOOTrainer on the same models and settings when `trl` is installed
 
     python bench/rl_throughput.py                       # rloo, ppo and dpg, then TRL's RLOO
     python bench/rl_throughput.py --algos rloo --steps 5 --no-trl
+    python bench/rl_throughput.py --algos ppo rloo --precision bf16 --no-trl   # rl.precision
 
 Setting (the issue's reference): a tiny Llama policy and reward model (width 256, 4 layers,
 vocab 4096, random init, fp32), 64 prompts x 2 samples, 32 new tokens, one update per batch
 (PPO: its default epochs and minibatches), the reward model scores every response. Both loops
-run in this process on the same models; the first step of each is a warm-up and not timed.
+run in this process on the same models, with the same attention kernel
+(`lmpipe.model.attention_for`); the first step of each is a warm-up and not timed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from lmpipe.config import ModelParams, RLParams
-from lmpipe.model import build_model
+from lmpipe.model import attention_for, build_model
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.rollout import ValueModel
 
@@ -39,7 +41,9 @@ def models(seed: int = 0):
     torch.manual_seed(seed)
     rm_config = copy.deepcopy(policy.config)
     rm_config.num_labels = 1
-    rm = AutoModelForSequenceClassification.from_config(rm_config).eval()
+    rm = AutoModelForSequenceClassification.from_config(
+        rm_config, attn_implementation=attention_for()
+    ).eval()
     return policy, ref, rm
 
 
@@ -63,6 +67,7 @@ def bench_lmpipe(algo: str, steps: int, args) -> dict[str, float]:
     cfg = RLParams(
         algo=algo, prompts_per_step=args.prompts, samples_per_prompt=2,
         max_new_tokens=args.new_tokens, missing_eos_penalty=None, steps=steps + 1,
+        precision=args.precision,
         minibatch_size=args.prompts * 2 if algo != "ppo" else 32,
     )  # fmt: skip
     value = ValueModel.zero_head(policy) if algo == "ppo" else None
@@ -102,7 +107,9 @@ def bench_trl(steps: int, args) -> dict[str, float] | None:
         num_generations=2, max_completion_length=args.new_tokens, steps_per_generation=1,
         num_iterations=1, max_steps=steps + 1, use_cpu=True, report_to="none",
         save_strategy="no", logging_steps=1, temperature=1.0, beta=0.05, bf16=False,
-        disable_tqdm=True, model_init_kwargs={"dtype": torch.float32},
+        disable_tqdm=True,
+        # the same attention kernel as lmpipe's models on this device (eager on CPU)
+        model_init_kwargs={"dtype": torch.float32, "attn_implementation": attention_for()},
     )  # fmt: skip
     times: list[float] = []
 
@@ -132,8 +139,13 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+        help="lmpipe's rl.precision (TRL's run stays fp32, the issue's setting)",
+    )  # fmt: skip
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"lmpipe precision {args.precision}, attention {attention_for()}")  # fmt: skip
     rows = {}
     for algo in args.algos:
         rows[f"lmpipe {algo}"] = bench_lmpipe(algo, args.steps, args)

@@ -105,6 +105,9 @@ def main() -> None:
             policy, ref, cfg, train_ids, score_fn, eos_id=ids[EOS], pad_id=ids[PAD],
             seed=params.seed, value_model=value, gold_fn=gold_fn,
         )  # fmt: skip
+        precision = "bf16" if trainer.bf16 else "fp32"
+        tracker.set_tags({"rl/precision": precision})
+        log.info("log-prob, value and update passes in %s (%s)", precision, cfg.precision)
         sample_kw = dict(
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=ids[EOS],
             pad_id=ids[PAD], penalty=cfg.missing_eos_penalty,
@@ -181,6 +184,7 @@ def main() -> None:
         batch_kl = [h["rl/kl"] for h in history]
         report = {
             "algo": cfg.algo,
+            "precision": precision,
             "beta": cfg.kl_coef,
             "beta_final": trainer.kl_ctl.beta,
             "gold_reward": {"init": init["gold"], "final": final["gold"]},

@@ -223,6 +223,19 @@ def test_scores_ignore_right_padding(backbone, pooling):
     np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-6)
 
 
+def test_raw_scores_keep_input_order_through_dedupe_and_length_sort(backbone):
+    """Repeated sequences (a held-out response sits in k - 1 pairs) are scored once, batches
+    are sorted by length; the output still lines up with the input, duplicates included."""
+    model = build_reward_model(backbone, seed=1, pooling="mean", response_token_id=3).eval()
+    a, b, c = [1, 3, 10, 11, 4, 12, 13, 14, 2], [1, 3, 10, 4, 2], [1, 3, 12, 4, 15, 2]
+    seqs = [a, b, a, c, b, a]
+    got = raw_scores(model, seqs, 0, batch_size=2)
+    alone = {tuple(s): raw_scores(model, [s], 0)[0] for s in (a, b, c)}
+    np.testing.assert_allclose(got, [alone[tuple(s)] for s in seqs], rtol=1e-5, atol=1e-6)
+    assert len(set(np.round(got, 6))) == 3
+    assert raw_scores(model, [], 0).shape == (0,)
+
+
 def test_mean_pooling_averages_the_head_over_response_positions(backbone):
     """By hand: the head at each position after RESPONSE (EOS included, pads not), averaged;
     a sequence without RESPONSE averages all its tokens."""

@@ -94,6 +94,7 @@ def make_models(seed=0):
 
 
 def trainer(algo: str, policy, ref, **kw) -> RLTrainer:
+    kw.setdefault("precision", "fp32")  # the closed forms are compared in fp32
     cfg = RLParams(
         algo=algo, kl_coef=BETA, prompts_per_step=2, samples_per_prompt=32,
         max_new_tokens=MAX_NEW, missing_eos_penalty=PENALTY, minibatch_size=32, **kw,
@@ -128,9 +129,12 @@ def test_algorithm_reaches_the_posterior(algo, steps, kw):
     assert end < 0.05, f"{algo}: KL(π‖π*) {start:.3f} → {end:.3f}; last metrics {m}"
 
 
-def test_ppo_first_minibatch_has_ratio_one_and_zero_kl():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ppo_first_minibatch_has_ratio_one_and_zero_kl(precision):
+    """Also under bf16 autocast (`rl.precision`): the rollout and training passes share it."""
     policy, ref = make_models()
-    t = trainer("ppo", policy, ref, lr=1e-3)
+    t = trainer("ppo", policy, ref, lr=1e-3, precision=precision)
+    assert t.bf16 == (precision == "bf16")
     t.train_step()
     fm = t.first_minibatch
     assert fm["ratio"].numel() > 0

@@ -285,6 +285,11 @@ class RLParams(Section):
     )
     log_every: int = Field(1, ge=1, description="steps between logged metrics")
     checkpoint_every: int = Field(20, ge=0, description="steps between checkpoints (0 = none)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="log-prob/value/update passes; auto: bf16 where training uses it; "
+        "sampling and diagnostics fp32",
+    )
     device: str = Field("auto", description="auto (CUDA if present), cpu, cuda, cuda:N")
 
     @model_validator(mode="after")

@@ -4,6 +4,7 @@ callers pass a `ModelParams`, a vocabulary and the special token ids."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -73,14 +74,42 @@ def hf_config(cfg: ModelParams, vocab_size: int, special: dict[str, int]) -> Pre
     )
 
 
+def attention_for(device: str | torch.device | None = None) -> str:
+    """The attention kernel for a device: `eager` (matmul, softmax, matmul) on CPU, `sdpa`
+    elsewhere. On the CPU at this pipeline's sizes torch's fused SDPA kernel is the slower one:
+    sampling 1.29x and bf16 training 1.3x faster with eager, fp32 training even (AVX-512 EPYC,
+    `python bench/attention.py`). On CUDA SDPA's flash/memory-efficient kernels win, and its
+    memory does not grow with the square of the context. `LMPIPE_ATTENTION` overrides."""
+    forced = os.environ.get("LMPIPE_ATTENTION")
+    if forced:
+        if forced not in ("eager", "sdpa"):
+            raise ValueError(f"LMPIPE_ATTENTION={forced!r}: use eager or sdpa")
+        return forced
+    return "eager" if torch.device(device or "cpu").type == "cpu" else "sdpa"
+
+
+def set_attention(model: torch.nn.Module, impl: str) -> torch.nn.Module:
+    """Switch a loaded model's attention kernel in place (same weights, same results up to
+    float rounding)."""
+    inner = getattr(model, "_orig_mod", model)
+    if getattr(inner, "config", None) is None:  # not a transformers model: nothing to switch
+        return model
+    if hasattr(inner, "set_attn_implementation"):
+        inner.set_attn_implementation(impl)
+    else:  # older transformers read the private config field at every forward
+        inner.config._attn_implementation = impl
+    return model
+
+
 def build_model(
     cfg: ModelParams, vocab_size: int, special: dict[str, int], seed: int
 ) -> PreTrainedModel:
-    """A freshly initialised model; same seed → same weights."""
+    """A freshly initialised model (CPU attention kernel; `train` switches it for its device);
+    same seed → same weights."""
     config = hf_config(cfg, vocab_size, special)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_for())
     return model
 
 
@@ -127,6 +156,6 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Pre
 
         return load_quantized(model_dir, device)
     model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), attn_implementation="sdpa", use_safetensors=True
+        str(model_dir), attn_implementation=attention_for(device), use_safetensors=True
     )
     return model.to(device).eval()

@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from lmpipe.data.sources import DataError, iter_jsonl
 from lmpipe.data.tokenizer import EOS, PAD, RESPONSE, load_tokenizer, special_ids
-from lmpipe.model import context_length, read_manifest
+from lmpipe.model import attention_for, context_length, read_manifest
 from lmpipe.sft import PairBatches, prompt_ids
 
 # --------------------------------------------------------------------------- labelling
@@ -135,9 +135,17 @@ def encode_pairs(
     """Rows with `prompt`, `chosen`, `rejected` and `split` (train/val), encoded; a pair whose
     chosen or rejected sequence does not fit the context is left out."""
     out: dict[str, list[tuple[PreferenceExample, dict[str, Any]]]] = {"train": [], "val": []}
+    cache: dict[tuple[str, str], list[int] | None] = {}  # k samples make k(k-1)/2 pairs
+
+    def encode(prompt: str, response: str) -> list[int] | None:
+        key = (prompt, response)
+        if key not in cache:
+            cache[key] = encode_for_reward(tok, prompt, response, context)
+        return cache[key]
+
     for p in rows:
-        c = encode_for_reward(tok, p["prompt"], p["chosen"], context)
-        r = encode_for_reward(tok, p["prompt"], p["rejected"], context)
+        c = encode(p["prompt"], p["chosen"])
+        r = encode(p["prompt"], p["rejected"])
         if c and r:
             out[p["split"]].append((PreferenceExample(c, r), p))
     return out
@@ -236,7 +244,10 @@ def build_reward_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(sft_dir), num_labels=1, attn_implementation="sdpa", use_safetensors=True
+            str(sft_dir),
+            num_labels=1,
+            attn_implementation=attention_for(),
+            use_safetensors=True,
         )
         head = model.score
         torch.nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
@@ -291,16 +302,24 @@ def preference_loss_sum(margin: float = 0.0):
 def raw_scores(
     model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 128
 ) -> np.ndarray:
-    """Unnormalised scores of full sequences (prompt template + response + EOS)."""
+    """Unnormalised scores of full sequences (prompt template + response + EOS), in input order.
+
+    Each distinct sequence is scored once (held-out pairs repeat every response in k − 1
+    pairs), in batches of similar lengths so that little of a batch is padding."""
     device = next(model.parameters()).device
+    index: dict[tuple[int, ...], int] = {}
+    slots = [index.setdefault(tuple(s), len(index)) for s in seqs]
+    distinct = list(index)
+    order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
+    scores = torch.zeros(len(distinct), dtype=torch.float64)
     was_training = model.training
     model.eval()
-    out = []
-    for i in range(0, len(seqs), batch_size):
-        ids = right_pad(seqs[i : i + batch_size], pad_id).to(device)
-        out.append(sequence_scores(model, ids).cpu())
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size]
+        ids = right_pad([distinct[j] for j in rows], pad_id).to(device)
+        scores[rows] = sequence_scores(model, ids).cpu().double()
     model.train(was_training)
-    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+    return scores[slots].numpy() if slots else np.zeros(0)
 
 
 def fit_normalisation(raw: np.ndarray) -> dict[str, float]:
@@ -334,7 +353,7 @@ class RewardModel:
                 f"{directory} has no reward normalisation in lmpipe.json; rerun the reward stage"
             )
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(directory), attn_implementation="sdpa", use_safetensors=True
+            str(directory), attn_implementation=attention_for(device), use_safetensors=True
         )
         return cls(model.to(device).eval(), load_tokenizer(directory), norm["gain"], norm["bias"])
 

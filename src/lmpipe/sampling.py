@@ -1,6 +1,6 @@
 """Batched ancestral sampling with the KV cache — the one sampler of reward, RL and evaluation.
 
-A small loop over `model(..., past_key_values=cache)` rather than `model.generate`: for the
+A small loop over `model(..., cache=...)` rather than `model.generate`: for the
 models this pipeline trains on a CPU, generate's per-step machinery costs more than the model
 (measured in `bench/sampling_throughput.py`). Pure ancestral sampling from the temperature-scaled
 distribution, no top-k/top-p (they bias the KL that RL estimates); greedy decoding on request.
@@ -12,8 +12,10 @@ PAD; the loop stops when every row has ended or `max_new_tokens` is reached.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache as memoize
 
 import torch
 from transformers import StaticCache
@@ -51,6 +53,14 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+@memoize
+def cache_kwarg(model_class: type) -> str:
+    """The forward argument that takes the KV cache: `cache` from transformers 5.2x on,
+    `past_key_values` before (still accepted there, with a FutureWarning every call)."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One draw per row by inverting the CDF: one uniform per row (multinomial draws one
     exponential per vocabulary entry, which dominated the sampling time on CPU)."""
@@ -86,11 +96,12 @@ def generate(
     b, width = ids.shape
     # preallocated: a growing cache re-copies every key/value tensor at every step
     cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+    kv = {cache_kwarg(type(model)): cache}
     out = model(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions(mask),
-        past_key_values=cache,
+        **kv,
         use_cache=True,
         cache_position=torch.arange(width, device=device),
         logits_to_keep=1,
@@ -111,7 +122,7 @@ def generate(
             input_ids=tok[:, None],
             attention_mask=mask,
             position_ids=next_pos,
-            past_key_values=cache,
+            **kv,
             use_cache=True,
             cache_position=torch.tensor([width + step], device=device),
         )

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from lmpipe.config import TrainParams
 from lmpipe.io import hash_obj
+from lmpipe.model import attention_for, set_attention
 from lmpipe.tracking import NullTracker
 
 log = logging.getLogger(__name__)
@@ -335,6 +336,7 @@ def train(
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    set_attention(model, attention_for(device))
     model.train()
     opt = make_optimizer(model, cfg)
     net: torch.nn.Module = model

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from lmpipe.model import attention_for
 from lmpipe.train import Batch
 
 
@@ -240,7 +241,9 @@ def shrink(
         new[f"{m.group(1)}.{i_new}.{name}"] = value.clone()
 
     with torch.random.fork_rng(devices=[]):
-        small = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        small = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attention_for(next(model.parameters()).device)
+        )
     small.load_state_dict(new, strict=True)
     device = next(model.parameters()).device
     return small.to(device).train(model.training)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from lmpipe.model import MANIFEST, TOKENIZER_FILES
+from lmpipe.model import MANIFEST, TOKENIZER_FILES, attention_for
 
 WEIGHTS = "model.safetensors"
 
@@ -95,7 +95,7 @@ def load_quantized(model_dir: str | Path, device: str | torch.device = "cpu") ->
         raise FileNotFoundError(f"{model_dir} has no {WEIGHTS}: rerun the compress stage")
     config = AutoConfig.from_pretrained(str(model_dir))
     with torch.random.fork_rng(devices=[]):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_for("cpu"))
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
         names = list(f.keys())

@@ -23,7 +23,9 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from lmpipe.compress.prune import head_shape
+from lmpipe.model import set_attention
 from lmpipe.onnx.runtime import left_pad
+from lmpipe.sampling import cache_kwarg
 
 
 def cache_shape(model: PreTrainedModel) -> dict[str, int]:
@@ -53,7 +55,7 @@ class CachedDecoder(torch.nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            **{cache_kwarg(type(self.model)): cache},
             use_cache=True,
         )
         flat = []
@@ -66,7 +68,8 @@ def export_decoder(model: PreTrainedModel, path: str | Path, opset: int = 18) ->
     """Write the decoder graph to `path` (fp32, CPU tracing)."""
     from torch.export import Dim
 
-    model = model.float().cpu().eval()
+    # traced with torch's SDPA op, whatever kernel the model ran with on this device
+    model = set_attention(model.float().cpu().eval(), "sdpa")
     c = cache_shape(model)
     b, s, p = 2, 3, 2  # sample sizes ≥ 2 so no dimension is specialised
     ids = torch.randint(5, model.config.vocab_size, (b, s))
@@ -230,7 +233,8 @@ def parity(
         seq = np.concatenate([seq, nxt[:, None]], 1)
         t = model(
             input_ids=torch.from_numpy(nxt[:, None]), attention_mask=torch.from_numpy(m),
-            position_ids=torch.from_numpy(next_pos), past_key_values=cache, use_cache=True,
+            position_ids=torch.from_numpy(next_pos), **{cache_kwarg(type(model)): cache},
+            use_cache=True,
         )  # fmt: skip
         cache = t.past_key_values
         o_logits, past = lm.forward(nxt[:, None], m, next_pos, past)

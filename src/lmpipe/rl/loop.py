@@ -7,6 +7,7 @@ stage and the toy problems of the tests, where π* is known exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -21,6 +22,7 @@ from lmpipe.config import RLParams
 from lmpipe.rl import core
 from lmpipe.rl.rollout import ValueModel, disable_dropout, response_logprobs
 from lmpipe.sampling import Generation, generate
+from lmpipe.train import use_bf16
 
 ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], np.ndarray]
 """(prompt token ids, response token ids incl. EOS) → normalised proxy scores."""
@@ -99,6 +101,9 @@ class RLTrainer:
         )
         self.eos_id, self.pad_id = eos_id, pad_id
         self.device = next(policy.parameters()).device
+        # every pass that yields log-probs, values or gradients runs in one precision, so the
+        # first minibatch still reproduces the rollout's log-probs exactly (ratio 1, KL 0)
+        self.bf16 = use_bf16(cfg.precision, self.device)
         params = list(self.policy.parameters())
         if self.value is not None:
             params += list(self.value.parameters())
@@ -122,6 +127,13 @@ class RLTrainer:
         self.swap_window: list[tuple[float, float]] = []
         self.swaps = 0
         self.first_minibatch: dict[str, torch.Tensor] = {}
+
+    def amp(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast around the log-prob, value and update passes when `precision` asks;
+        the logits are cast back to fp32 before any softmax (`response_logits`)."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # ----------------------------------------------------------------------- rollout
 
@@ -158,13 +170,8 @@ class RLTrainer:
         values = torch.zeros(shape, device=self.device) if self.value is not None else None
         was_training = sampler.training
         sampler.eval()
-        for rows in chunks:
-            if cfg.algo != "rloo":  # rloo's single on-policy update computes them with grad
-                lp, e = response_logprobs(sampler, gen, rows, cfg.temperature)
-                logp[rows], ent[rows] = lp, e
-            ref_logp[rows] = response_logprobs(self.ref, gen, rows, cfg.temperature, False)[0]
-            if values is not None:
-                values[rows] = self.value(gen, rows)
+        with self.amp():
+            self._rollout_passes(sampler, gen, chunks, logp, ref_logp, ent, values)
         sampler.train(was_training)
         gold = None
         if self.gold_fn is not None:
@@ -175,6 +182,16 @@ class RLTrainer:
             gen, index, scores.to(self.device), proxy, logp, ref_logp, ent, values, chunks,
             gold, seconds_generate,
         )  # fmt: skip
+
+    def _rollout_passes(self, sampler, gen, chunks, logp, ref_logp, ent, values) -> None:
+        cfg = self.cfg
+        for rows in chunks:
+            if cfg.algo != "rloo":  # rloo's single on-policy update computes them with grad
+                lp, e = response_logprobs(sampler, gen, rows, cfg.temperature)
+                logp[rows], ent[rows] = lp, e
+            ref_logp[rows] = response_logprobs(self.ref, gen, rows, cfg.temperature, False)[0]
+            if values is not None:
+                values[rows] = self.value(gen, rows)
 
     # ----------------------------------------------------------------------- updates
 
@@ -209,9 +226,10 @@ class RLTrainer:
                 else split_rows(torch.randperm(b, generator=self.perm_gen), cfg.minibatch_size)
             )
             for i, rows in enumerate(chunks):
-                logp, _ = response_logprobs(self.policy, ro.gen, rows, cfg.temperature, False)
+                with self.amp():
+                    logp, _ = response_logprobs(self.policy, ro.gen, rows, cfg.temperature, False)
+                    v = self.value(ro.gen, rows)
                 pl = core.ppo_policy_loss(logp, ro.logp[rows], adv[rows], mask[rows], cfg.clip)
-                v = self.value(ro.gen, rows)
                 vl, vclip = core.ppo_value_loss(
                     v, ro.values[rows], returns[rows], mask[rows], cfg.value_clip
                 )
@@ -241,7 +259,8 @@ class RLTrainer:
         logp = torch.zeros(ro.mask.shape, device=self.device)
         ent = torch.zeros(ro.mask.shape, device=self.device)
         for r in ro.chunks:
-            lp, e = response_logprobs(self.policy, ro.gen, r, self.cfg.temperature)
+            with self.amp():
+                lp, e = response_logprobs(self.policy, ro.gen, r, self.cfg.temperature)
             logp = logp.index_put((r,), lp)
             ent[r] = e
         return logp, ent
