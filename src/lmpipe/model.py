@@ -76,10 +76,12 @@ def hf_config(cfg: ModelParams, vocab_size: int, special: dict[str, int]) -> Pre
 
 def attention_for(device: str | torch.device | None = None) -> str:
     """The attention kernel for a device: `eager` (matmul, softmax, matmul) on CPU, `sdpa`
-    elsewhere. On the CPU at this pipeline's sizes torch's fused SDPA kernel is the slower one:
-    sampling 1.29x and bf16 training 1.3x faster with eager, fp32 training even (AVX-512 EPYC,
-    `python bench/attention.py`). On CUDA SDPA's flash/memory-efficient kernels win, and its
-    memory does not grow with the square of the context. `LMPIPE_ATTENTION` overrides."""
+    elsewhere. On the CPU at this pipeline's sizes torch's fused SDPA kernel is the slower one
+    for what the stages spend their time on: in three runs of `python bench/attention.py`
+    (AVX-512 EPYC, 2 cores) eager sampled 0.99-1.19x as fast and trained in bf16 1.02-1.28x
+    as fast; fp32 training came out 0.86-1.07x, within the runs' noise. On CUDA SDPA's
+    flash/memory-efficient kernels win, and its memory does not grow with the square of the
+    context. `LMPIPE_ATTENTION=eager|sdpa` overrides the choice."""
     forced = os.environ.get("LMPIPE_ATTENTION")
     if forced:
         if forced not in ("eager", "sdpa"):
