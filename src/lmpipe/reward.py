@@ -319,7 +319,7 @@ def raw_scores(
         ids = right_pad([distinct[j] for j in rows], pad_id).to(device)
         scores[rows] = sequence_scores(model, ids).cpu().double()
     model.train(was_training)
-    return scores[slots].numpy() if slots else np.zeros(0)
+    return scores[slots].numpy()
 
 
 def fit_normalisation(raw: np.ndarray) -> dict[str, float]:

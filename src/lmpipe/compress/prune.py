@@ -240,12 +240,10 @@ def shrink(
             value = value[:, rows(q_heads, hd)]
         new[f"{m.group(1)}.{i_new}.{name}"] = value.clone()
 
-    with torch.random.fork_rng(devices=[]):
-        small = AutoModelForCausalLM.from_config(
-            config, attn_implementation=attention_for(next(model.parameters()).device)
-        )
-    small.load_state_dict(new, strict=True)
     device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):
+        small = AutoModelForCausalLM.from_config(config, attn_implementation=attention_for(device))
+    small.load_state_dict(new, strict=True)
     return small.to(device).train(model.training)
 
 

@@ -171,7 +171,13 @@ class RLTrainer:
         was_training = sampler.training
         sampler.eval()
         with self.amp():
-            self._rollout_passes(sampler, gen, chunks, logp, ref_logp, ent, values)
+            for rows in chunks:
+                if cfg.algo != "rloo":  # rloo's single on-policy update computes them with grad
+                    lp, e = response_logprobs(sampler, gen, rows, cfg.temperature)
+                    logp[rows], ent[rows] = lp, e
+                ref_logp[rows] = response_logprobs(self.ref, gen, rows, cfg.temperature, False)[0]
+                if values is not None:
+                    values[rows] = self.value(gen, rows)
         sampler.train(was_training)
         gold = None
         if self.gold_fn is not None:
@@ -182,16 +188,6 @@ class RLTrainer:
             gen, index, scores.to(self.device), proxy, logp, ref_logp, ent, values, chunks,
             gold, seconds_generate,
         )  # fmt: skip
-
-    def _rollout_passes(self, sampler, gen, chunks, logp, ref_logp, ent, values) -> None:
-        cfg = self.cfg
-        for rows in chunks:
-            if cfg.algo != "rloo":  # rloo's single on-policy update computes them with grad
-                lp, e = response_logprobs(sampler, gen, rows, cfg.temperature)
-                logp[rows], ent[rows] = lp, e
-            ref_logp[rows] = response_logprobs(self.ref, gen, rows, cfg.temperature, False)[0]
-            if values is not None:
-                values[rows] = self.value(gen, rows)
 
     # ----------------------------------------------------------------------- updates
 
