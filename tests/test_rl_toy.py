@@ -95,9 +95,11 @@ def make_models(seed=0):
 
 def trainer(algo: str, policy, ref, **kw) -> RLTrainer:
     kw.setdefault("precision", "fp32")  # the closed forms are compared in fp32
+    kw.setdefault("samples_per_prompt", 32)
+    kw.setdefault("minibatch_size", 32)
     cfg = RLParams(
-        algo=algo, kl_coef=BETA, prompts_per_step=2, samples_per_prompt=32,
-        max_new_tokens=MAX_NEW, missing_eos_penalty=PENALTY, minibatch_size=32, **kw,
+        algo=algo, kl_coef=BETA, prompts_per_step=2,
+        max_new_tokens=MAX_NEW, missing_eos_penalty=PENALTY, **kw,
     )  # fmt: skip
     value = ValueModel.zero_head(policy) if algo == "ppo" else None
     return RLTrainer(policy, ref, cfg, PROMPTS, score_fn, eos_id=EOS, pad_id=PAD, seed=0,
@@ -119,9 +121,12 @@ def test_toy_posterior_is_far_from_the_prior():
     ],
 )
 def test_algorithm_reaches_the_posterior(algo, steps, kw):
+    """64 samples a prompt: with 32 the end point is noisy, and over trainer seeds 1 in 6 to 1
+    in 3 runs of each algorithm ended between 0.05 and 0.11; with 64 every seed tried (6 an
+    algorithm) ended below 0.035."""
     torch.manual_seed(0)
     policy, ref = make_models()
-    t = trainer(algo, policy, ref, steps=steps, **kw)
+    t = trainer(algo, policy, ref, steps=steps, samples_per_prompt=64, minibatch_size=64, **kw)
     start = exact_kl_to_posterior(policy, ref)
     for _ in range(steps):
         m = t.train_step()

@@ -82,3 +82,55 @@ def test_generate_rejects_bad_arguments():
         generate(model, [], max_new_tokens=4, eos_id=EOS, pad_id=PAD)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, [[1]], max_new_tokens=4, eos_id=EOS, pad_id=PAD, temperature=0)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3])
+def test_batch_samples_follow_the_sequence_distribution(share, monkeypatch):
+    """Repeated prompts (one shared prefill) and rows that leave the batch at EOS (compaction)
+    still draw each whole response with the model's probability: empirical frequencies of every
+    possible response against exact probabilities from full forward passes."""
+    from itertools import product
+
+    import lmpipe.sampling
+
+    monkeypatch.setattr(lmpipe.sampling, "COMPACT_SHARE", share)  # 0: leave at every EOS
+    reorders: list[int] = []  # rows kept at each cache reorder (prefix copy, then compactions)
+    reorder = lmpipe.sampling.StaticCache.reorder_cache
+
+    def spy(cache, rows):
+        reorders.append(len(rows))
+        reorder(cache, rows)
+
+    monkeypatch.setattr(lmpipe.sampling.StaticCache, "reorder_cache", spy)
+    cfg = ModelParams(d_model=32, n_layers=2, n_heads=2, context=16, init_std=0.3)
+    model = build_model(cfg, 7, SPECIAL, seed=0).eval()
+    prompts, n, new = [[1, 3, 5, 6, 4], [1, 3, 6, 4]], 12_000, 3
+    batch = [prompts[i % 2] for i in range(2 * n)]  # interleaved: both prefixes shared
+    gen = generate(model, batch, max_new_tokens=new, eos_id=EOS, pad_id=PAD,
+                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert reorders[0] == 2 * n and len(reorders) >= (3 if share == 0 else 1), reorders
+    for j, prompt in enumerate(prompts):
+        seen: dict[tuple[int, ...], int] = {}
+        for i in range(j, 2 * n, 2):
+            resp = tuple(gen.response[i, : int(gen.lengths[i])].tolist())
+            seen[resp] = seen.get(resp, 0) + 1
+        # every response: up to `new` tokens, EOS only last
+        support = [
+            r
+            for k in range(1, new + 1)
+            for r in product(range(7), repeat=k)
+            if EOS not in r[:-1] and (r[-1] == EOS or k == new)
+        ]
+        assert set(seen) <= set(support)
+        with torch.no_grad():
+            probs = []
+            for r in support:
+                seq = torch.tensor([prompt + list(r)])
+                logp = torch.log_softmax(model(input_ids=seq).logits[0].double(), -1)
+                pos = range(len(prompt) - 1, len(prompt) - 1 + len(r))
+                probs.append(float(sum(logp[p, t] for p, t in zip(pos, r, strict=True)).exp()))
+        probs_t = np.array(probs)
+        assert abs(probs_t.sum() - 1) < 1e-6
+        freq = np.array([seen.get(r, 0) for r in support]) / n
+        se = np.sqrt(probs_t * (1 - probs_t) / n)
+        assert np.all(np.abs(freq - probs_t) <= 5 * se + 2e-3), np.abs(freq - probs_t).max()

@@ -70,6 +70,17 @@ def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None) 
     return idx.squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
+def _dedupe(prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """(distinct prompts in first-seen order, index of each prompt's distinct row)."""
+    first: dict[tuple[int, ...], int] = {}
+    inverse = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    return [list(p) for p in first], torch.tensor(inverse, dtype=torch.long)
+
+
+COMPACT_SHARE = 0.125
+"""Rows that ended leave the batch (and the KV cache) once they are this share of it."""
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -82,7 +93,13 @@ def generate(
     generator: torch.Generator | None = None,
     greedy: bool = False,
 ) -> Generation:
-    """Sample one response per prompt (token ids, already in the chat template)."""
+    """Sample one response per prompt (token ids, already in the chat template).
+
+    Two savings that change no distribution: a prompt repeated in the batch (k samples per
+    prompt) is prefilled once and its KV cache rows copied; rows that emitted EOS leave the
+    batch and the cache once they are `COMPACT_SHARE` of it, so the cost follows the tokens
+    actually sampled rather than batch × the longest response.
+    """
     if not prompts:
         raise ValueError("generate needs at least one prompt")
     if temperature <= 0 and not greedy:
@@ -90,34 +107,49 @@ def generate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    ids, mask = left_pad(prompts, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    prompt_mask = mask
+    ids, prompt_mask = left_pad(prompts, pad_id)
+    ids, prompt_mask = ids.to(device), prompt_mask.to(device)
     b, width = ids.shape
+    distinct, inverse = _dedupe(prompts)
+    d_ids, d_mask = left_pad(distinct, pad_id)  # the same width: the longest prompt is in it
+    inverse = inverse.to(device)
     # preallocated: a growing cache re-copies every key/value tensor at every step
     cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
     kv = {cache_kwarg(type(model)): cache}
     out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions(mask),
+        input_ids=d_ids.to(device),
+        attention_mask=d_mask.to(device),
+        position_ids=positions(d_mask.to(device)),
         **kv,
         use_cache=True,
         cache_position=torch.arange(width, device=device),
         logits_to_keep=1,
     )
-    next_pos = mask.sum(-1, keepdim=True)  # (B, 1)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    tokens: list[torch.Tensor] = []
+    logits = out.logits[:, -1].float()
+    if len(distinct) < b:
+        logits = logits[inverse]
+        cache.reorder_cache(inverse)
+    mask = prompt_mask
+    next_pos = mask.sum(-1, keepdim=True)  # (n, 1), over the n rows still in the batch
+    active = torch.arange(b, device=device)  # each such row's index in the batch
+    ended = torch.zeros(b, dtype=torch.bool, device=device)  # over those rows
+    response = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    n_steps = 0
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
         tok = logits.argmax(-1) if greedy else sample_categorical(logits / temperature, generator)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        tokens.append(tok)
-        done = done | (tok == eos_id)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        response[active, step] = torch.where(ended, pad_id, tok)
+        ended = ended | (tok == eos_id)
+        n_steps = step + 1
+        n_ended = int(ended.sum())
+        if n_ended == len(active) or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, (~done | (tok == eos_id)).long()[:, None]], dim=1)
+        if n_ended and n_ended >= COMPACT_SHARE * len(active):
+            keep = (~ended).nonzero().squeeze(-1)
+            cache.reorder_cache(keep)
+            active, tok, mask, next_pos = active[keep], tok[keep], mask[keep], next_pos[keep]
+            ended = ended[keep]
+        # rows that ended but stay in the batch run on; PAD is written for them and masked
+        mask = torch.cat([mask, (~ended | (tok == eos_id)).long()[:, None]], dim=1)
         out = model(
             input_ids=tok[:, None],
             attention_mask=mask,
@@ -126,9 +158,10 @@ def generate(
             use_cache=True,
             cache_position=torch.tensor([width + step], device=device),
         )
+        logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
     model.train(was_training)
-    response = torch.stack(tokens, dim=1)
+    response = response[:, :n_steps]
     # a token is real if no EOS came strictly before it
     eos = response == eos_id
     before = torch.cumsum(eos.long(), dim=1) - eos.long()

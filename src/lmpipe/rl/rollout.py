@@ -44,17 +44,14 @@ def response_logits(
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per position, without materialising the full log-softmax
-    twice: logit − logsumexp."""
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    """log softmax(logits)[token] per position."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H = logsumexp(z) − Σ softmax(z)·z, in one softmax pass."""
-    p = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """H = −Σ p·log p from log-probabilities (a log-softmax output)."""
+    return -(logp.exp() * logp).sum(-1)
 
 
 def response_logprobs(
@@ -64,12 +61,15 @@ def response_logprobs(
     temperature: float,
     with_entropy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log-probs, entropies or None), each (b, R), for the chosen rows of a generation."""
+    """(log-probs, entropies or None), each (b, R), for the chosen rows of a generation. One
+    log-softmax serves both (CPU, (128, 33, 4096): forward + backward + entropy 140 ms against
+    227 ms for logit − logsumexp with a separate softmax for the entropy)."""
     logits = response_logits(
         model, gen.sequences[rows], gen.attention_mask[rows], gen.prompt_width, temperature
     )
-    ent = entropy(logits.detach()) if with_entropy else None
-    return gather_logprobs(logits, gen.response[rows]), ent
+    logp = torch.log_softmax(logits, dim=-1)
+    ent = entropy(logp.detach()) if with_entropy else None
+    return logp.gather(-1, gen.response[rows].unsqueeze(-1)).squeeze(-1), ent
 
 
 class ValueModel(torch.nn.Module):
