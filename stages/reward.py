@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.stats import spearmanr
 
-from lmpipe import stage
+from lmpipe import dist, stage
 from lmpipe.config import load_params
 from lmpipe.data.sources import DataError
 from lmpipe.data.tokenizer import PAD, RESPONSE, load_tokenizer, special_ids
@@ -39,7 +40,7 @@ from lmpipe.reward import (
 )
 from lmpipe.sft import sample_responses
 from lmpipe.tracking import stage_run
-from lmpipe.train import checkpoint_store, train
+from lmpipe.train import checkpoint_store, train, use_bf16
 
 log = logging.getLogger("reward")
 
@@ -64,19 +65,25 @@ def main() -> None:
     gold = make_gold(pcfg.gold, keywords=pcfg.keywords)
     t_stage = time.perf_counter()
 
+    _, device = dist.setup(cfg.device)
+
     with stage_run("reward", params, params.tracking, inputs) as tracker:
         tok = load_tokenizer(args.data)
         sids = special_ids(tok)
         pad = sids[PAD]
-        sft = load_model(args.model)
+        sft = load_model(args.model, device)
         rl_prompts = [r["prompt"] for r in read_jsonl(args.data / "prompts" / "rl.jsonl")]
 
         t0 = time.perf_counter()
         if pcfg.source == "gold":
             prompts = rl_prompts[: pcfg.prompts]
+            # bf16 weights sample 1.6-1.9x faster on an AVX512-BF16 CPU (bench/sampling_throughput)
+            bf16 = use_bf16(pcfg.precision if pcfg.precision != "auto" else cfg.precision, device)
             samples, pairs = sample_and_label(
-                sft, tok, prompts, k=pcfg.samples_per_prompt, max_new_tokens=pcfg.max_new_tokens,
+                sft.to(torch.bfloat16) if bf16 else sft, tok, prompts,
+                k=pcfg.samples_per_prompt, max_new_tokens=pcfg.max_new_tokens,
                 temperature=pcfg.temperature, gold=gold, tau=pcfg.tau, seed=params.seed,
+                batch_size=pcfg.batch_size,
             )  # fmt: skip
             if not pairs:
                 raise DataError(
@@ -88,6 +95,7 @@ def main() -> None:
                 )
             sample_stats = {
                 "samples": len(samples),
+                "sample_precision": "bf16" if bf16 else "fp32",
                 "samples_eos_rate": float(np.mean([s["ended_with_eos"] for s in samples])),
             }
         else:
@@ -121,7 +129,7 @@ def main() -> None:
             )  # fmt: skip
         del sft  # sampling is done; the reward model starts from a fresh copy of the backbone
 
-        model = build_reward_model(args.model, params.seed, cfg.pooling, sids[RESPONSE])
+        model = build_reward_model(args.model, params.seed, cfg.pooling, sids[RESPONSE]).to(device)
         train_groups = preference_groups(encoded["train"], cfg.batching)
         val_groups = preference_groups(encoded["val"], cfg.batching)
         source = PreferenceBatches(train_groups, cfg.batch_size, params.seed, pad)
@@ -150,7 +158,7 @@ def main() -> None:
 
         # normalisation on fresh samples of the SFT policy (the policy RL starts from)
         t0 = time.perf_counter()
-        sft = load_model(args.model)
+        sft = load_model(args.model, device)  # fp32: the policy RL starts from, as it samples
         fresh = sample_responses(
             sft, tok, [rl_prompts[i % len(rl_prompts)] for i in range(cfg.norm_samples)],
             pcfg.max_new_tokens, pcfg.temperature, seed=params.seed + 1, batch_size=256,

@@ -199,6 +199,12 @@ class PreferenceParams(Section):
         0.1, ge=0, description="labeller noise: P(a>b) = sigmoid((g(a)-g(b))/tau); 0 = exact"
     )
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of prompts held out")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="weights the SFT samples are drawn with; auto: bf16 where the reward model "
+        "trains in bf16",
+    )
+    batch_size: int = Field(512, ge=1, description="rows sampled at once")
 
     @model_validator(mode="after")
     def _check(self) -> PreferenceParams:
@@ -214,7 +220,7 @@ class RewardParams(TrainParams):
 
     lr: float = Field(5e-4, gt=0, le=1, description="peak learning rate (after warmup)")
     warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
-    max_steps: int = Field(300, ge=1, description="optimizer steps")
+    max_steps: int = Field(200, ge=1, description="optimizer steps")
     batch_size: int = Field(
         8, ge=1, description="pairs (batching: pair) or prompts (batching: prompt) per micro-batch"
     )
@@ -245,7 +251,7 @@ class RLParams(Section):
     adaptive_kl: bool = Field(False, description="adapt beta toward kl_target (Ziegler et al.)")
     kl_target: float = Field(6.0, gt=0, description="adaptive: target KL in nats per sequence")
     kl_horizon: float = Field(10000.0, gt=0, description="adaptive: horizon in episodes")
-    steps: int = Field(60, ge=1, description="rollout batches (each followed by updates)")
+    steps: int = Field(40, ge=1, description="rollout batches (each followed by updates)")
     prompts_per_step: int = Field(32, ge=1, description="prompts per rollout batch")
     samples_per_prompt: int = Field(
         2, ge=1, description="responses per prompt (rloo and dpg need >= 2)"
@@ -339,7 +345,7 @@ class CompressParams(Section):
         0.0, ge=0, lt=1, description="share of (key/value) attention heads removed per layer"
     )
     calibration_batches: int = Field(8, ge=1, description="batches that score importance")
-    recovery_steps: int = Field(100, ge=0, description="pruned: distillation steps after pruning")
+    recovery_steps: int = Field(50, ge=0, description="pruned: distillation steps after pruning")
     recovery_lr: float = Field(5e-4, gt=0, le=1, description="pruned: recovery peak learning rate")
     quantize_embeddings: bool = Field(True, description="quantized: int8 input embedding too")
     eval_every: int = Field(50, ge=1, description="steps between evaluations")
