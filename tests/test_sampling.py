@@ -46,6 +46,11 @@ def test_cached_greedy_with_left_padding_equals_full_recompute(arch):
         assert (g.response[i, n:] == PAD).all()
         # the attention mask marks the prompt's real tokens and the response, nothing else
         assert int(g.attention_mask[i].sum()) == len(p) + n
+    plain = generate(model, prompts * 2, max_new_tokens=12, eos_id=EOS, pad_id=PAD, greedy=True,
+                     share_prefix=False, compact=False)  # fmt: skip
+    both = generate(model, prompts * 2, max_new_tokens=12, eos_id=EOS, pad_id=PAD, greedy=True)
+    assert torch.equal(plain.response[:3], g.response)
+    assert torch.equal(both.response, plain.response)
 
 
 def test_sampling_is_seeded_and_stops_at_eos():

@@ -220,7 +220,7 @@ class RewardParams(TrainParams):
 
     lr: float = Field(5e-4, gt=0, le=1, description="peak learning rate (after warmup)")
     warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
-    max_steps: int = Field(200, ge=1, description="optimizer steps")
+    max_steps: int = Field(300, ge=1, description="optimizer steps")
     batch_size: int = Field(
         8, ge=1, description="pairs (batching: pair) or prompts (batching: prompt) per micro-batch"
     )

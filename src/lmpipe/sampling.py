@@ -92,13 +92,16 @@ def generate(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     greedy: bool = False,
+    share_prefix: bool = True,
+    compact: bool = True,
 ) -> Generation:
     """Sample one response per prompt (token ids, already in the chat template).
 
-    Two savings that change no distribution: a prompt repeated in the batch (k samples per
-    prompt) is prefilled once and its KV cache rows copied; rows that emitted EOS leave the
-    batch and the cache once they are `COMPACT_SHARE` of it, so the cost follows the tokens
-    actually sampled rather than batch × the longest response.
+    Two savings that change no distribution (off for comparison in `bench/`): with
+    `share_prefix` a prompt repeated in the batch (k samples per prompt) is prefilled once and
+    its KV cache rows copied; with `compact` rows that emitted EOS leave the batch and the cache
+    once they are `COMPACT_SHARE` of it, so the cost follows the tokens actually sampled rather
+    than batch × the longest response.
     """
     if not prompts:
         raise ValueError("generate needs at least one prompt")
@@ -110,7 +113,10 @@ def generate(
     ids, prompt_mask = left_pad(prompts, pad_id)
     ids, prompt_mask = ids.to(device), prompt_mask.to(device)
     b, width = ids.shape
-    distinct, inverse = _dedupe(prompts)
+    if share_prefix:
+        distinct, inverse = _dedupe(prompts)
+    else:
+        distinct, inverse = [list(p) for p in prompts], torch.arange(b)
     d_ids, d_mask = left_pad(distinct, pad_id)  # the same width: the longest prompt is in it
     inverse = inverse.to(device)
     # preallocated: a growing cache re-copies every key/value tensor at every step
@@ -143,7 +149,7 @@ def generate(
         n_ended = int(ended.sum())
         if n_ended == len(active) or step == max_new_tokens - 1:
             break
-        if n_ended and n_ended >= COMPACT_SHARE * len(active):
+        if compact and n_ended and n_ended >= COMPACT_SHARE * len(active):
             keep = (~ended).nonzero().squeeze(-1)
             cache.reorder_cache(keep)
             active, tok, mask, next_pos = active[keep], tok[keep], mask[keep], next_pos[keep]
