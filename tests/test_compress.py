@@ -63,6 +63,28 @@ def test_kd_loss_matches_hand_computation():
     assert float(kd_loss_sum(s, t, labels, alpha=0.25)) == pytest.approx(mixed, abs=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_loss_gradient_matches_the_kl_of_two_log_softmaxes(temperature):
+    """The soft-target cross-entropy form gives the same value and gradient as KL written out."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 11, generator=g, requires_grad=True)
+    t = torch.randn(2, 5, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    labels[0, :2] = IGNORE
+    loss = kd_loss_sum(s, t, labels, temperature)
+    (grad,) = torch.autograd.grad(loss, s)
+    s2 = s.detach().clone().requires_grad_(True)
+    sel = labels != IGNORE
+    ref = temperature**2 * torch.nn.functional.kl_div(
+        torch.log_softmax(s2[sel] / temperature, -1), torch.log_softmax(t[sel] / temperature, -1),
+        log_target=True, reduction="sum",
+    )  # fmt: skip
+    ref.backward()
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    assert torch.allclose(grad, s2.grad, atol=1e-6)
+    assert (grad[0, :2] == 0).all()
+
+
 def test_kd_loss_is_zero_when_student_is_teacher():
     model = tiny()
     b = batch()
