@@ -5,6 +5,7 @@ TRL's RLOOTrainer on the same models and settings when `trl` is installed
     python bench/rl_throughput.py                       # rloo, ppo and dpg, then TRL's RLOO
     python bench/rl_throughput.py --algos rloo --steps 5 --no-trl
     python bench/rl_throughput.py --algos ppo rloo --precision bf16 --no-trl   # rl.precision
+    python bench/rl_throughput.py --algos rloo --no-trl --profile   # where a step's time goes
 
 Setting (the issue's reference): a tiny Llama policy and reward model (width 256, 4 layers,
 vocab 4096, random init, fp32), 64 prompts x 2 samples, 32 new tokens, one update per batch
@@ -16,6 +17,7 @@ run in this process on the same models, with the same attention kernel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -75,11 +77,58 @@ def bench_lmpipe(algo: str, steps: int, args) -> dict[str, float]:
                   seed=0, value_model=value)  # fmt: skip
     t.train_step()  # warm-up
     eps, shares = [], []
-    for _ in range(steps):
-        m = t.train_step()
-        eps.append(m["rl/episodes_per_sec"])
-        shares.append(m["rl/generate_share"])
+    with phase_timer(t) as phases:
+        for _ in range(steps):
+            m = t.train_step()
+            eps.append(m["rl/episodes_per_sec"])
+            shares.append(m["rl/generate_share"])
+    if args.profile:
+        print(f"--- lmpipe {algo}: seconds per step ({steps} steps)")
+        for name, total in phases.items():
+            print(f"  {name:32s} {total / steps:6.3f}")
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t.train_step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     return {"episodes_per_sec": statistics.median(eps), "generate_share": float(np.mean(shares))}
+
+
+@contextlib.contextmanager
+def phase_timer(trainer: RLTrainer):
+    """Seconds spent in the step's parts, summed over the steps run inside the block: the
+    sampler, the reward model, every log-prob pass (reference and policy, including the
+    policy's forward with grad that rloo and dpg run inside their update), the update, and
+    the whole step. The parts nest, so they do not add up to the step."""
+    import lmpipe.rl.loop as loop
+
+    totals: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
+
+        return wrapper
+
+    saved = {n: getattr(loop, n) for n in ("generate", "score_generation", "response_logprobs")}
+    update = f"_update_{trainer.cfg.algo}"
+    for n, name in (("generate", "generate"), ("score_generation", "reward model"),
+                    ("response_logprobs", "log-prob passes (all)")):  # fmt: skip
+        setattr(loop, n, timed(name, saved[n]))
+    original_update, original_step = getattr(trainer, update), trainer.train_step
+    setattr(trainer, update, timed("update (incl. its log-probs)", original_update))
+    trainer.train_step = timed("whole step", original_step)
+    try:
+        yield totals
+    finally:
+        for n, fn in saved.items():
+            setattr(loop, n, fn)
+        setattr(trainer, update, original_update)
+        trainer.train_step = original_step
 
 
 def bench_trl(steps: int, args) -> dict[str, float] | None:
@@ -139,6 +188,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="per-part seconds and top aten ops")
     ap.add_argument(
         "--precision", default="fp32", choices=["fp32", "bf16", "auto"],
         help="lmpipe's rl.precision (TRL's run stays fp32, the issue's setting)",
