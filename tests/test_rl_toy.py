@@ -121,9 +121,10 @@ def test_toy_posterior_is_far_from_the_prior():
     ],
 )
 def test_algorithm_reaches_the_posterior(algo, steps, kw):
-    """64 samples a prompt: with 32 the end point is noisy, and over trainer seeds 1 in 6 to 1
-    in 3 runs of each algorithm ended between 0.05 and 0.11; with 64 every seed tried (6 an
-    algorithm) ended below 0.035."""
+    """64 samples a prompt: with 32 the end point is noisy (over trainer seeds, rloo ended
+    between 0.05 and 0.10 for 2-3 of 16 and ppo between 0.09 and 0.11 for 2 of 6; dpg stayed
+    below 0.05, at up to 0.048); with 64 every seed tried (6-10 an algorithm) ended below
+    0.035."""
     torch.manual_seed(0)
     policy, ref = make_models()
     t = trainer(algo, policy, ref, steps=steps, samples_per_prompt=64, minibatch_size=64, **kw)

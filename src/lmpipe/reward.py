@@ -27,6 +27,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from lmpipe.data.sources import DataError, iter_jsonl
 from lmpipe.data.tokenizer import EOS, PAD, RESPONSE, load_tokenizer, special_ids
 from lmpipe.model import attention_for, context_length, read_manifest
+from lmpipe.sampling import dedupe
 from lmpipe.sft import PairBatches, prompt_ids
 
 # --------------------------------------------------------------------------- labelling
@@ -307,9 +308,7 @@ def raw_scores(
     Each distinct sequence is scored once (held-out pairs repeat every response in k − 1
     pairs), in batches of similar lengths so that little of a batch is padding."""
     device = next(model.parameters()).device
-    index: dict[tuple[int, ...], int] = {}
-    slots = [index.setdefault(tuple(s), len(index)) for s in seqs]
-    distinct = list(index)
+    distinct, slots = dedupe(seqs)
     order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
     scores = torch.zeros(len(distinct), dtype=torch.float64)
     was_training = model.training

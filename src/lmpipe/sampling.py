@@ -70,11 +70,11 @@ def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None) 
     return idx.squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
-def _dedupe(prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], torch.Tensor]:
-    """(distinct prompts in first-seen order, index of each prompt's distinct row)."""
+def dedupe(seqs: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
+    """(distinct sequences in first-seen order, index of each sequence among them)."""
     first: dict[tuple[int, ...], int] = {}
-    inverse = [first.setdefault(tuple(p), len(first)) for p in prompts]
-    return [list(p) for p in first], torch.tensor(inverse, dtype=torch.long)
+    inverse = [first.setdefault(tuple(s), len(first)) for s in seqs]
+    return [list(s) for s in first], inverse
 
 
 COMPACT_SHARE = 0.125
@@ -113,26 +113,26 @@ def generate(
     ids, prompt_mask = left_pad(prompts, pad_id)
     ids, prompt_mask = ids.to(device), prompt_mask.to(device)
     b, width = ids.shape
+    p_ids, p_mask, inverse = ids, prompt_mask, None  # the rows the prefill runs on
     if share_prefix:
-        distinct, inverse = _dedupe(prompts)
-    else:
-        distinct, inverse = [list(p) for p in prompts], torch.arange(b)
-    d_ids, d_mask = left_pad(distinct, pad_id)  # the same width: the longest prompt is in it
-    inverse = inverse.to(device)
+        distinct, rows = dedupe(prompts)
+        if len(distinct) < b:  # same width: the longest prompt is among the distinct ones
+            p_ids, p_mask = (t.to(device) for t in left_pad(distinct, pad_id))
+            inverse = torch.tensor(rows, device=device)
     # preallocated: a growing cache re-copies every key/value tensor at every step
     cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
     kv = {cache_kwarg(type(model)): cache}
     out = model(
-        input_ids=d_ids.to(device),
-        attention_mask=d_mask.to(device),
-        position_ids=positions(d_mask.to(device)),
+        input_ids=p_ids,
+        attention_mask=p_mask,
+        position_ids=positions(p_mask),
         **kv,
         use_cache=True,
         cache_position=torch.arange(width, device=device),
         logits_to_keep=1,
     )
     logits = out.logits[:, -1].float()
-    if len(distinct) < b:
+    if inverse is not None:
         logits = logits[inverse]
         cache.reorder_cache(inverse)
     mask = prompt_mask

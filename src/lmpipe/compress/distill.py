@@ -50,8 +50,8 @@ def kd_loss_sum(
             p_t = log_pt.exp()
             neg_entropy = (p_t * log_pt).sum()
         # KL(p_t ‖ p_s) = CE(p_t, p_s) − H(p_t): torch's soft-target cross-entropy, whose backward
-        # is softmax − p_t (teacher logits (4096, 4096), forward + backward 203 ms against 291 ms
-        # for kl_div of two log-softmaxes on this CPU)
+        # is softmax − p_t, one log-softmax with grad (README, compress: the default run's
+        # distillation 158 s against 171 s with kl_div of two log-softmaxes)
         s_t = s if temperature == 1 else s / temperature
         kl = F.cross_entropy(s_t, p_t, reduction="sum") + neg_entropy
         loss = loss + alpha * temperature**2 * kl

@@ -43,9 +43,14 @@ def response_logits(
     return logits if temperature == 1.0 else logits / temperature
 
 
+def pick(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """logp[..., token] per position."""
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[token] per position."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return pick(torch.log_softmax(logits, dim=-1), tokens)
 
 
 @torch.no_grad()
@@ -61,15 +66,14 @@ def response_logprobs(
     temperature: float,
     with_entropy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log-probs, entropies or None), each (b, R), for the chosen rows of a generation. One
-    log-softmax serves both (CPU, (128, 33, 4096): forward + backward + entropy 140 ms against
-    227 ms for logit − logsumexp with a separate softmax for the entropy)."""
+    """(log-probs, entropies or None), each (b, R), for the chosen rows of a generation; one
+    log-softmax serves both."""
     logits = response_logits(
         model, gen.sequences[rows], gen.attention_mask[rows], gen.prompt_width, temperature
     )
     logp = torch.log_softmax(logits, dim=-1)
     ent = entropy(logp.detach()) if with_entropy else None
-    return logp.gather(-1, gen.response[rows].unsqueeze(-1)).squeeze(-1), ent
+    return pick(logp, gen.response[rows]), ent
 
 
 class ValueModel(torch.nn.Module):
