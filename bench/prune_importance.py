@@ -21,7 +21,7 @@ from lmpipe.data.tokenizer import EOS, PAD, load_tokenizer, read_tokens, special
 from lmpipe.io import read_json, read_jsonl
 from lmpipe.model import context_length, load_model
 from lmpipe.sft import prompt_ids
-from lmpipe.train import TokenWindows, lm_loss_sum
+from lmpipe.train import TokenWindows, lm_loss_sum, split_parts
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
         read_tokens(f"{args.data}/train.bin", meta["dtype"]), ctx, examples, args.batch_size,
         0.5, 7, ids[PAD],
     )  # fmt: skip
-    calib = [src.next_batch() for _ in range(args.calibration_batches)]
+    calib = [b for _ in range(args.calibration_batches) for b in split_parts(src.next_batch())]
     t0 = time.perf_counter()
     scores = {"taylor": taylor_importance(model, calib, lm_loss_sum)}
     t_taylor = time.perf_counter() - t0

@@ -26,7 +26,14 @@ from lmpipe.model import context_length, load_model, n_params, read_manifest, sa
 from lmpipe.reward import RewardModel
 from lmpipe.sft import prompt_ids
 from lmpipe.tracking import RenamingTracker, stage_run
-from lmpipe.train import TokenWindows, checkpoint_store, lm_loss_sum, train, write_history_csv
+from lmpipe.train import (
+    TokenWindows,
+    checkpoint_store,
+    lm_loss_sum,
+    split_parts,
+    train,
+    write_history_csv,
+)
 
 log = logging.getLogger("compress")
 
@@ -85,7 +92,8 @@ def main() -> None:
         if cfg.prune or (cfg.distill and cfg.student_init == "teacher"):
             if cfg.prune_importance == "taylor":
                 calib = batches(params.seed + 7)
-                calibration = [calib.next_batch() for _ in range(cfg.calibration_batches)]
+                draws = [calib.next_batch() for _ in range(cfg.calibration_batches)]
+                calibration = [b for d in draws for b in split_parts(d)]
                 importance = taylor_importance(teacher, calibration, lm_loss_sum)
             else:
                 importance = magnitude_importance(teacher)

@@ -225,15 +225,16 @@ def test_mixed_batches_mix_resume_and_mask_prompts():
     tokens = np.arange(5000, dtype=np.uint16) % VOCAB
     ex = [Example([1, 5, 6, 7, 8], [IGNORE, IGNORE, 7, 8, 2]) for _ in range(10)]
     src = MixedBatches(tokens, 16, ex, batch_size=8, sample_fraction=0.25, seed=3, pad_id=0)
-    b = src.next_batch()
-    assert b.input_ids.shape == (8, 16)
-    assert (b.labels[6:, :2] == IGNORE).all() and (b.labels[6:, 5:] == IGNORE).all()
-    assert (b.labels[:6] != IGNORE).all()
+    windows, samples = src.next_batch().parts  # each part at its own width
+    assert windows.input_ids.shape == (6, 16) and samples.input_ids.shape == (2, 5)
+    assert (samples.labels[:, :2] == IGNORE).all() and (samples.labels[:, 2:] != IGNORE).all()
+    assert (windows.labels != IGNORE).all()
     state = src.state_dict()
     a1, a2 = src.next_batch(), src.next_batch()
     src.load_state_dict(state)
-    assert torch.equal(src.next_batch().input_ids, a1.input_ids)
-    assert torch.equal(src.next_batch().input_ids, a2.input_ids)
+    for a in (a1, a2):
+        pairs = zip(src.next_batch().parts, a.parts, strict=True)
+        assert all(torch.equal(x.input_ids, y.input_ids) for x, y in pairs)
     only_corpus = MixedBatches(tokens, 16, [], batch_size=4, sample_fraction=0.5, seed=3, pad_id=0)
     assert only_corpus.next_batch().input_ids.shape == (4, 16)
 

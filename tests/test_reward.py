@@ -33,6 +33,7 @@ from lmpipe.reward import (
     read_preference_file,
     sample_and_label,
     sequence_scores,
+    shared_prompt_layout,
     val_prompts,
 )
 from lmpipe.train import train
@@ -234,6 +235,46 @@ def test_raw_scores_keep_input_order_through_dedupe_and_length_sort(backbone):
     np.testing.assert_allclose(got, [alone[tuple(s)] for s in seqs], rtol=1e-5, atol=1e-6)
     assert len(set(np.round(got, 6))) == 3
     assert raw_scores(model, [], 0).shape == (0,)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_shared_prompts_give_the_plain_scores_and_gradients(tmp_path, arch, pooling):
+    """Rows that share a prompt run it once (`shared_prompt_layout`): the same scores and the
+    same gradients as the plain pass, for prompts of different lengths, responses of different
+    lengths, and a response that holds a RESPONSE token itself (not a response position)."""
+    cfg = ModelParams(arch=arch, d_model=32, n_layers=2, n_heads=2, context=32)
+    save_model(build_model(cfg, 32, SPECIAL, seed=0), tmp_path, tmp_path, {"stage": "sft"})
+    p, q = [1, 3, 10, 11, 12, 4], [1, 3, 13, 4]
+    seqs = [[*p, 20, 21, 2], [*q, 22, 2], [*p, 23, 4, 24, 25, 26, 2], [*q, 27, 28, 29, 2]]
+    ids = torch.zeros((4, 12), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+    layout = shared_prompt_layout(ids, 4, 0)
+    assert layout.prompt_ids.tolist() == [p, [0, 0, *q]] and layout.owner.tolist() == [0, 1, 0, 1]
+    assert layout.response_ids.tolist()[2] == [23, 4, 24, 25, 26, 2]
+    assert layout.n_tokens == 2 * 6 + 4 * 6 < ids.numel()
+    results = []
+    for share in (False, True):
+        model = build_reward_model(tmp_path, seed=1, pooling=pooling, response_token_id=4)
+        scores = sequence_scores(model, ids, share_prompts=share)
+        (scores * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
+        results.append((scores.detach(), [t.grad.clone() for t in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prompt_layout_only_where_it_applies():
+    both = torch.tensor([[1, 3, 9, 4, 5, 2], [1, 3, 9, 4, 6, 2]])
+    assert shared_prompt_layout(both, 4, 0) is not None
+    assert shared_prompt_layout(both[:1], 4, 0) is None  # one row
+    for rows in (
+        [[1, 3, 9, 4, 5, 2], [1, 3, 8, 4, 6, 2]],  # no prompt repeats
+        [[1, 3, 9, 4, 5, 2], [1, 3, 9, 7, 6, 2]],  # a row without RESPONSE
+        [[1, 3, 9, 4, 5], [1, 3, 9, 4, 0]],  # a row with nothing after it
+    ):
+        assert shared_prompt_layout(torch.tensor(rows), 4, 0) is None
 
 
 def test_mean_pooling_averages_the_head_over_response_positions(backbone):

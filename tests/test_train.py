@@ -13,6 +13,7 @@ from lmpipe.train import (
     IGNORE,
     Batch,
     CheckpointStore,
+    Parts,
     TokenWindows,
     TrainingDiverged,
     lm_loss_sum,
@@ -146,6 +147,45 @@ def test_accumulation_in_the_loop_matches_bigger_batch():
     np.testing.assert_allclose(la, lb, rtol=1e-5)
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=2e-5)  # Adam: 5 steps, float order
+
+
+def test_parts_train_like_one_padded_batch():
+    """A micro-batch of `Parts` (two widths, each run alone) steps like the same rows padded
+    to one width with IGNORE targets: same losses, same weights."""
+    tokens = np.random.default_rng(0).integers(3, 50, 5000).astype(np.uint16)
+
+    class Source:
+        def __init__(self, padded: bool):
+            self.windows, self.short = (
+                TokenWindows(tokens, 16, 3, seed=1),
+                TokenWindows(tokens, 6, 2, seed=2),
+            )
+            self.padded = padded
+
+        def next_batch(self):
+            w, s = self.windows.next_batch(), self.short.next_batch()
+            if not self.padded:
+                return Parts((w, s))
+            pad = torch.nn.functional.pad
+            return Batch(
+                torch.cat([w.input_ids, pad(s.input_ids, (0, 10), value=0)]),
+                torch.cat([w.labels, pad(s.labels, (0, 10), value=IGNORE)]),
+            )
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, s):
+            pass
+
+    a, b = tiny_model(), tiny_model()
+    ra = train(a, Source(padded=True), cfg(max_steps=4), val_batches=[])
+    rb = train(b, Source(padded=False), cfg(max_steps=4), val_batches=[])
+    np.testing.assert_allclose(
+        [r["train/loss"] for r in ra.history], [r["train/loss"] for r in rb.history], rtol=1e-5
+    )
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoModelForSequenceClassification, DynamicCache, PreTrainedModel
 
 from lmpipe.data.sources import DataError, iter_jsonl
 from lmpipe.data.tokenizer import EOS, PAD, RESPONSE, load_tokenizer, special_ids
 from lmpipe.model import attention_for, context_length, read_manifest
-from lmpipe.sampling import dedupe
+from lmpipe.sampling import cache_kwarg, dedupe, left_pad, positions
 from lmpipe.sft import PairBatches, prompt_ids
 
 # --------------------------------------------------------------------------- labelling
@@ -259,14 +259,16 @@ def build_reward_model(
         if hasattr(model.config, key):
             setattr(model.config, key, 0.0)
     model.config.lmpipe_reward_pooling = pooling
-    if pooling != "last":
-        if response_token_id is None:
-            response_token_id = special_ids(load_tokenizer(sft_dir))[RESPONSE]
+    if response_token_id is None and pooling != "last":
+        response_token_id = special_ids(load_tokenizer(sft_dir))[RESPONSE]
+    if response_token_id is not None:  # mean pooling and prompt sharing read it
         model.config.lmpipe_response_token_id = response_token_id
     return model
 
 
-def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def sequence_scores(
+    model: torch.nn.Module, input_ids: torch.Tensor, share_prompts: bool = True
+) -> torch.Tensor:
     """(B,) fp32 raw scores of right-padded sequences in the template.
 
     `last`: the head at the last non-pad token (transformers' own sequence classification).
@@ -275,8 +277,19 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Te
     On the default task (sentiment of the response) `mean` ranks pairs much better than `last`
     (README, section "reward"); a causal model reading one position has to learn to gather
     the evidence first.
+
+    With `share_prompts`, rows that share a prompt (the k samples of one prompt, a preference
+    pair) run that prompt through the model once and reuse its keys and values for each of
+    their responses (`shared_prompt_layout`): the same scores and gradients, fewer tokens.
     """
     config = model.config
+    layout = None
+    if share_prompts and getattr(config, "lmpipe_response_token_id", None) is not None:
+        layout = shared_prompt_layout(
+            input_ids, config.lmpipe_response_token_id, config.pad_token_id
+        )
+    if layout is not None:
+        return _shared_prompt_scores(model, layout)
     if getattr(config, "lmpipe_reward_pooling", "last") == "last":
         return model(input_ids=input_ids).logits[:, 0].float()
     hidden = model.base_model(input_ids=input_ids).last_hidden_state  # causal: pads come last
@@ -286,6 +299,86 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Te
     after = resp.cumsum(-1) > 0
     keep = torch.where(resp.any(-1, keepdim=True), after & ~resp, torch.ones_like(after)) & real
     weight = keep.float()
+    return (per_token * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
+
+
+@dataclass
+class PromptLayout:
+    """Right-padded sequences split after their first RESPONSE token: the distinct prompts,
+    left-padded, and every row's response, right-padded, with the prompt row it continues."""
+
+    prompt_ids: torch.Tensor  # (G, P)
+    prompt_mask: torch.Tensor  # (G, P)
+    response_ids: torch.Tensor  # (B, R)
+    response_mask: torch.Tensor  # (B, R)
+    owner: torch.Tensor  # (B,) row of prompt_ids
+
+    @property
+    def n_tokens(self) -> int:
+        return self.prompt_ids.numel() + self.response_ids.numel()
+
+
+def shared_prompt_layout(
+    input_ids: torch.Tensor, response_id: int, pad_id: int
+) -> PromptLayout | None:
+    """The layout of `_shared_prompt_scores`, or None where sharing does not apply: a row
+    without RESPONSE or without a token after it, or no prompt that repeats."""
+    is_resp = input_ids == response_id
+    if input_ids.shape[0] < 2 or not bool(is_resp.any(-1).all()):
+        return None
+    cut = is_resp.int().argmax(-1) + 1  # prompt length, RESPONSE included
+    length = (input_ids != pad_id).sum(-1)  # right padding only
+    if bool((length <= cut).any()):
+        return None
+    index: dict[tuple[int, ...], int] = {}
+    owner = [
+        index.setdefault(tuple(row[:c]), len(index))
+        for row, c in zip(input_ids.tolist(), cut.tolist(), strict=True)
+    ]
+    if len(index) == len(owner):
+        return None
+    device = input_ids.device
+    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(list(index), pad_id))
+    n = length - cut
+    width = int(n.max())
+    offsets = torch.arange(width, device=device)
+    response_mask = offsets < n[:, None]
+    gathered = input_ids.gather(1, (cut[:, None] + offsets).clamp(max=input_ids.shape[1] - 1))
+    response_ids = torch.where(response_mask, gathered, torch.full_like(gathered, pad_id))
+    return PromptLayout(
+        prompt_ids, prompt_mask, response_ids, response_mask.long(),
+        torch.tensor(owner, device=device),
+    )  # fmt: skip
+
+
+def _shared_prompt_scores(model: torch.nn.Module, layout: PromptLayout) -> torch.Tensor:
+    """`sequence_scores` with one pass over the distinct prompts, then one over the responses
+    on the prompts' keys and values (copied per row; gradients flow back through the copy).
+    Causal attention makes a prompt's states independent of what follows, so this equals the
+    plain pass up to float rounding (tests check scores and gradients)."""
+    base = model.base_model
+    cache = DynamicCache(config=model.config)
+    kv = {cache_kwarg(type(base)): cache}
+    base(
+        input_ids=layout.prompt_ids, attention_mask=layout.prompt_mask,
+        position_ids=positions(layout.prompt_mask), use_cache=True, **kv,
+    )  # fmt: skip
+    cache.reorder_cache(layout.owner)
+    owner, r_mask = layout.owner, layout.response_mask
+    start = layout.prompt_mask.sum(-1)[owner, None]
+    hidden = base(
+        input_ids=layout.response_ids,
+        attention_mask=torch.cat([layout.prompt_mask[owner], r_mask], dim=1),
+        position_ids=start + torch.arange(r_mask.shape[1], device=r_mask.device),
+        use_cache=True,
+        **kv,
+    ).last_hidden_state
+    per_token = model.score(hidden).squeeze(-1).float()  # (B, R)
+    config = model.config
+    if getattr(config, "lmpipe_reward_pooling", "last") == "last":
+        return per_token[torch.arange(len(owner)), r_mask.sum(-1) - 1]
+    # as the plain pass: a RESPONSE token inside a response is not a response position
+    weight = (r_mask.bool() & (layout.response_ids != config.lmpipe_response_token_id)).float()
     return (per_token * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
 
 
@@ -306,10 +399,19 @@ def raw_scores(
     """Unnormalised scores of full sequences (prompt template + response + EOS), in input order.
 
     Each distinct sequence is scored once (held-out pairs repeat every response in k − 1
-    pairs), in batches of similar lengths so that little of a batch is padding."""
+    pairs), in batches of similar lengths so that little of a batch is padding; where the
+    model knows its RESPONSE token, the sequences of one prompt go into one batch together so
+    that the prompt is run once (`sequence_scores`)."""
     device = next(model.parameters()).device
     distinct, slots = dedupe(seqs)
-    order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
+    rid = getattr(model.config, "lmpipe_response_token_id", None)
+
+    def key(i: int) -> tuple:
+        s = distinct[i]
+        cut = s.index(rid) + 1 if rid is not None and rid in s else 0
+        return (cut, tuple(s[:cut]), len(s))
+
+    order = sorted(range(len(distinct)), key=key)
     scores = torch.zeros(len(distinct), dtype=torch.float64)
     was_training = model.training
     model.eval()

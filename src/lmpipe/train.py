@@ -69,10 +69,22 @@ class Batch:
         )
 
 
+@dataclass
+class Parts:
+    """Batches of different widths that make one micro-batch: the loop runs each through the
+    model on its own (no row padded to the widest part) and steps once on their summed loss."""
+
+    parts: tuple[Batch, ...]
+
+
+def split_parts(batch: Batch | Parts) -> list[Batch]:
+    return list(batch.parts) if isinstance(batch, Parts) else [batch]
+
+
 class BatchSource(Protocol):
     """Yields micro-batches; its state (RNG position) is saved in checkpoints."""
 
-    def next_batch(self) -> Batch: ...
+    def next_batch(self) -> Batch | Parts: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -371,7 +383,7 @@ def train(
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        micro = [source.next_batch() for _ in range(cfg.grad_accum)]
+        micro = [b for _ in range(cfg.grad_accum) for b in split_parts(source.next_batch())]
         n_targets = _all_sum(sum(b.n_targets for b in micro), device)
         loss_total = 0.0
         for i, b in enumerate(micro):

@@ -22,7 +22,7 @@ from lmpipe.config import CompressParams, ModelParams, ParamsError
 from lmpipe.model import build_model, ff_width
 from lmpipe.sampling import generate
 from lmpipe.sft import Example, PairBatches
-from lmpipe.train import IGNORE, Batch, TokenWindows
+from lmpipe.train import IGNORE, Batch, Parts, TokenWindows
 
 
 def kd_loss_sum(
@@ -104,8 +104,10 @@ def teacher_examples(
 
 
 class MixedBatches:
-    """Each micro-batch: `n_samples` teacher-sample rows and the rest corpus windows, right-padded
-    to one width. Both parts draw from their own seeded generators, saved in checkpoints."""
+    """Each micro-batch: `n_samples` teacher-sample rows and the rest corpus windows, as two
+    `Parts` of their own widths (samples are shorter than the context: padded to the windows'
+    width, a fifth of the default batch was padding). Both parts draw from their own seeded
+    generators, saved in checkpoints."""
 
     def __init__(
         self,
@@ -133,13 +135,13 @@ class MixedBatches:
             else None
         )
 
-    def next_batch(self) -> Batch:
+    def next_batch(self) -> Batch | Parts:
         parts = []
         if self.windows is not None:
             parts.append(self.windows.next_batch())
         if self.samples is not None:
             parts.append(self.samples.next_batch())
-        return concat_batches(parts, self.pad_id)
+        return parts[0] if len(parts) == 1 else Parts(tuple(parts))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -152,16 +154,6 @@ class MixedBatches:
             self.windows.load_state_dict(state["windows"])
         if self.samples is not None:
             self.samples.load_state_dict(state["samples"])
-
-
-def concat_batches(parts: Sequence[Batch], pad_id: int) -> Batch:
-    """Stack batches of different widths, right-padding inputs with PAD and labels with IGNORE."""
-    if len(parts) == 1:
-        return parts[0]
-    width = max(p.input_ids.shape[1] for p in parts)
-    ids = [F.pad(p.input_ids, (0, width - p.input_ids.shape[1]), value=pad_id) for p in parts]
-    labels = [F.pad(p.labels, (0, width - p.labels.shape[1]), value=IGNORE) for p in parts]
-    return Batch(torch.cat(ids), torch.cat(labels))
 
 
 def teacher_shape(config: Any) -> ModelParams:
