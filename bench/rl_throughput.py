@@ -27,6 +27,7 @@ import torch
 
 from lmpipe.config import ModelParams, RLParams
 from lmpipe.model import attention_for, build_model
+from lmpipe.reward import raw_scores
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.rollout import ValueModel
 
@@ -56,15 +57,12 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 def bench_lmpipe(algo: str, steps: int, args) -> dict[str, float]:
     policy, ref, rm = models()
+    # scored as the rl stage scores (RewardModel.score_ids): the head at the last token, each
+    # prompt run once for its k responses (lmpipe.reward.sequence_scores)
+    rm.config.lmpipe_response_token_id = SPECIAL["<|response|>"]
 
-    @torch.no_grad()
     def score_fn(p, r):
-        seqs = [[*a, *b] for a, b in zip(p, r, strict=True)]
-        width = max(map(len, seqs))
-        ids = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-        return rm(input_ids=ids).logits[:, 0].numpy()
+        return raw_scores(rm, [[*a, *b] for a, b in zip(p, r, strict=True)], SPECIAL["<|pad|>"])
 
     cfg = RLParams(
         algo=algo, prompts_per_step=args.prompts, samples_per_prompt=2,

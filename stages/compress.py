@@ -17,7 +17,7 @@ from lmpipe import dist, stage
 from lmpipe.compress import quantize as q8
 from lmpipe.compress.distill import DistillLoss, MixedBatches, build_student, teacher_examples
 from lmpipe.compress.prune import magnitude_importance, prune, taylor_importance
-from lmpipe.compress.score import sample_scores, tokens_per_sec, val_metrics
+from lmpipe.compress.score import sample_scores, tokens_per_sec, val_metrics, val_metrics_many
 from lmpipe.config import load_params
 from lmpipe.data.tokenizer import EOS, PAD, load_tokenizer, read_tokens, special_ids
 from lmpipe.gold import make_gold
@@ -163,12 +163,19 @@ def main() -> None:
         rows, samples = {}, {}
         folders = {"teacher": args.teacher, "sft": args.sft}
         folders.update({name: args.out / name for name in variants})
+        models = {  # as saved; the teacher is the one loaded from its folder above
+            name: teacher
+            if name == "teacher"
+            else load_model(folder, "cpu" if name == "quantized" else device)
+            for name, folder in folders.items()
+        }
+        vals = val_metrics_many(models, teacher, val)
         for name, folder in folders.items():
-            model = load_model(folder, "cpu" if name == "quantized" else device)
+            model = models[name]
             row = {"params": n_params(model), "size_mb": q8.weight_bytes(folder) / 1e6}
             if name == "quantized":  # the untied int8 head is a second copy of the embedding
                 row["stored_params"], row["params"] = row["params"], n_params(teacher)
-            row.update(val_metrics(model, teacher, val))
+            row.update(vals[name])
             scores, samples[name] = sample_scores(
                 model, eval_ids, eval_text, cfg.eval_samples, score_fn, gold, decode,
                 max_new_tokens=cfg.max_new_tokens, eos_id=ids[EOS], pad_id=ids[PAD],

@@ -24,6 +24,7 @@ from lmpipe.compress.prune import (
     taylor_importance,
     top_k,
 )
+from lmpipe.compress.score import val_metrics, val_metrics_many
 from lmpipe.config import CompressParams, ModelParams, ParamsError, parse_section
 from lmpipe.model import build_model, load_model, n_params
 from lmpipe.sft import Example
@@ -216,6 +217,30 @@ def test_student_random_init_and_shape_errors():
         build_student(teacher, CompressParams(student_layers=3), None, seed=0)
     with pytest.raises(ParamsError, match="student_init"):
         parse_section("compress", {"student_d_model": 32})
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def test_val_metrics_of_several_models_in_one_pass():
+    """Perplexity and KL(teacher ‖ model) per target token, by hand from the logits; several
+    models in one pass give each model's own figures; the teacher against itself has KL 0."""
+    teacher, student = tiny(seed=0), tiny(layers=1, seed=1)
+    b = batch(n=3, t=10, seed=4)
+    b = Batch(b.input_ids, b.labels.clone())  # labels are a view of the same tokens
+    b.labels[0, :4] = IGNORE
+    sel = b.labels != IGNORE
+    with torch.no_grad():
+        lt = torch.log_softmax(teacher(input_ids=b.input_ids).logits[sel], -1)
+        ls = torch.log_softmax(student(input_ids=b.input_ids).logits[sel], -1)
+    ce = float(-ls.gather(-1, b.labels[sel][:, None]).mean())
+    kl = float((lt.exp() * (lt - ls)).sum(-1).mean())
+    got = val_metrics_many({"t": teacher, "s": student}, teacher, [b, b])
+    assert got["s"]["val_loss"] == pytest.approx(ce, rel=1e-5)
+    assert got["s"]["val_ppl"] == pytest.approx(math.exp(ce), rel=1e-5)
+    assert got["s"]["kl_to_teacher"] == pytest.approx(kl, rel=1e-4)
+    assert got["t"]["kl_to_teacher"] == 0.0
+    assert val_metrics(student, teacher, [b]) == pytest.approx(got["s"])
 
 
 # ----------------------------------------------------------------------------- mixed batches

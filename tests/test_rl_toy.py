@@ -16,7 +16,8 @@ from lmpipe.config import ModelParams, RLParams
 from lmpipe.model import build_model
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.posterior import draw, posterior_kl
-from lmpipe.rl.rollout import ValueModel, gather_logprobs
+from lmpipe.rl.rollout import ValueModel, gather_logprobs, prompt_owners, response_logprobs
+from lmpipe.sampling import generate
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "<|prompt|>": 3, "<|response|>": 4}
 EOS, PAD, A, B = 2, 0, 5, 6
@@ -149,6 +150,52 @@ def test_ppo_first_minibatch_has_ratio_one_and_zero_kl(precision):
     t.train_step()  # later steps: the policy moved, the ratio of the first minibatch is still 1
     assert torch.equal(t.first_minibatch["ratio"], torch.ones_like(t.first_minibatch["ratio"]))
     assert t.first_minibatch["k1"].abs().max() > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prompt_passes_equal_the_plain_passes(arch):
+    """Rows that share a prompt run it once (`shared_prompt_states`): log-probs, entropies and
+    values, and their gradients, equal one pass over the full rows. Prompts of different
+    lengths (left padding), responses of different lengths (EOS then PAD)."""
+    cfg = ModelParams(arch=arch, d_model=32, n_layers=2, n_heads=2, context=24, init_std=0.3)
+    prompts = [[1, 3, A, B, A, 4], [1, 3, B, 4], [1, 3, A, 4]]
+    gen = generate(
+        build_model(cfg, 7, SPECIAL, seed=1), [p for p in prompts for _ in range(3)],
+        max_new_tokens=6, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert gen.response_mask.sum(-1).unique().numel() > 1  # responses of several lengths
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 7, 8])  # a chunk: one prompt with 2 rows of its 3
+    assert prompt_owners(gen.sequences[rows, : gen.prompt_width])[1].tolist() == [
+        0, 0, 0, 1, 1, 1, 2, 2,
+    ]  # fmt: skip
+    assert prompt_owners(gen.sequences[[0, 3, 6], : gen.prompt_width]) is None
+    out = []
+    for share in (False, True):
+        policy = build_model(cfg, 7, SPECIAL, seed=2)
+        value = ValueModel.zero_head(policy)
+        seeded = torch.Generator().manual_seed(0)
+        torch.nn.init.normal_(value.head.weight, std=0.1, generator=seeded)
+        logp, ent = response_logprobs(policy, gen, rows, 1.3, share_prompts=share)
+        v = value(gen, rows, share_prompts=share)
+        mask = gen.response_mask[rows]
+        ((logp * mask).sum() + (v * mask).pow(2).sum()).backward()
+        grads = [t.grad for t in [*policy.parameters(), *value.parameters()] if t.grad is not None]
+        out.append((logp * mask, ent * mask, v * mask, grads))
+    for got, want in zip(out[1][:3], out[0][:3], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(out[1][3]) == len(out[0][3])
+    for got, want in zip(out[1][3], out[0][3], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_ppo_minibatches_keep_a_prompts_samples_together():
+    policy, ref = make_models()
+    t = trainer("ppo", policy, ref, samples_per_prompt=4, minibatch_size=8, ppo_epochs=2)
+    order = t._shuffled_rows(16)
+    assert sorted(order.tolist()) == list(range(16))
+    groups = order.view(-1, 4)
+    assert (groups // 4 == groups[:, :1] // 4).all() and (groups % 4 == torch.arange(4)).all()
+    assert not torch.equal(order, torch.arange(16))
 
 
 def test_log_z_and_posterior_kl_estimators_match_the_exact_values():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,27 +22,46 @@ def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def val_metrics(
     model: torch.nn.Module, teacher: torch.nn.Module, batches: Sequence[Batch]
 ) -> dict[str, float]:
     """Per target token on fixed val batches: cross-entropy (→ perplexity) and
     KL(teacher ‖ model) in nats."""
-    dev, tdev = device_of(model), device_of(teacher)
-    model.eval()
-    ce = kl = 0.0
+    return val_metrics_many({"model": model}, teacher, batches)["model"]
+
+
+@torch.no_grad()
+def val_metrics_many(
+    models: Mapping[str, torch.nn.Module], teacher: torch.nn.Module, batches: Sequence[Batch]
+) -> dict[str, dict[str, float]]:
+    """`val_metrics` of several models in one pass over the batches: the teacher runs once a
+    batch, not once a model."""
+    tdev = device_of(teacher)
+    sums = {name: [0.0, 0.0] for name in models}
+    for m in models.values():
+        m.eval()
     n = 0
     for b in batches:
-        ids = b.input_ids.to(dev)
-        sel = (b.labels != IGNORE).to(dev)
-        logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float()[sel], -1)
+        sel = b.labels != IGNORE
         t = teacher(input_ids=b.input_ids.to(tdev), use_cache=False).logits.float()
-        logq = F.log_softmax(t[sel.to(tdev)].to(dev), -1)
-        ce += float(F.nll_loss(logp, b.labels.to(dev)[sel], reduction="sum"))
-        kl += float(F.kl_div(logp, logq, log_target=True, reduction="sum"))
+        logq = F.log_softmax(t[sel.to(tdev)], -1)
+        labels = b.labels[sel]
+        for name, model in models.items():
+            dev = device_of(model)
+            if model is teacher:
+                logp = logq
+            else:
+                out = model(input_ids=b.input_ids.to(dev), use_cache=False).logits.float()
+                logp = F.log_softmax(out[sel.to(dev)], -1)
+            q = logq.to(dev)
+            sums[name][0] += float(F.nll_loss(logp, labels.to(dev), reduction="sum"))
+            sums[name][1] += float(F.kl_div(logp, q, log_target=True, reduction="sum"))
         n += int(sel.sum())
-    loss = ce / max(n, 1)
-    return {"val_loss": loss, "val_ppl": math.exp(loss), "kl_to_teacher": kl / max(n, 1)}
+    out = {}
+    for name, (ce, kl) in sums.items():
+        loss = ce / max(n, 1)
+        out[name] = {"val_loss": loss, "val_ppl": math.exp(loss), "kl_to_teacher": kl / max(n, 1)}
+    return out
 
 
 @torch.no_grad()
@@ -92,7 +111,7 @@ def sample_scores(
     gen = torch.Generator(device=device_of(model)).manual_seed(seed)
     s = draw(
         model, model, prompts, n, score_fn, max_new_tokens=max_new_tokens, temperature=1.0,
-        eos_id=eos_id, pad_id=pad_id, penalty=None, generator=gen,
+        eos_id=eos_id, pad_id=pad_id, penalty=None, generator=gen, logprobs=False,
     )  # fmt: skip
     texts = [decode(r) for r in s.responses]
     gold = gold_fn([prompt_texts[i] for i in s.prompt_index], texts)

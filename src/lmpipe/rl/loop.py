@@ -163,7 +163,7 @@ class RLTrainer:
         seconds_generate = time.perf_counter() - t0
         scores, proxy = score_generation(gen, prompts, self.score_fn, cfg.missing_eos_penalty)
         b = len(prompts)
-        order = torch.randperm(b, generator=self.perm_gen) if cfg.algo == "ppo" else torch.arange(b)
+        order = self._shuffled_rows(b) if cfg.algo == "ppo" else torch.arange(b)
         chunks = split_rows(order, cfg.minibatch_size)
         shape = gen.response.shape
         logp, ref_logp, ent = (torch.zeros(shape, device=self.device) for _ in range(3))
@@ -188,6 +188,13 @@ class RLTrainer:
             gen, index, scores.to(self.device), proxy, logp, ref_logp, ent, values, chunks,
             gold, seconds_generate,
         )  # fmt: skip
+
+    def _shuffled_rows(self, b: int) -> torch.Tensor:
+        """PPO's minibatch order: the batch's prompts shuffled, each prompt's k rows kept
+        together, so that a minibatch runs each of its prompts once (`response_logits`)."""
+        k = self.cfg.samples_per_prompt
+        groups = torch.randperm(b // k, generator=self.perm_gen)
+        return (groups[:, None] * k + torch.arange(k)).flatten()
 
     # ----------------------------------------------------------------------- updates
 
@@ -217,9 +224,7 @@ class RLTrainer:
         b = mask.shape[0]
         for epoch in range(cfg.ppo_epochs):
             chunks = (
-                ro.chunks
-                if epoch == 0
-                else split_rows(torch.randperm(b, generator=self.perm_gen), cfg.minibatch_size)
+                ro.chunks if epoch == 0 else split_rows(self._shuffled_rows(b), cfg.minibatch_size)
             )
             for i, rows in enumerate(chunks):
                 with self.amp():

@@ -8,6 +8,7 @@ reward: the normalised proxy score, or the missing-EOS penalty.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -49,8 +50,10 @@ def draw(
     penalty: float | None,
     generator: torch.Generator,
     batch_size: int = 256,
+    logprobs: bool = True,
 ) -> Samples:
-    """n samples of `model` per prompt, scored, with Σ k1/k3 against `ref` (0 when model is ref)."""
+    """n samples of `model` per prompt, scored, with Σ k1/k3 against `ref` (0 when model is ref)
+    and entropies; with `logprobs` False those three are NaN and no log-prob pass runs."""
     index = [i for i in range(len(prompts)) for _ in range(n)]
     out: dict[str, list] = {k: [] for k in ("resp", "ended", "scores", "proxy", "kl", "k3", "ent")}
     was_training = model.training
@@ -63,17 +66,21 @@ def draw(
             temperature=temperature, generator=generator,
         )  # fmt: skip
         scores, proxy = score_generation(gen, batch, score_fn, penalty)
+        lengths = gen.lengths.tolist()
+        out["resp"] += [r[:n_].tolist() for r, n_ in zip(gen.response.cpu(), lengths, strict=True)]
+        out["ended"] += gen.ended.cpu().tolist()
+        out["scores"] += scores.tolist()
+        out["proxy"] += proxy.tolist()
+        if not logprobs:
+            for key in ("kl", "k3", "ent"):
+                out[key] += [math.nan] * len(rows)
+            continue
         everything = slice(None)
         logp, ent = response_logprobs(model, gen, everything, temperature)
         mask = gen.response_mask
         ref_logp = (
             logp if model is ref else response_logprobs(ref, gen, everything, temperature, False)[0]
         )
-        lengths = gen.lengths.tolist()
-        out["resp"] += [r[:n_].tolist() for r, n_ in zip(gen.response.cpu(), lengths, strict=True)]
-        out["ended"] += gen.ended.cpu().tolist()
-        out["scores"] += scores.tolist()
-        out["proxy"] += proxy.tolist()
         out["kl"] += (core.kl_k1(logp, ref_logp) * mask).sum(-1).cpu().tolist()
         out["k3"] += (core.kl_k3(logp, ref_logp) * mask).sum(-1).cpu().tolist()
         out["ent"] += core.masked_mean(ent, mask, dim=-1).cpu().tolist()

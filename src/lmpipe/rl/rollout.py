@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
-from lmpipe.sampling import Generation, positions
+from lmpipe.sampling import Generation, cache_kwarg, dedupe, positions
 
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -22,24 +22,83 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def prompt_owners(prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(first row of each distinct prompt, each row's index among them) for left-padded prompt
+    rows, or None when no prompt repeats (nothing to share)."""
+    distinct, owner = dedupe(prompts.tolist())
+    if len(distinct) == len(owner):
+        return None
+    first: dict[int, int] = {}
+    for row, o in enumerate(owner):
+        first.setdefault(o, row)
+    dev = prompts.device
+    return torch.tensor(list(first.values()), device=dev), torch.tensor(owner, device=dev)
+
+
+def shared_prompt_states(
+    backbone: torch.nn.Module,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_width: int,
+    owners: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """(B, R, d) last hidden states at the positions that predict each response token, running
+    each distinct prompt once: the prompts first, then every row's response on its prompt's
+    keys and values (copied per row; gradients flow back through the copy). Causal attention
+    makes a prompt's states independent of what follows, so this equals one pass over the full
+    rows up to float rounding. `backbone` is the transformer without its head."""
+    first, owner = owners
+    w, r = prompt_width, sequences.shape[1] - prompt_width
+    cache = DynamicCache(config=backbone.config)
+    kv = {cache_kwarg(type(backbone)): cache}
+    p_mask = attention_mask[first, :w]
+    out = backbone(
+        input_ids=sequences[first, :w], attention_mask=p_mask, position_ids=positions(p_mask),
+        use_cache=True, **kv,
+    )  # fmt: skip
+    head = out.last_hidden_state[:, -1:][owner]  # the prompt's last position predicts token 1
+    if r == 1:
+        return head
+    cache.reorder_cache(owner)
+    mask = attention_mask[:, : w + r - 1]
+    out = backbone(
+        input_ids=sequences[:, w : w + r - 1], attention_mask=mask,
+        position_ids=positions(mask)[:, w:], use_cache=True, **kv,
+    )  # fmt: skip
+    return torch.cat([head, out.last_hidden_state], dim=1)
+
+
 def response_logits(
     model: torch.nn.Module,
     sequences: torch.Tensor,
     attention_mask: torch.Tensor,
     prompt_width: int,
     temperature: float,
+    share_prompts: bool = True,
 ) -> torch.Tensor:
     """(B, R, V) temperature-scaled logits that predict each response token. Only the positions
-    that predict a response token go through the output head (`logits_to_keep`)."""
+    that predict a response token go through the output head (`logits_to_keep`). With
+    `share_prompts`, rows with the same prompt (k samples of it) run it once
+    (`shared_prompt_states`)."""
     r = sequences.shape[1] - prompt_width
-    out = model(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=positions(attention_mask),
-        use_cache=False,
-        logits_to_keep=r + 1,
-    )
-    logits = out.logits[:, :-1].float()
+    owners = prompt_owners(sequences[:, :prompt_width]) if share_prompts else None
+    if owners is not None:
+        # the head runs once on all rows' states: (B, R, d) like the plain pass, so its
+        # product takes the same kernel (a (1, 1, d) input took another, whose rounding
+        # differed with the weights' requires_grad: policy and reference then disagreed)
+        hidden = shared_prompt_states(
+            model.base_model, sequences, attention_mask, prompt_width, owners
+        )
+        logits = model.get_output_embeddings()(hidden).float()
+    else:
+        out = model(
+            input_ids=sequences,
+            attention_mask=attention_mask,
+            position_ids=positions(attention_mask),
+            use_cache=False,
+            logits_to_keep=r + 1,
+        )
+        logits = out.logits[:, :-1].float()
     return logits if temperature == 1.0 else logits / temperature
 
 
@@ -65,12 +124,14 @@ def response_logprobs(
     rows: torch.Tensor | slice,
     temperature: float,
     with_entropy: bool = True,
+    share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs, entropies or None), each (b, R), for the chosen rows of a generation; one
     log-softmax serves both."""
     logits = response_logits(
-        model, gen.sequences[rows], gen.attention_mask[rows], gen.prompt_width, temperature
-    )
+        model, gen.sequences[rows], gen.attention_mask[rows], gen.prompt_width, temperature,
+        share_prompts,
+    )  # fmt: skip
     logp = torch.log_softmax(logits, dim=-1)
     ent = entropy(logp.detach()) if with_entropy else None
     return pick(logp, gen.response[rows]), ent
@@ -103,13 +164,17 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(head.bias)
         return disable_dropout(cls(backbone, head))
 
-    def forward(self, gen: Generation, rows: torch.Tensor | slice) -> torch.Tensor:
-        """(b, R) values of the states before each response token."""
-        mask = gen.attention_mask[rows]
-        hidden = self.backbone(
-            input_ids=gen.sequences[rows],
-            attention_mask=mask,
-            position_ids=positions(mask),
-            use_cache=False,
-        ).last_hidden_state
-        return self.head(hidden[:, gen.prompt_width - 1 : -1]).squeeze(-1).float()
+    def forward(
+        self, gen: Generation, rows: torch.Tensor | slice, share_prompts: bool = True
+    ) -> torch.Tensor:
+        """(b, R) values of the states before each response token (a repeated prompt run once,
+        as in `response_logits`)."""
+        seqs, mask, w = gen.sequences[rows], gen.attention_mask[rows], gen.prompt_width
+        owners = prompt_owners(seqs[:, :w]) if share_prompts else None
+        if owners is not None:
+            hidden = shared_prompt_states(self.backbone, seqs, mask, w, owners)
+        else:
+            hidden = self.backbone(
+                input_ids=seqs, attention_mask=mask, position_ids=positions(mask), use_cache=False
+            ).last_hidden_state[:, w - 1 : -1]
+        return self.head(hidden).squeeze(-1).float()
