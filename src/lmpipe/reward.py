@@ -563,6 +563,9 @@ def val_prompts(prompts: Sequence[str], fraction: float, seed: int) -> set[str]:
     return {distinct[i] for i in order[:n_val]}
 
 
+SIDES = ("chosen", "rejected")
+
+
 def bag_of_words_baseline(train: Sequence[dict], val: Sequence[dict]) -> dict[str, Any]:
     """An honest reference for the reward model: logistic regression on word-count differences
     (chosen − rejected) of the same training pairs, scored like the reward model on val.
@@ -573,12 +576,14 @@ def bag_of_words_baseline(train: Sequence[dict], val: Sequence[dict]) -> dict[st
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    vec = CountVectorizer().fit([p[s] for p in train for s in ("chosen", "rejected")])
+    # each response is in up to k - 1 pairs: count the words of each distinct text once
+    texts = list(dict.fromkeys(p[s] for rows in (train, val) for p in rows for s in SIDES))
+    vec = CountVectorizer().fit(list(dict.fromkeys(p[s] for p in train for s in SIDES)))
+    counts = vec.transform(texts)
+    row = {t: i for i, t in enumerate(texts)}
 
     def diff(rows):
-        return vec.transform([p["chosen"] for p in rows]) - vec.transform(
-            [p["rejected"] for p in rows]
-        )
+        return counts[[row[p["chosen"]] for p in rows]] - counts[[row[p["rejected"]] for p in rows]]
 
     x = diff(train)
     clf = LogisticRegression(fit_intercept=False, max_iter=2000)
