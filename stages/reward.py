@@ -144,16 +144,19 @@ def main() -> None:
 
         # held-out pairs: accuracy against the labels and against the gold order
         rows = [p for _, p in encoded["val"]]
-        r_c = raw_scores(model, [e.chosen for e in val_ex], pad)
-        r_r = raw_scores(model, [e.rejected for e in val_ex], pad)
-        metrics = pair_metrics(
-            r_c, r_r, [p["gold_chosen"] for p in rows], [p["gold_rejected"] for p in rows]
-        )
-        # reward vs gold on the distinct held-out responses
+        # reward vs gold on the distinct held-out responses too; one call scores each once
         texts = {(p["prompt"], p[s]): p[f"gold_{s}"] for p in rows for s in ("chosen", "rejected")}
         seqs = [encode_for_reward(tok, pr, re, context) for pr, re in texts]
+        n = len(val_ex)
+        scores = raw_scores(
+            model, [e.chosen for e in val_ex] + [e.rejected for e in val_ex] + seqs, pad
+        )
+        metrics = pair_metrics(
+            scores[:n], scores[n : 2 * n],
+            [p["gold_chosen"] for p in rows], [p["gold_rejected"] for p in rows],
+        )  # fmt: skip
         metrics["val_gold_spearman"] = float(
-            spearmanr(raw_scores(model, seqs, pad), list(texts.values())).statistic
+            spearmanr(scores[2 * n :], list(texts.values())).statistic
         )
 
         # normalisation on fresh samples of the SFT policy (the policy RL starts from)

@@ -131,3 +131,27 @@ def test_read_curves_keeps_missing_values_as_nan(tmp_path):
     cols = R.read_curves(p)
     assert cols["step"] == [1, 2] and cols["a"][0] == 0.5 and math.isnan(cols["a"][1])
     assert R.read_curves(tmp_path / "missing.csv") == {}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_torch_engine_scores_like_the_generic_engine(tmp_path, arch):
+    """TorchEngine's own response log-probs and NLL (prompts shared, head on the response
+    only, all in torch) equal Engine's generic ones (full logits, numpy), which ONNX uses."""
+    from lmpipe.config import ModelParams
+    from lmpipe.evaluate.engines import Engine, TorchEngine
+    from lmpipe.model import build_model, save_model
+
+    special = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "<|prompt|>": 3, "<|response|>": 4}
+    cfg = ModelParams(arch=arch, d_model=32, n_layers=2, n_heads=2, context=24, init_std=0.3)
+    save_model(build_model(cfg, 40, special, seed=0), tmp_path, tmp_path, {"stage": "sft"})
+    e = TorchEngine("sft", tmp_path, eos=2, pad=0)
+    prompts = [[1, 3, 9, 10, 4]] * 3 + [[1, 3, 11, 4]] * 2
+    responses = [[20, 21], [22], [23, 24, 25], [26], []]
+    ended = [True, False, True, True, True]  # one cut at the limit, one that is only EOS
+    got = e.response_logprobs(prompts, responses, ended, batch_size=4)
+    want = Engine.response_logprobs(e, prompts, responses, ended, batch_size=4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert (got < 0).all()
+    windows = np.random.default_rng(0).integers(5, 40, (5, 13))
+    (s_got, n_got), (s_want, n_want) = e.nll(windows, 2), Engine.nll(e, windows, 2)
+    assert n_got == n_want == 60 and s_got == pytest.approx(s_want, rel=1e-6)

@@ -148,6 +148,52 @@ class TorchEngine(Engine):
                              position_ids=positions(t_mask), use_cache=False)  # fmt: skip
         return out.logits.float().cpu().numpy()
 
+    def response_logprobs(self, prompts, responses, ended, batch_size: int = 128) -> np.ndarray:
+        """`Engine.response_logprobs` (same figures, tested) without the full-vocabulary logits
+        of every position in numpy: the samples of a prompt share its pass and only the
+        positions that predict a response token go through the head
+        (`lmpipe.rl.rollout.response_logprobs`)."""
+        import torch
+
+        from lmpipe.rl.rollout import response_logprobs
+        from lmpipe.sampling import Generation, left_pad
+
+        out: list[float] = []
+        for start in range(0, len(prompts), batch_size):
+            end = start + batch_size
+            rows = zip(responses[start:end], ended[start:end], strict=True)
+            tails = [[*r, self.eos] if e else list(r) for r, e in rows]
+            p_ids, p_mask = left_pad(prompts[start:end], self.pad)
+            resp = torch.full((len(tails), max(1, *map(len, tails))), self.pad, dtype=torch.long)
+            r_mask = torch.zeros(resp.shape, dtype=torch.bool)
+            for i, t in enumerate(tails):
+                resp[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+                r_mask[i, : len(t)] = True
+            gen = Generation(
+                torch.cat([p_ids, resp], 1).to(self.device),
+                torch.cat([p_mask, r_mask.long()], 1).to(self.device),
+                p_ids.shape[1], resp.to(self.device), r_mask.to(self.device),
+                torch.tensor(list(ended[start:end]), device=self.device),
+            )  # fmt: skip
+            with torch.no_grad():
+                logp, _ = response_logprobs(self.model, gen, slice(None), 1.0, False)
+            out += (logp.double() * gen.response_mask).sum(-1).cpu().tolist()
+        return np.array(out)
+
+    def nll(self, windows: np.ndarray, batch_size: int = 16) -> tuple[float, int]:
+        """`Engine.nll` in torch (the log-softmax never leaves the device)."""
+        import torch
+        import torch.nn.functional as F
+
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(windows), batch_size):
+                w = torch.as_tensor(windows[start : start + batch_size], device=self.device)
+                logits = self.model(input_ids=w[:, :-1], use_cache=False).logits.float()
+                ce = F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="none")
+                total += float(ce.double().sum())
+        return total, int(windows[:, 1:].size)
+
     def generate(self, prompts, max_new_tokens, seed):
         import torch
 
