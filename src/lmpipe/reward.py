@@ -284,10 +284,9 @@ def sequence_scores(
     """
     config = model.config
     layout = None
-    if share_prompts and getattr(config, "lmpipe_response_token_id", None) is not None:
-        layout = shared_prompt_layout(
-            input_ids, config.lmpipe_response_token_id, config.pad_token_id
-        )
+    rid = getattr(config, "lmpipe_response_token_id", None)
+    if share_prompts and rid is not None and config.pad_token_id is not None:
+        layout = shared_prompt_layout(input_ids, rid, config.pad_token_id)
     if layout is not None:
         return _shared_prompt_scores(model, layout)
     if getattr(config, "lmpipe_reward_pooling", "last") == "last":
@@ -376,7 +375,7 @@ def _shared_prompt_scores(model: torch.nn.Module, layout: PromptLayout) -> torch
     per_token = model.score(hidden).squeeze(-1).float()  # (B, R)
     config = model.config
     if getattr(config, "lmpipe_reward_pooling", "last") == "last":
-        return per_token[torch.arange(len(owner)), r_mask.sum(-1) - 1]
+        return per_token[torch.arange(len(owner), device=owner.device), r_mask.sum(-1) - 1]
     # as the plain pass: a RESPONSE token inside a response is not a response position
     weight = (r_mask.bool() & (layout.response_ids != config.lmpipe_response_token_id)).float()
     return (per_token * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
