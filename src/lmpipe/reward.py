@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
-from transformers import AutoModelForSequenceClassification, DynamicCache, PreTrainedModel
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from lmpipe.data.sources import DataError, iter_jsonl
 from lmpipe.data.tokenizer import EOS, PAD, RESPONSE, load_tokenizer, special_ids
 from lmpipe.model import attention_for, context_length, read_manifest
-from lmpipe.sampling import cache_kwarg, dedupe, left_pad, positions
+from lmpipe.sampling import dedupe, left_pad, run_shared_prompts
 from lmpipe.sft import PairBatches, prompt_ids
 
 # --------------------------------------------------------------------------- labelling
@@ -329,15 +329,13 @@ def shared_prompt_layout(
     length = (input_ids != pad_id).sum(-1)  # right padding only
     if bool((length <= cut).any()):
         return None
-    index: dict[tuple[int, ...], int] = {}
-    owner = [
-        index.setdefault(tuple(row[:c]), len(index))
-        for row, c in zip(input_ids.tolist(), cut.tolist(), strict=True)
-    ]
-    if len(index) == len(owner):
+    prompts, owner = dedupe(
+        [row[:c] for row, c in zip(input_ids.tolist(), cut.tolist(), strict=True)]
+    )
+    if len(prompts) == len(owner):
         return None
     device = input_ids.device
-    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(list(index), pad_id))
+    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
     n = length - cut
     width = int(n.max())
     offsets = torch.arange(width, device=device)
@@ -351,27 +349,12 @@ def shared_prompt_layout(
 
 
 def _shared_prompt_scores(model: torch.nn.Module, layout: PromptLayout) -> torch.Tensor:
-    """`sequence_scores` with one pass over the distinct prompts, then one over the responses
-    on the prompts' keys and values (copied per row; gradients flow back through the copy).
-    Causal attention makes a prompt's states independent of what follows, so this equals the
-    plain pass up to float rounding (tests check scores and gradients)."""
-    base = model.base_model
-    cache = DynamicCache(config=model.config)
-    kv = {cache_kwarg(type(base)): cache}
-    base(
-        input_ids=layout.prompt_ids, attention_mask=layout.prompt_mask,
-        position_ids=positions(layout.prompt_mask), use_cache=True, **kv,
-    )  # fmt: skip
-    cache.reorder_cache(layout.owner)
+    """`sequence_scores` with each distinct prompt run once (`run_shared_prompts`): equal to
+    the plain pass up to float rounding (tests check scores and gradients)."""
     owner, r_mask = layout.owner, layout.response_mask
-    start = layout.prompt_mask.sum(-1)[owner, None]
-    hidden = base(
-        input_ids=layout.response_ids,
-        attention_mask=torch.cat([layout.prompt_mask[owner], r_mask], dim=1),
-        position_ids=start + torch.arange(r_mask.shape[1], device=r_mask.device),
-        use_cache=True,
-        **kv,
-    ).last_hidden_state
+    _, hidden = run_shared_prompts(
+        model.base_model, layout.prompt_ids, layout.prompt_mask, owner, layout.response_ids, r_mask
+    )
     per_token = model.score(hidden).squeeze(-1).float()  # (B, R)
     config = model.config
     if getattr(config, "lmpipe_reward_pooling", "last") == "last":

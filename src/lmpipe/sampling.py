@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import cache as memoize
 
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 
 
 @dataclass
@@ -75,6 +75,38 @@ def dedupe(seqs: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
     first: dict[tuple[int, ...], int] = {}
     inverse = [first.setdefault(tuple(s), len(first)) for s in seqs]
     return [list(s) for s in first], inverse
+
+
+def run_shared_prompts(
+    backbone: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    owner: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each distinct prompt (left-padded rows) through `backbone` (a transformer without its
+    head) once, then every row's response tokens on its prompt's keys and values, copied per
+    row (`owner`: the prompt row of each row); gradients flow back through the copy. Returns
+    the prompt's last hidden state per row (B, d) and the response tokens' (B, R, d). Causal
+    attention makes a prompt's states independent of what follows, so both equal one pass over
+    the full rows up to float rounding (the reward model and the RL passes test it)."""
+    cache = DynamicCache(config=backbone.config)
+    kv = {cache_kwarg(type(backbone)): cache}
+    out = backbone(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask),
+        use_cache=True, **kv,
+    )  # fmt: skip
+    last = out.last_hidden_state[:, -1][owner]
+    if response_ids.shape[1] == 0:
+        return last, last.new_zeros(len(last), 0, last.shape[-1])
+    cache.reorder_cache(owner)
+    mask = torch.cat([prompt_mask[owner], response_mask], dim=1)
+    hidden = backbone(
+        input_ids=response_ids, attention_mask=mask,
+        position_ids=positions(mask)[:, prompt_mask.shape[1] :], use_cache=True, **kv,
+    ).last_hidden_state  # fmt: skip
+    return last, hidden
 
 
 COMPACT_SHARE = 0.125

@@ -105,8 +105,8 @@ def teacher_examples(
 
 class MixedBatches:
     """Each micro-batch: `n_samples` teacher-sample rows and the rest corpus windows, as two
-    `Parts` of their own widths (samples are shorter than the context: padded to the windows'
-    width, a fifth of the default batch was padding). Both parts draw from their own seeded
+    `Parts` of their own widths (samples are shorter than the context, and padding them to the
+    windows' width cost time: README, compress). Both parts draw from their own seeded
     generators, saved in checkpoints."""
 
     def __init__(

@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from lmpipe.sampling import Generation, cache_kwarg, dedupe, positions
+from lmpipe.sampling import Generation, dedupe, positions, run_shared_prompts
 
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -42,30 +42,16 @@ def shared_prompt_states(
     prompt_width: int,
     owners: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """(B, R, d) last hidden states at the positions that predict each response token, running
-    each distinct prompt once: the prompts first, then every row's response on its prompt's
-    keys and values (copied per row; gradients flow back through the copy). Causal attention
-    makes a prompt's states independent of what follows, so this equals one pass over the full
-    rows up to float rounding. `backbone` is the transformer without its head."""
+    """(B, R, d) last hidden states at the positions that predict each response token (the
+    prompt's last one, then the response's but its last), each distinct prompt run once
+    (`lmpipe.sampling.run_shared_prompts`). `backbone` is the transformer without its head."""
     first, owner = owners
     w, r = prompt_width, sequences.shape[1] - prompt_width
-    cache = DynamicCache(config=backbone.config)
-    kv = {cache_kwarg(type(backbone)): cache}
-    p_mask = attention_mask[first, :w]
-    out = backbone(
-        input_ids=sequences[first, :w], attention_mask=p_mask, position_ids=positions(p_mask),
-        use_cache=True, **kv,
+    last, hidden = run_shared_prompts(
+        backbone, sequences[first, :w], attention_mask[first, :w], owner,
+        sequences[:, w : w + r - 1], attention_mask[:, w : w + r - 1],
     )  # fmt: skip
-    head = out.last_hidden_state[:, -1:][owner]  # the prompt's last position predicts token 1
-    if r == 1:
-        return head
-    cache.reorder_cache(owner)
-    mask = attention_mask[:, : w + r - 1]
-    out = backbone(
-        input_ids=sequences[:, w : w + r - 1], attention_mask=mask,
-        position_ids=positions(mask)[:, w:], use_cache=True, **kv,
-    )  # fmt: skip
-    return torch.cat([head, out.last_hidden_state], dim=1)
+    return torch.cat([last[:, None], hidden], dim=1)
 
 
 def response_logits(
