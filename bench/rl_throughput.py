@@ -4,14 +4,19 @@ TRL's RLOOTrainer on the same models and settings when `trl` is installed
 
     python bench/rl_throughput.py                       # rloo, ppo and dpg, then TRL's RLOO
     python bench/rl_throughput.py --algos rloo --steps 5 --no-trl
-    python bench/rl_throughput.py --algos ppo rloo --precision bf16 --no-trl   # rl.precision
+    python bench/rl_throughput.py --algos rloo --precision bf16   # both loops in bf16 autocast
     python bench/rl_throughput.py --algos rloo --no-trl --profile   # where a step's time goes
 
 Setting (the issue's reference): a tiny Llama policy and reward model (width 256, 4 layers,
 vocab 4096, random init, fp32), 64 prompts x 2 samples, 32 new tokens, one update per batch
 (PPO: its default epochs and minibatches), the reward model scores every response. Both loops
 run in this process on the same models, with the same attention kernel
-(`lmpipe.model.attention_for`); the first step of each is a warm-up and not timed.
+(`lmpipe.model.attention_for`); the first step of each is a warm-up and not timed, and
+lmpipe's RLOO steps alternate with TRL's (one each), so that the machine's drift over minutes
+falls on both sides of their ratio. With
+`--precision bf16` (or `auto` where it resolves to bf16, as the rl stage's default does on CPUs
+with AVX-512 BF16 or AMX) both loops run under bf16 autocast: lmpipe's `rl.precision`, TRL's
+`bf16=True`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import contextlib
 import copy
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -30,6 +36,7 @@ from lmpipe.model import attention_for, build_model
 from lmpipe.reward import raw_scores
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.rollout import ValueModel
+from lmpipe.train import use_bf16
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "<|prompt|>": 3, "<|response|>": 4}
 VOCAB, PROMPT_LEN = 4096, 16
@@ -55,7 +62,8 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [[1, 3, *rng.integers(5, VOCAB, PROMPT_LEN - 3).tolist(), 4] for _ in range(n)]
 
 
-def bench_lmpipe(algo: str, steps: int, args) -> dict[str, float]:
+def lmpipe_trainer(algo: str, steps: int, args) -> RLTrainer:
+    """lmpipe's RL loop on the bench's models, after one (untimed) warm-up step."""
     policy, ref, rm = models()
     # scored as the rl stage scores (RewardModel.score_ids): the head at the last token, each
     # prompt run once for its k responses (lmpipe.reward.sequence_scores)
@@ -66,7 +74,7 @@ def bench_lmpipe(algo: str, steps: int, args) -> dict[str, float]:
 
     cfg = RLParams(
         algo=algo, prompts_per_step=args.prompts, samples_per_prompt=2,
-        max_new_tokens=args.new_tokens, missing_eos_penalty=None, steps=steps + 1,
+        max_new_tokens=args.new_tokens, missing_eos_penalty=None, steps=steps + 2,
         precision=args.precision,
         minibatch_size=args.prompts * 2 if algo != "ppo" else 32,
     )  # fmt: skip
@@ -74,12 +82,20 @@ def bench_lmpipe(algo: str, steps: int, args) -> dict[str, float]:
     t = RLTrainer(policy, ref, cfg, prompts(args.prompts * 4), score_fn, eos_id=2, pad_id=0,
                   seed=0, value_model=value)  # fmt: skip
     t.train_step()  # warm-up
-    eps, shares = [], []
+    return t
+
+
+def summarise(metrics: list[dict[str, float]]) -> dict[str, float]:
+    return {
+        "episodes_per_sec": statistics.median(m["rl/episodes_per_sec"] for m in metrics),
+        "generate_share": float(np.mean([m["rl/generate_share"] for m in metrics])),
+    }
+
+
+def bench_lmpipe(algo: str, steps: int, args) -> dict[str, float]:
+    t = lmpipe_trainer(algo, steps, args)
     with phase_timer(t) as phases:
-        for _ in range(steps):
-            m = t.train_step()
-            eps.append(m["rl/episodes_per_sec"])
-            shares.append(m["rl/generate_share"])
+        metrics = [t.train_step() for _ in range(steps)]
     if args.profile:
         print(f"--- lmpipe {algo}: seconds per step ({steps} steps)")
         for name, total in phases.items():
@@ -89,7 +105,7 @@ def bench_lmpipe(algo: str, steps: int, args) -> dict[str, float]:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t.train_step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
-    return {"episodes_per_sec": statistics.median(eps), "generate_share": float(np.mean(shares))}
+    return summarise(metrics)
 
 
 @contextlib.contextmanager
@@ -129,7 +145,11 @@ def phase_timer(trainer: RLTrainer):
         trainer.train_step = original_step
 
 
-def bench_trl(steps: int, args) -> dict[str, float] | None:
+def bench_trl(
+    steps: int, args, bf16: bool, between: Callable[[], None] | None = None
+) -> dict[str, float] | None:
+    """TRL's RLOOTrainer, `steps` timed steps after one warm-up; `between` runs after each of
+    its steps (outside its timing): lmpipe's step, so the two loops alternate."""
     try:
         import trl
         from datasets import Dataset
@@ -153,7 +173,7 @@ def bench_trl(steps: int, args) -> dict[str, float] | None:
         output_dir="/tmp/lmpipe-bench-trl", per_device_train_batch_size=args.prompts * 2,
         num_generations=2, max_completion_length=args.new_tokens, steps_per_generation=1,
         num_iterations=1, max_steps=steps + 1, use_cpu=True, report_to="none",
-        save_strategy="no", logging_steps=1, temperature=1.0, beta=0.05, bf16=False,
+        save_strategy="no", logging_steps=1, temperature=1.0, beta=0.05, bf16=bf16,
         disable_tqdm=True,
         # the same attention kernel as lmpipe's models on this device (eager on CPU)
         model_init_kwargs={"dtype": torch.float32, "attn_implementation": attention_for()},
@@ -166,6 +186,8 @@ def bench_trl(steps: int, args) -> dict[str, float] | None:
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t0)
+            if between is not None:
+                between()
 
     path = "/tmp/lmpipe-bench-trl/policy"
     policy.save_pretrained(path)  # TRL builds its reference copy from a path
@@ -189,26 +211,48 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="per-part seconds and top aten ops")
     ap.add_argument(
         "--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-        help="lmpipe's rl.precision (TRL's run stays fp32, the issue's setting)",
+        help="lmpipe's rl.precision; TRL runs in bf16 autocast too where it resolves to bf16 "
+        "(fp32, the default, is the issue's setting)",
     )  # fmt: skip
     args = ap.parse_args()
+    bf16 = use_bf16(args.precision, torch.device("cpu"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"lmpipe precision {args.precision}, attention {attention_for()}")  # fmt: skip
+          f"precision {'bf16' if bf16 else 'fp32'} ({args.precision}), "
+          f"attention {attention_for()}")  # fmt: skip
+    # with TRL to compare against, lmpipe's rloo steps alternate with TRL's steps, so that
+    # this machine's drift over minutes (5-10%) falls on both sides of the ratio
+    alternate = "rloo" in args.algos and not args.no_trl and not args.profile
     rows = {}
     for algo in args.algos:
-        rows[f"lmpipe {algo}"] = bench_lmpipe(algo, args.steps, args)
-        r = rows[f"lmpipe {algo}"]
-        print(f"lmpipe {algo:5s} {r['episodes_per_sec']:7.1f} episodes/s  "
-              f"generation {100 * r['generate_share']:.0f}% of the step")  # fmt: skip
-    if not args.no_trl:
-        r = bench_trl(args.steps, args)
-        if r is None:
-            print("trl not installed: pip install -e .[bench]")
-        else:
-            print(f"trl {r['version']} RLOOTrainer {r['episodes_per_sec']:7.1f} episodes/s")
-            if "lmpipe rloo" in rows:
-                ratio = rows["lmpipe rloo"]["episodes_per_sec"] / r["episodes_per_sec"]
-                print(f"lmpipe rloo / trl RLOO: {ratio:.2f}x")
+        if algo == "rloo" and alternate:
+            continue
+        rows[algo] = bench_lmpipe(algo, args.steps, args)
+        show(algo, rows[algo])
+    if args.no_trl:
+        return
+    rloo_steps: list[dict[str, float]] = []
+    between = None
+    if alternate:
+        t = lmpipe_trainer("rloo", args.steps, args)
+        between = lambda: rloo_steps.append(t.train_step())  # noqa: E731
+    r = bench_trl(args.steps, args, bf16, between)
+    if r is None:
+        print("trl not installed: pip install -e .[bench]")
+        if alternate:
+            show("rloo", bench_lmpipe("rloo", args.steps, args))
+        return
+    if alternate:  # the step after TRL's warm-up is dropped too: the pairs are the timed steps
+        rows["rloo"] = summarise(rloo_steps[1:])
+        show("rloo", rows["rloo"], " (its steps alternated with TRL's)")
+    print(f"trl {r['version']} RLOOTrainer {r['episodes_per_sec']:7.1f} episodes/s")
+    if "rloo" in rows:
+        ratio = rows["rloo"]["episodes_per_sec"] / r["episodes_per_sec"]
+        print(f"lmpipe rloo / trl RLOO: {ratio:.2f}x")
+
+
+def show(algo: str, r: dict[str, float], note: str = "") -> None:
+    print(f"lmpipe {algo:5s} {r['episodes_per_sec']:7.1f} episodes/s  "
+          f"generation {100 * r['generate_share']:.0f}% of the step{note}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def main() -> None:
         )  # fmt: skip
         precision = "bf16" if trainer.bf16 else "fp32"
         tracker.set_tags({"rl/precision": precision})
-        log.info("log-prob, value and update passes in %s (%s)", precision, cfg.precision)
+        log.info("sampling, log-prob, value and update passes in %s (%s)", precision, cfg.precision)
         sample_kw = dict(
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=ids[EOS],
             pad_id=ids[PAD], penalty=cfg.missing_eos_penalty,

@@ -162,3 +162,65 @@ def test_log_z_estimator_and_interval():
     # few samples: biased low on average
     small = torch.randn(2000, 4, generator=g, dtype=torch.float64)
     assert float(core.log_z_estimate(small, 0.5, n_boot=10)[0].mean()) < 1 / (2 * 0.25)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_logprobs_match_log_softmax_and_its_gradients(monkeypatch, temperature, bias):
+    """The chunked head (logits never held whole) against autograd through a full
+    log-softmax: log-probs, entropies and the gradients of hidden states, weight and bias,
+    with chunks that do not divide the positions."""
+    from lmpipe.rl import rollout
+
+    monkeypatch.setattr(rollout, "HEAD_CHUNK_ELEMENTS", 7 * 50)  # 7 positions a chunk
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    with torch.no_grad():
+        head.weight.normal_(0, 1.0, generator=g)
+    hidden = torch.randn(3, 9, 16, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 50, (3, 9), generator=g)
+    upstream = torch.randn(3, 9, generator=g)
+
+    logp, ent = rollout.head_logprobs(hidden, head, tokens, temperature)
+    (logp * upstream).sum().backward()
+    got = [hidden.grad, head.weight.grad, *([head.bias.grad] if bias else [])]
+    for t in (hidden, *head.parameters()):
+        t.grad = None
+
+    full = torch.log_softmax(head(hidden) / temperature, dim=-1)
+    want_logp = full.gather(-1, tokens[..., None]).squeeze(-1)
+    want_ent = -(full.exp() * full).sum(-1)
+    (want_logp * upstream).sum().backward()
+    want = [hidden.grad, head.weight.grad, *([head.bias.grad] if bias else [])]
+    torch.testing.assert_close(logp, want_logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent, want_ent.detach(), rtol=0, atol=1e-5)
+    assert not ent.requires_grad
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # no grad needed, no entropy asked: same log-probs, bit for bit
+    with torch.no_grad():
+        again, none = rollout.head_logprobs(hidden, head, tokens, temperature, False)
+    assert none is None and torch.equal(again, logp.detach())
+
+
+def test_head_logprobs_under_bf16_autocast():
+    """Under bf16 autocast the head's product is bf16 and the softmax fp32, as autograd's
+    path casts them; gradients come back in the inputs' dtypes."""
+    from lmpipe.rl.rollout import head_logprobs
+
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(32, 64, bias=False)
+    hidden = torch.randn(40, 32, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 64, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, _ = head_logprobs(hidden, head, tokens, 1.0, False)
+        ref = torch.log_softmax(head(hidden).float(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+    assert logp.dtype == torch.float32
+    torch.testing.assert_close(logp, ref, rtol=0, atol=1e-4)
+    logp.sum().backward()
+    got = (hidden.grad.clone(), head.weight.grad.clone())
+    hidden.grad = head.weight.grad = None
+    ref.sum().backward()
+    assert got[0].dtype == hidden.dtype and got[1].dtype == head.weight.dtype
+    torch.testing.assert_close(got[0], hidden.grad, rtol=0.02, atol=2e-3)
+    torch.testing.assert_close(got[1], head.weight.grad, rtol=0.02, atol=2e-3)

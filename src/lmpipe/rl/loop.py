@@ -129,8 +129,11 @@ class RLTrainer:
         self.first_minibatch: dict[str, torch.Tensor] = {}
 
     def amp(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast around the log-prob, value and update passes when `precision` asks;
-        the logits are cast back to fp32 before any softmax (`response_logits`)."""
+        """bf16 autocast around the sampler and the log-prob, value and update passes when
+        `precision` asks; the logits are cast back to fp32 before any softmax (the sampler's,
+        `head_logprobs`). Sampling in the passes' precision keeps the distribution drawn from
+        the one whose log-probs they compute, and it is the faster one where bf16 is chosen
+        (0.54 → 0.40 s for the bench's 128 responses, README "Measured figures")."""
         if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -156,10 +159,11 @@ class RLTrainer:
         prompts = [self.prompts[i] for i in index.tolist()]
         sampler = self.proposal if self.proposal is not None else self.policy
         t0 = time.perf_counter()
-        gen = generate(
-            sampler, prompts, max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id,
-            pad_id=self.pad_id, temperature=cfg.temperature, generator=self.generator,
-        )  # fmt: skip
+        with self.amp():  # sample from the distribution the log-prob passes compute
+            gen = generate(
+                sampler, prompts, max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id,
+                pad_id=self.pad_id, temperature=cfg.temperature, generator=self.generator,
+            )  # fmt: skip
         seconds_generate = time.perf_counter() - t0
         scores, proxy = score_generation(gen, prompts, self.score_fn, cfg.missing_eos_penalty)
         b = len(prompts)
@@ -191,7 +195,7 @@ class RLTrainer:
 
     def _shuffled_rows(self, b: int) -> torch.Tensor:
         """PPO's minibatch order: the batch's prompts shuffled, each prompt's k rows kept
-        together, so that a minibatch runs each of its prompts once (`response_logits`)."""
+        together, so that a minibatch runs each of its prompts once (`response_states`)."""
         k = self.cfg.samples_per_prompt
         groups = torch.randperm(b // k, generator=self.perm_gen)
         return (groups[:, None] * k + torch.arange(k)).flatten()

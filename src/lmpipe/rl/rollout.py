@@ -1,15 +1,17 @@
 """Log-probabilities, entropies and values over the response positions of a sampled batch.
 
-Every pass (old policy, reference, training, proposal) goes through `response_logits` with the
+Every pass (old policy, reference, training, proposal) goes through `response_logprobs` with the
 same temperature, the same padded width and the same row chunks, so the first training
 minibatch reproduces the rollout's log-probs bit for bit (ratio exactly 1, KL exactly 0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from lmpipe.sampling import Generation, dedupe, positions, run_shared_prompts
@@ -54,38 +56,128 @@ def shared_prompt_states(
     return torch.cat([last[:, None], hidden], dim=1)
 
 
-def response_logits(
+def response_states(
     model: torch.nn.Module,
     sequences: torch.Tensor,
     attention_mask: torch.Tensor,
     prompt_width: int,
-    temperature: float,
     share_prompts: bool = True,
 ) -> torch.Tensor:
-    """(B, R, V) temperature-scaled logits that predict each response token. Only the positions
-    that predict a response token go through the output head (`logits_to_keep`). With
-    `share_prompts`, rows with the same prompt (k samples of it) run it once
-    (`shared_prompt_states`)."""
-    r = sequences.shape[1] - prompt_width
+    """(B, R, d) last hidden states at the positions that predict each response token (the
+    output head not applied). With `share_prompts`, rows with the same prompt (k samples of
+    it) run it once (`shared_prompt_states`)."""
     owners = prompt_owners(sequences[:, :prompt_width]) if share_prompts else None
     if owners is not None:
-        # the head runs once on all rows' states: (B, R, d) like the plain pass, so its
-        # product takes the same kernel (a (1, 1, d) input took another, whose rounding
-        # differed with the weights' requires_grad: policy and reference then disagreed)
-        hidden = shared_prompt_states(
+        return shared_prompt_states(
             model.base_model, sequences, attention_mask, prompt_width, owners
         )
-        logits = model.get_output_embeddings()(hidden).float()
-    else:
-        out = model(
-            input_ids=sequences,
-            attention_mask=attention_mask,
-            position_ids=positions(attention_mask),
-            use_cache=False,
-            logits_to_keep=r + 1,
+    hidden = model.base_model(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=positions(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return hidden[:, prompt_width - 1 : -1]
+
+
+HEAD_CHUNK_ELEMENTS = 1 << 22
+"""Logits made at a time by `head_logprobs` on the CPU (16 MB in fp32: they stay in the
+cache); 16 times as many on accelerators, where larger products run closer to peak."""
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """log softmax(head(h) / T)[y] per position, and the entropy of that distribution, with
+    the logits made and dropped a chunk of positions at a time. Autograd's version keeps the
+    (N, V) log-softmax for the backward pass and fills an (N, V) zero tensor for the gather's
+    gradient; this one keeps h and the N log-partition values and remakes each chunk's logits
+    in the backward pass (one more product with the head, against several passes over N x V
+    floats). The chunks' logits are cast to fp32 before any softmax, as under bf16 autocast
+    the head's product is bf16; the backward pass runs under the forward pass's autocast."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature, with_entropy):
+        n, v = hidden.shape[0], weight.shape[0]
+        dev = hidden.device
+        budget = HEAD_CHUNK_ELEMENTS * (1 if dev.type == "cpu" else 16)
+        chunk = max(1, budget // v)
+        logp = torch.empty(n, device=dev)
+        lse = torch.empty(n, device=dev)
+        ent = torch.empty(n if with_entropy else 0, device=dev)
+        for s in range(0, n, chunk):
+            z = F.linear(hidden[s : s + chunk], weight, bias).float()
+            if temperature != 1.0:
+                z = z / temperature
+            top = z.amax(-1, keepdim=True)
+            e = (z - top).exp_()  # one exp serves log Z and the entropy
+            total = e.sum(-1)
+            lse_c = top.squeeze(-1) + total.log()
+            logp[s : s + chunk] = z.gather(-1, tokens[s : s + chunk, None]).squeeze(-1) - lse_c
+            lse[s : s + chunk] = lse_c
+            if with_entropy:  # H = log Z - E_p[z]
+                ent[s : s + chunk] = lse_c - (e.mul_(z)).sum(-1) / total
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.amp = (
+            (dev.type, torch.get_autocast_dtype(dev.type))
+            if torch.is_autocast_enabled(dev.type)
+            else None
         )
-        logits = out.logits[:, :-1].float()
-    return logits if temperature == 1.0 else logits / temperature
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_ent):
+        hidden, weight, bias, tokens, lse = ctx.saved_tensors
+        t, chunk = ctx.temperature, ctx.chunk
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        d_hidden = torch.empty_like(hidden) if want_h else None
+        d_weight = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        d_bias = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
+        amp = torch.autocast(ctx.amp[0], dtype=ctx.amp[1]) if ctx.amp else contextlib.nullcontext()
+        with amp:
+            for s in range(0, hidden.shape[0], chunk):
+                h = hidden[s : s + chunk]
+                z = F.linear(h, weight, bias).float()
+                if t != 1.0:
+                    z = z / t
+                g = grad_logp[s : s + chunk, None]
+                # d log p_y / dz = onehot(y) - softmax(z), then through z = lin / T
+                dz = z.sub_(lse[s : s + chunk, None]).exp_().mul_(-g)
+                dz.scatter_add_(-1, tokens[s : s + chunk, None], g)
+                if t != 1.0:
+                    dz.div_(t)
+                dz = dz.to(z.dtype if ctx.amp is None else ctx.amp[1])
+                if want_h:
+                    d_hidden[s : s + chunk] = dz @ weight.to(dz.dtype)
+                if want_w:
+                    d_weight += (dz.t() @ h.to(dz.dtype)).float()
+                if want_b:
+                    d_bias += dz.float().sum(0)
+        return (
+            d_hidden,
+            None if d_weight is None else d_weight.to(weight.dtype),
+            None if d_bias is None else d_bias.to(bias.dtype),
+            None, None, None,
+        )  # fmt: skip
+
+
+def head_logprobs(
+    hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    tokens: torch.Tensor,
+    temperature: float,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs of `tokens`, entropies or None) under softmax(head(hidden) / temperature),
+    each of `tokens`' shape; `hidden` is (..., d). Never holds more than one chunk of the
+    logits (`_HeadLogprobs`): a (B, R, V) tensor in fp32 is what limits the batch on an
+    accelerator with a large vocabulary."""
+    shape = tokens.shape
+    logp, ent = _HeadLogprobs.apply(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, tokens.reshape(-1),
+        float(temperature), with_entropy,
+    )  # fmt: skip
+    return logp.view(shape), (ent.view(shape) if with_entropy else None)
 
 
 def pick(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -98,12 +190,6 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return pick(torch.log_softmax(logits, dim=-1), tokens)
 
 
-@torch.no_grad()
-def entropy(logp: torch.Tensor) -> torch.Tensor:
-    """H = −Σ p·log p from log-probabilities (a log-softmax output)."""
-    return -(logp.exp() * logp).sum(-1)
-
-
 def response_logprobs(
     model: torch.nn.Module,
     gen: Generation,
@@ -112,15 +198,16 @@ def response_logprobs(
     with_entropy: bool = True,
     share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log-probs, entropies or None), each (b, R), for the chosen rows of a generation; one
-    log-softmax serves both."""
-    logits = response_logits(
-        model, gen.sequences[rows], gen.attention_mask[rows], gen.prompt_width, temperature,
-        share_prompts,
-    )  # fmt: skip
-    logp = torch.log_softmax(logits, dim=-1)
-    ent = entropy(logp.detach()) if with_entropy else None
-    return pick(logp, gen.response[rows]), ent
+    """(log-probs, entropies or None), each (b, R), for the chosen rows of a generation, under
+    the temperature-scaled distribution the sampler drew from. The head runs once on all
+    rows' states, (B, R, d) as in the plain pass, so that policy and reference take the same
+    kernels (a shape-dependent kernel choice made their log-probs differ in the last bits)."""
+    hidden = response_states(
+        model, gen.sequences[rows], gen.attention_mask[rows], gen.prompt_width, share_prompts
+    )
+    return head_logprobs(
+        hidden, model.get_output_embeddings(), gen.response[rows], temperature, with_entropy
+    )
 
 
 class ValueModel(torch.nn.Module):
@@ -154,13 +241,9 @@ class ValueModel(torch.nn.Module):
         self, gen: Generation, rows: torch.Tensor | slice, share_prompts: bool = True
     ) -> torch.Tensor:
         """(b, R) values of the states before each response token (a repeated prompt run once,
-        as in `response_logits`)."""
-        seqs, mask, w = gen.sequences[rows], gen.attention_mask[rows], gen.prompt_width
-        owners = prompt_owners(seqs[:, :w]) if share_prompts else None
-        if owners is not None:
-            hidden = shared_prompt_states(self.backbone, seqs, mask, w, owners)
-        else:
-            hidden = self.backbone(
-                input_ids=seqs, attention_mask=mask, position_ids=positions(mask), use_cache=False
-            ).last_hidden_state[:, w - 1 : -1]
+        as in `response_states`)."""
+        hidden = response_states(
+            self.backbone, gen.sequences[rows], gen.attention_mask[rows], gen.prompt_width,
+            share_prompts,
+        )  # fmt: skip
         return self.head(hidden).squeeze(-1).float()
