@@ -165,10 +165,16 @@ def bench_trl(
         tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="t5")),
         pad_token="<|pad|>", eos_token="<|eos|>", bos_token="<|bos|>",
     )  # fmt: skip
-    texts = [" ".join(f"t{i}" for i in p[2:-1]) for p in prompts(args.prompts * 4 * (steps + 2))]
     from tokenizers import pre_tokenizers
 
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # the same token ids as lmpipe's prompts, template tokens included (TRL encodes prompts
+    # without adding special tokens)
+    names = {i: name for name, i in vocab.items()}
+    ids = prompts(args.prompts * 4 * (steps + 2))
+    texts = [" ".join(names[i] for i in p) for p in ids]
+    if tok(texts[0], add_special_tokens=False)["input_ids"] != ids[0]:
+        raise RuntimeError("TRL's prompts would not be lmpipe's token ids")
     config = trl.RLOOConfig(
         output_dir="/tmp/lmpipe-bench-trl", per_device_train_batch_size=args.prompts * 2,
         num_generations=2, max_completion_length=args.new_tokens, steps_per_generation=1,
