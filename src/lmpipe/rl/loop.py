@@ -133,7 +133,7 @@ class RLTrainer:
         `precision` asks; the logits are cast back to fp32 before any softmax (the sampler's,
         `head_logprobs`). Sampling in the passes' precision keeps the distribution drawn from
         the one whose log-probs they compute, and it is the faster one where bf16 is chosen
-        (0.54 → 0.40 s for the bench's 128 responses, README "Measured figures")."""
+        (`python bench/rl_passes.py`)."""
         if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
