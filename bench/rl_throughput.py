@@ -31,6 +31,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from lmpipe.allocator import keep_freed_memory
 from lmpipe.config import ModelParams, RLParams
 from lmpipe.model import attention_for, build_model
 from lmpipe.reward import raw_scores
@@ -221,10 +222,13 @@ def main() -> None:
         "(fp32, the default, is the issue's setting)",
     )  # fmt: skip
     args = ap.parse_args()
+    # as every stage runs (lmpipe.stage.run), for both loops: the setting is the process's
+    kept = keep_freed_memory()
     bf16 = use_bf16(args.precision, torch.device("cpu"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"precision {'bf16' if bf16 else 'fp32'} ({args.precision}), "
-          f"attention {attention_for()}")  # fmt: skip
+          f"attention {attention_for()}, "
+          f"freed host memory {'kept' if kept else 'returned'} (LMPIPE_MALLOC)")  # fmt: skip
     # with TRL to compare against, lmpipe's rloo steps alternate with TRL's steps, so that
     # this machine's drift over minutes (5-10%) falls on both sides of the ratio
     alternate = "rloo" in args.algos and not args.no_trl and not args.profile

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmpipe.allocator import keep_freed_memory
 from lmpipe.config import ModelParams, PretrainParams
 from lmpipe.model import build_model, n_params
 from lmpipe.profiles import read_profile
@@ -159,12 +160,14 @@ def main() -> None:
     ap.add_argument("--nanogpt", default=None, help="path to nanoGPT's model.py, as reference")
     ap.add_argument("--profile", action="store_true", help="operator profile, no timing")
     args = ap.parse_args()
+    kept = keep_freed_memory()  # as every stage runs (lmpipe.stage.run); LMPIPE_MALLOC=default
     if args.profile:
         for shape in args.shapes:
             profile(shape, args.nanogpt, args.device)
         return
     dev = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, "
+          f"freed host memory {'kept' if kept else 'returned'} (LMPIPE_MALLOC)")  # fmt: skip
     for shape in args.shapes:
         results: dict[str, list[float]] = {p: [] for p in args.precisions}
         ref: dict[str, list[float]] = {p: [] for p in args.precisions}

@@ -1,4 +1,5 @@
-"""What every stage script shares: logging, user-error reporting, threads, the manifest."""
+"""What every stage script shares: logging, user-error reporting, the host allocator, the
+manifest."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from lmpipe.allocator import keep_freed_memory
 from lmpipe.config import ParamsError
 from lmpipe.data.sources import DataError
 from lmpipe.io import hash_path
@@ -73,6 +75,12 @@ def run(main: Callable[[], Any], stage: str) -> None:
     (the same script and flags), so `LMPIPE_NPROC=8 dvc repro` trains on 8 GPUs.
     """
     setup_logging()
+    try:
+        kept = keep_freed_memory()
+    except ValueError as err:
+        print(f"{stage}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    logging.getLogger(__name__).debug("freed host memory kept for reuse: %s", kept)
     cmd = torchrun_command(stage, [sys.argv[0], *sys.argv[1:]], os.environ)
     if cmd is not None:
         logging.getLogger(__name__).info("%s: %s", stage, " ".join(cmd))
