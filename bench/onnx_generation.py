@@ -6,6 +6,7 @@ tokens/s and ms per generated token (per row) for batch 1 and 8, and each engine
 to transformers' `model.generate`.
 
     python bench/onnx_generation.py [--bundle models/onnx/rl] [--model models/rl]
+    python bench/onnx_generation.py --keep-freed-memory   # as the training stages' allocator
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import warnings
 import numpy as np
 import torch
 
+from lmpipe.allocator import keep_freed_memory
 from lmpipe.model import load_model
 from lmpipe.onnx.runtime import OnnxLM
 from lmpipe.sampling import generate
@@ -39,7 +41,14 @@ def main() -> None:
     ap.add_argument("--model", default="models/rl")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--keep-freed-memory", action="store_true",
+        help="glibc keeps freed blocks, as the training stages run (lmpipe.allocator); "
+        "export and evaluate do not",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory: this C library has no mallopt (glibc only)")
     warnings.filterwarnings("ignore")
     model = load_model(args.model)
     fp32, int8 = OnnxLM(args.bundle), OnnxLM(args.bundle, precision="int8")
@@ -47,7 +56,8 @@ def main() -> None:
     prompt = fp32.prompt_ids("Tom found a small shell on the beach and")
     n = args.new_tokens
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), {args.bundle}, "
-          f"{n} new tokens, greedy, median of {args.repeats}")  # fmt: skip
+          f"{n} new tokens, greedy, median of {args.repeats}"
+          f"{', freed host memory kept' if args.keep_freed_memory else ''}")  # fmt: skip
 
     class NoEos(torch.nn.Module):  # every engine masks EOS so every row makes n tokens
         def __init__(self, m):

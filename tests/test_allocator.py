@@ -65,3 +65,15 @@ def test_a_stage_reports_a_bad_setting_as_a_user_error(monkeypatch, capsys):
         stage.run(lambda: None, "pretrain")
     assert exit_.value.code == 2
     assert "pretrain: error: LMPIPE_MALLOC='sometimes'" in capsys.readouterr().err
+
+
+def test_only_the_training_stages_keep_freed_memory(monkeypatch):
+    from lmpipe import stage
+
+    called = []
+    monkeypatch.setattr(stage, "keep_freed_memory", lambda: called.append(True) or True)
+    monkeypatch.delenv("LMPIPE_NPROC", raising=False)
+    for name in ("pretrain", "sft", "reward", "rl", "compress", "export", "evaluate"):
+        before = len(called)
+        stage.run(lambda: None, name)
+        assert (len(called) > before) == (name in ("pretrain", "sft", "reward", "rl")), name

@@ -1,4 +1,4 @@
-"""Host memory allocator settings for a stage's process.
+"""Host memory allocator settings for a training stage's process (`lmpipe.stage.run`).
 
 PyTorch's CPU allocator is the C library's `malloc`. glibc serves blocks above its mmap
 threshold (128 KiB at first, raised as such blocks are freed, up to 32 MiB) with fresh `mmap`

@@ -32,6 +32,11 @@ def setup_logging() -> None:
     )
 
 
+KEEP_MEMORY_STAGES = ("pretrain", "sft", "reward", "rl")
+"""Stages that keep freed host memory for reuse (`lmpipe.allocator`): the PyTorch training
+stages, whose steps it makes faster on a CPU. Not compress, export and evaluate: ONNX Runtime's
+and PyTorch's int8 generation ran up to twice as slow with it on the development machine."""
+
 DDP_STAGES = ("pretrain", "sft")
 """Stages whose training loop runs data-parallel under torchrun (each rank its own batches)."""
 
@@ -76,7 +81,7 @@ def run(main: Callable[[], Any], stage: str) -> None:
     """
     setup_logging()
     try:
-        kept = keep_freed_memory()
+        kept = keep_freed_memory() if stage in KEEP_MEMORY_STAGES else False
     except ValueError as err:
         print(f"{stage}: error: {err}", file=sys.stderr)
         sys.exit(2)
