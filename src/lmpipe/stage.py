@@ -34,8 +34,11 @@ def setup_logging() -> None:
 
 KEEP_MEMORY_STAGES = ("pretrain", "sft", "reward", "rl")
 """Stages that keep freed host memory for reuse (`lmpipe.allocator`): the PyTorch training
-stages, whose steps it makes faster on a CPU. Not compress, export and evaluate: ONNX Runtime's
-and PyTorch's int8 generation ran up to twice as slow with it on the development machine."""
+stages, whose steps it makes faster on a CPU (`bench/train_throughput.py` with and without
+`LMPIPE_MALLOC=default`). Not compress, export and evaluate, which measure the generation speed
+of the models they report: ONNX Runtime's varied twofold between runs on the development
+machine with either setting (`bench/onnx_generation.py [--keep-freed-memory]`), so no gain
+there was shown, and their speed figures stay those of a default process."""
 
 DDP_STAGES = ("pretrain", "sft")
 """Stages whose training loop runs data-parallel under torchrun (each rank its own batches)."""
