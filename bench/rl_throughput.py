@@ -75,6 +75,7 @@ def lmpipe_trainer(algo: str, steps: int, args) -> RLTrainer:
 
     cfg = RLParams(
         algo=algo, prompts_per_step=args.prompts, samples_per_prompt=2,
+        # warm-up, the step after TRL's warm-up, the timed steps: the lr never decays to 0
         max_new_tokens=args.new_tokens, missing_eos_penalty=None, steps=steps + 2,
         precision=args.precision,
         minibatch_size=args.prompts * 2 if algo != "ppo" else 32,

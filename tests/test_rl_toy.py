@@ -16,7 +16,7 @@ from lmpipe.config import ModelParams, RLParams
 from lmpipe.model import build_model
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.posterior import draw, posterior_kl
-from lmpipe.rl.rollout import ValueModel, gather_logprobs, prompt_owners, response_logprobs
+from lmpipe.rl.rollout import ValueModel, prompt_owners, response_logprobs
 from lmpipe.sampling import generate
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "<|prompt|>": 3, "<|response|>": 4}
@@ -52,6 +52,11 @@ def score_fn(prompts, resps):
 
 def rl_reward(prompt, resp) -> float:
     return reward(prompt, resp) if resp[-1] == EOS else PENALTY
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per position: the full-vocabulary reference."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()

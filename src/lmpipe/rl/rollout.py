@@ -85,6 +85,12 @@ HEAD_CHUNK_ELEMENTS = 1 << 22
 cache); 16 times as many on accelerators, where larger products run closer to peak."""
 
 
+def _chunk_logits(h, weight, bias, temperature: float) -> torch.Tensor:
+    """fp32 temperature-scaled logits of a chunk of positions (bf16 products under autocast)."""
+    z = F.linear(h, weight, bias).float()
+    return z if temperature == 1.0 else z / temperature
+
+
 class _HeadLogprobs(torch.autograd.Function):
     """log softmax(head(h) / T)[y] per position, and the entropy of that distribution, with
     the logits made and dropped a chunk of positions at a time. Autograd's version keeps the
@@ -104,9 +110,7 @@ class _HeadLogprobs(torch.autograd.Function):
         lse = torch.empty(n, device=dev)
         ent = torch.empty(n if with_entropy else 0, device=dev)
         for s in range(0, n, chunk):
-            z = F.linear(hidden[s : s + chunk], weight, bias).float()
-            if temperature != 1.0:
-                z = z / temperature
+            z = _chunk_logits(hidden[s : s + chunk], weight, bias, temperature)
             top = z.amax(-1, keepdim=True)
             e = (z - top).exp_()  # one exp serves log Z and the entropy
             total = e.sum(-1)
@@ -137,16 +141,15 @@ class _HeadLogprobs(torch.autograd.Function):
         with amp:
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s : s + chunk]
-                z = F.linear(h, weight, bias).float()
-                if t != 1.0:
-                    z = z / t
+                z = _chunk_logits(h, weight, bias, t)
                 g = grad_logp[s : s + chunk, None]
                 # d log p_y / dz = onehot(y) - softmax(z), then through z = lin / T
                 dz = z.sub_(lse[s : s + chunk, None]).exp_().mul_(-g)
                 dz.scatter_add_(-1, tokens[s : s + chunk, None], g)
                 if t != 1.0:
                     dz.div_(t)
-                dz = dz.to(z.dtype if ctx.amp is None else ctx.amp[1])
+                if ctx.amp:  # the head's product was bf16: its gradients are too
+                    dz = dz.to(ctx.amp[1])
                 if want_h:
                     d_hidden[s : s + chunk] = dz @ weight.to(dz.dtype)
                 if want_w:
@@ -180,16 +183,6 @@ def head_logprobs(
     return logp.view(shape), (ent.view(shape) if with_entropy else None)
 
 
-def pick(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """logp[..., token] per position."""
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per position."""
-    return pick(torch.log_softmax(logits, dim=-1), tokens)
-
-
 def response_logprobs(
     model: torch.nn.Module,
     gen: Generation,
@@ -199,9 +192,10 @@ def response_logprobs(
     share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs, entropies or None), each (b, R), for the chosen rows of a generation, under
-    the temperature-scaled distribution the sampler drew from. The head runs once on all
-    rows' states, (B, R, d) as in the plain pass, so that policy and reference take the same
-    kernels (a shape-dependent kernel choice made their log-probs differ in the last bits)."""
+    the temperature-scaled distribution the sampler drew from. Every model's pass takes the
+    same chunks of positions through `head_logprobs`, so policy and reference take the same
+    kernels (a shape-dependent kernel choice once made their log-probs differ in the last
+    bits, and the KL at π = π₀ was not exactly 0)."""
     hidden = response_states(
         model, gen.sequences[rows], gen.attention_mask[rows], gen.prompt_width, share_prompts
     )
