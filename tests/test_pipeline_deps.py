@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -37,6 +38,95 @@ def test_every_stage_lists_exactly_the_params_sections_it_reads():
             f"{name}: dvc.yaml lists {sorted(listed)} but the script reads "
             f"{sorted(sections_read(name))}"
         )
+
+
+SRC = ROOT / "src"
+
+NEUTRAL = {
+    "lmpipe": "raises the log level of noisy third-party loggers",
+    "lmpipe.allocator": "whether freed host memory is kept: speed, not results",
+    "lmpipe.stage": "the harness: logging, exit codes, the torchrun relaunch",
+    "lmpipe.tracking": "MLflow runs and lineage, which are not the stage's outputs",
+}
+"""Modules a stage imports that cannot change what it writes: not its dependencies."""
+
+CONDITIONAL = {
+    ("lmpipe.model", "lmpipe.compress.quantize"): "models/compressed",
+    ("lmpipe.data.sources", "lmpipe.data.builtin"): "corpus",
+}
+"""Imports made inside a function for one kind of input: int8 bundles (only in
+models/compressed) and the built-in corpus (only read from corpus/). They count for a stage
+whose deps list that input."""
+
+
+def module_file(name: str) -> Path | None:
+    base = SRC / Path(*name.split("."))
+    for p in (base.with_suffix(".py"), base / "__init__.py"):
+        if p.exists():
+            return p
+    return None
+
+
+def imported(path: Path) -> set[str]:
+    """lmpipe modules `path` imports, at module level or inside functions (absolute imports:
+    the library uses no relative ones)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)  # and submodules imported by name:
+            found |= {f"{node.module}.{a.name}" for a in node.names
+                      if module_file(f"{node.module}.{a.name}")}  # fmt: skip
+    names = {n for n in found if n == "lmpipe" or n.startswith("lmpipe.")}
+    # importing a.b.c runs the __init__ of a and a.b first
+    return names | {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 1)}
+
+
+def docstring_only(path: Path) -> bool:
+    body = ast.parse(path.read_text()).body
+    return all(isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) for s in body)
+
+
+def code_closure(stage: str, deps: list[str]) -> set[str]:
+    """Repository paths of the library modules a stage script runs, directly or not."""
+    seen: set[str] = set()
+    todo = [("", ROOT / "stages" / f"{stage}.py")]
+    while todo:
+        importer, path = todo.pop()
+        for name in imported(path):
+            data = CONDITIONAL.get((importer, name))
+            if name in seen or name in NEUTRAL or (data and data not in deps):
+                continue
+            seen.add(name)
+            todo.append((name, module_file(name)))
+    files = {module_file(n) for n in seen}
+    return {str(f.relative_to(ROOT)) for f in files if not docstring_only(f)}
+
+
+def test_every_stage_lists_exactly_the_library_code_it_runs():
+    """A change to a module reruns every stage that runs it, and no other: the modules a
+    stage's script imports, directly or through other modules, are its deps (a folder covers
+    its modules), and each src/ dep holds at least one of them."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in dvc.items():
+        deps = stage["deps"]
+        code = code_closure(name, deps)
+        listed = [d for d in deps if d.startswith("src/")]
+        missing = sorted(f for f in code if not any(within(f, d) for d in listed))
+        assert not missing, f"{name} runs {missing} but dvc.yaml does not list them"
+        unused = [d for d in listed if not any(within(f, d) for f in code)]
+        assert not unused, f"{name} lists {unused} but runs none of it"
+
+
+def test_code_closure_follows_imports_inside_functions_and_conditional_inputs():
+    """The walk sees what a static import list would miss: evaluate's engine imports the RL
+    log-prob pass inside a method, and int8 bundles load through a lazy import of
+    compress.quantize, which counts only where a stage reads models/compressed."""
+    evaluate = code_closure("evaluate", ["models/compressed"])
+    assert {"src/lmpipe/rl/rollout.py", "src/lmpipe/compress/quantize.py"} <= evaluate
+    assert "src/lmpipe/compress/quantize.py" not in code_closure("sft", ["models/pretrain"])
+    assert not {"src/lmpipe/tracking.py", "src/lmpipe/allocator.py"} & evaluate
 
 
 def stale(repo) -> set[str]:
