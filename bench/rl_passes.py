@@ -3,7 +3,9 @@
 - log-probs (and entropies) of the sampled tokens from the output head: autograd through a full
   log-softmax over (positions x vocabulary) against `lmpipe.rl.rollout.head_logprobs`, which
   makes and drops the logits a chunk at a time; with grad (forward + backward, entropies too, as
-  the RLOO/DPG update) and without (the reference pass);
+  the RLOO/DPG update; its backward pass either keeps the probabilities, as on a CPU where they
+  fit in `HEAD_KEEP_PROBS_BYTES`, or remakes the logits, as on accelerators) and without (the
+  reference pass);
 - the training rollout's sampler in fp32 against under bf16 autocast (what `rl.precision`
   resolving to bf16 now runs), where this device has a bf16 matmul.
 
@@ -20,6 +22,7 @@ from functools import partial
 
 import torch
 
+import lmpipe.rl.rollout as rollout
 from lmpipe.config import ModelParams
 from lmpipe.model import build_model
 from lmpipe.rl.rollout import head_logprobs
@@ -68,9 +71,17 @@ def main() -> None:
     def chunked(h, w, t, e):
         return head_logprobs(h, w, t, 1.0, e)
 
+    def remade(h, w, t, e):  # the backward pass remakes the logits, whatever the device
+        keep, rollout.HEAD_KEEP_PROBS_BYTES = rollout.HEAD_KEEP_PROBS_BYTES, 0
+        try:
+            return head_logprobs(h, w, t, 1.0, e)
+        finally:
+            rollout.HEAD_KEEP_PROBS_BYTES = keep
+
     grad, plain = "log-probs + entropies, forward + backward", "log-probs, no grad"
     cases = {
         (grad, "full log-softmax"): partial(with_grad, full_softmax),
+        (grad, "head_logprobs, remade"): partial(with_grad, remade),
         (grad, "head_logprobs"): partial(with_grad, chunked),
         (plain, "full log-softmax"): partial(no_grad, full_softmax),
         (plain, "head_logprobs"): partial(no_grad, chunked),
@@ -105,7 +116,7 @@ def main() -> None:
     for (part, variant), ts in times.items():
         ms = 1e3 * statistics.median(ts)
         base.setdefault(part, ms)
-        print(f"{part:42s} {variant:18s} {ms:8.1f} ms  x{base[part] / ms:.2f}")
+        print(f"{part:42s} {variant:21s} {ms:8.1f} ms  x{base[part] / ms:.2f}")
 
 
 if __name__ == "__main__":

@@ -166,13 +166,18 @@ def test_log_z_estimator_and_interval():
 
 @pytest.mark.parametrize("temperature", [1.0, 1.3])
 @pytest.mark.parametrize("bias", [False, True])
-def test_head_logprobs_match_log_softmax_and_its_gradients(monkeypatch, temperature, bias):
+@pytest.mark.parametrize("keep_probs", [True, False], ids=["kept-probs", "remade-logits"])
+def test_head_logprobs_match_log_softmax_and_its_gradients(
+    monkeypatch, temperature, bias, keep_probs
+):
     """The chunked head (logits never held whole) against autograd through a full
     log-softmax: log-probs, entropies and the gradients of hidden states, weight and bias,
-    with chunks that do not divide the positions."""
+    with chunks that do not divide the positions, and with either backward pass (the
+    probabilities kept from the forward pass, or the logits remade chunk by chunk)."""
     from lmpipe.rl import rollout
 
     monkeypatch.setattr(rollout, "HEAD_CHUNK_ELEMENTS", 7 * 50)  # 7 positions a chunk
+    monkeypatch.setattr(rollout, "HEAD_KEEP_PROBS_BYTES", (1 << 20) if keep_probs else 0)
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias)
     with torch.no_grad():
@@ -203,11 +208,14 @@ def test_head_logprobs_match_log_softmax_and_its_gradients(monkeypatch, temperat
     assert none is None and torch.equal(again, logp.detach())
 
 
-def test_head_logprobs_under_bf16_autocast():
+@pytest.mark.parametrize("keep_probs", [True, False], ids=["kept-probs", "remade-logits"])
+def test_head_logprobs_under_bf16_autocast(monkeypatch, keep_probs):
     """Under bf16 autocast the head's product is bf16 and the softmax fp32, as autograd's
     path casts them; gradients come back in the inputs' dtypes."""
+    from lmpipe.rl import rollout
     from lmpipe.rl.rollout import head_logprobs
 
+    monkeypatch.setattr(rollout, "HEAD_KEEP_PROBS_BYTES", (1 << 20) if keep_probs else 0)
     g = torch.Generator().manual_seed(1)
     head = torch.nn.Linear(32, 64, bias=False)
     hidden = torch.randn(40, 32, generator=g, requires_grad=True)

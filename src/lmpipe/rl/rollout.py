@@ -84,6 +84,12 @@ HEAD_CHUNK_ELEMENTS = 1 << 22
 """Logits made at a time by `head_logprobs` on the CPU (16 MB in fp32: they stay in the
 cache); 16 times as many on accelerators, where larger products run closer to peak."""
 
+HEAD_KEEP_PROBS_BYTES = 1 << 28
+"""On the CPU, a pass with grad whose (positions x vocabulary) probabilities fit in this many
+bytes of fp32 keeps them for the backward pass instead of remaking the logits there (one product
+with the head fewer: `python bench/rl_passes.py`). Accelerators always remake them: their
+memory is the scarcer resource and the product is cheap there."""
+
 
 def _chunk_logits(h, weight, bias, temperature: float) -> torch.Tensor:
     """fp32 temperature-scaled logits of a chunk of positions (bf16 products under autocast)."""
@@ -97,8 +103,10 @@ class _HeadLogprobs(torch.autograd.Function):
     (N, V) log-softmax for the backward pass and fills an (N, V) zero tensor for the gather's
     gradient; this one keeps h and the N log-partition values and remakes each chunk's logits
     in the backward pass (one more product with the head, against several passes over N x V
-    floats). The chunks' logits are cast to fp32 before any softmax, as under bf16 autocast
-    the head's product is bf16; the backward pass runs under the forward pass's autocast."""
+    floats), or on the CPU, where they fit in `HEAD_KEEP_PROBS_BYTES`, keeps the N x V
+    probabilities instead of remaking them. The chunks' logits are cast to fp32 before any
+    softmax, as under bf16 autocast the head's product is bf16; the backward pass runs under
+    the forward pass's autocast."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, temperature, with_entropy):
@@ -109,17 +117,22 @@ class _HeadLogprobs(torch.autograd.Function):
         logp = torch.empty(n, device=dev)
         lse = torch.empty(n, device=dev)
         ent = torch.empty(n if with_entropy else 0, device=dev)
+        grad = any(ctx.needs_input_grad[:3])
+        keep = grad and dev.type == "cpu" and n * v * 4 <= HEAD_KEEP_PROBS_BYTES
+        probs = torch.empty(n, v, device=dev) if keep else None
         for s in range(0, n, chunk):
             z = _chunk_logits(hidden[s : s + chunk], weight, bias, temperature)
             top = z.amax(-1, keepdim=True)
-            e = (z - top).exp_()  # one exp serves log Z and the entropy
+            e = (z - top).exp_()  # one exp serves log Z, the entropy and the kept softmax
             total = e.sum(-1)
             lse_c = top.squeeze(-1) + total.log()
             logp[s : s + chunk] = z.gather(-1, tokens[s : s + chunk, None]).squeeze(-1) - lse_c
             lse[s : s + chunk] = lse_c
+            if keep:
+                torch.div(e, total[:, None], out=probs[s : s + chunk])
             if with_entropy:  # H = log Z - E_p[z]
                 ent[s : s + chunk] = lse_c - (e.mul_(z)).sum(-1) / total
-        ctx.save_for_backward(hidden, weight, bias, tokens, lse)
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse, probs)
         ctx.temperature, ctx.chunk = temperature, chunk
         ctx.amp = (
             (dev.type, torch.get_autocast_dtype(dev.type))
@@ -131,7 +144,7 @@ class _HeadLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_ent):
-        hidden, weight, bias, tokens, lse = ctx.saved_tensors
+        hidden, weight, bias, tokens, lse, probs = ctx.saved_tensors
         t, chunk = ctx.temperature, ctx.chunk
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         d_hidden = torch.empty_like(hidden) if want_h else None
@@ -141,10 +154,13 @@ class _HeadLogprobs(torch.autograd.Function):
         with amp:
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s : s + chunk]
-                z = _chunk_logits(h, weight, bias, t)
                 g = grad_logp[s : s + chunk, None]
                 # d log p_y / dz = onehot(y) - softmax(z), then through z = lin / T
-                dz = z.sub_(lse[s : s + chunk, None]).exp_().mul_(-g)
+                if probs is not None:
+                    dz = probs[s : s + chunk] * -g
+                else:
+                    z = _chunk_logits(h, weight, bias, t)
+                    dz = z.sub_(lse[s : s + chunk, None]).exp_().mul_(-g)
                 dz.scatter_add_(-1, tokens[s : s + chunk, None], g)
                 if t != 1.0:
                     dz.div_(t)
