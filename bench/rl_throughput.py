@@ -10,13 +10,17 @@ TRL's RLOOTrainer on the same models and settings when `trl` is installed
 Setting (the issue's reference): a tiny Llama policy and reward model (width 256, 4 layers,
 vocab 4096, random init, fp32), 64 prompts x 2 samples, 32 new tokens, one update per batch
 (PPO: its default epochs and minibatches), the reward model scores every response. Both loops
-run in this process on the same models, with the same attention kernel
-(`lmpipe.model.attention_for`); the first step of each is a warm-up and not timed, and
-lmpipe's RLOO steps alternate with TRL's (one each), so that the machine's drift over minutes
-falls on both sides of their ratio. With
-`--precision bf16` (or `auto` where it resolves to bf16, as the rl stage's default does on CPUs
-with AVX-512 BF16 or AMX) both loops run under bf16 autocast: lmpipe's `rl.precision`, TRL's
-`bf16=True`.
+run on the same models, with the same attention kernel (`lmpipe.model.attention_for`); the
+first step of each is a warm-up and not timed, and lmpipe's RLOO steps alternate with TRL's
+(one each, never at the same time), so that the machine's drift over minutes falls on both
+sides of their ratio. With `--precision bf16` (or `auto` where it resolves to bf16, as the rl
+stage's default does on CPUs with AVX-512 BF16 or AMX) both loops run under bf16 autocast:
+lmpipe's `rl.precision`, TRL's `bf16=True`.
+
+Each loop runs as it ships. TRL runs in a process of its own: lmpipe's loop keeps freed host
+memory, as the rl stage does (`lmpipe.allocator`), and TRL's process leaves the C allocator as
+it is, as TRL does. `--trl-malloc keep` gives TRL lmpipe's setting too (it gains more from it
+than lmpipe's loop does).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +36,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from lmpipe.allocator import ENV as MALLOC_ENV
 from lmpipe.allocator import keep_freed_memory
 from lmpipe.config import ModelParams, RLParams
 from lmpipe.model import attention_for, build_model
@@ -151,7 +157,7 @@ def bench_trl(
     steps: int, args, bf16: bool, between: Callable[[], None] | None = None
 ) -> dict[str, float] | None:
     """TRL's RLOOTrainer, `steps` timed steps after one warm-up; `between` runs after each of
-    its steps (outside its timing): lmpipe's step, so the two loops alternate."""
+    its steps (outside its timing): the wait for lmpipe's step, so the two loops alternate."""
     try:
         import trl
         from datasets import Dataset
@@ -209,6 +215,46 @@ def bench_trl(
     return {"episodes_per_sec": args.prompts * 2 / per_step, "version": trl.__version__}
 
 
+def trl_process(conn, steps: int, args, bf16: bool) -> None:
+    """`bench_trl` in a process of its own: the C allocator as `--trl-malloc` says; after
+    each of its steps it tells the parent and waits until the parent's lmpipe step is done."""
+    kept = keep_freed_memory({MALLOC_ENV: args.trl_malloc})
+
+    def between() -> None:
+        conn.send("step")
+        conn.recv()
+
+    try:
+        r = bench_trl(steps, args, bf16, between)
+        conn.send(("done", r if r is None else {**r, "malloc_kept": kept}))
+    except BaseException as e:  # the parent must not wait forever
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        raise
+
+
+def alternate_with_trl(steps: int, args, bf16: bool, lmpipe_step: Callable[[], None]):
+    """TRL's result (None without trl), with `lmpipe_step` run after each of TRL's steps, in
+    this process while TRL's waits."""
+    ctx = multiprocessing.get_context("spawn")  # a fresh process: nothing inherited but args
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=trl_process, args=(there, steps, args, bf16), daemon=True)
+    proc.start()
+    try:
+        while True:
+            if not here.poll(600):
+                raise RuntimeError("TRL's process said nothing for 10 minutes")
+            msg = here.recv()
+            if msg == "step":
+                lmpipe_step()
+                here.send("go")
+            elif msg[0] == "done":
+                return msg[1]
+            else:
+                raise RuntimeError(f"TRL's process failed: {msg[1]}")
+    finally:
+        proc.join(timeout=60)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--algos", nargs="+", default=["rloo", "ppo", "dpg"])
@@ -218,18 +264,23 @@ def main() -> None:
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-part seconds and top aten ops")
     ap.add_argument(
+        "--trl-malloc", default="default", choices=["default", "keep"],
+        help="C allocator of TRL's process: as TRL ships (default), or lmpipe's setting (keep)",
+    )  # fmt: skip
+    ap.add_argument(
         "--precision", default="fp32", choices=["fp32", "bf16", "auto"],
         help="lmpipe's rl.precision; TRL runs in bf16 autocast too where it resolves to bf16 "
         "(fp32, the default, is the issue's setting)",
     )  # fmt: skip
     args = ap.parse_args()
-    # as every stage runs (lmpipe.stage.run), for both loops: the setting is the process's
+    # as the training stages run (lmpipe.stage.run); TRL's process chooses its own
     kept = keep_freed_memory()
     bf16 = use_bf16(args.precision, torch.device("cpu"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"precision {'bf16' if bf16 else 'fp32'} ({args.precision}), "
           f"attention {attention_for()}, "
-          f"freed host memory {'kept' if kept else 'returned'} (LMPIPE_MALLOC)")  # fmt: skip
+          f"freed host memory {'kept' if kept else 'returned'} in lmpipe's loop "
+          f"(LMPIPE_MALLOC)")  # fmt: skip
     # with TRL to compare against, lmpipe's rloo steps alternate with TRL's steps, so that
     # this machine's drift over minutes (5-10%) falls on both sides of the ratio
     alternate = "rloo" in args.algos and not args.no_trl and not args.profile
@@ -242,11 +293,11 @@ def main() -> None:
     if args.no_trl:
         return
     rloo_steps: list[dict[str, float]] = []
-    between = None
+    step = lambda: None  # noqa: E731
     if alternate:
         t = lmpipe_trainer("rloo", args.steps, args)
-        between = lambda: rloo_steps.append(t.train_step())  # noqa: E731
-    r = bench_trl(args.steps, args, bf16, between)
+        step = lambda: rloo_steps.append(t.train_step())  # noqa: E731
+    r = alternate_with_trl(args.steps, args, bf16, step)
     if r is None:
         print("trl not installed: pip install -e .[bench]")
         if alternate:
@@ -255,7 +306,10 @@ def main() -> None:
     if alternate:  # the step after TRL's warm-up is dropped too: the pairs are the timed steps
         rows["rloo"] = summarise(rloo_steps[1:])
         show("rloo", rows["rloo"], " (its steps alternated with TRL's)")
-    print(f"trl {r['version']} RLOOTrainer {r['episodes_per_sec']:7.1f} episodes/s")
+    print(
+        f"trl {r['version']} RLOOTrainer {r['episodes_per_sec']:7.1f} episodes/s  "
+        f"(its process: freed host memory {'kept' if r['malloc_kept'] else 'returned'})"
+    )
     if "rloo" in rows:
         ratio = rows["rloo"]["episodes_per_sec"] / r["episodes_per_sec"]
         print(f"lmpipe rloo / trl RLOO: {ratio:.2f}x")
