@@ -68,13 +68,14 @@ def module_file(name: str) -> Path | None:
 
 
 def imported(path: Path) -> set[str]:
-    """lmpipe modules `path` imports, at module level or inside functions (absolute imports:
-    the library uses no relative ones)."""
+    """lmpipe modules `path` imports, at module level or inside functions."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}: a relative import; this walk reads absolute ones only")
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+        elif isinstance(node, ast.ImportFrom) and node.module:
             found.add(node.module)  # and submodules imported by name:
             found |= {f"{node.module}.{a.name}" for a in node.names
                       if module_file(f"{node.module}.{a.name}")}  # fmt: skip
