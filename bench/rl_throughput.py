@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import multiprocessing
 import statistics
 import time
@@ -153,19 +154,14 @@ def phase_timer(trainer: RLTrainer):
         trainer.train_step = original_step
 
 
-def bench_trl(
-    steps: int, args, bf16: bool, between: Callable[[], None] | None = None
-) -> dict[str, float] | None:
+def bench_trl(steps: int, args, bf16: bool, between: Callable[[], None]) -> dict[str, float]:
     """TRL's RLOOTrainer, `steps` timed steps after one warm-up; `between` runs after each of
     its steps (outside its timing): the wait for lmpipe's step, so the two loops alternate."""
-    try:
-        import trl
-        from datasets import Dataset
-        from transformers import PreTrainedTokenizerFast, TrainerCallback
-    except ImportError:
-        return None
-    from tokenizers import Tokenizer
+    import trl
+    from datasets import Dataset
+    from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
 
     policy, _, rm = models()
     vocab = {**SPECIAL, **{f"t{i}": i for i in range(len(SPECIAL), VOCAB)}}
@@ -173,8 +169,6 @@ def bench_trl(
         tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="t5")),
         pad_token="<|pad|>", eos_token="<|eos|>", bos_token="<|bos|>",
     )  # fmt: skip
-    from tokenizers import pre_tokenizers
-
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # the same token ids as lmpipe's prompts, template tokens included (TRL encodes prompts
     # without adding special tokens)
@@ -200,8 +194,7 @@ def bench_trl(
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t0)
-            if between is not None:
-                between()
+            between()
 
     path = "/tmp/lmpipe-bench-trl/policy"
     policy.save_pretrained(path)  # TRL builds its reference copy from a path
@@ -226,15 +219,15 @@ def trl_process(conn, steps: int, args, bf16: bool) -> None:
 
     try:
         r = bench_trl(steps, args, bf16, between)
-        conn.send(("done", r if r is None else {**r, "malloc_kept": kept}))
+        conn.send(("done", {**r, "malloc_kept": kept}))
     except BaseException as e:  # the parent must not wait forever
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         raise
 
 
 def alternate_with_trl(steps: int, args, bf16: bool, lmpipe_step: Callable[[], None]):
-    """TRL's result (None without trl), with `lmpipe_step` run after each of TRL's steps, in
-    this process while TRL's waits."""
+    """TRL's result, with `lmpipe_step` run after each of TRL's steps, in this process while
+    TRL's waits."""
     ctx = multiprocessing.get_context("spawn")  # a fresh process: nothing inherited but args
     here, there = ctx.Pipe()
     proc = ctx.Process(target=trl_process, args=(there, steps, args, bf16), daemon=True)
@@ -283,7 +276,8 @@ def main() -> None:
           f"(LMPIPE_MALLOC)")  # fmt: skip
     # with TRL to compare against, lmpipe's rloo steps alternate with TRL's steps, so that
     # this machine's drift over minutes (5-10%) falls on both sides of the ratio
-    alternate = "rloo" in args.algos and not args.no_trl and not args.profile
+    has_trl = not args.no_trl and importlib.util.find_spec("trl") is not None
+    alternate = "rloo" in args.algos and has_trl and not args.profile
     rows = {}
     for algo in args.algos:
         if algo == "rloo" and alternate:
@@ -292,17 +286,15 @@ def main() -> None:
         show(algo, rows[algo])
     if args.no_trl:
         return
+    if not has_trl:
+        print("trl not installed: pip install -e .[bench]")
+        return
     rloo_steps: list[dict[str, float]] = []
     step = lambda: None  # noqa: E731
     if alternate:
         t = lmpipe_trainer("rloo", args.steps, args)
         step = lambda: rloo_steps.append(t.train_step())  # noqa: E731
     r = alternate_with_trl(args.steps, args, bf16, step)
-    if r is None:
-        print("trl not installed: pip install -e .[bench]")
-        if alternate:
-            show("rloo", bench_lmpipe("rloo", args.steps, args))
-        return
     if alternate:  # the step after TRL's warm-up is dropped too: the pairs are the timed steps
         rows["rloo"] = summarise(rloo_steps[1:])
         show("rloo", rows["rloo"], " (its steps alternated with TRL's)")

@@ -160,7 +160,9 @@ def main() -> None:
     ap.add_argument("--nanogpt", default=None, help="path to nanoGPT's model.py, as reference")
     ap.add_argument("--profile", action="store_true", help="operator profile, no timing")
     args = ap.parse_args()
-    kept = keep_freed_memory()  # as every stage runs (lmpipe.stage.run); LMPIPE_MALLOC=default
+    kept = (
+        keep_freed_memory()
+    )  # as the training stages run (lmpipe.stage.run); LMPIPE_MALLOC=default
     if args.profile:
         for shape in args.shapes:
             profile(shape, args.nanogpt, args.device)

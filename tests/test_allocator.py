@@ -1,4 +1,4 @@
-"""The host allocator setting every stage applies (`lmpipe.allocator`)."""
+"""The host allocator setting the training stages apply (`lmpipe.allocator`)."""
 
 from __future__ import annotations
 

@@ -188,9 +188,10 @@ def head_logprobs(
     with_entropy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs of `tokens`, entropies or None) under softmax(head(hidden) / temperature),
-    each of `tokens`' shape; `hidden` is (..., d). Never holds more than one chunk of the
-    logits (`_HeadLogprobs`): a (B, R, V) tensor in fp32 is what limits the batch on an
-    accelerator with a large vocabulary."""
+    each of `tokens`' shape; `hidden` is (..., d). On an accelerator it never holds more than
+    one chunk of the logits (`_HeadLogprobs`): a (B, R, V) tensor in fp32 is what limits the
+    batch there with a large vocabulary. On the CPU a pass with grad may keep the (B, R, V)
+    probabilities for its backward pass, up to `HEAD_KEEP_PROBS_BYTES`."""
     shape = tokens.shape
     logp, ent = _HeadLogprobs.apply(
         hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, tokens.reshape(-1),
