@@ -27,6 +27,9 @@ from lmpipe.model import set_attention
 from lmpipe.onnx.runtime import left_pad
 from lmpipe.sampling import cache_kwarg
 
+TEMPLATE_FILES = ("tokenizer_config.json", "chat_template.jinja")
+"""Copied into a bundle beside tokenizer.json: the special tokens' names and the chat template."""
+
 
 def cache_shape(model: PreTrainedModel) -> dict[str, int]:
     _, kv, hd = head_shape(model)
@@ -153,14 +156,15 @@ def build_bundle(
     special_tokens: dict[str, int],
     generation: dict[str, Any],
     source: dict[str, Any],
+    stop_ids: list[int] | None = None,
     opset: int = 18,
     int8: bool = True,
     per_channel: bool = True,
     fp16: bool = False,
 ) -> None:
     """A self-contained bundle folder: graph-optimised fp32 model, optional int8 (CPU) and fp16
-    (CUDA) models, the tokenizer, and `bundle.json` (names, cache shape, special ids, defaults,
-    hashes, lineage)."""
+    (CUDA) models, the tokenizer with its chat template (the files beside `tokenizer_file`), and
+    `bundle.json` (names, cache shape, special ids, stop ids, defaults, hashes, lineage)."""
     from lmpipe.io import hash_path, write_json
     from lmpipe.onnx.runtime import MANIFEST
 
@@ -175,6 +179,9 @@ def build_bundle(
         if fp16:
             to_fp16(raw, bundle / "model.fp16.onnx")
     shutil.copy2(tokenizer_file, bundle / "tokenizer.json")
+    for name in TEMPLATE_FILES:
+        if (src := Path(tokenizer_file).parent / name).exists():
+            shutil.copy2(src, bundle / name)
     layers = model.config.num_hidden_layers
     inputs, outputs = io_names(layers)
     ctx = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
@@ -194,6 +201,7 @@ def build_bundle(
             "context": ctx,
             "vocab_size": model.config.vocab_size,
             "special_tokens": special_tokens,
+            "stop_ids": list(stop_ids or [special_tokens["eos"]]),
             "generation": generation,
             "source": source,
             "sha256": {f.name: hash_path(f) for f in sorted(bundle.glob("*.onnx"))},
