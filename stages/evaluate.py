@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from lmpipe import dist, stage
+from lmpipe.chat import load_template
 from lmpipe.config import load_params
 from lmpipe.data.stats import words
-from lmpipe.data.tokenizer import EOS, PAD, load_tokenizer, read_tokens, special_ids
+from lmpipe.data.tokenizer import read_tokens
 from lmpipe.evaluate import metrics as M
 from lmpipe.evaluate import report as R
 from lmpipe.evaluate.engines import Engine, OnnxEngine, TorchEngine
@@ -26,7 +27,6 @@ from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, atomic_write, read_json, read_jsonl, write_json, write_jsonl
 from lmpipe.model import read_manifest
 from lmpipe.reward import RewardModel
-from lmpipe.sft import prompt_ids
 from lmpipe.tracking import stage_run
 
 log = logging.getLogger("evaluate")
@@ -64,11 +64,10 @@ def main() -> None:
     penalty = read_manifest(m / "rl")["params"]["rl"].get("missing_eos_penalty", -1.0)
 
     with stage_run("evaluate", params, params.tracking, inputs) as tracker:
-        tok = load_tokenizer(args.data)
-        ids = special_ids(tok)
-        eos, pad = ids[EOS], ids[PAD]
+        template = load_template(args.data)
+        eos, pad = template.end_of_turn_id, template.pad_id
         rm = RewardModel.load(m / "reward", device)
-        engines: list[Engine] = [TorchEngine(n, f, eos, pad, device)
+        engines: list[Engine] = [TorchEngine(n, f, eos, pad, device, template.stop_ids)
                                  for n, f in torch_models.items()]  # fmt: skip
         for b in bundles:
             files = read_json(b / "bundle.json")["files"]
@@ -78,7 +77,7 @@ def main() -> None:
                     engines.append(OnnxEngine(f"onnx-{b.name}{suffix}", b, precision))
         context = min(e.context for e in engines)
         rows = read_jsonl(args.data / "prompts" / "eval.jsonl")
-        pairs = [(r["prompt"], prompt_ids(tok, r["prompt"])) for r in rows]
+        pairs = [(r["prompt"], template.prompt_ids(r["prompt"])) for r in rows]
         pairs = [(t, p) for t, p in pairs if len(p) + cfg.max_new_tokens <= context]
         pairs = pairs[: cfg.eval_prompts]
         if not pairs:
@@ -92,8 +91,8 @@ def main() -> None:
         starts = np.linspace(0, len(test) - win - 1, cfg.ppl_windows).astype(np.int64)
         windows = np.stack([test[s : s + win + 1] for s in starts])
 
-        def decode(r: list[int]) -> str:
-            return tok.decode(r, skip_special_tokens=True)
+        def decode(r: list[int]) -> str:  # the assistant text only
+            return template.decode(r)
 
         def proxy_of(ps: list[list[int]], rs: list[list[int]], ended: np.ndarray) -> np.ndarray:
             out = np.full(len(rs), np.nan)

@@ -13,23 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from lmpipe import stage
+from lmpipe.chat import load_template
 from lmpipe.config import load_params
 from lmpipe.data.sources import DataError
-from lmpipe.data.tokenizer import (
-    BOS,
-    EOS,
-    PAD,
-    PROMPT,
-    RESPONSE,
-    load_tokenizer,
-    read_tokens,
-    special_ids,
-)
+from lmpipe.data.tokenizer import read_tokens
 from lmpipe.io import atomic_dir, read_json, read_jsonl, write_json
 from lmpipe.model import context_length, load_model, read_manifest
 from lmpipe.onnx import export as ox
 from lmpipe.onnx.runtime import OnnxLM
-from lmpipe.sft import prompt_ids
 from lmpipe.tracking import stage_run
 
 log = logging.getLogger("export")
@@ -60,8 +51,12 @@ def main() -> None:
             )
     inputs = {"rl": args.rl, "compressed": args.compressed, "data": args.data}
     with stage_run("export", params, params.tracking, inputs) as tracker:
-        tok = load_tokenizer(args.data)
-        ids = special_ids(tok)
+        template = load_template(args.data)
+        special = {"bos": template.bos_id, "eos": template.eos_id, "pad": template.pad_id,
+                   "end_of_turn": template.end_of_turn_id}  # fmt: skip
+        if template.kind == "plain":  # bundles before chat templates read these two
+            special["prompt"] = template.tokenizer.token_to_id("<|prompt|>")
+            special["response"] = template.tokenizer.token_to_id("<|response|>")
         meta = read_json(args.data / "meta.json")
         val = np.asarray(read_tokens(args.data / "val.bin", meta["dtype"]), dtype=np.int64)
         rows = read_jsonl(args.data / "prompts" / "eval.jsonl")
@@ -71,14 +66,13 @@ def main() -> None:
                 t0 = time.perf_counter()
                 model = load_model(folder)
                 ctx = context_length(model)
-                prompts = [p for r in rows if len(p := prompt_ids(tok, r["prompt"])) < ctx // 2]
+                prompts = [p for r in rows if len(p := template.prompt_ids(r["prompt"])) < ctx // 2]
                 prompts = prompts[: cfg.parity_prompts]
                 bundle = out / name
                 source = read_manifest(folder)
                 ox.build_bundle(
                     model, bundle, tokenizer_file=args.data / "tokenizer.json",
-                    special_tokens={"bos": ids[BOS], "eos": ids[EOS], "pad": ids[PAD],
-                                    "prompt": ids[PROMPT], "response": ids[RESPONSE]},
+                    special_tokens=special, stop_ids=list(template.stop_ids),
                     generation={"max_new_tokens": cfg.max_new_tokens,
                                 "temperature": cfg.temperature, "top_k": cfg.top_k,
                                 "top_p": cfg.top_p},
@@ -87,7 +81,7 @@ def main() -> None:
                             "git_commit": source.get("git_commit")},
                     opset=cfg.opset, int8=cfg.int8, per_channel=cfg.int8_per_channel, fp16=cfg.fp16,
                 )  # fmt: skip
-                row = check(model, bundle, prompts, val, ctx, cfg, ids[PAD])
+                row = check(model, bundle, prompts, val, ctx, cfg, template.pad_id)
                 row["export_seconds"] = time.perf_counter() - t0
                 report[name] = row
                 log.info(
@@ -126,8 +120,9 @@ def check(model, bundle: Path, prompts, val, ctx, cfg, pad) -> dict:
         raise ParityError(f"{bundle.name}: the fp32 ONNX model misses the parity gate: "
                           + "; ".join(fails))  # fmt: skip
     n = cfg.ppl_batches * 8
-    starts = np.linspace(0, len(val) - ctx - 1, n).astype(np.int64)
-    windows = np.stack([val[s : s + ctx + 1] for s in starts])
+    win = min(ctx, cfg.ppl_window) if cfg.ppl_window else ctx
+    starts = np.linspace(0, len(val) - win - 1, n).astype(np.int64)
+    windows = np.stack([val[s : s + win + 1] for s in starts])
     row["ppl"] = ox.perplexity(lm, windows)
     for precision in [p for p in ("int8", "fp16") if getattr(cfg, p)]:
         # checked with the CPU provider here; fp16 is meant for CUDA, where it runs natively

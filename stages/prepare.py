@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--corpus-dir", type=Path, default=None, help="tracked corpus folder, hashed")
     args = ap.parse_args()
 
-    params = load_params(args.params, ["data", "tokenizer", "tracking"])
+    params = load_params(args.params, ["base", "data", "tokenizer", "tracking"])
     inputs = {"corpus": args.corpus_dir} if args.corpus_dir and args.corpus_dir.exists() else {}
     with (
         stage_run("prepare", params, params.tracking, inputs) as tracker,
@@ -37,8 +37,9 @@ def main() -> None:
         t0 = time.perf_counter()
         provenance = {"mlflow_run_id": tracker.run_id, "params": params.to_dict()}
         report, timings = prepare(
-            params.data, params.tokenizer, params.seed, tmp, provenance=provenance
-        )
+            params.data, params.tokenizer, params.seed, tmp, provenance=provenance,
+            base_cfg=params.base,
+        )  # fmt: skip
         timings["total_s"] = time.perf_counter() - t0
         tracker.log_metrics({f"prepare/{k}": v for k, v in timings.items()})
         tracker.log_report(report, "reports/prepare.json")

@@ -1,4 +1,5 @@
-"""Pretrain: a causal LM from scratch on the prepared token files.
+"""Pretrain: a causal LM from scratch on the prepared token files, or continued pretraining of
+the base model (`base.model`); with a base and `pretrain.max_steps: 0` the base passes through.
 
 Run by DVC (see dvc.yaml), or on N processes/GPUs with
     torchrun --nproc_per_node=N stages/pretrain.py --data data/prepared --out models/pretrain ...
@@ -12,14 +13,23 @@ import logging
 import math
 from pathlib import Path
 
+from lmpipe import base as base_lib
 from lmpipe import dist, stage
 from lmpipe.baselines import bigram_loss, unigram_loss
-from lmpipe.config import load_params
+from lmpipe.config import ParamsError, load_params
 from lmpipe.data.tokenizer import read_tokens
 from lmpipe.io import atomic_dir, read_json, write_json
 from lmpipe.model import build_model, n_params, save_model
 from lmpipe.tracking import NullTracker, stage_run
-from lmpipe.train import TokenWindows, checkpoint_store, train
+from lmpipe.train import (
+    TokenWindows,
+    TrainResult,
+    checkpoint_store,
+    evaluate,
+    train,
+    use_bf16,
+    write_history_csv,
+)
 
 log = logging.getLogger("pretrain")
 
@@ -34,8 +44,14 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path(".cache/checkpoints"))
     args = ap.parse_args()
 
-    params = load_params(args.params, ["model", "pretrain", "tracking"])
+    params = load_params(args.params, ["base", "model", "pretrain", "tracking"])
     cfg, mcfg = params.pretrain, params.model
+    base = base_lib.resolve(params.base)
+    if base is None and cfg.max_steps == 0:
+        raise ParamsError(
+            "pretrain.max_steps = 0 passes a base model through, but base.model is '' (from "
+            "scratch): set pretrain.max_steps > 0 or name a base model"
+        )
     info, device = dist.setup(cfg.device)
     meta = read_json(args.data / "meta.json")
     train_tokens = read_tokens(args.data / "train.bin", meta["dtype"])
@@ -43,7 +59,15 @@ def main() -> None:
 
     run = stage_run("pretrain", params, params.tracking, {"data": args.data})
     with run if info.is_main else contextlib.nullcontext(NullTracker()) as tracker:
-        model = build_model(mcfg, meta["vocab_size"], meta["special_tokens"], params.seed)
+        if base is None:
+            model = build_model(mcfg, meta["vocab_size"], meta["special_tokens"], params.seed)
+        else:
+            model = base_lib.load_model(base)
+            if model.get_input_embeddings().num_embeddings < meta["vocab_size"]:
+                raise base_lib.BaseError(
+                    f"base.model has {model.get_input_embeddings().num_embeddings} embeddings for "
+                    f"a tokenizer of {meta['vocab_size']} tokens: the tokenizer is not the model's"
+                )
         model.to(device)
         tracker.log_params({"model.n_params": n_params(model), "world_size": info.world})
         source = TokenWindows(
@@ -54,10 +78,15 @@ def main() -> None:
         )
         key = stage.checkpoint_key(params, {"data": args.data})
         store = checkpoint_store(args.cache, "pretrain", key)  # every rank resumes; rank 0 saves
-        result = train(
-            model, source, cfg, val_batches=val, tracker=tracker, checkpoints=store,
-            plot_csv=args.plots, prefix="train",
-        )  # fmt: skip
+        if cfg.max_steps:
+            result = train(
+                model, source, cfg, val_batches=val, tracker=tracker, checkpoints=store,
+                plot_csv=args.plots, prefix="train",
+            )  # fmt: skip
+        else:  # the base as it is: its val loss, and the same tensors saved
+            loss = evaluate(model, val, device, use_bf16(cfg.precision, device))
+            result = TrainResult(loss, 0.0, 0.0, 0, 0)
+            write_history_csv(args.plots, [{"step": 0, "eval/loss": loss}])
         if info.is_main:
             report = {
                 "val_loss": result.val_loss,
@@ -69,6 +98,7 @@ def main() -> None:
                 "steps": result.steps,
                 "params": n_params(model),
                 "world_size": info.world,
+                **({"base": params.base.model} if base else {}),
             }
             with atomic_dir(args.out) as tmp:
                 save_model(

@@ -17,9 +17,9 @@ import torch
 from scipy.stats import spearmanr
 
 from lmpipe import dist, stage
+from lmpipe.chat import load_template
 from lmpipe.config import load_params
 from lmpipe.data.sources import DataError
-from lmpipe.data.tokenizer import PAD, RESPONSE, load_tokenizer, special_ids
 from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.model import context_length, load_model, n_params, save_model
@@ -68,9 +68,8 @@ def main() -> None:
     _, device = dist.setup(cfg.device)
 
     with stage_run("reward", params, params.tracking, inputs) as tracker:
-        tok = load_tokenizer(args.data)
-        sids = special_ids(tok)
-        pad = sids[PAD]
+        template = load_template(args.data)
+        pad = template.pad_id
         sft = load_model(args.model, device)
         rl_prompts = [r["prompt"] for r in read_jsonl(args.data / "prompts" / "rl.jsonl")]
 
@@ -80,7 +79,7 @@ def main() -> None:
             # bf16 weights: 1.6x the tokens/s on an AVX512-BF16 CPU (bench/sampling_throughput.py)
             bf16 = use_bf16(pcfg.precision if pcfg.precision != "auto" else cfg.precision, device)
             samples, pairs = sample_and_label(
-                sft.to(torch.bfloat16) if bf16 else sft, tok, prompts,
+                sft.to(torch.bfloat16) if bf16 else sft, template, prompts,
                 k=pcfg.samples_per_prompt, max_new_tokens=pcfg.max_new_tokens,
                 temperature=pcfg.temperature, gold=gold, tau=pcfg.tau, seed=params.seed,
                 batch_size=pcfg.batch_size,
@@ -111,7 +110,7 @@ def main() -> None:
             p["split"] = "val" if p["prompt"] in held_out else "train"
 
         context = context_length(sft)
-        encoded = encode_pairs(tok, pairs, context)
+        encoded = encode_pairs(template, pairs, context)
         if not encoded["train"] or not encoded["val"]:
             raise DataError(
                 f"{len(encoded['train'])} train and {len(encoded['val'])} val pairs fit the "
@@ -129,7 +128,8 @@ def main() -> None:
             )  # fmt: skip
         del sft  # sampling is done; the reward model starts from a fresh copy of the backbone
 
-        model = build_reward_model(args.model, params.seed, cfg.pooling, sids[RESPONSE]).to(device)
+        marker, last = template.response_marker or (None, False)
+        model = build_reward_model(args.model, params.seed, cfg.pooling, marker, last).to(device)
         train_groups = preference_groups(encoded["train"], cfg.batching)
         val_groups = preference_groups(encoded["val"], cfg.batching)
         source = PreferenceBatches(train_groups, cfg.batch_size, params.seed, pad)
@@ -146,7 +146,7 @@ def main() -> None:
         rows = [p for _, p in encoded["val"]]
         # reward vs gold on the distinct held-out responses too; one call scores each once
         texts = {(p["prompt"], p[s]): p[f"gold_{s}"] for p in rows for s in ("chosen", "rejected")}
-        seqs = [encode_for_reward(tok, pr, re, context) for pr, re in texts]
+        seqs = [encode_for_reward(template, pr, re, context) for pr, re in texts]
         n = len(val_ex)
         scores = raw_scores(
             model, [e.chosen for e in val_ex] + [e.rejected for e in val_ex] + seqs, pad
@@ -163,11 +163,11 @@ def main() -> None:
         t0 = time.perf_counter()
         sft = load_model(args.model, device)  # fp32: the policy RL starts from, as it samples
         fresh = sample_responses(
-            sft, tok, [rl_prompts[i % len(rl_prompts)] for i in range(cfg.norm_samples)],
+            sft, template, [rl_prompts[i % len(rl_prompts)] for i in range(cfg.norm_samples)],
             pcfg.max_new_tokens, pcfg.temperature, seed=params.seed + 1, batch_size=256,
         )  # fmt: skip
         fresh = [s for s in fresh if s["ended_with_eos"]]
-        fresh_seqs = [encode_for_reward(tok, s["prompt"], s["response"], 10**9) for s in fresh]
+        fresh_seqs = [encode_for_reward(template, s["prompt"], s["response"], 10**9) for s in fresh]
         fresh_seqs = [s for s in fresh_seqs if len(s) <= context]
         norm = fit_normalisation(raw_scores(model, fresh_seqs, pad))
         normalise_seconds = time.perf_counter() - t0

@@ -17,10 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from lmpipe import dist, stage
+from lmpipe.chat import load_template
 from lmpipe.config import load_params
 from lmpipe.data.sources import DataError
 from lmpipe.data.stats import distinct_ngram_ratio
-from lmpipe.data.tokenizer import EOS, PAD, load_tokenizer, special_ids
 from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.model import context_length, load_model, read_manifest, save_model
@@ -28,7 +28,6 @@ from lmpipe.reward import RewardModel
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.posterior import draw, posterior_kl
 from lmpipe.rl.rollout import ValueModel
-from lmpipe.sft import prompt_ids
 from lmpipe.tracking import stage_run
 from lmpipe.train import checkpoint_store, write_history_csv
 
@@ -60,8 +59,7 @@ def main() -> None:
     gold = make_gold(pref["gold"], keywords=pref.get("keywords", ()))
 
     with stage_run("rl", params, params.tracking, inputs) as tracker:
-        tok = load_tokenizer(args.data)
-        ids = special_ids(tok)
+        template = load_template(args.data)
         policy, ref = load_model(args.sft, device), load_model(args.sft, device)
         rm = RewardModel.load(args.reward, device)
         context = context_length(policy)
@@ -69,7 +67,7 @@ def main() -> None:
         def encode(rows: list[dict], limit: int) -> tuple[list[str], list[list[int]]]:
             texts, enc = [], []
             for r in rows:
-                p = prompt_ids(tok, r["prompt"])
+                p = template.prompt_ids(r["prompt"])
                 if len(p) + cfg.max_new_tokens <= context:
                     texts.append(r["prompt"])
                     enc.append(p)
@@ -88,8 +86,8 @@ def main() -> None:
         def score_fn(prompts, responses):
             return rm.score_ids([[*p, *r] for p, r in zip(prompts, responses, strict=True)])
 
-        def decode(resp: list[int]) -> str:
-            return tok.decode([t for t in resp if t != ids[EOS]], skip_special_tokens=True)
+        def decode(resp: list[int]) -> str:  # the assistant text only
+            return template.decode(resp)
 
         def gold_fn(prompt_index, responses):
             return gold([train_text[i] for i in prompt_index], [decode(r) for r in responses])
@@ -102,15 +100,16 @@ def main() -> None:
                 else ValueModel.zero_head(policy)
             ).to(device)
         trainer = RLTrainer(
-            policy, ref, cfg, train_ids, score_fn, eos_id=ids[EOS], pad_id=ids[PAD],
+            policy, ref, cfg, train_ids, score_fn, eos_id=template.stop_ids,
+            pad_id=template.pad_id,
             seed=params.seed, value_model=value, gold_fn=gold_fn,
         )  # fmt: skip
         precision = "bf16" if trainer.bf16 else "fp32"
         tracker.set_tags({"rl/precision": precision})
         log.info("sampling, log-prob, value and update passes in %s (%s)", precision, cfg.precision)
         sample_kw = dict(
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=ids[EOS],
-            pad_id=ids[PAD], penalty=cfg.missing_eos_penalty,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            eos_id=template.stop_ids, pad_id=template.pad_id, penalty=cfg.missing_eos_penalty,
         )  # fmt: skip
 
         def summary(s, prompts_text):

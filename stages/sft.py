@@ -13,8 +13,8 @@ import math
 from pathlib import Path
 
 from lmpipe import dist, stage
+from lmpipe.chat import load_template
 from lmpipe.config import load_params
-from lmpipe.data.tokenizer import PAD, load_tokenizer, special_ids
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.model import context_length, load_model, n_params, save_model
 from lmpipe.sft import PairBatches, encode_pairs, sample_responses
@@ -42,16 +42,16 @@ def main() -> None:
     params = load_params(args.params, ["sft", "tracking"])
     cfg = params.sft
     info, device = dist.setup(cfg.device)
-    tok = load_tokenizer(args.data)
-    pad = special_ids(tok)[PAD]
+    template = load_template(args.data)
+    pad = template.pad_id
     inputs = {"model": args.model, "data": args.data}
 
     run = stage_run("sft", params, params.tracking, inputs)
     with run if info.is_main else contextlib.nullcontext(NullTracker()) as tracker:
         model = load_model(args.model, device)
         context = context_length(model)
-        train_ex = encode_pairs(tok, read_jsonl(args.data / "sft" / "train.jsonl"), context)
-        val_ex = encode_pairs(tok, read_jsonl(args.data / "sft" / "val.jsonl"), context)
+        train_ex = encode_pairs(template, read_jsonl(args.data / "sft" / "train.jsonl"), context)
+        val_ex = encode_pairs(template, read_jsonl(args.data / "sft" / "val.jsonl"), context)
         source = PairBatches(train_ex, cfg.batch_size, params.seed, pad, info.rank, info.world)
         val = PairBatches(val_ex, cfg.batch_size, 0, pad).fixed_batches(cfg.eval_batches)
         key = stage.checkpoint_key(params, inputs)
@@ -63,7 +63,7 @@ def main() -> None:
         if info.is_main:
             prompts = [r["prompt"] for r in read_jsonl(args.data / "prompts" / "eval.jsonl")]
             samples = sample_responses(
-                model, tok, prompts[: cfg.samples], cfg.max_new_tokens, cfg.temperature,
+                model, template, prompts[: cfg.samples], cfg.max_new_tokens, cfg.temperature,
                 seed=params.seed,
             )  # fmt: skip
             report = {

@@ -41,6 +41,16 @@ PLAIN_TEMPLATE = (
 )
 """lmpipe's from-scratch format as a Hugging Face chat template (one user turn, one answer)."""
 
+TEXT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('this template has only user and assistant turns') }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+"""For a pretrained base without a chat template: the prompt, a blank line, the answer, EOS."""
+
 _SENTINEL = "\x00lmpipe-content-{}\x00"
 _SENTINEL_RE = re.compile("\x00lmpipe-content-(\\d+)\x00")
 
@@ -188,6 +198,23 @@ class ChatTemplate:
     def stop_ids(self) -> tuple[int, ...]:
         return tuple(dict.fromkeys([self.eos_id, self.end_of_turn_id]))
 
+    @cached_property
+    def response_marker(self) -> tuple[int, bool] | None:
+        """(token id, last) that splits a sequence into prompt and response: the response starts
+        after the first occurrence of the id (the plain template's `<|response|>`, which user
+        text cannot produce) or, for chat templates, after its last occurrence (the last special
+        token of the generation prompt, e.g. `<|im_start|>` of the assistant turn, which also
+        opens the earlier turns). None where the generation prompt has no special token
+        (`TEXT_TEMPLATE`): the reward model then reads whole sequences."""
+        if self.kind == "plain":
+            return self.tokenizer.token_to_id("<|response|>"), False
+        masked = [{"role": "user", "content": _SENTINEL.format(0)}]
+        after = _SENTINEL_RE.split(self.render(masked, add_generation_prompt=True))[-1]
+        ids = self.tokenizer.encode(after, add_special_tokens=False).ids if after else []
+        specials = {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+        marks = [i for i in ids if i in specials]
+        return (marks[-1], True) if marks else None
+
     def pair(self, prompt: str, response: str) -> tuple[list[int], list[bool]]:
         """(ids, loss mask) of a prompt and its answer: the prompt as generation starts from it,
         then the answer's tokens and the end-of-turn token, which alone carry the loss."""
@@ -214,6 +241,11 @@ class ChatTemplate:
         stops = set(self.stop_ids)
         cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
         return self.tokenizer.decode(list(ids[:cut]), skip_special_tokens=True)
+
+
+def plain_template(tokenizer: Tokenizer) -> ChatTemplate:
+    """lmpipe's from-scratch format on a tokenizer that has its special tokens."""
+    return ChatTemplate(tokenizer, PLAIN_TEMPLATE, "<|bos|>", "<|eos|>", "<|pad|>")
 
 
 def _token_text(value: Any) -> str | None:
@@ -263,6 +295,11 @@ def load_template(directory: str | Path, required: bool = True) -> ChatTemplate 
     except Exception as err:
         raise TemplateError(f"{path} is not a readable tokenizer ({err}): restore it") from None
     source = read_template_source(directory)
+    config = _read_config(directory)
+    if source is None and tok.token_to_id("<|response|>") is not None:
+        # a folder lmpipe wrote before templates were saved: its format is the plain one
+        source = PLAIN_TEMPLATE
+        config = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
     if source is None:
         if required:
             raise TemplateError(
@@ -270,7 +307,6 @@ def load_template(directory: str | Path, required: bool = True) -> ChatTemplate 
                 "tokenizer_config.json)"
             )
         return None
-    config = _read_config(directory)
     return ChatTemplate(
         tok,
         source,

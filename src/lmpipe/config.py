@@ -23,6 +23,28 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
 
 
+class BaseParams(Section):
+    """The model to start from; '' trains one from scratch (stages: base, prepare, pretrain)."""
+
+    model: str = Field(
+        "",
+        description="'' = from scratch; or a Hugging Face model folder, a .gguf file, or a hub id",
+    )
+    revision: str | None = Field(
+        None, description="hub ids: the commit or tag to load (recorded in every manifest)"
+    )
+    template: Literal["auto", "chat", "plain"] = Field(
+        "auto",
+        description="auto: the base's own chat template if any; chat: require it; plain: prompt, "
+        "blank line, answer (from scratch: always lmpipe's one-turn format)",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return v.strip()
+
+
 class DataParams(Section):
     """Corpus source, cleanup, split, SFT pairs and prompt sets (stage: prepare)."""
 
@@ -159,7 +181,11 @@ class TrainParams(Section):
 
 
 class PretrainParams(TrainParams):
-    """Next-token training from scratch on the prepared token files (stage: pretrain)."""
+    """Next-token training on the prepared tokens, from scratch or from the base (stage: pretrain)."""
+
+    max_steps: int = Field(
+        160, ge=0, description="optimizer steps (0: with a base model, pass it through unchanged)"
+    )
 
 
 class SftParams(TrainParams):
@@ -335,6 +361,9 @@ class CompressParams(Section):
     warmup_steps: int = Field(20, ge=0, description="linear warmup steps (both trainings)")
     distill_steps: int = Field(300, ge=1, description="distillation optimizer steps")
     batch_size: int = Field(32, ge=1, description="sequences per micro-batch")
+    window: int = Field(
+        0, ge=0, description="tokens per training and val window (0 = the model's context)"
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm (0 = off)")
     prune_importance: Literal["taylor", "magnitude"] = Field(
@@ -411,6 +440,7 @@ class ExportParams(Section):
         1e-4, gt=0, description="fp32 gate: largest |logit difference| to PyTorch allowed"
     )
     ppl_batches: int = Field(4, ge=1, description="val windows batches for the int8 ppl change")
+    ppl_window: int = Field(0, ge=0, description="tokens per ppl window (0 = the model's context)")
     max_new_tokens: int = Field(64, ge=1, description="bundle default: new tokens per request")
     temperature: float = Field(1.0, ge=0, description="bundle default: sampling temperature")
     top_k: int = Field(0, ge=0, description="bundle default: top-k (0 = off)")
@@ -458,6 +488,7 @@ class EvaluateParams(Section):
 
 
 SECTIONS: dict[str, type[Section]] = {
+    "base": BaseParams,
     "data": DataParams,
     "tokenizer": TokenizerParams,
     "model": ModelParams,

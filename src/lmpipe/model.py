@@ -21,7 +21,12 @@ from transformers import (
 from lmpipe.config import ModelParams
 
 MANIFEST = "lmpipe.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def ff_width(cfg: ModelParams) -> int:
@@ -130,7 +135,9 @@ def n_params(model: torch.nn.Module, non_embedding: bool = False) -> int:
 def save_model(
     model: PreTrainedModel, out: str | Path, tokenizer_dir: str | Path, manifest: dict[str, Any]
 ) -> None:
-    """`save_pretrained` (safetensors) + tokenizer files + the lmpipe.json manifest."""
+    """`save_pretrained` (safetensors) + tokenizer files and chat template + the lmpipe.json
+    manifest: `AutoModelForCausalLM`/`AutoTokenizer` load the folder, `apply_chat_template`
+    works on it."""
     out = Path(out)
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     model.save_pretrained(str(out), safe_serialization=True)

@@ -2,7 +2,9 @@
 model, and the normalised scorer that RL and evaluation use.
 
 The reward model is `AutoModelForSequenceClassification` (one label) on the SFT backbone, over
-`BOS PROMPT prompt RESPONSE response EOS` (the SFT template). Its scalar head reads either the
+the prompt and answer in the SFT template (`ChatTemplate.pair`; plain: `BOS PROMPT prompt
+RESPONSE response EOS`). Sequence lengths, not PAD ids, say where padding starts (PAD may equal
+EOS). Its scalar head reads either the
 hidden state of the last non-pad token (`pooling: last`, what plain transformers computes) or
 every response position, averaged (`pooling: mean`); the choice is stored in the model's
 config.json as `lmpipe_reward_pooling`, so `sequence_scores` scores a saved model the way it was
@@ -21,14 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from lmpipe.chat import ChatTemplate, load_template
 from lmpipe.data.sources import DataError, iter_jsonl
-from lmpipe.data.tokenizer import EOS, PAD, RESPONSE, load_tokenizer, special_ids
 from lmpipe.model import attention_for, context_length, read_manifest
 from lmpipe.sampling import dedupe, left_pad, run_shared_prompts
-from lmpipe.sft import PairBatches, prompt_ids
+from lmpipe.sft import PairBatches
 
 # --------------------------------------------------------------------------- labelling
 
@@ -81,13 +82,12 @@ def bradley_terry_loss(
 # --------------------------------------------------------------------------- data
 
 
-def encode_for_reward(tok: Tokenizer, prompt: str, response: str, context: int) -> list[int] | None:
-    """`BOS PROMPT prompt RESPONSE response EOS`, or None when it does not fit the context."""
-    ids = [
-        *prompt_ids(tok, prompt),
-        *tok.encode(response, add_special_tokens=False).ids,
-        special_ids(tok)[EOS],
-    ]
+def encode_for_reward(
+    template: ChatTemplate, prompt: str, response: str, context: int
+) -> list[int] | None:
+    """The prompt, the answer and its end-of-turn token in the template (plain: `BOS PROMPT
+    prompt RESPONSE response EOS`), or None when it does not fit the context."""
+    ids = template.pair(prompt, response)[0]
     return ids if len(ids) <= context else None
 
 
@@ -131,7 +131,7 @@ def group_pairs(
 
 
 def encode_pairs(
-    tok: Tokenizer, rows: Sequence[dict[str, Any]], context: int
+    template: ChatTemplate, rows: Sequence[dict[str, Any]], context: int
 ) -> dict[str, list[tuple[PreferenceExample, dict[str, Any]]]]:
     """Rows with `prompt`, `chosen`, `rejected` and `split` (train/val), encoded; a pair whose
     chosen or rejected sequence does not fit the context is left out."""
@@ -141,7 +141,7 @@ def encode_pairs(
     def encode(prompt: str, response: str) -> list[int] | None:
         key = (prompt, response)
         if key not in cache:
-            cache[key] = encode_for_reward(tok, prompt, response, context)
+            cache[key] = encode_for_reward(template, prompt, response, context)
         return cache[key]
 
     for p in rows:
@@ -171,6 +171,7 @@ class PreferenceBatch:
     input_ids: torch.Tensor
     chosen: torch.Tensor  # (P,) row of each pair's chosen sequence
     rejected: torch.Tensor  # (P,)
+    lengths: torch.Tensor  # (B,) tokens of each row before its padding
 
     @property
     def n_targets(self) -> int:  # the loop divides the summed loss by this: pairs
@@ -179,7 +180,10 @@ class PreferenceBatch:
     def to(self, device: torch.device) -> PreferenceBatch:
         nb = device.type == "cuda"
         return PreferenceBatch(
-            *(t.to(device, non_blocking=nb) for t in (self.input_ids, self.chosen, self.rejected))
+            *(
+                t.to(device, non_blocking=nb)
+                for t in (self.input_ids, self.chosen, self.rejected, self.lengths)
+            )
         )
 
 
@@ -198,7 +202,10 @@ def collate_preferences(groups: Sequence[PreferenceGroup], pad_id: int) -> Prefe
         chosen += [len(seqs) + c for c, _ in g.pairs]
         rejected += [len(seqs) + r for _, r in g.pairs]
         seqs += g.seqs
-    return PreferenceBatch(right_pad(seqs, pad_id), torch.tensor(chosen), torch.tensor(rejected))
+    lengths = torch.tensor([len(s) for s in seqs])
+    return PreferenceBatch(
+        right_pad(seqs, pad_id), torch.tensor(chosen), torch.tensor(rejected), lengths
+    )
 
 
 class PreferenceBatches(PairBatches):
@@ -234,12 +241,17 @@ POOLINGS = ("last", "mean")
 
 
 def build_reward_model(
-    sft_dir: str | Path, seed: int, pooling: str = "last", response_token_id: int | None = None
+    sft_dir: str | Path,
+    seed: int,
+    pooling: str = "last",
+    response_token_id: int | None = None,
+    marker_last: bool = False,
 ) -> PreTrainedModel:
     """The SFT backbone with a fresh scalar head, N(0, 1/(d+1)) as in Ziegler et al.; dropout
     off (eval-mode numerics in training too). `pooling` (see `sequence_scores`) is written to
-    the config, so it is saved with the model; `mean` needs the RESPONSE token id (default:
-    from the folder's tokenizer)."""
+    the config, so it is saved with the model, with the token that starts the answer
+    (`ChatTemplate.response_marker`: the id, and whether its last occurrence counts; default:
+    from the folder's template)."""
     if pooling not in POOLINGS:
         raise ValueError(f"reward pooling {pooling!r} is not one of {POOLINGS}")
     with torch.random.fork_rng(devices=[]):
@@ -260,20 +272,47 @@ def build_reward_model(
             setattr(model.config, key, 0.0)
     model.config.lmpipe_reward_pooling = pooling
     if response_token_id is None and pooling != "last":
-        response_token_id = special_ids(load_tokenizer(sft_dir))[RESPONSE]
+        marker = load_template(sft_dir).response_marker
+        response_token_id, marker_last = marker if marker else (None, False)
     if response_token_id is not None:  # mean pooling and prompt sharing read it
         model.config.lmpipe_response_token_id = response_token_id
+        model.config.lmpipe_response_marker_last = marker_last
     return model
 
 
-def sequence_scores(
-    model: torch.nn.Module, input_ids: torch.Tensor, share_prompts: bool = True
-) -> torch.Tensor:
-    """(B,) fp32 raw scores of right-padded sequences in the template.
+def _lengths(input_ids: torch.Tensor, lengths: torch.Tensor | None, pad_id: int | None):
+    """Each row's length: given, or (older callers) the count of non-PAD tokens."""
+    if lengths is not None:
+        return lengths.to(input_ids.device)
+    return (input_ids != pad_id).sum(-1)
 
-    `last`: the head at the last non-pad token (transformers' own sequence classification).
-    `mean`: the head at every response position (after RESPONSE, up to and including EOS),
-    averaged. A sequence without the RESPONSE token is averaged over all its tokens.
+
+def response_start(input_ids: torch.Tensor, marker: int, last: bool) -> torch.Tensor:
+    """(B,) index of each row's first answer token: after the first (or `last`) occurrence of
+    the marker token; -1 where the row has none."""
+    hit = input_ids == marker
+    t = torch.arange(input_ids.shape[1], device=input_ids.device)
+    if last:
+        pos = torch.where(hit, t, -1).max(-1).values
+    else:
+        pos = torch.where(hit, t, input_ids.shape[1]).min(-1).values
+        pos = torch.where(hit.any(-1), pos, -1)
+    return torch.where(pos >= 0, pos + 1, -1)
+
+
+def sequence_scores(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    share_prompts: bool = True,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B,) fp32 raw scores of right-padded sequences in the template; `lengths` (B,) says
+    where each row's padding starts (default: where its PAD tokens are, for PAD ≠ EOS).
+
+    `last`: the head at the last real token (transformers' own sequence classification).
+    `mean`: the head at every answer position (after the template's answer marker, e.g.
+    RESPONSE, up to and including the end-of-turn token), averaged. A sequence without the
+    marker is averaged over all its tokens.
     On the default task (sentiment of the response) `mean` ranks pairs much better than `last`
     (README, section "reward"); a causal model reading one position has to learn to gather
     the evidence first.
@@ -283,27 +322,38 @@ def sequence_scores(
     their responses (`shared_prompt_layout`): the same scores and gradients, fewer tokens.
     """
     config = model.config
+    n = _lengths(input_ids, lengths, config.pad_token_id)
     layout = None
     rid = getattr(config, "lmpipe_response_token_id", None)
+    last_marker = getattr(config, "lmpipe_response_marker_last", False)
     if share_prompts and rid is not None and config.pad_token_id is not None:
-        layout = shared_prompt_layout(input_ids, rid, config.pad_token_id)
+        layout = shared_prompt_layout(input_ids, rid, config.pad_token_id, n, last_marker)
     if layout is not None:
         return _shared_prompt_scores(model, layout)
+    t = torch.arange(input_ids.shape[1], device=input_ids.device)
+    real = t < n[:, None]
     if getattr(config, "lmpipe_reward_pooling", "last") == "last":
-        return model(input_ids=input_ids).logits[:, 0].float()
+        if lengths is None:
+            return model(input_ids=input_ids).logits[:, 0].float()
+        hidden = model.base_model(input_ids=input_ids).last_hidden_state
+        return model.score(hidden[torch.arange(len(n), device=n.device), n - 1]).squeeze(-1).float()
     hidden = model.base_model(input_ids=input_ids).last_hidden_state  # causal: pads come last
     per_token = model.score(hidden).squeeze(-1).float()  # (B, T)
-    real = input_ids != config.pad_token_id
-    resp = input_ids == config.lmpipe_response_token_id
-    after = resp.cumsum(-1) > 0
-    keep = torch.where(resp.any(-1, keepdim=True), after & ~resp, torch.ones_like(after)) & real
+    if rid is None:
+        keep = real
+    else:
+        cut = response_start(input_ids, rid, last_marker)
+        after = t >= cut[:, None]
+        if not last_marker:  # a RESPONSE token inside a response is not a response position
+            after &= input_ids != rid
+        keep = torch.where((cut >= 0)[:, None], after, torch.ones_like(after)) & real
     weight = keep.float()
     return (per_token * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
 
 
 @dataclass
 class PromptLayout:
-    """Right-padded sequences split after their first RESPONSE token: the distinct prompts,
+    """Right-padded sequences split where their answer starts: the distinct prompts,
     left-padded, and every row's response, right-padded, with the prompt row it continues."""
 
     prompt_ids: torch.Tensor  # (G, P)
@@ -311,6 +361,7 @@ class PromptLayout:
     response_ids: torch.Tensor  # (B, R)
     response_mask: torch.Tensor  # (B, R)
     owner: torch.Tensor  # (B,) row of prompt_ids
+    response_id: int | None = None  # a marker that may recur inside answers (plain template)
 
     @property
     def n_tokens(self) -> int:
@@ -318,15 +369,20 @@ class PromptLayout:
 
 
 def shared_prompt_layout(
-    input_ids: torch.Tensor, response_id: int, pad_id: int
+    input_ids: torch.Tensor,
+    response_id: int,
+    pad_id: int,
+    lengths: torch.Tensor | None = None,
+    last: bool = False,
 ) -> PromptLayout | None:
     """The layout of `_shared_prompt_scores`, or None where sharing does not apply: a row
-    without RESPONSE or without a token after it, or no prompt that repeats."""
-    is_resp = input_ids == response_id
-    if input_ids.shape[0] < 2 or not bool(is_resp.any(-1).all()):
+    without the answer marker or without a token after it, or no prompt that repeats."""
+    if input_ids.shape[0] < 2:
         return None
-    cut = is_resp.int().argmax(-1) + 1  # prompt length, RESPONSE included
-    length = (input_ids != pad_id).sum(-1)  # right padding only
+    cut = response_start(input_ids, response_id, last)  # prompt length, marker included
+    if bool((cut < 0).any()):
+        return None
+    length = _lengths(input_ids, lengths, pad_id)  # right padding only
     if bool((length <= cut).any()):
         return None
     prompts, owner = dedupe(
@@ -344,7 +400,7 @@ def shared_prompt_layout(
     response_ids = torch.where(response_mask, gathered, torch.full_like(gathered, pad_id))
     return PromptLayout(
         prompt_ids, prompt_mask, response_ids, response_mask.long(),
-        torch.tensor(owner, device=device),
+        torch.tensor(owner, device=device), None if last else response_id,
     )  # fmt: skip
 
 
@@ -359,8 +415,10 @@ def _shared_prompt_scores(model: torch.nn.Module, layout: PromptLayout) -> torch
     config = model.config
     if getattr(config, "lmpipe_reward_pooling", "last") == "last":
         return per_token[torch.arange(len(owner), device=owner.device), r_mask.sum(-1) - 1]
-    # as the plain pass: a RESPONSE token inside a response is not a response position
-    weight = (r_mask.bool() & (layout.response_ids != config.lmpipe_response_token_id)).float()
+    weight = r_mask.bool()
+    if layout.response_id is not None:  # as the plain pass: a marker inside an answer
+        weight = weight & (layout.response_ids != layout.response_id)
+    weight = weight.float()
     return (per_token * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
 
 
@@ -368,7 +426,7 @@ def preference_loss_sum(margin: float = 0.0):
     """`loss_sum(model, batch)` for the training loop: summed Bradley–Terry loss of a batch."""
 
     def loss_sum(model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
-        r = sequence_scores(model, batch.input_ids)
+        r = sequence_scores(model, batch.input_ids, lengths=batch.lengths)
         return bradley_terry_loss(r[batch.chosen], r[batch.rejected], margin).sum()
 
     return loss_sum
@@ -387,10 +445,13 @@ def raw_scores(
     device = next(model.parameters()).device
     distinct, slots = dedupe(seqs)
     rid = getattr(model.config, "lmpipe_response_token_id", None)
+    last = getattr(model.config, "lmpipe_response_marker_last", False)
 
     def key(i: int) -> tuple:
         s = distinct[i]
-        cut = s.index(rid) + 1 if rid is not None and rid in s else 0
+        cut = 0
+        if rid is not None and rid in s:
+            cut = (len(s) - s[::-1].index(rid)) if last else s.index(rid) + 1
         return (cut, tuple(s[:cut]), len(s))
 
     order = sorted(range(len(distinct)), key=key)
@@ -400,7 +461,8 @@ def raw_scores(
     for i in range(0, len(order), batch_size):
         rows = order[i : i + batch_size]
         ids = right_pad([distinct[j] for j in rows], pad_id).to(device)
-        scores[rows] = sequence_scores(model, ids).cpu().double()
+        lengths = torch.tensor([len(distinct[j]) for j in rows], device=device)
+        scores[rows] = sequence_scores(model, ids, lengths=lengths).cpu().double()
     model.train(was_training)
     return scores[slots].numpy()
 
@@ -423,7 +485,7 @@ class RewardModel:
     """A trained reward model with its normalisation: what RL and evaluation call."""
 
     model: PreTrainedModel
-    tokenizer: Tokenizer
+    template: ChatTemplate
     gain: float
     bias: float
 
@@ -438,11 +500,12 @@ class RewardModel:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(directory), attn_implementation=attention_for(device), use_safetensors=True
         )
-        return cls(model.to(device).eval(), load_tokenizer(directory), norm["gain"], norm["bias"])
+        template = load_template(directory)
+        return cls(model.to(device).eval(), template, norm["gain"], norm["bias"])
 
     @property
     def pad_id(self) -> int:
-        return special_ids(self.tokenizer)[PAD]
+        return self.template.pad_id
 
     def score_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 128) -> np.ndarray:
         """Normalised scores of token sequences in the template (ending in EOS)."""
@@ -452,7 +515,7 @@ class RewardModel:
         ctx = context_length(self.model)
         seqs = []
         for p, r in zip(prompts, responses, strict=True):
-            ids = encode_for_reward(self.tokenizer, p, r, 10**9)
+            ids = encode_for_reward(self.template, p, r, 10**9)
             seqs.append(ids[-ctx:])  # a too-long text is judged on its end
         return self.score_ids(seqs)
 
@@ -481,7 +544,7 @@ def pair_metrics(
 
 def sample_and_label(
     model: torch.nn.Module,
-    tok: Tokenizer,
+    template: ChatTemplate,
     prompts: Sequence[str],
     *,
     k: int,
@@ -502,7 +565,7 @@ def sample_and_label(
 
     repeated = [p for p in prompts for _ in range(k)]
     samples = sample_responses(
-        model, tok, repeated, max_new_tokens, temperature, seed=seed, batch_size=batch_size
+        model, template, repeated, max_new_tokens, temperature, seed=seed, batch_size=batch_size
     )
     ended = [s for s in samples if s["ended_with_eos"]]
     scores = gold([s["prompt"] for s in ended], [s["response"] for s in ended])

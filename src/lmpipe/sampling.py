@@ -5,9 +5,11 @@ models this pipeline trains on a CPU, generate's per-step machinery costs more t
 (measured in `bench/sampling_throughput.py`). Pure ancestral sampling from the temperature-scaled
 distribution, no top-k/top-p (they bias the KL that RL estimates); greedy decoding on request.
 
-Prompts are left-padded (PAD ≠ EOS) with an attention mask and explicit position ids, so a
-padded row gives the same tokens as the same prompt alone. Rows that emitted EOS are filled with
-PAD; the loop stops when every row has ended or `max_new_tokens` is reached.
+Prompts are left-padded with an attention mask and explicit position ids, so a padded row gives
+the same tokens as the same prompt alone; the masks, not the PAD id, say what is padding (PAD may
+equal EOS). A row ends at its first stop token (EOS, or any of the chat template's stop ids);
+after it the row is filled with PAD; the loop stops when every row has ended or
+`max_new_tokens` is reached.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def generate(
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
@@ -127,7 +129,8 @@ def generate(
     share_prefix: bool = True,
     compact: bool = True,
 ) -> Generation:
-    """Sample one response per prompt (token ids, already in the chat template).
+    """Sample one response per prompt (token ids, already in the chat template). `eos_id`: the
+    stop token, or several (EOS and the template's end-of-turn token).
 
     Two savings that change no distribution (off for comparison in `bench/`): with
     `share_prefix` a prompt repeated in the batch (k samples per prompt) is prefilled once and
@@ -140,6 +143,7 @@ def generate(
     if temperature <= 0 and not greedy:
         raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True instead")
     device = next(model.parameters()).device
+    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
     was_training = model.training
     model.eval()
     ids, prompt_mask = left_pad(prompts, pad_id)
@@ -176,7 +180,7 @@ def generate(
     for step in range(max_new_tokens):
         tok = logits.argmax(-1) if greedy else sample_categorical(logits / temperature, generator)
         response[active, step] = torch.where(ended, pad_id, tok)
-        ended = ended | (tok == eos_id)
+        ended = ended | torch.isin(tok, stops)
         n_steps = step + 1
         n_ended = int(ended.sum())
         if n_ended == len(active) or step == max_new_tokens - 1:
@@ -187,7 +191,7 @@ def generate(
             active, tok, mask, next_pos = active[keep], tok[keep], mask[keep], next_pos[keep]
             ended = ended[keep]
         # rows that ended but stay in the batch run on; PAD is written for them and masked
-        mask = torch.cat([mask, (~ended | (tok == eos_id)).long()[:, None]], dim=1)
+        mask = torch.cat([mask, (~ended | torch.isin(tok, stops)).long()[:, None]], dim=1)
         out = model(
             input_ids=tok[:, None],
             attention_mask=mask,
@@ -200,8 +204,9 @@ def generate(
         next_pos = next_pos + 1
     model.train(was_training)
     response = response[:, :n_steps]
-    # a token is real if no EOS came strictly before it
-    eos = response == eos_id
+    # a token is real if no stop token came strictly before it (PAD = EOS is fine: the PAD
+    # written after a row's stop token comes after it)
+    eos = torch.isin(response, stops)
     before = torch.cumsum(eos.long(), dim=1) - eos.long()
     response_mask = before == 0
     response = torch.where(response_mask, response, torch.full_like(response, pad_id))

@@ -1,8 +1,11 @@
-"""SFT: the prompt/response template, padded batches with loss on the response only, sampling.
+"""SFT: pairs and conversations in the chat template, padded batches with loss on the answers
+only, sampling.
 
-Template (token ids): BOS PROMPT <prompt tokens> RESPONSE <response tokens> EOS.
-Labels are IGNORE on everything up to and including RESPONSE, and on padding; the response
-tokens and the final EOS carry the loss, so the model learns what to say and when to stop.
+A pair is rendered as the prompt with the generation prompt (`ChatTemplate.prompt_ids`), then
+the answer and the end-of-turn token; with lmpipe's plain template that is
+`BOS PROMPT <prompt> RESPONSE <response> EOS`. Labels are IGNORE on the prompt, the template's
+markers and padding; the answer's tokens and its end-of-turn token carry the loss, so the model
+learns what to say and when to stop.
 """
 
 from __future__ import annotations
@@ -13,17 +16,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
-from lmpipe.data.tokenizer import BOS, EOS, PAD, PROMPT, RESPONSE, special_ids
+from lmpipe.chat import ChatTemplate
 from lmpipe.sampling import generate
 from lmpipe.train import IGNORE, Batch
 
 
-def prompt_ids(tok: Tokenizer, prompt: str) -> list[int]:
-    """Token ids of a prompt in the template, ending with RESPONSE (generation starts after)."""
-    ids = special_ids(tok)
-    return [ids[BOS], ids[PROMPT], *tok.encode(prompt, add_special_tokens=False).ids, ids[RESPONSE]]
+def prompt_ids(template: ChatTemplate, prompt: str) -> list[int]:
+    """Token ids of a prompt in the template, ending with the generation prompt."""
+    return template.prompt_ids(prompt)
 
 
 @dataclass(frozen=True)
@@ -32,20 +33,31 @@ class Example:
     labels: list[int]  # already shifted: labels[t] is the target after input_ids[t]
 
 
-def encode_pair(tok: Tokenizer, prompt: str, response: str, context: int) -> Example | None:
-    """One training example, or None when the prompt alone does not fit the context."""
-    eos = special_ids(tok)[EOS]
-    p = prompt_ids(tok, prompt)
-    r = [*tok.encode(response, add_special_tokens=False).ids, eos]
-    seq = (p + r)[: context + 1]
-    if len(p) >= len(seq):
+def example(ids: Sequence[int], loss: Sequence[bool], context: int) -> Example | None:
+    """Inputs and shifted targets of a sequence whose `loss` tokens are learnt, cut to the
+    context; None when no learnt token is left."""
+    seq, loss = list(ids[: context + 1]), list(loss[: context + 1])
+    if not any(loss[1:]):
         return None
-    targets = [IGNORE] * (len(p) - 1) + r
-    return Example(seq[:-1], targets[: len(seq) - 1])
+    targets = [t if m else IGNORE for t, m in zip(seq[1:], loss[1:], strict=True)]
+    return Example(seq[:-1], targets)
 
 
-def encode_pairs(tok: Tokenizer, pairs: Sequence[dict], context: int) -> list[Example]:
-    out = [e for p in pairs if (e := encode_pair(tok, p["prompt"], p["response"], context))]
+def encode_pair(template: ChatTemplate, prompt: str, response: str, context: int) -> Example | None:
+    """One training example, or None when the prompt alone does not fit the context."""
+    return example(*template.pair(prompt, response), context)
+
+
+def encode_row(template: ChatTemplate, row: dict, context: int) -> Example | None:
+    """A `{"prompt", "response"}` pair or a `{"messages": [...]}` conversation (loss on every
+    assistant turn)."""
+    if "messages" in row:
+        return example(*template.conversation(row["messages"]), context)
+    return encode_pair(template, row["prompt"], row["response"], context)
+
+
+def encode_pairs(template: ChatTemplate, pairs: Sequence[dict], context: int) -> list[Example]:
+    out = [e for p in pairs if (e := encode_row(template, p, context))]
     if not out:
         raise ValueError(f"no SFT pair fits model.context = {context}; raise it or shorten pairs")
     return out
@@ -126,7 +138,7 @@ class PairBatches:
 
 def sample_responses(
     model: torch.nn.Module,
-    tok: Tokenizer,
+    template: ChatTemplate,
     prompts: Sequence[str],
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -137,15 +149,15 @@ def sample_responses(
 
     Returns `{"prompt", "response", "ended_with_eos", "n_tokens"}` per prompt.
     """
-    ids = special_ids(tok)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         g = generate(
-            model, [prompt_ids(tok, p) for p in chunk], max_new_tokens=max_new_tokens,
-            eos_id=ids[EOS], pad_id=ids[PAD], temperature=temperature, generator=gen,
+            model, [template.prompt_ids(p) for p in chunk], max_new_tokens=max_new_tokens,
+            eos_id=template.stop_ids, pad_id=template.pad_id, temperature=temperature,
+            generator=gen,
         )  # fmt: skip
         lengths = g.lengths.tolist()
         for p, row, ended, n in zip(
@@ -154,7 +166,7 @@ def sample_responses(
             out.append(
                 {
                     "prompt": p,
-                    "response": tok.decode(row[: n - int(ended)], skip_special_tokens=True),
+                    "response": template.decode(row[:n]),
                     "ended_with_eos": ended,
                     "n_tokens": n,
                 }

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from lmpipe.allocator import keep_freed_memory
+from lmpipe.chat import TemplateError
 from lmpipe.config import ParamsError
 from lmpipe.data.sources import DataError
 from lmpipe.io import hash_path
@@ -20,6 +21,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ParamsError,
     DataError,
     TrackingError,
+    TemplateError,
     FileNotFoundError,
 )
 """Errors caused by input or configuration: printed as one clear message, exit code 2."""

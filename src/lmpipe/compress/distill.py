@@ -81,7 +81,7 @@ def teacher_examples(
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     temperature: float,
     generator: torch.Generator,

@@ -101,7 +101,7 @@ def sample_scores(
     decode: Callable[[list[int]], str],
     *,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     seed: int,
 ) -> tuple[dict[str, float], list[str]]:

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lmpipe.config import DataParams, TokenizerParams
+from lmpipe.config import BaseParams, DataParams, TokenizerParams
 from lmpipe.data import sft, sources, stats
 from lmpipe.data.tokenizer import (
     encode_documents,
+    encode_with_eos,
     save_tokenizer,
     special_ids,
     token_dtype,
@@ -38,6 +39,13 @@ def _sample(docs: Sequence[str], n: int, seed: int) -> list[str]:
     return random.Random(seed).sample(list(docs), n)
 
 
+def answer(row: dict) -> str:
+    """A pair's response, or a chat row's last assistant message."""
+    if "messages" in row:
+        return [m["content"] for m in row["messages"] if m["role"] == "assistant"][-1]
+    return row["response"]
+
+
 def corpus_stats(splits: dict[str, list[str]], pairs: Sequence[dict], seed: int) -> dict:
     """How hard the corpus is to memorise, and how much its continuations vary in sentiment."""
     train = _sample(splits["train"], STATS_MAX_DOCS, seed)
@@ -45,8 +53,30 @@ def corpus_stats(splits: dict[str, list[str]], pairs: Sequence[dict], seed: int)
     return {
         "distinct_4gram_ratio": stats.distinct_ngram_ratio(train, 4),
         "val_8gram_in_train": stats.ngram_overlap(val, train, 8),
-        "ending_sentiment": stats.sentiment_summary([p["response"] for p in pairs], seed=seed),
+        "ending_sentiment": stats.sentiment_summary([answer(p) for p in pairs], seed=seed),
     }
+
+
+def base_tokenizer(base_cfg: BaseParams, out: Path, root: str | Path = ".") -> Any:
+    """Save the base model's tokenizer into `out` with the template the later stages use
+    (`base.template`); return it as a `tokenizers.Tokenizer`."""
+    from lmpipe import base as base_lib
+    from lmpipe.chat import TEXT_TEMPLATE
+
+    resolved = base_lib.resolve(base_cfg, root)
+    assert resolved is not None
+    hf = base_lib.load_tokenizer(resolved)
+    own = hf.chat_template if isinstance(hf.chat_template, str) else None
+    if base_cfg.template == "chat" and not own:
+        raise base_lib.BaseError(
+            f"base.template is chat but base.model {base_cfg.model!r} has no chat template: "
+            "set base.template to auto or plain (prompt, blank line, answer)"
+        )
+    hf.chat_template = own if own and base_cfg.template != "plain" else TEXT_TEMPLATE
+    if hf.pad_token is None:  # padding is carried by masks; the id only fills the slots
+        hf.pad_token = hf.eos_token
+    hf.save_pretrained(str(out))
+    return hf.backend_tokenizer
 
 
 def prepare(
@@ -56,10 +86,14 @@ def prepare(
     out: Path,
     root: str | Path = ".",
     provenance: dict[str, Any] | None = None,
+    base_cfg: BaseParams | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Write everything into `out`; return (report for reports/prepare.json, timings in seconds).
 
+    With a base model (`base_cfg.model`) its tokenizer is used as it is (no BPE training).
     `provenance` (MLflow run id, params) is added to `meta.json`, the folder's manifest."""
+    from lmpipe.chat import load_template
+
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     raw = sources.load_documents(data, seed, root)
@@ -68,10 +102,20 @@ def prepare(
     timings["read_clean_split_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tok = train_tokenizer(
-        splits["train"], tok_cfg.vocab_size, tok_cfg.min_frequency, len(splits["train"])
-    )
-    save_tokenizer(tok, out)
+    with_base = base_cfg is not None and bool(base_cfg.model)
+    if with_base:
+        tok = base_tokenizer(base_cfg, out, root)
+    else:
+        if base_cfg is not None and base_cfg.template == "chat":
+            raise sources.DataError(
+                "base.template is chat, but a model trained from scratch (base.model '') has "
+                "lmpipe's own format: set base.template to auto or plain, or set base.model"
+            )
+        tok = train_tokenizer(
+            splits["train"], tok_cfg.vocab_size, tok_cfg.min_frequency, len(splits["train"])
+        )
+        save_tokenizer(tok, out)
+    template = load_template(out)
     timings["tokenizer_train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -79,7 +123,10 @@ def prepare(
     chars: dict[str, int] = {}
     dtype = token_dtype(tok.get_vocab_size())
     for name, split_docs in splits.items():
-        arr = encode_documents(tok, split_docs)
+        if with_base:
+            arr = encode_with_eos(tok, split_docs, template.eos_id)
+        else:
+            arr = encode_documents(tok, split_docs)
         write_tokens(arr, out / f"{name}.bin")
         tokens[name] = int(arr.size)
         chars[name] = sum(len(d) for d in split_docs)
@@ -140,10 +187,18 @@ def prepare(
         "prompts": {"rl": len(rl_prompts), "eval": len(eval_prompts)},
         "corpus": corpus,
     }
+    special = (
+        {"bos": template.bos_id, "eos": template.eos_id, "pad": template.pad_id}
+        if with_base
+        else special_ids(tok)
+    )
+    report["template"] = {"kind": template.kind, "stop_ids": list(template.stop_ids)}
     meta = {
         "dtype": dtype.name,
         "vocab_size": tok.get_vocab_size(),
-        "special_tokens": special_ids(tok),
+        "special_tokens": special,
+        "template": report["template"],
+        "base": base_cfg.model if base_cfg is not None else "",
         "files": {name: f"{name}.bin" for name in splits},
         "source": {"source": data.source, "path": data.path},
         **{k: report[k] for k in ("documents", "tokens", "characters", "sft_pairs", "prompts")},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Sequence
@@ -47,16 +48,47 @@ def build_pairs(docs: Sequence[str], **kw: int) -> list[dict[str, str]]:
     return [p for d in docs if (p := make_pair(d, **kw)) is not None]
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def chat_row(row: dict, where: str) -> dict:
+    """A `{"messages": [{"role", "content"}, ...]}` row checked: known roles, string contents,
+    at least one user and one assistant turn."""
+    msgs = row["messages"]
+    ok = isinstance(msgs, list) and all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+        for m in msgs
+    )
+    roles = [m["role"] for m in msgs] if ok else []
+    if not ok or "user" not in roles or "assistant" not in roles:
+        raise DataError(
+            f"{where}: 'messages' must be a list of {{'role': one of {', '.join(ROLES)}, "
+            "'content': string}} with at least one user and one assistant message"
+        )
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
+
+
 def read_pairs(path: str | Path, encoding: str = "utf-8", errors: str = "strict") -> list[dict]:
-    """User SFT pairs from JSONL rows with string `prompt` and `response` fields."""
+    """User SFT data from JSONL: rows with string `prompt` and `response` fields, or chat rows
+    with a `messages` list (OpenAI's / Hugging Face's chat format)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data.sft_path = {str(path)!r} is not a file")
     text = decode(path.read_bytes(), encoding, errors, str(path))
-    rows = [
-        {"prompt": r["prompt"], "response": r["response"]}
-        for r in iter_jsonl(text, str(path), ["prompt", "response"], "data.sft_path")
-    ]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if '"messages"' in line and line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            if isinstance(row, dict) and "messages" in row:
+                rows.append(chat_row(row, f"{path}:{n}"))
+                continue
+        rows += [
+            {"prompt": r["prompt"], "response": r["response"]}
+            for r in iter_jsonl(line, str(path), ["prompt", "response"], "data.sft_path", n)
+        ]
     if len(rows) < 2:
         raise DataError(f"{path}: {len(rows)} pair(s); SFT needs at least 2 (train and val)")
     return rows

@@ -93,9 +93,9 @@ def read_jsonl(cfg: DataParams, root: str | Path = ".") -> list[str]:
     return docs
 
 
-def iter_jsonl(text: str, name: str, fields: Sequence[str], option: str):
+def iter_jsonl(text: str, name: str, fields: Sequence[str], option: str, first_line: int = 1):
     """Yield rows that are objects with string `fields`; raise DataError naming file:line."""
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), first_line):
         if not line.strip():
             continue
         try:

@@ -48,6 +48,8 @@ def to_hf(tok: Tokenizer):
     """Wrap as a `PreTrainedTokenizerFast` with BOS/EOS/PAD set (what models and TRL expect)."""
     from transformers import PreTrainedTokenizerFast
 
+    from lmpipe.chat import PLAIN_TEMPLATE
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
@@ -55,11 +57,13 @@ def to_hf(tok: Tokenizer):
         pad_token=PAD,
         additional_special_tokens=[PROMPT, RESPONSE],
         clean_up_tokenization_spaces=False,
+        chat_template=PLAIN_TEMPLATE,
     )
 
 
 def save_tokenizer(tok: Tokenizer, directory: str | Path) -> None:
-    """Write tokenizer.json (+ HF config files) so `AutoTokenizer.from_pretrained(dir)` works."""
+    """Write tokenizer.json, the HF config files and the chat template (lmpipe's one-turn format
+    as Jinja), so `AutoTokenizer.from_pretrained(dir).apply_chat_template` works."""
     to_hf(tok).save_pretrained(str(directory))
 
 
@@ -84,6 +88,18 @@ def encode_documents(tok: Tokenizer, docs: Sequence[str], batch: int = 4096) -> 
             stream.append(ids[BOS])
             stream.extend(enc.ids)
             stream.append(ids[EOS])
+    return np.array(stream, dtype=dtype)
+
+
+def encode_with_eos(tok: Tokenizer, docs: Sequence[str], eos_id: int, batch: int = 4096):
+    """One stream `d1 EOS d2 EOS ...` in a pretrained tokenizer's own framing (its
+    post-processor adds BOS where the model expects one), for continued pretraining."""
+    dtype = token_dtype(tok.get_vocab_size())
+    stream: list[int] = []
+    for start in range(0, len(docs), batch):
+        for enc in tok.encode_batch(list(docs[start : start + batch]), add_special_tokens=True):
+            stream.extend(enc.ids)
+            stream.append(eos_id)
     return np.array(stream, dtype=dtype)
 
 

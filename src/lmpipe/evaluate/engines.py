@@ -39,8 +39,11 @@ class Engine:
     size_mb: float
     context: int  # longest sequence the model takes
 
-    def __init__(self, eos: int, pad: int) -> None:
+    def __init__(self, eos: int, pad: int, stops: Sequence[int] = ()) -> None:
+        """`eos`: the token that closes an answer (the template's end-of-turn), scored with it;
+        `stops`: every token that ends generation (default: `eos`)."""
         self.eos, self.pad = eos, pad
+        self.stops = tuple(stops) or (eos,)
 
     # -- to implement
     def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -126,10 +129,13 @@ class Engine:
 class TorchEngine(Engine):
     kind = "torch"
 
-    def __init__(self, name: str, folder: str | Path, eos: int, pad: int, device: str = "cpu"):
+    def __init__(
+        self, name: str, folder: str | Path, eos: int, pad: int, device: str = "cpu",
+        stops: Sequence[int] = (),
+    ):  # fmt: skip
         from lmpipe.model import context_length, load_model
 
-        super().__init__(eos, pad)
+        super().__init__(eos, pad, stops)
         self.name, self.folder = name, Path(folder)
         self.model = load_model(folder, device).eval()
         self.context = context_length(self.model)
@@ -200,7 +206,7 @@ class TorchEngine(Engine):
         from lmpipe.sampling import generate
 
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        g = generate(self.model, prompts, max_new_tokens=max_new_tokens, eos_id=self.eos,
+        g = generate(self.model, prompts, max_new_tokens=max_new_tokens, eos_id=self.stops,
                      pad_id=self.pad, temperature=1.0, generator=gen)  # fmt: skip
         lengths = g.lengths.cpu().tolist()
         ended = g.ended.cpu().tolist()
@@ -232,7 +238,8 @@ class OnnxEngine(Engine):
 
         self.lm = OnnxLM(folder, precision=precision)
         sp = self.lm.special
-        super().__init__(sp["eos"], sp["pad"])
+        stops = self.lm.meta.get("stop_ids") or [sp["eos"]]
+        super().__init__(sp.get("end_of_turn", sp["eos"]), sp["pad"], stops)
         self.name, self.folder = name, Path(folder)
         self.size_mb = folder_mb(folder, self.lm.meta["files"][precision])
         self.context = int(self.lm.meta["context"])
@@ -249,11 +256,11 @@ class OnnxEngine(Engine):
 
     def time_generation(self, prompt, batch, new_tokens):
         forward: Callable = self.lm.forward
-        eos = self.eos
+        stops = list(self.stops)
 
         def no_eos(*a):
             logits, past = forward(*a)
-            logits[..., eos] = -np.inf
+            logits[..., stops] = -np.inf
             return logits, past
 
         self.lm.forward = no_eos

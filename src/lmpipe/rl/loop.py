@@ -84,7 +84,7 @@ class RLTrainer:
         prompts: Sequence[Sequence[int]],
         score_fn: ScoreFn,
         *,
-        eos_id: int,
+        eos_id: int | Sequence[int],
         pad_id: int,
         seed: int,
         value_model: ValueModel | None = None,

@@ -45,7 +45,7 @@ def draw(
     *,
     max_new_tokens: int,
     temperature: float,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     penalty: float | None,
     generator: torch.Generator,
