@@ -181,3 +181,10 @@ def test_cli_top_p_zero_and_tiny_temperature_are_greedy(bundle):
         res = _generate(path, *flags)
         assert res.returncode == 0, res.stderr[-2000:]
         assert res.stdout == greedy.stdout
+
+
+def test_cli_prompt_that_is_not_utf8_is_a_user_error(bundle):
+    _, path = bundle
+    res = subprocess.run([sys.executable, "-m", "lmpipe.cli", "generate", str(path), "-p",
+                          b"w7 \xff"], capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 2 and "not valid UTF-8" in res.stderr
