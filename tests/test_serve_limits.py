@@ -124,7 +124,7 @@ def test_when_full_the_server_refuses_before_tokenizing_and_health_says_so(clien
     gate = Gate(completer)
     threads = fill(client, LIMITS.queue_limit)
     try:
-        while completer.pending < LIMITS.queue_limit:
+        while len(tokenized) < LIMITS.queue_limit:  # all admitted and tokenized
             threading.Event().wait(0.01)
         tokenized.clear()
         r = client.post("/v1/completions", json={"prompt": "w9 w10", "max_tokens": 2})

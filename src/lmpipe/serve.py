@@ -719,7 +719,10 @@ def create_app(completer: Completer, api_key: str | None = None, docs: bool = Fa
     schema = {"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}}
 
     async def read(request: Request, kind: type[_Common]):
-        return read_request(parse_body(await request.body()), kind)
+        body = await request.body()
+        if len(body) > 1 << 16:  # parse big bodies off the event loop: /health stays quick
+            return await anyio.to_thread.run_sync(lambda: read_request(parse_body(body), kind))
+        return read_request(parse_body(body), kind)
 
     async def start(request: Request, rows, sampling: Sampling) -> tuple[Job, tuple]:
         """Submit the job and wait for its first event, so an error before any token is still
