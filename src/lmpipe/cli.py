@@ -117,6 +117,9 @@ def serve(
         int, typer.Option(min=1, help="largest max_tokens a request may ask (chat's default)")
     ] = 256,
     max_n: Annotated[int, typer.Option(min=1, help="largest n a request may ask")] = 8,
+    max_prompts: Annotated[
+        int, typer.Option(min=1, help="prompts in one completions request")
+    ] = 16,
     queue_limit: Annotated[
         int, typer.Option(min=1, help="running + waiting requests before 429")
     ] = 32,
@@ -142,7 +145,8 @@ def serve(
 
     _load(bundle, precision)  # a clear error for a bad folder before the server starts
     limits = ServerLimits(
-        max_tokens=max_tokens, max_n=max_n, queue_limit=queue_limit, max_batch=max_batch,
+        max_tokens=max_tokens, max_n=max_n, max_prompts=max_prompts, queue_limit=queue_limit,
+        max_batch=max_batch,
         max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
         max_request_tokens=max_request_tokens,
     )  # fmt: skip
