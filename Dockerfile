@@ -64,6 +64,10 @@ USER 1000
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+# 0.0.0.0 inside the container so a published port reaches it; where it is published is the
+# host's choice: `make docker-serve` publishes on 127.0.0.1 only. -e LMPIPE_API_KEY requires a key
+# (`Authorization: Bearer`) on every endpoint but /health, which the HEALTHCHECK reads: it fails
+# (503) while the server cannot admit a request.
 ENTRYPOINT ["lmpipe", "serve", "/bundle", "--host", "0.0.0.0", "--port", "8000"]
 
 # A self-contained serving image: docker build --target serve-bundled \

@@ -15,6 +15,9 @@ export PATH := $(abspath $(BIN)):$(PATH)
 IMAGE ?= lmpipe
 BUNDLE ?= models/onnx/rl
 PORT ?= 8000
+# docker-serve publishes on the host's loopback only; `make docker-serve HOST=0.0.0.0` exposes it
+# (set LMPIPE_API_KEY then: it is passed to the container). `:=`, so an environment HOST is ignored.
+HOST := 127.0.0.1
 GPU_FLAGS := $(shell nvidia-smi >/dev/null 2>&1 && echo --gpus all)
 DOCKER_RUN = docker run --rm $(GPU_FLAGS) --user $(shell id -u):$(shell id -g) -v "$(CURDIR)":/work \
 	-e MLFLOW_TRACKING_URI -e LMPIPE_NPROC -e LMPIPE_TORCHRUN_ARGS
@@ -69,4 +72,5 @@ docker-repro:
 	$(DOCKER_RUN) $(IMAGE):train dvc repro
 
 docker-serve:
-	docker run --rm -p $(PORT):8000 -v "$(abspath $(BUNDLE))":/bundle:ro $(IMAGE):serve
+	docker run --rm -p $(HOST):$(PORT):8000 -e LMPIPE_API_KEY \
+	  -v "$(abspath $(BUNDLE))":/bundle:ro $(IMAGE):serve

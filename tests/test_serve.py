@@ -87,7 +87,7 @@ def test_streaming_sends_the_same_text_as_server_sent_events(client):
         ({"prompt": "w7", "max_tokens": 0}, 400, "max_tokens"),
         ({"prompt": "w7", "n": 5}, 400, "limit of 4"),
         ({"prompt": "w7", "temperature": -1}, 400, "temperature"),
-        ({"prompt": "w7", "top_p": 0}, 400, "top_p"),
+        ({"prompt": "w7", "top_p": 1.5}, 400, "top_p"),
         ({"prompt": " ".join(["w7"] * 60), "max_tokens": 8}, 400, "context"),
         ({"prompt": [], "max_tokens": 2}, 400, "empty"),
         ({"prompt": "w7", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),

@@ -40,10 +40,13 @@ def _user_errors(*kinds: type[Exception]) -> Iterator[None]:
 
 
 def _load(bundle: Path, precision: Precision):
+    from lmpipe.chat import TemplateError
     from lmpipe.onnx.runtime import BundleError, OnnxLM
 
-    with _user_errors(BundleError):
-        return OnnxLM(bundle, precision=precision.value)
+    with _user_errors(BundleError, TemplateError):
+        lm = OnnxLM(bundle, precision=precision.value)
+        _ = lm.stop_ids  # reads the chat template: a broken one fails here, not mid-request
+        return lm
 
 
 @app.command()
@@ -51,14 +54,25 @@ def generate(
     bundle: Bundle,
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="prompt text (repeatable)")],
     max_tokens: Annotated[int, typer.Option(min=1)] = 48,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    temperature: Annotated[
+        float, typer.Option(min=0.0, help="0: greedy; tiny values sample the argmax")
+    ] = 1.0,
     top_k: Annotated[int, typer.Option(min=0)] = 0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    top_p: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="0: the most likely token only (greedy)")
+    ] = 1.0,
     seed: int | None = None,
     precision: PrecisionOpt = Precision.fp32,
 ) -> None:
-    """Complete each prompt and print one completion per line."""
+    """Complete each prompt (one user turn of the bundle's chat template) and print one
+    completion per line."""
     lm = _load(bundle, precision)
+    for p in prompt:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            typer.echo(f"lmpipe: error: prompt {p!r} is not valid UTF-8 text", err=True)
+            raise typer.Exit(2) from None
     ids = [lm.prompt_ids(p) for p in prompt]
     with _user_errors(ValueError):
         out = lm.generate_ids(
@@ -69,6 +83,17 @@ def generate(
         sys.stdout.write(lm.decode(toks).replace("\n", " ") + "\n")
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @app.command()
 def serve(
     bundle: Bundle,
@@ -77,24 +102,64 @@ def serve(
     ),
     port: int = 8000,
     precision: PrecisionOpt = Precision.fp32,
-    max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask")] = 256,
-    max_n: Annotated[int, typer.Option(help="largest n a request may ask")] = 8,
-    queue_limit: Annotated[int, typer.Option(help="running + waiting requests before 429")] = 32,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LMPIPE_API_KEY",
+            show_default=False,
+            help="require `Authorization: Bearer KEY` on every endpoint but /health",
+        ),
+    ] = None,
+    docs: Annotated[
+        bool, typer.Option("--docs/--no-docs", help="serve /docs, /redoc and /openapi.json")
+    ] = False,
+    max_tokens: Annotated[
+        int, typer.Option(min=1, help="largest max_tokens a request may ask (chat's default)")
+    ] = 256,
+    max_n: Annotated[int, typer.Option(min=1, help="largest n a request may ask")] = 8,
+    max_prompts: Annotated[
+        int, typer.Option(min=1, help="prompts in one completions request")
+    ] = 16,
+    queue_limit: Annotated[
+        int, typer.Option(min=1, help="running + waiting requests before 429")
+    ] = 32,
     max_batch: Annotated[
         int, typer.Option(min=1, help="rows (prompts × n) of waiting requests run as one batch")
     ] = 32,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1024, help="largest request body (413 beyond)")
+    ] = 1 << 20,
+    max_prompt_chars: Annotated[
+        int, typer.Option(min=1, help="prompt or message characters per request, before tokenizing")
+    ] = 32_768,
+    max_request_tokens: Annotated[
+        int, typer.Option(min=1, help="tokens per request: n × (prompt + max_tokens) over prompts")
+    ] = 32_768,
 ) -> None:
-    """OpenAI-style HTTP server: POST /v1/completions, GET /v1/models, GET /health."""
+    """OpenAI-style HTTP server: POST /v1/completions and /v1/chat/completions, GET /v1/models,
+    GET /health (docs/serving.md)."""
     import uvicorn
 
+    from lmpipe.chat import TemplateError
     from lmpipe.serve import Completer, ServerLimits, create_app
 
     _load(bundle, precision)  # a clear error for a bad folder before the server starts
     limits = ServerLimits(
-        max_tokens=max_tokens, max_n=max_n, queue_limit=queue_limit, max_batch=max_batch
-    )
-    completer = Completer(bundle, precision.value, limits=limits)
-    uvicorn.run(create_app(completer), host=host, port=port, log_level="info")
+        max_tokens=max_tokens, max_n=max_n, max_prompts=max_prompts, queue_limit=queue_limit,
+        max_batch=max_batch,
+        max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
+        max_request_tokens=max_request_tokens,
+    )  # fmt: skip
+    with _user_errors(TemplateError):
+        completer = Completer(bundle, precision.value, limits=limits)
+    if not api_key and not _is_loopback(host):
+        typer.echo(
+            f"lmpipe: warning: serving on {host} without an API key: anyone who can reach this "
+            "address can use the model (set --api-key or LMPIPE_API_KEY)",
+            err=True,
+        )
+    app_ = create_app(completer, api_key=api_key or None, docs=docs)
+    uvicorn.run(app_, host=host, port=port, log_level="info")
 
 
 class OutputFormat(StrEnum):

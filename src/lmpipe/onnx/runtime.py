@@ -2,7 +2,8 @@
 
 A bundle (`models/onnx/<variant>/`) holds `model.onnx` (fp32, graph-optimised), optionally
 `model.int8.onnx` (int8 weights, for CPUs) and `model.fp16.onnx` (for the CUDA provider),
-`tokenizer.json` and `bundle.json` (input/output names, cache shapes, special
+`tokenizer.json`, the chat template when the model has one (`chat_template.jinja`,
+`tokenizer_config.json`) and `bundle.json` (input/output names, cache shapes, special and stop
 token ids, generation defaults, hashes and lineage). One decoder graph serves prefill and decode:
 inputs `input_ids`, `attention_mask`, `position_ids` and `past.<i>.key|value`, outputs `logits` and
 `present.<i>.key|value`. Prefill passes an empty cache (past length 0).
@@ -11,12 +12,16 @@ inputs `input_ids`, `attention_mask`, `position_ids` and `past.<i>.key|value`, o
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from lmpipe.chat import ChatTemplate
 
 MANIFEST = "bundle.json"
 
@@ -54,7 +59,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     """Rows of logits with everything outside the top-k and outside the smallest set whose
-    probability reaches top_p set to −inf (the most likely token always stays)."""
+    probability reaches top_p set to −inf. The most likely token always stays, so top_p = 0
+    is greedy rather than an empty distribution."""
     out = logits.astype(np.float64, copy=True)
     if top_k and top_k < out.shape[-1]:
         kth = np.partition(out, -top_k, axis=-1)[:, -top_k][:, None]
@@ -64,6 +70,7 @@ def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.
         sorted_p = np.take_along_axis(softmax(out), order, -1)
         before = np.cumsum(sorted_p, -1) - sorted_p  # mass strictly before each token
         drop_sorted = before >= top_p
+        drop_sorted[..., 0] = False
         drop = np.zeros_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, -1)
         out[drop] = -np.inf
@@ -78,10 +85,15 @@ def next_tokens(
     top_p: float = 1.0,
 ) -> np.ndarray:
     """One token per row: greedy when temperature is 0, else a draw from the filtered,
-    temperature-scaled distribution."""
+    temperature-scaled distribution. The logits are shifted by their maximum before the division,
+    so a tiny temperature (1e-300) gives the limit, all mass on the argmax, and never inf − inf
+    = NaN."""
     if temperature == 0:
         return logits.argmax(-1)
-    p = softmax(filter_logits(logits / temperature, top_k, top_p))
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # −inf for whatever a tiny temperature pushes off
+        z = (z - z.max(-1, keepdims=True)) / temperature  # ≤ 0 everywhere, 0 at the argmax
+    p = softmax(filter_logits(z, top_k, top_p))
     u = rng.random((p.shape[0], 1))
     return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
 
@@ -109,8 +121,8 @@ class Step:
 
 @dataclass
 class Generated:
-    tokens: list[list[int]]  # response token ids, EOS excluded
-    finish_reason: list[str]  # "stop" (EOS or a stop string) or "length"
+    tokens: list[list[int]]  # response token ids, the stop token excluded
+    finish_reason: list[str]  # "stop" (a stop token) or "length"
 
 
 class OnnxLM:
@@ -179,11 +191,54 @@ class OnnxLM:
         out = self.session.run(None, feeds)
         return out[0], dict(zip(self.past_names, out[1:], strict=True))
 
+    @cached_property
+    def template(self) -> ChatTemplate | None:
+        """The bundle's chat template, or None for a bundle exported without one (the plain
+        one-turn format then comes from `special_tokens`). TemplateError if its files are
+        broken."""
+        from lmpipe.chat import load_template
+
+        return load_template(self.dir, required=False)
+
+    @cached_property
+    def _literal(self):
+        """The tokenizer with special-token markers matched as plain text (for user text)."""
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(self.tokenizer.to_str())
+        tok.encode_special_tokens = True
+        return tok
+
+    @cached_property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end a row: `bundle.json`'s stop ids (EOS for older bundles) and the chat
+        template's EOS and end-of-turn token."""
+        ids = list(self.meta.get("stop_ids") or [self.special["eos"]])
+        if self.template is not None:
+            ids += self.template.stop_ids
+        return tuple(dict.fromkeys(int(i) for i in ids))
+
     def prompt_ids(self, prompt: str) -> list[int]:
-        """The chat template of the pipeline: BOS PROMPT <prompt> RESPONSE."""
+        """One user turn and the generation prompt, through the bundle's chat template, else in
+        the plain format BOS PROMPT <prompt> RESPONSE. The prompt is encoded as text: markers
+        such as `<|eos|>` in it never become control tokens."""
+        if self.template is not None:
+            return self.template.prompt_ids(prompt)
         s = self.special
-        body = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        body = self._literal.encode(prompt, add_special_tokens=False).ids
         return [s["bos"], s["prompt"], *body, s["response"]]
+
+    def chat_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """A conversation through the chat template, ending in the generation prompt
+        (TemplateError if the bundle has no template or the messages do not fit it)."""
+        from lmpipe.chat import TemplateError
+
+        if self.template is None:
+            raise TemplateError(
+                f"{self.dir} has no chat template (no chat_template.jinja or tokenizer_config.json"
+                " with one): re-export it from a model folder that has one, or send a plain prompt"
+            )
+        return self.template.encode(messages, add_generation_prompt=True).ids
 
     def check_lengths(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -201,11 +256,12 @@ class OnnxLM:
         Left-padded prefill, then one decode pass per token; rows that ended are dropped from the
         batch so they cost nothing. Yields a `Step` per token: `tokens[i]` is row i's new token
         where `live[i]`, and the caller may set `live[i] = False` to end row i early (a stop
-        string, a client gone). Ends when every row has ended."""
+        string, a client gone). A row ends at any of `stop_ids` (its token is then that stop id)
+        or at its budget. Ends when every row has ended."""
         if len(rows) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(rows)} row settings")
         self.check_lengths(prompts, max(r.max_new_tokens for r in rows))
-        pad, eos = self.special["pad"], self.special["eos"]
+        pad, stops = self.special["pad"], np.array(self.stop_ids)
         b = len(prompts)
         ids, mask = left_pad(prompts, pad)
         pos = np.clip(mask.cumsum(-1) - 1, 0, None)
@@ -231,7 +287,7 @@ class OnnxLM:
                                         r.top_p)  # fmt: skip
                     pick[members] = drawn
             step.tokens = np.where(live, pick, pad)
-            live &= step.tokens != eos
+            live &= ~np.isin(step.tokens, stops)
             step.index += 1
             yield step  # the caller may end rows here
             live &= budget > step.index
@@ -259,7 +315,8 @@ class OnnxLM:
         seed: int | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every row with the same settings and one generator: yields (tokens, live) per step;
-        `live[i]` is False once row i emitted EOS (its token is then EOS, or PAD after it)."""
+        `live[i]` is False once row i emitted a stop token (its token is then that token, or PAD
+        after it)."""
         rng = np.random.default_rng(seed)
         rows = [Row(max_new_tokens, temperature, top_k, top_p, rng)] * len(prompts)
         for step in self.stream_rows(prompts, rows):
@@ -268,7 +325,7 @@ class OnnxLM:
     def generate_ids(
         self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, **sampling: Any
     ) -> Generated:
-        """Response tokens per prompt (EOS excluded) and why each stopped."""
+        """Response tokens per prompt (the stop token excluded) and why each stopped."""
         out: list[list[int]] = [[] for _ in prompts]
         live = np.ones(len(prompts), dtype=bool)
         for tok, now in self.stream_ids(prompts, max_new_tokens=max_new_tokens, **sampling):
@@ -279,3 +336,71 @@ class OnnxLM:
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------- text
+
+
+class TextStream:
+    """One row's text as its tokens arrive, for streaming.
+
+    Incremental decoding: each token is decoded with the token before it as context (decoders
+    that drop a leading space or split a character across tokens need it), and text is taken
+    only once it ends in a whole character. Stop strings: text that contains one is cut before
+    it, and text that could still become the start of one is held back, so nothing released
+    ever has to be taken back. The released pieces add up to `decode(all tokens)` cut before
+    the stop string that text completes first (a test checks it against that reference)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = ()) -> None:
+        self.decode = decode
+        self.stops = [s for s in stops if s]
+        self.tokens: list[int] = []
+        self._prefix = self._read = 0  # tokens[_prefix:_read] decode to text already taken
+        self.pending = ""  # decoded, not yet released (could begin a stop string)
+        self.text = ""  # released
+        self.stopped = False  # a stop string ended the text
+
+    def _take(self, final: bool) -> None:
+        before = self.decode(self.tokens[self._prefix : self._read])
+        after = self.decode(self.tokens[self._prefix :])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.pending += after[len(before) :]
+            self._prefix, self._read = self._read, len(self.tokens)
+
+    def push(self, token: int) -> str:
+        """Add a token; the text now safe to send (often '')."""
+        if self.stopped:
+            return ""
+        self.tokens.append(int(token))
+        self._take(final=False)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The row ended (a stop token, its budget): the rest of the text."""
+        if self.stopped:
+            return ""
+        self._take(final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        text = self.pending
+        found = [(i + len(s), i) for s in self.stops if (i := text.find(s)) >= 0]
+        if found:  # the stop string completed first (then the longest), as generation meets it
+            out, self.stopped = text[: min(found)[1]], True
+        else:
+            out = text if final else text[: len(text) - self._held(text)]
+        self.pending = "" if self.stopped else text[len(out) :]
+        self.text += out
+        return out
+
+    def _held(self, text: str) -> int:
+        """Length of the longest end of `text` that is the beginning of a stop string."""
+        held = 0
+        for s in self.stops:
+            i = text.find(s[0], max(0, len(text) - len(s) + 1))
+            while i >= 0:
+                if s.startswith(text[i:]):
+                    held = max(held, len(text) - i)
+                    break
+                i = text.find(s[0], i + 1)
+        return held
