@@ -4,6 +4,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from lmpipe.chat import ChatTemplate, plain_template
 from lmpipe.config import ModelParams
 from lmpipe.data.tokenizer import EOS, RESPONSE, save_tokenizer, special_ids, train_tokenizer
 from lmpipe.model import build_model, ff_width, load_model, n_params, read_manifest, save_model
@@ -17,6 +18,11 @@ TEXTS = [f"The {a} cat sat on the {b} mat and felt {c}." for a in ("red", "big",
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return train_tokenizer(TEXTS, vocab_size=300, min_frequency=2)
+
+
+@pytest.fixture(scope="module")
+def template(tok) -> ChatTemplate:
+    return plain_template(tok)
 
 
 def small(arch="llama", **kw):
@@ -58,10 +64,10 @@ def test_save_load_with_plain_transformers_and_generate(tok, tmp_path):
         load_model(tmp_path / "tok")
 
 
-def test_sft_template_masks_prompt_and_keeps_eos(tok):
+def test_sft_template_masks_prompt_and_keeps_eos(tok, template):
     ids = special_ids(tok)
-    ex = encode_pair(tok, "The red cat", "sat on the mat.", context=64)
-    p = prompt_ids(tok, "The red cat")
+    ex = encode_pair(template, "The red cat", "sat on the mat.", context=64)
+    p = prompt_ids(template, "The red cat")
     assert p[-1] == ids[RESPONSE]
     assert ex.input_ids[: len(p)] == p
     assert len(ex.labels) == len(ex.input_ids)
@@ -73,14 +79,14 @@ def test_sft_template_masks_prompt_and_keeps_eos(tok):
     # labels are the inputs shifted by one on the response part
     for t in range(len(p) - 1, len(ex.input_ids) - 1):
         assert ex.labels[t] == ex.input_ids[t + 1]
-    assert encode_pair(tok, "The red cat " * 40, "x", context=16) is None
+    assert encode_pair(template, "The red cat " * 40, "x", context=16) is None
 
 
-def test_prompt_tokens_carry_no_loss(tok):
+def test_prompt_tokens_carry_no_loss(tok, template):
     """Changing the model's predictions at prompt positions leaves the SFT loss unchanged."""
     m = build_model(small(), 300, special_ids(tok), seed=0).eval()
-    ex = encode_pair(tok, "The red cat", "sat on the mat.", context=64)
-    batch = collate([ex, encode_pair(tok, "The big cat sat", "and felt calm.", context=64)], 0)
+    ex = encode_pair(template, "The red cat", "sat on the mat.", context=64)
+    batch = collate([ex, encode_pair(template, "The big cat sat", "and felt calm.", context=64)], 0)
     logits = m(input_ids=batch.input_ids).logits.detach().requires_grad_(True)
     loss = torch.nn.functional.cross_entropy(
         logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE, reduction="sum"
@@ -93,9 +99,10 @@ def test_prompt_tokens_carry_no_loss(tok):
     assert torch.isclose(lm_loss_sum(m, batch), loss)
 
 
-def test_pair_batches_epochs_and_resume(tok):
+def test_pair_batches_epochs_and_resume(template):
     exs = [
-        encode_pair(tok, f"The {c} cat", "sat.", 64) for c in ("red", "big", "old", "shy", "blue")
+        encode_pair(template, f"The {c} cat", "sat.", 64)
+        for c in ("red", "big", "old", "shy", "blue")
     ]
     a = PairBatches(exs, 2, seed=0, pad_id=0)
     seen = [a.next_batch() for _ in range(2)]
@@ -108,10 +115,10 @@ def test_pair_batches_epochs_and_resume(tok):
     assert len(PairBatches(exs, 2, 0, 0).fixed_batches()) == 3  # all 5 examples, in order
 
 
-def test_sampling_is_seeded_and_reports_eos(tok):
+def test_sampling_is_seeded_and_reports_eos(tok, template):
     m = build_model(small(), 300, special_ids(tok), seed=0)
-    a = sample_responses(m, tok, ["The red cat", "The old"], max_new_tokens=6, seed=3)
-    b = sample_responses(m, tok, ["The red cat", "The old"], max_new_tokens=6, seed=3)
+    a = sample_responses(m, template, ["The red cat", "The old"], max_new_tokens=6, seed=3)
+    b = sample_responses(m, template, ["The red cat", "The old"], max_new_tokens=6, seed=3)
     assert a == b
     assert all(s["n_tokens"] <= 6 for s in a)
     assert {s["prompt"] for s in a} == {"The red cat", "The old"}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from lmpipe.chat import plain_template
 from lmpipe.config import ModelParams, RewardParams
 from lmpipe.data.sources import DataError
 from lmpipe.data.tokenizer import save_tokenizer, special_ids, train_tokenizer
@@ -327,7 +328,7 @@ def test_normalisation_and_round_trip(backbone, tmp_path):
     model = build_reward_model(tmp_path / "sft", seed=0)
     save_model(model, tmp_path / "rm", tmp_path / "tok", {"normalization": norm})
     rm = RewardModel.load(tmp_path / "rm")
-    ids = encode_for_reward(tok, "the cat", "sat down", 32)
+    ids = encode_for_reward(plain_template(tok), "the cat", "sat down", 32)
     want = norm["gain"] * raw_scores(model, [ids], rm.pad_id)[0] + norm["bias"]
     assert rm.score_text(["the cat"], ["sat down"])[0] == pytest.approx(want, rel=1e-5)
     plain = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm")).eval()
@@ -375,7 +376,7 @@ def test_sample_and_label_drops_truncated_and_labels_by_gold(tmp_path):
         ModelParams(d_model=32, n_layers=1, n_heads=2, context=64), 300, special_ids(tok), 0
     )
     samples, pairs = sample_and_label(
-        model, tok, ["the cat", "a mat"], k=6, max_new_tokens=8, temperature=1.0,
+        model, plain_template(tok), ["the cat", "a mat"], k=6, max_new_tokens=8, temperature=1.0,
         gold=make_gold("length"), tau=0.0, seed=0,
     )  # fmt: skip
     assert len(samples) == 12

@@ -8,7 +8,9 @@ same text. Models lmpipe trains from scratch carry `PLAIN_TEMPLATE`, their one-t
 Encoding renders the template with a placeholder for each message's content, tokenizes the
 template's own text with special tokens parsed, and each content with special tokens *not* parsed:
 text a user typed never becomes a control token (`"<|im_end|>"` in a prompt stays plain text).
-Only torch-free imports here: the ONNX server uses this module as it is.
+A template that inspects a message's content (e.g. looks for a tag in it) sees the placeholder;
+the templates of chat models place content, they do not parse it. Only torch-free imports here:
+the ONNX server uses this module as it is.
 """
 
 from __future__ import annotations
@@ -156,6 +158,8 @@ class ChatTemplate:
         for m in messages:
             if not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
                 raise TemplateError("every message needs a string 'role' and a string 'content'")
+            if any(isinstance(v, str) and "\x00" in v for v in m.values()):
+                raise TemplateError("message fields cannot contain NUL characters")
         masked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
         text = self.render(masked, add_generation_prompt)
         ids: list[int] = []

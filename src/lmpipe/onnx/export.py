@@ -213,6 +213,28 @@ def build_bundle(
 
 
 @torch.no_grad()
+def fp64_errors(model: PreTrainedModel, lm: Any, prompts: list[list[int]]) -> dict[str, float]:
+    """How far PyTorch's fp32 logits and the ONNX model's are from the exact (fp64) ones, at
+    every prefill position of each prompt (run alone: no padding). Two fp32 implementations of a
+    deep model differ by their own rounding; this tells rounding from an export error."""
+    import copy
+
+    exact = copy.deepcopy(model).double().cpu().eval()
+    model = model.float().cpu().eval()
+    torch_err = onnx_err = 0.0
+    for p in prompts:
+        ids = torch.tensor([p])
+        pos = torch.arange(len(p))[None]
+        mask = torch.ones_like(ids)
+        ref = exact(input_ids=ids, attention_mask=mask, position_ids=pos).logits[0]
+        t32 = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[0].double()
+        o32, _ = lm.forward(ids.numpy(), mask.numpy(), pos.numpy(), lm.empty_cache(1))
+        torch_err = max(torch_err, float((t32 - ref).abs().max()))
+        onnx_err = max(onnx_err, float((torch.from_numpy(o32[0]).double() - ref).abs().max()))
+    return {"fp32_torch_vs_fp64": torch_err, "fp32_onnx_vs_fp64": onnx_err}
+
+
+@torch.no_grad()
 def parity(
     model: PreTrainedModel, lm: Any, prompts: list[list[int]], steps: int, pad: int
 ) -> dict[str, float]:
