@@ -79,7 +79,8 @@ def main() -> None:
                     source={"variant": name, "path": str(folder), "stage": source.get("stage"),
                             "mlflow_run_id": source.get("mlflow_run_id"),
                             "git_commit": source.get("git_commit")},
-                    opset=cfg.opset, int8=cfg.int8, per_channel=cfg.int8_per_channel, fp16=cfg.fp16,
+                    opset=cfg.opset, int8=cfg.int8, per_channel=cfg.int8_per_channel,
+                    int8_activations=cfg.int8_activations, fp16=cfg.fp16,
                 )  # fmt: skip
                 row = check(model, bundle, prompts, val, ctx, cfg, template.pad_id)
                 row["export_seconds"] = time.perf_counter() - t0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -65,6 +66,27 @@ def test_int8_bundle_loads_and_generates(bundle):
     row = parity(model, lm, prompts(), steps=8, pad=0)
     assert row["max_abs_logit_diff"] < 0.5  # int8 is close, not exact
     assert (path / "model.int8.onnx").stat().st_size < (path / "model.onnx").stat().st_size
+
+
+def test_weight_only_int8_keeps_fp32_activations_and_is_closer(bundle, tmp_path):
+    """int8_activations: false quantizes the weights alone (MatMulNBits), for pretrained models
+    whose activation outliers a per-tensor int8 activation scale cannot hold."""
+    import onnx
+
+    from lmpipe.onnx.export import export_decoder, parity, quantize_int8
+
+    model, path = bundle
+    export_decoder(model, tmp_path / "raw.onnx")
+    quantize_int8(tmp_path / "raw.onnx", tmp_path / "w8.onnx", activations=False)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "w8.onnx")).graph.node}
+    assert (
+        "MatMulNBits" in ops and "MatMulInteger" not in ops and "DynamicQuantizeLinear" not in ops
+    )
+    shutil.copytree(path, tmp_path / "b")
+    shutil.copy(tmp_path / "w8.onnx", tmp_path / "b" / "model.int8.onnx")
+    weight_only = parity(model, OnnxLM(tmp_path / "b", precision="int8"), prompts(), 8, 0)
+    dynamic = parity(model, OnnxLM(path, precision="int8"), prompts(), 8, 0)
+    assert weight_only["max_abs_logit_diff"] < dynamic["max_abs_logit_diff"]
 
 
 def test_fp16_model_for_cuda_is_close_and_a_missing_file_is_named(bundle, tmp_path):

@@ -104,6 +104,8 @@ def test_fp32_bundle_passes_parity_and_greedy_matches_pytorch(smol_repo):
         if row["max_abs_logit_diff"] > 1e-4:  # 30 fp32 layers: held to PyTorch's own rounding
             assert row["fp32_onnx_vs_fp64"] <= 2 * row["fp32_torch_vs_fp64"], name
             assert row["max_abs_logit_diff"] <= row["parity_tolerance"], name
+    q = rep["rl"]["int8"]  # weight-only int8 (the profile's int8_activations: false)
+    assert q["greedy_token_match"] >= 0.5 and abs(q["ppl_change"]) < 0.1, q
     bundle = smol_repo / "models" / "onnx" / "rl"
     t = load_template(bundle)
     assert t.kind == "chat" and t.stop_ids == (2,)  # <|im_end|>, the template's end of turn
@@ -117,7 +119,58 @@ def test_fp32_bundle_passes_parity_and_greedy_matches_pytorch(smol_repo):
 
 
 def test_report_card_scores_the_assistant_text(smol_repo):
-    rep = json.loads((smol_repo / "reports" / "evaluate.json").read_text())
+    rep = json.loads((smol_repo / "reports" / "metrics.json").read_text())
     text = (smol_repo / "reports" / "report.md").read_text()
     assert "<|im_start|>" not in text and "<|im_end|>" not in text
     assert rep  # every model scored
+
+
+def test_served_int8_bundle_answers_the_openai_client(smol_repo):
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    import openai
+
+    from lmpipe.onnx.runtime import OnnxLM
+    from serve_bundles import wait_until
+
+    bundle = smol_repo / "models" / "onnx" / "rl"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmpipe.cli", "serve", str(bundle), "--port", str(port),
+         "--precision", "int8", "--max-tokens", "24"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        try:
+            return httpx.get(f"{url}/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(up, timeout=120, what="lmpipe serve to start")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        msgs = [{"role": "user", "content": PROMPTS[0]}]
+        r = client.chat.completions.create(model="rl-int8", messages=msgs, max_tokens=24,
+                                           temperature=0)  # fmt: skip
+        text = r.choices[0].message.content
+        assert text.strip() and "<|im_end|>" not in text and "<|im_start|>" not in text
+        lm = OnnxLM(bundle, precision="int8")
+        want = lm.generate_ids([lm.chat_ids(msgs)], max_new_tokens=24, temperature=0)
+        assert text == lm.decode(want.tokens[0])
+        # stopped at <|im_end|>, not at the token budget, when the answer ended before it
+        assert (r.choices[0].finish_reason == "stop") == (want.finish_reason[0] == "stop")
+        stream = client.chat.completions.create(model="rl-int8", messages=msgs, max_tokens=24,
+                                                temperature=0, stream=True)  # fmt: skip
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert streamed == text
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -431,6 +431,11 @@ class ExportParams(Section):
     opset: int = Field(18, ge=17, le=23, description="ONNX opset")
     int8: bool = Field(True, description="also write model.int8.onnx (onnxruntime dynamic int8)")
     int8_per_channel: bool = Field(True, description="int8: one weight scale per output channel")
+    int8_activations: bool = Field(
+        True,
+        description="int8: quantize activations at run time too (false: weights only, for "
+        "pretrained models whose activation outliers int8 activations cannot hold)",
+    )
     fp16: bool = Field(
         False, description="also write model.fp16.onnx for the CUDA execution provider"
     )
