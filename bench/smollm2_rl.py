@@ -33,7 +33,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--prompts-per-step", type=int, default=8)
     ap.add_argument("--samples-per-prompt", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--pref-prompts", type=int, default=96, help="prompts labelled for the RM")
+    ap.add_argument("--reward-steps", type=int, default=40)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--algo", default="ppo", choices=["ppo", "rloo", "dpg"])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/smollm2-rl"))
@@ -43,7 +45,10 @@ def main() -> None:
     gguf = fetch_smollm2(args.cache / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
     profile = yaml.safe_load((ROOT / "params" / "smollm2-cpu.yaml").read_text())
     profile = merge(profile, {
-        "data": {"rl_prompts": args.steps * args.prompts_per_step},
+        "data": {"rl_prompts": max(args.steps * args.prompts_per_step, args.pref_prompts)},
+        "preference": {"prompts": args.pref_prompts, "max_new_tokens": args.max_new_tokens},
+        "reward": {"max_steps": args.reward_steps, "batch_size": 8, "eval_every": 20,
+                   "norm_samples": 64},
         "rl": {"steps": args.steps, "prompts_per_step": args.prompts_per_step,
                "samples_per_prompt": args.samples_per_prompt, "algo": args.algo,
                "max_new_tokens": args.max_new_tokens, "lr": args.lr, "eval_prompts": 8,
@@ -59,11 +64,17 @@ def main() -> None:
     subprocess.run(["dvc", "repro", "rl"], cwd=repo, env=env, check=True)
     seconds = time.perf_counter() - t0
 
+    rm = json.loads((repo / "reports" / "reward.json").read_text())
     rows = list(csv.DictReader((repo / "reports" / "plots" / "rl.csv").open()))
     print(
         f"SmolLM2-135M-Instruct, {args.algo}, {args.steps} steps x {args.prompts_per_step} "
         f"prompts x {args.samples_per_prompt} samples, lr {args.lr}; dvc repro rl "
         f"{seconds / 60:.1f} min on {os.cpu_count()} cores ({platform.processor() or 'cpu'})"
+    )
+    print(
+        f"reward model: val accuracy {rm['val_accuracy']:.3f} on {rm['pairs']['val']} pairs, "
+        f"gold-order accuracy {rm['gold_order_accuracy']:.3f} (bag of words "
+        f"{rm['baseline_bow_gold_order_accuracy']:.3f})"
     )
     print("\n| step | gold | proxy | KL (nats) |\n|---|---|---|---|")
     for r in rows:

@@ -145,3 +145,20 @@ def test_lmpipe_nproc_builds_the_torchrun_command_only_where_it_applies():
     assert torchrun_command("rl", argv, {"LMPIPE_NPROC": "4"}) is None
     with pytest.raises(SystemExit, match="LMPIPE_NPROC = 'two'"):
         torchrun_command("sft", argv, {"LMPIPE_NPROC": "two"})
+
+
+def test_from_scratch_folders_load_with_transformers_and_their_chat_template(tiny_repo):
+    """Every model folder lmpipe writes is a transformers folder whose tokenizer applies
+    lmpipe's one-turn format as a chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmpipe.chat import load_template
+
+    want = load_template(tiny_repo / "data" / "prepared").prompt_ids("Tom went to the sea.")
+    msgs = [{"role": "user", "content": "Tom went to the sea."}]
+    for name in ("pretrain", "sft", "rl", "compressed/distilled", "compressed/pruned"):
+        folder = tiny_repo / "models" / name
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)
+        assert ids["input_ids"] == want, name
+        AutoModelForCausalLM.from_pretrained(str(folder))
