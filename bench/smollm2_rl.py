@@ -83,9 +83,12 @@ def main() -> None:
             f"| {float(r['rl/kl']):.3f} |"
         )
     rep = json.loads((repo / "reports" / "rl.json").read_text())
-    print(f"\nfinal eval ({rep['eval_prompts']} held-out prompts): gold "
-          f"{rep['gold_reward']:.3f}, proxy {rep['proxy_reward']:.3f}, KL to SFT "
-          f"{rep['kl_to_ref']:.3f} nats, J {rep['objective_j']:.3f}")  # fmt: skip
+    g, p, j = rep["gold_reward"], rep["proxy_reward"], rep["objective_j"]
+    print(
+        f"\nheld-out eval ({rep['eval_prompts']} prompts x 4 samples), SFT -> RL: gold "
+        f"{g['init']:.3f} -> {g['final']:.3f}, proxy {p['init']:.3f} -> {p['final']:.3f}, "
+        f"J {j['init']:.3f} -> {j['final']:.3f}; KL to SFT {rep['kl_to_ref']:.3f} nats"
+    )
 
 
 if __name__ == "__main__":
