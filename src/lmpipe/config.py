@@ -7,12 +7,30 @@ time, before any work, with the full key (`data.val_fraction`), the bad value an
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+"""What a `device` param may say."""
+
+
+def _device(v: str) -> str:
+    if not DEVICE.fullmatch(v):
+        raise ValueError("use auto, cpu, cuda or cuda:N")
+    return v
 
 
 class ParamsError(ValueError):
@@ -61,6 +79,16 @@ class DataParams(Section):
     separator: str = Field(
         r"\n\s*\n", description="text: regex that separates documents (default: blank lines)"
     )
+
+    @field_validator("separator")
+    @classmethod
+    def _separator(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression ({err})") from None
+        return v
+
     chunk_chars: int = Field(
         0, ge=0, description="text: >0 cuts each file into chunks of about this many characters"
     )
@@ -176,7 +204,9 @@ class TrainParams(Section):
         "auto", description="auto: bf16 autocast on CUDA and on AMX or AVX512-BF16 CPUs, else fp32"
     )
     compile: bool = Field(False, description="torch.compile the model")
-    device: str = Field("auto", description="auto (CUDA if present), cpu, cuda, cuda:N")
+    device: Annotated[str, AfterValidator(_device)] = Field(
+        "auto", description="auto (CUDA if present), cpu, cuda, cuda:N"
+    )
     peak_tflops: float = Field(0.0, ge=0, description="for train/mfu; 0 = known GPU table or none")
 
 
@@ -322,7 +352,9 @@ class RLParams(Section):
         description="log-prob/value/update passes; auto: bf16 where training uses it; "
         "sampling and diagnostics fp32",
     )
-    device: str = Field("auto", description="auto (CUDA if present), cpu, cuda, cuda:N")
+    device: Annotated[str, AfterValidator(_device)] = Field(
+        "auto", description="auto (CUDA if present), cpu, cuda, cuda:N"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RLParams:
@@ -387,7 +419,9 @@ class CompressParams(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA and on AMX or AVX512-BF16 CPUs, else fp32"
     )
-    device: str = Field("auto", description="auto (CUDA if present), cpu, cuda, cuda:N")
+    device: Annotated[str, AfterValidator(_device)] = Field(
+        "auto", description="auto (CUDA if present), cpu, cuda, cuda:N"
+    )
 
     def train_params(self, kind: Literal["distill", "recovery"]) -> TrainParams:
         """The shared loop's settings for the distillation or the pruned model's recovery."""
@@ -482,7 +516,9 @@ class EvaluateParams(Section):
     speed_new_tokens: int = Field(32, ge=1, description="tokens generated per timed run")
     speed_repeats: int = Field(3, ge=1, description="timed runs per figure (median)")
     side_by_side: int = Field(4, ge=0, description="prompts shown side by side in report.md")
-    device: str = Field("auto", description="auto (CUDA if present), cpu, cuda, cuda:N")
+    device: Annotated[str, AfterValidator(_device)] = Field(
+        "auto", description="auto (CUDA if present), cpu, cuda, cuda:N"
+    )
 
     @field_validator("best_of_n")
     @classmethod

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lmpipe.config import ParamsError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -24,6 +26,14 @@ def setup(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise ParamsError(
+            f"device = {device_name!r} but CUDA is not available here; use auto or cpu"
+        )
+    if device_name.startswith("cuda:") and int(device_name[5:]) >= torch.cuda.device_count():
+        raise ParamsError(
+            f"device = {device_name!r} but this machine has {torch.cuda.device_count()} GPU(s)"
+        )
     cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
     if device_name.startswith("cuda:"):
         device = torch.device(device_name)
@@ -32,7 +42,7 @@ def setup(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
     elif device_name in ("auto", "cpu"):
         device = torch.device("cpu")
     else:
-        raise RuntimeError(f"device = {device_name!r} but CUDA is not available; use auto or cpu")
+        raise ParamsError(f"device = {device_name!r}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():

@@ -164,7 +164,15 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Pre
         from lmpipe.compress.quantize import load_quantized
 
         return load_quantized(model_dir, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), attn_implementation=attention_for(device), use_safetensors=True
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), attn_implementation=attention_for(device), use_safetensors=True
+        )
+    except Exception as err:  # safetensors' SafetensorError derives from Exception alone
+        if "safetensor" not in f"{type(err).__name__} {err}".lower():
+            raise
+        raise FileNotFoundError(
+            f"{model_dir}/model.safetensors cannot be read ({err}): the file is truncated or "
+            "corrupt; rerun the stage that made it (dvc repro -f <stage>) or dvc checkout"
+        ) from None
     return model.to(device).eval()

@@ -15,6 +15,7 @@ from lmpipe.chat import TemplateError
 from lmpipe.config import ParamsError
 from lmpipe.data.sources import DataError
 from lmpipe.io import hash_path
+from lmpipe.onnx.runtime import BundleError
 from lmpipe.tracking import TrackingError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -22,6 +23,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     DataError,
     TrackingError,
     TemplateError,
+    BundleError,
     FileNotFoundError,
 )
 """Errors caused by input or configuration: printed as one clear message, exit code 2."""

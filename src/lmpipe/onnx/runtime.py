@@ -34,7 +34,16 @@ def read_bundle(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     if not path.exists():
         raise BundleError(f"{directory} is not an lmpipe ONNX bundle (no {MANIFEST}); run export")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{path} is not valid JSON ({err}): rerun the export stage") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"{path} is not a JSON object: rerun the export stage")
+    missing = [k for k in ("files", "cache", "context", "special_tokens") if k not in meta]
+    if missing:
+        raise BundleError(f"{path} lacks {', '.join(missing) or 'its fields'}: rerun export")
+    return meta
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
