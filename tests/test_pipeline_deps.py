@@ -176,3 +176,14 @@ def test_changing_rl_kl_coef_reruns_rl_and_after_and_nothing_before(tiny_repo, t
     set_param(repo, "pretrain", "lr", doc["pretrain"]["lr"] / 2)
     assert set(json.loads(run(["dvc", "status", "--json"], repo).stdout)) == {"pretrain"}
     assert stale(repo) == set(STAGES) - {"prepare"}
+
+
+@pytest.mark.e2e
+def test_a_typo_in_params_keeps_the_stage_reports(tiny_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    before = {p: (repo / p).read_bytes() for p in ("reports/sft.json", "reports/plots/sft.csv")}
+    set_param(repo, "sft", "lr", -1.0)
+    res = run(["dvc", "repro", "sft"], repo, check=False)
+    assert res.returncode != 0 and "sft.lr = -1.0" in res.stderr + res.stdout
+    assert {p: (repo / p).read_bytes() for p in before} == before

@@ -50,3 +50,40 @@ def test_corrupt_bundle_manifest_is_a_bundle_error(tmp_path, text):
     (tmp_path / "bundle.json").write_text(text)
     with pytest.raises(BundleError, match="bundle.json"):
         read_bundle(tmp_path)
+
+
+def test_a_failed_stage_puts_back_the_reports_dvc_deleted(tmp_path, monkeypatch):
+    from lmpipe import stage
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  x:\n    cmd: run x\n    outs:\n      - models/x\n"
+        "    metrics:\n      - reports/x.json:\n          cache: false\n"
+        "    plots:\n      - reports/plots/x.csv:\n          cache: false\n"
+    )
+    report, plot = tmp_path / "reports" / "x.json", tmp_path / "reports" / "plots" / "x.csv"
+
+    def good():
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text('{"loss": 1}')
+        plot.write_text("step,loss\n1,1\n")
+
+    def typo():
+        raise ParamsError("x.lr = -1: must be > 0")
+
+    stage.run(good, "x")
+    report.unlink()  # what DVC does before it runs a stage
+    plot.unlink()
+    with pytest.raises(SystemExit) as exit_:
+        stage.run(typo, "x")
+    assert exit_.value.code == 2
+    assert report.read_text() == '{"loss": 1}' and plot.read_text() == "step,loss\n1,1\n"
+
+    def half():  # a failure after writing a new report keeps the new one
+        report.write_text('{"loss": 2}')
+        raise RuntimeError("crash")
+
+    report.unlink()
+    with pytest.raises(RuntimeError):
+        stage.run(half, "x")
+    assert report.read_text() == '{"loss": 2}'

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from lmpipe.allocator import keep_freed_memory
@@ -99,11 +101,58 @@ def run(main: Callable[[], Any], stage: str) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execvp(cmd[0], cmd)
+    kept_outputs = uncached_outputs(stage) if os.environ.get("RANK", "0") == "0" else []
+    ok = False
     try:
         main()
+        ok = True
     except USER_ERRORS as err:
         print(f"{stage}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if ok:
+            keep_last_good(kept_outputs)
+        else:
+            restore_last_good(kept_outputs)
+
+
+LAST_GOOD = Path(".cache") / "lmpipe" / "last-good"
+"""Copies of the stage outputs DVC does not cache (reports, plot CSVs), as of each stage's last
+successful run."""
+
+
+def uncached_outputs(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[Path]:
+    """The stage's `cache: false` outputs in dvc.yaml. DVC deletes them before the stage runs and
+    no `dvc checkout` brings them back, so a stage that fails (a typo in params) would lose
+    them: the harness puts the last good ones back."""
+    path = Path(dvc_yaml)
+    if not path.exists():
+        return []
+    import yaml
+
+    entries = (yaml.safe_load(path.read_text()) or {}).get("stages", {}).get(stage) or {}
+    out = []
+    for kind in ("outs", "metrics", "plots"):
+        for entry in entries.get(kind) or []:
+            if isinstance(entry, dict):
+                out += [Path(p) for p, opts in entry.items() if (opts or {}).get("cache") is False]
+    return out
+
+
+def keep_last_good(paths: list[Path], store: Path = LAST_GOOD) -> None:
+    for p in paths:
+        if p.is_file() and not p.is_absolute():
+            (store / p).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, store / p)
+
+
+def restore_last_good(paths: list[Path], store: Path = LAST_GOOD) -> None:
+    """Put back each output the failed run left missing (never over one it wrote)."""
+    for p in paths:
+        if not p.exists() and not p.is_absolute() and (store / p).is_file():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(store / p, p)
+            logging.getLogger(__name__).warning("restored the last good %s", p)
 
 
 def checkpoint_key(params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
