@@ -107,11 +107,23 @@ def test_generation_stops_at_the_end_of_turn_token(folders):
     assert r.json()["usage"]["completion_tokens"] == 0
 
 
-def test_a_bundle_without_a_chat_template_says_so(folders):
-    with serve(folders["legacy"]) as c:
+def test_a_bundle_without_a_chat_template_says_so(bundle):
+    # a tokenizer without lmpipe's markers and no template files: nothing to render chat with
+    with serve(bundle[1]) as c:
         r = c.post("/v1/chat/completions", json={"messages": HELLO})
         assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
         assert c.post("/v1/completions", json={"prompt": "w9", "max_tokens": 2}).status_code == 200
+
+
+def test_a_bundle_from_before_templates_chats_in_lmpipes_format(folders):
+    """An lmpipe bundle exported before templates were saved has lmpipe's markers: its format is
+    known, so chat requests render in it (one user turn), as prompts always did."""
+    with serve(folders["legacy"]) as c:
+        ids = c.completer.lm.chat_ids(HELLO)
+        assert ids == c.completer.lm.prompt_ids(HELLO[0]["content"])
+        assert ids[:2] == [1, 3] and ids[-1] == 4  # BOS PROMPT … RESPONSE
+        r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+        assert r.status_code == 200, r.text
 
 
 def test_messages_the_template_refuses_are_a_400(folders):

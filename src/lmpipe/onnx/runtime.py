@@ -202,9 +202,9 @@ class OnnxLM:
 
     @cached_property
     def template(self) -> ChatTemplate | None:
-        """The bundle's chat template, or None for a bundle exported without one (the plain
-        one-turn format then comes from `special_tokens`). TemplateError if its files are
-        broken."""
+        """The bundle's chat template (lmpipe's one-turn format for an lmpipe bundle exported
+        before templates were bundled), or None for a tokenizer with neither (prompts then take
+        the plain format from `special_tokens`). TemplateError if its files are broken."""
         from lmpipe.chat import load_template
 
         return load_template(self.dir, required=False)
