@@ -8,9 +8,13 @@ marker typed as text becomes several plain tokens (`<`, `|`, …) instead of one
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -124,3 +128,51 @@ def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def serve_process(folder: Path, *flags: str, env: dict | None = None, timeout: float = 60):
+    """`lmpipe serve <folder> <flags>` in its own process on a free loopback port; yields its
+    base URL once /health answers, stops it on exit."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmpipe.cli", "serve", str(folder), "--port", str(port), *flags],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        try:
+            return httpx.get(f"{url}/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(up, timeout=timeout, what="lmpipe serve to start")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class Gate:
+    """Holds the model's worker at its next batch until opened, so requests pile up behind it."""
+
+    def __init__(self, completer):
+        self.completer, self.open_ = completer, threading.Event()
+        self.inner = completer.lm.stream_rows
+        completer.lm.stream_rows = self.stream_rows
+
+    def stream_rows(self, prompts, rows):
+        self.open_.wait(30)
+        yield from self.inner(prompts, rows)
+
+    def open(self):
+        self.open_.set()
+        self.completer.lm.stream_rows = self.inner

@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lmpipe.serve import Completer, ServerLimits, create_app
+from serve_bundles import Gate
 
 
 @pytest.fixture(scope="module")
@@ -120,23 +121,6 @@ def test_sixteen_concurrent_requests_are_all_served_correctly(client):
         got = list(pool.map(ask, prompts))
     assert all(r.status_code == 200 for r in got)
     assert [r.json()["choices"][0]["text"] for r in got] == want
-
-
-class Gate:
-    """Holds the model's worker at its next batch until opened, so requests pile up behind it."""
-
-    def __init__(self, completer):
-        self.completer, self.open_ = completer, threading.Event()
-        self.inner = completer.lm.stream_rows
-        completer.lm.stream_rows = self.stream_rows
-
-    def stream_rows(self, prompts, rows):
-        self.open_.wait(30)
-        yield from self.inner(prompts, rows)
-
-    def open(self):
-        self.open_.set()
-        self.completer.lm.stream_rows = self.inner
 
 
 def post_in_threads(c, bodies, results):

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lmpipe.serve import Completer, ServerLimits, create_app
+from serve_bundles import Gate
 
 LIMITS = ServerLimits(max_tokens=16, max_n=4, queue_limit=3, max_body_bytes=4096,
                       max_prompt_chars=500, max_request_tokens=200)  # fmt: skip
@@ -90,23 +91,6 @@ def test_each_distinct_prompt_is_tokenized_once(client, tokenized):
                                              "max_tokens": 2})  # fmt: skip
     assert r.status_code == 200 and len(r.json()["choices"]) == 12
     assert sorted(tokenized) == ["w7 w8", "w9"]  # was once per prompt × n
-
-
-class Gate:
-    """Holds the model's worker at its next batch until opened, so requests pile up behind it."""
-
-    def __init__(self, completer):
-        self.completer, self.open_ = completer, threading.Event()
-        self.inner = completer.lm.stream_rows
-        completer.lm.stream_rows = self.stream_rows
-
-    def stream_rows(self, prompts, rows):
-        self.open_.wait(30)
-        yield from self.inner(prompts, rows)
-
-    def open(self):
-        self.open_.set()
-        self.completer.lm.stream_rows = self.inner
 
 
 def fill(client, n):

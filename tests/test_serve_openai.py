@@ -4,18 +4,11 @@ errors as the client's exception types."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-
-import httpx
 import openai
 import pytest
 
 import serve_bundles
 from lmpipe.onnx.runtime import OnnxLM
-from serve_bundles import wait_until
 
 KEY = "test-key-1"
 HELLO = [{"role": "user", "content": "w9 w10 w11"}]
@@ -24,30 +17,10 @@ HELLO = [{"role": "user", "content": "w9 w10 w11"}]
 @pytest.fixture(scope="module")
 def served(bundle, tmp_path_factory):
     folder = serve_bundles.chatml(bundle[1], tmp_path_factory.mktemp("openai") / "chatml")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lmpipe.cli", "serve", str(folder), "--port", str(port),
-         "--max-tokens", "16"],
-        env={**os.environ, "LMPIPE_API_KEY": KEY},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        try:
-            return httpx.get(f"{url}/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(up, timeout=60, what="lmpipe serve to start")
+    with serve_bundles.serve_process(
+        folder, "--max-tokens", "16", env={"LMPIPE_API_KEY": KEY}
+    ) as url:
         yield url, OnnxLM(folder)
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")

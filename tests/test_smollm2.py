@@ -126,36 +126,13 @@ def test_report_card_scores_the_assistant_text(smol_repo):
 
 
 def test_served_int8_bundle_answers_the_openai_client(smol_repo):
-    import socket
-    import subprocess
-    import sys
-
-    import httpx
     import openai
 
     from lmpipe.onnx.runtime import OnnxLM
-    from serve_bundles import wait_until
+    from serve_bundles import serve_process
 
     bundle = smol_repo / "models" / "onnx" / "rl"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lmpipe.cli", "serve", str(bundle), "--port", str(port),
-         "--precision", "int8", "--max-tokens", "24"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        try:
-            return httpx.get(f"{url}/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(up, timeout=120, what="lmpipe serve to start")
+    with serve_process(bundle, "--precision", "int8", "--max-tokens", "24", timeout=120) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         msgs = [{"role": "user", "content": PROMPTS[0]}]
         r = client.chat.completions.create(model="rl-int8", messages=msgs, max_tokens=24,
@@ -171,6 +148,3 @@ def test_served_int8_bundle_answers_the_openai_client(smol_repo):
                                                 temperature=0, stream=True)  # fmt: skip
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert streamed == text
-    finally:
-        proc.terminate()
-        proc.wait(10)
