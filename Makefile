@@ -38,8 +38,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# prune-checkpoints: a stage DVC checks out of its cache after a killed run never runs, so
+# nothing else clears that run's checkpoint.
 repro: venv
 	$(BIN)/dvc repro
+	$(BIN)/lmpipe prune-checkpoints
 
 test: venv lint
 	$(BIN)/python -m pytest -q

@@ -140,7 +140,11 @@ def main() -> None:
 
         with atomic_dir(args.out) as tmp:
             for name, model in variants.items():
-                man = stage.manifest("compress", params, tracker.tags, tracker.run_id, {})
+                kind = {"distilled": "distill", "pruned": "recovery"}.get(name)
+                run_key = checkpoint_store(args.cache, f"compress-{kind}", key).directory.name
+                man = stage.manifest(
+                    "compress", params, tracker.tags, {}, run_key if kind else None
+                )
                 man["variant"], man["teacher"] = name, str(args.teacher)
                 if name == "quantized":
                     man["quantization"] = q8.describe(cfg.quantize_embeddings)
@@ -202,6 +206,7 @@ def main() -> None:
             ),
             "samples.txt",
         )
+        tracker.log_outputs({"models": args.out})
         tracker.log_report(report, "reports/compress.json")
         write_json(args.report, report)
         for kind in ("distill", "recovery"):

@@ -179,7 +179,10 @@ def main() -> None:
                  ", ".join(f"n={b['n']} gold {b['gold']:.3f}" for b in best))  # fmt: skip
 
         curves = {name: R.read_curves(args.plots / f"{name}.csv") for name in CURVES}
-        flags = M.flags(curves.get("rl", {}), variants)
+        flags = M.flags(curves.get("rl", {}), variants) + M.alignment_flags(
+            read_manifest(m / "reward")["metrics"], read_manifest(m / "rl")["metrics"],
+            curves.get("reward", {}),
+        )  # fmt: skip
         for f in flags:
             log.warning("flag: %s", f)
         report = {

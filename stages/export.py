@@ -77,7 +77,6 @@ def main() -> None:
                                 "temperature": cfg.temperature, "top_k": cfg.top_k,
                                 "top_p": cfg.top_p},
                     source={"variant": name, "path": str(folder), "stage": source.get("stage"),
-                            "mlflow_run_id": source.get("mlflow_run_id"),
                             "git_commit": source.get("git_commit")},
                     opset=cfg.opset, int8=cfg.int8, per_channel=cfg.int8_per_channel,
                     int8_activations=cfg.int8_activations, fp16=cfg.fp16,
@@ -93,13 +92,14 @@ def main() -> None:
                     100 * row.get("int8", {}).get("ppl_change", float("nan")), row["size_mb"],
                     row.get("int8", {}).get("size_mb", float("nan")),
                 )  # fmt: skip
-        for name in report:
-            tracker.log_artifacts(args.out / name, f"onnx/{name}")
-            if cfg.register_model:
-                tags = {"lmpipe.variant": name, **{k: v for k, v in tracker.tags.items()
-                        if k.startswith(("lineage.", "input.", "git."))}}  # fmt: skip
-                version = tracker.register_model(f"lmpipe-{name}", f"onnx/{name}", tags)
+        for name in report:  # pyfunc models: mlflow.pyfunc.load_model generates text with them
+            tags = {"lmpipe.variant": name, **{k: v for k, v in tracker.tags.items()
+                    if k.startswith(("lineage.", "input.", "git."))}}  # fmt: skip
+            registered = f"lmpipe-{name}" if cfg.register_model else None
+            version = tracker.log_bundle(args.out / name, f"onnx-{name}", registered, tags)
+            if registered:
                 report[name]["registry_version"] = version
+        tracker.log_outputs({"bundles": args.out})
         tracker.log_report(report, "reports/export.json")
         write_json(args.report, report)
 

@@ -30,17 +30,15 @@ def main() -> None:
 
     params = load_params(args.params, ["base", "data", "tokenizer", "tracking"])
     inputs = {"corpus": args.corpus_dir} if args.corpus_dir and args.corpus_dir.exists() else {}
-    with (
-        stage_run("prepare", params, params.tracking, inputs) as tracker,
-        atomic_dir(args.out) as tmp,
-    ):
+    with stage_run("prepare", params, params.tracking, inputs) as tracker:
         t0 = time.perf_counter()
-        provenance = {"mlflow_run_id": tracker.run_id, "params": params.to_dict()}
-        report, timings = prepare(
-            params.data, params.tokenizer, params.seed, tmp, provenance=provenance,
-            base_cfg=params.base,
-        )  # fmt: skip
+        with atomic_dir(args.out) as tmp:
+            report, timings = prepare(
+                params.data, params.tokenizer, params.seed, tmp,
+                provenance={"params": params.to_dict()}, base_cfg=params.base,
+            )  # fmt: skip
         timings["total_s"] = time.perf_counter() - t0
+        tracker.log_outputs({"data": args.out})
         tracker.log_metrics({f"prepare/{k}": v for k, v in timings.items()})
         tracker.log_report(report, "reports/prepare.json")
         write_json(args.report, report)

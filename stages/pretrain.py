@@ -105,8 +105,9 @@ def main() -> None:
                     model,
                     tmp,
                     args.data,
-                    stage.manifest("pretrain", params, tracker.tags, tracker.run_id, report),
+                    stage.manifest("pretrain", params, tracker.tags, report, store.directory.name),
                 )
+            tracker.log_outputs({"model": args.out})
             tracker.log_report(report, "reports/pretrain.json")
             write_json(args.report, report)
             store.clear()

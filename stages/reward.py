@@ -27,9 +27,11 @@ from lmpipe.reward import (
     PreferenceBatches,
     bag_of_words_baseline,
     build_reward_model,
+    cluster_se,
     encode_for_reward,
     encode_pairs,
     fit_normalisation,
+    gold_agreement,
     pair_metrics,
     preference_groups,
     preference_loss_sum,
@@ -123,8 +125,7 @@ def main() -> None:
             write_json(
                 tmp / "meta.json",
                 {"source": pcfg.source, "gold": pcfg.gold, "tau": pcfg.tau,
-                 "pairs": {s: len(v) for s, v in encoded.items()},
-                 "mlflow_run_id": tracker.run_id, **sample_stats},
+                 "pairs": {s: len(v) for s, v in encoded.items()}, **sample_stats},
             )  # fmt: skip
         del sft  # sampling is done; the reward model starts from a fresh copy of the backbone
 
@@ -151,10 +152,9 @@ def main() -> None:
         scores = raw_scores(
             model, [e.chosen for e in val_ex] + [e.rejected for e in val_ex] + seqs, pad
         )
-        metrics = pair_metrics(
-            scores[:n], scores[n : 2 * n],
-            [p["gold_chosen"] for p in rows], [p["gold_rejected"] for p in rows],
-        )  # fmt: skip
+        gold_c, gold_r = [p["gold_chosen"] for p in rows], [p["gold_rejected"] for p in rows]
+        prompts = [p["prompt"] for p in rows]
+        metrics = pair_metrics(scores[:n], scores[n : 2 * n], gold_c, gold_r, prompts=prompts)
         metrics["val_gold_spearman"] = float(
             spearmanr(scores[2 * n :], list(texts.values())).statistic
         )
@@ -173,11 +173,18 @@ def main() -> None:
         normalise_seconds = time.perf_counter() - t0
 
         bow = bag_of_words_baseline([p for _, p in encoded["train"]], rows)
+        # the model against the baseline on the same pairs: a paired difference, SE by prompt
+        ours, sel = gold_agreement(scores[:n], scores[n : 2 * n], gold_c, gold_r)
+        theirs, _ = gold_agreement(bow["margin"], np.zeros(n), gold_c, gold_r)
+        gap = ours[sel].astype(float) - theirs[sel]
         report = {
             **metrics,
             "baseline_bow_val_accuracy": bow["val_accuracy"],
             "baseline_bow_gold_order_accuracy": bow["gold_order_accuracy"],
+            "gold_order_gap_to_baseline": float(gap.mean()) if gap.size else float("nan"),
+            "gold_order_gap_to_baseline_se": cluster_se(gap, np.asarray(prompts, object)[sel]),
             "val_loss": result.val_loss,
+            "kept_step": result.kept_step,
             "normalization": norm,
             "pairs": {s: len(v) for s, v in encoded.items()},
             "label_gold_agreement": float(
@@ -192,10 +199,11 @@ def main() -> None:
             "normalise_seconds": normalise_seconds,
             "stage_seconds": time.perf_counter() - t_stage,
         }
-        man = stage.manifest("reward", params, tracker.tags, tracker.run_id, report)
+        man = stage.manifest("reward", params, tracker.tags, report, store.directory.name)
         man["normalization"] = norm
         with atomic_dir(args.out) as tmp:
             save_model(model, tmp, args.data, man)
+        tracker.log_outputs({"pairs": args.pairs, "model": args.out})
         tracker.log_report(report, "reports/reward.json")
         write_json(args.report, report)
         store.clear()

@@ -95,7 +95,7 @@ def main() -> None:
         value = None
         if cfg.algo == "ppo":
             value = (
-                ValueModel.from_reward_model(rm.model)
+                ValueModel.from_reward_model(rm.model, rm.gain, rm.bias)
                 if cfg.value_init == "reward"
                 else ValueModel.zero_head(policy)
             ).to(device)
@@ -116,7 +116,14 @@ def main() -> None:
             texts = [decode(r) for r in s.responses]
             g = gold([prompts_text[i] for i in s.prompt_index], texts)
             proxy = s.proxy[~np.isnan(s.proxy)]
+            idx, gold_arr = np.asarray(s.prompt_index), np.asarray(g)
+            rows = range(len(prompts_text))
+            by_prompt = {  # per-prompt means: the unit of the gains' standard errors
+                "gold": np.array([_nanmean(gold_arr[idx == i]) for i in rows]),
+                "proxy": np.array([_nanmean(s.proxy[idx == i]) for i in rows]),
+            }
             return texts, {
+                "by_prompt": by_prompt,
                 "gold": float(np.mean(g)),
                 "proxy": float(np.mean(proxy)) if proxy.size else float("nan"),
                 "score": float(np.mean(s.scores)),
@@ -187,6 +194,8 @@ def main() -> None:
             "beta": cfg.kl_coef,
             "beta_final": trainer.kl_ctl.beta,
             "gold_reward": {"init": init["gold"], "final": final["gold"]},
+            **gain_with_se("gold", init["by_prompt"]["gold"], final["by_prompt"]["gold"]),
+            **gain_with_se("proxy", init["by_prompt"]["proxy"], final["by_prompt"]["proxy"]),
             "proxy_reward": {"init": init["proxy"], "final": final["proxy"]},
             "kl_to_ref": final["kl"],
             "kl_to_ref_k3": final["kl_k3"],
@@ -224,8 +233,9 @@ def main() -> None:
         with atomic_dir(args.out) as tmp:
             save_model(
                 policy, tmp, args.data,
-                stage.manifest("rl", params, tracker.tags, tracker.run_id, report),
+                stage.manifest("rl", params, tracker.tags, report, store.directory.name),
             )  # fmt: skip
+        tracker.log_outputs({"model": args.out})
         tracker.log_report(report, "reports/rl.json")
         write_json(args.report, report)
         store.clear()
@@ -234,6 +244,20 @@ def main() -> None:
             cfg.algo, init["gold"], final["gold"], init["proxy"], final["proxy"], final["kl"],
             final["posterior_kl"], report["episodes_per_sec"],
         )  # fmt: skip
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+def gain_with_se(name: str, init: np.ndarray, final: np.ndarray) -> dict[str, float]:
+    """`<name>_gain` from π₀ to the policy on the same eval prompts, and its standard error
+    from the per-prompt differences (prompts where either side has no value left out)."""
+    d = np.asarray(final, np.float64) - np.asarray(init, np.float64)
+    d = d[np.isfinite(d)]
+    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+    return {f"{name}_gain": float(d.mean()) if d.size else float("nan"), f"{name}_gain_se": se}
 
 
 if __name__ == "__main__":

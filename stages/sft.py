@@ -85,8 +85,9 @@ def main() -> None:
             with atomic_dir(args.out) as tmp:
                 save_model(
                     model, tmp, args.data,
-                    stage.manifest("sft", params, tracker.tags, tracker.run_id, report),
+                    stage.manifest("sft", params, tracker.tags, report, store.directory.name),
                 )  # fmt: skip
+            tracker.log_outputs({"model": args.out})
             tracker.log_report(report, "reports/sft.json")
             write_json(args.report, report)
             store.clear()

@@ -108,6 +108,23 @@ def tiny_repo(tmp_path_factory) -> Path:
     return repo
 
 
+def writer_run(repo: Path, output: str):
+    """The finished MLflow run tagged as the writer of `output`'s current content."""
+    import mlflow
+
+    from lmpipe.io import hash_path
+    from lmpipe.tracking import OUTPUT_TAG
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`{OUTPUT_TAG}{hash_path(repo / output)}` LIKE '%'",
+        output_format="list",
+    )
+    assert runs, f"no MLflow run wrote the content of {output}"
+    return runs[0]
+
+
 ONNX_SPECIAL = {"bos": 1, "eos": 2, "pad": 0, "prompt": 3, "response": 4}
 
 

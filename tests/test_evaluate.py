@@ -86,6 +86,43 @@ def test_flags_name_reward_hacking_entropy_collapse_and_eos_drop():
     assert not any("exploited" in f for f in fs) and any("EOS rate dropped" in f for f in fs)
 
 
+GOOD_RM = {"gold_order_accuracy": 0.90, "baseline_bow_gold_order_accuracy": 0.85,
+           "gold_order_gap_to_baseline": 0.05, "gold_order_gap_to_baseline_se": 0.01,
+           "val_accuracy": 0.85, "val_accuracy_se": 0.02}  # fmt: skip
+GOOD_RL = {"gold_gain": 0.30, "gold_gain_se": 0.05, "proxy_gain": 0.8, "proxy_gain_se": 0.1,
+           "eval_prompts": 32, "kl_to_ref": 4.0}  # fmt: skip
+FALLING = {"step": [50, 100, 150, 200], "eval/loss": [0.6, 0.5, 0.45, 0.44]}
+
+
+def test_alignment_flags_name_a_weak_reward_model_and_rl_that_did_not_move():
+    assert M.alignment_flags(GOOD_RM, GOOD_RL, FALLING) == []
+    # below the baseline beyond noise (the real-corpus run of the issue), and near chance
+    weak = {**GOOD_RM, "gold_order_accuracy": 0.699, "gold_order_gap_to_baseline": -0.154,
+            "gold_order_gap_to_baseline_se": 0.03, "val_accuracy": 0.575}  # fmt: skip
+    below, chance = M.alignment_flags(weak, GOOD_RL, FALLING)
+    assert "below its baseline" in below and "0.699" in below and "beyond noise" in below
+    assert "near chance" in chance and "0.575" in chance
+    # below, within noise; and accuracy 0.65 but with a wide SE is still near chance
+    close = {**GOOD_RM, "gold_order_accuracy": 0.84, "gold_order_gap_to_baseline": -0.01,
+             "gold_order_gap_to_baseline_se": 0.02, "val_accuracy": 0.65,
+             "val_accuracy_se": 0.1}  # fmt: skip
+    below, chance = M.alignment_flags(close, GOOD_RL, FALLING)
+    assert "within noise" in below and "near chance" in chance
+    # val loss rose after its best evaluation: over-fit, and the kept step is said
+    rising = {"step": [50, 100, 150, 200, 250, 300], "eval/loss": [0.69, 0.62, 0.6, 0.64, 0.7,
+                                                                   0.75]}  # fmt: skip
+    (f,) = M.alignment_flags({**GOOD_RM, "kept_step": 150}, GOOD_RL, rising)
+    assert "over-fit" in f and "step 150" in f and "reward.keep_best" in f
+    # RL: a gold gain within two SE of zero; a proxy that did not move
+    (f,) = M.alignment_flags(GOOD_RM, {**GOOD_RL, "gold_gain": 0.023, "gold_gain_se": 0.03},
+                             FALLING)  # fmt: skip
+    assert "did not move the gold score" in f and "+0.023 ± 0.030" in f
+    fs = M.alignment_flags(GOOD_RM, {**GOOD_RL, "proxy_gain": -0.1}, FALLING)
+    assert len(fs) == 1 and "did not move the proxy score" in fs[0]
+    # older reports without the figures: no flag rather than a crash
+    assert M.alignment_flags({}, {}, {}) == []
+
+
 def fixture_metrics():
     names = ["pretrain", "sft", "rl", "distilled", "pruned", "quantized", "onnx-rl",
              "onnx-rl-int8"]  # fmt: skip

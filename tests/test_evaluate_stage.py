@@ -46,3 +46,23 @@ def test_report_samples_and_figures_are_written(tiny_repo):
     assert {r["model"] for r in rows} == MODELS
     shown = run(["dvc", "metrics", "show", "--json"], tiny_repo).stdout
     assert "reports/metrics.json" in shown
+
+
+def test_the_report_card_carries_the_alignment_flags_of_the_stages_reports(tiny_repo):
+    """The flags come from reports/reward.json, reports/rl.json and the reward curve as the
+    stages wrote them (their manifests), and each appears in the report card."""
+    from lmpipe.evaluate import metrics as M
+    from lmpipe.evaluate.report import read_curves
+
+    rm = json.loads((tiny_repo / "reports" / "reward.json").read_text())
+    rl = json.loads((tiny_repo / "reports" / "rl.json").read_text())
+    for key in ("val_accuracy_se", "gold_order_accuracy_se", "gold_order_gap_to_baseline",
+                "gold_order_gap_to_baseline_se", "kept_step"):  # fmt: skip
+        assert key in rm, key
+    assert rm["kept_step"] in {10, 20}  # tiny: eval_every 10, max_steps 20
+    assert math.isfinite(rl["gold_gain"]) and rl["gold_gain_se"] > 0
+    want = M.alignment_flags(rm, rl, read_curves(tiny_repo / "reports/plots/reward.csv"))
+    m = json.loads((tiny_repo / "reports" / "metrics.json").read_text())
+    assert [f for f in m["flags"] if f in want] == want
+    md = (tiny_repo / "reports" / "report.md").read_text()
+    assert all(f in md for f in want)

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from conftest import writer_run
+
 pytestmark = pytest.mark.e2e
 
 VARIANTS = {"rl", "distilled", "pruned"}
@@ -32,12 +34,16 @@ def test_bundles_run_without_torch_and_carry_lineage(tiny_repo):
     from lmpipe.onnx.runtime import OnnxLM
 
     rl_manifest = json.loads((tiny_repo / "models/rl/lmpipe.json").read_text())
+    export_run = writer_run(tiny_repo, "models/onnx")
+    assert (
+        export_run.data.tags["lineage.rl.run_id"] == writer_run(tiny_repo, "models/rl").info.run_id
+    )
     for name in VARIANTS:
         folder = tiny_repo / "models" / "onnx" / name
         meta = json.loads((folder / "bundle.json").read_text())
         assert meta["source"]["variant"] == name
         if name == "rl":
-            assert meta["source"]["mlflow_run_id"] == rl_manifest["mlflow_run_id"]
+            assert meta["source"]["git_commit"] == rl_manifest["git_commit"]
         for precision in ("fp32", "int8"):
             lm = OnnxLM(folder, precision=precision)
             out = lm.generate_ids([lm.prompt_ids("Tom went to the sea.")], max_new_tokens=6,
@@ -61,3 +67,14 @@ def test_bundles_are_registered_model_versions_with_lineage(tiny_repo):
         assert any(k.startswith(("lineage.", "input.")) for k in version.tags), version.tags
         run = client.get_run(version.run_id)
         assert run.data.tags["lmpipe.stage"] == "export"
+
+
+def test_the_registered_rl_bundle_loads_with_mlflow_pyfunc_and_generates(tiny_repo):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tiny_repo}/mlflow.db")
+    model = mlflow.pyfunc.load_model("models:/lmpipe-rl/1")
+    out = model.predict(["Tom went to the sea."], params={"max_tokens": 6, "seed": 0})
+    assert len(out) == 1 and isinstance(out[0], str)
+    again = model.predict(["Tom went to the sea."], params={"max_tokens": 6, "seed": 0})
+    assert again == out  # seeded

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import SHARED_CORPORA, copy_repo, run
+from conftest import SHARED_CORPORA, copy_repo, run, writer_run
 from lmpipe.data.tokenizer import load_tokenizer, read_tokens
 
 pytestmark = pytest.mark.e2e
@@ -51,11 +51,8 @@ def test_dvc_repro_prepare_outputs(tiny_repo):
     assert 0 < corpus["distinct_4gram_ratio"] <= 1
     assert 0 <= corpus["val_8gram_in_train"] <= 1
     assert corpus["ending_sentiment"]["std"] >= 0.3
-    # lineage: meta.json carries the MLflow run id of the run that made it
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{tiny_repo}/mlflow.db")
-    run_ = mlflow.get_run(meta["mlflow_run_id"])
+    # lineage: the MLflow run that made the folder is found by its content
+    run_ = writer_run(tiny_repo, "data/prepared")
     assert run_.data.tags["lmpipe.stage"] == "prepare"
     assert run_.data.params["tokenizer.vocab_size"] == "512"
     assert run_.data.metrics["report/tokens.train"] == report["tokens"]["train"]

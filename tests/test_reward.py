@@ -396,6 +396,44 @@ def test_pair_metrics():
     assert m["gold_order_pairs"] == 2 and m["gold_order_accuracy"] == 0.5
 
 
+def test_pair_metrics_standard_errors_are_by_prompt():
+    from lmpipe.reward import cluster_se
+
+    x = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    # one observation per prompt: the usual s / sqrt(n)
+    assert cluster_se(x, list("abcdef")) == pytest.approx(x.std(ddof=1) / np.sqrt(6))
+    # each prompt's pairs repeated 5 times carry no more information than one of each
+    assert cluster_se(np.repeat(x, 5), np.repeat(list("abcdef"), 5)) == pytest.approx(
+        cluster_se(x, list("abcdef"))
+    )
+    assert np.isnan(cluster_se(x, ["a"] * 6))
+    m = pair_metrics(
+        np.array([1.0, 0.0, 2.0, 1.0]), np.array([0.0, 1.0, 1.0, 0.0]),
+        np.array([0.5, 0.5, 0.3, 0.9]), np.array([0.0, 0.45, 0.6, 0.1]),
+        prompts=["p", "p", "q", "r"],
+    )  # fmt: skip
+    assert m["val_prompts"] == 3 and m["gold_order_accuracy_se"] > 0 and m["val_accuracy_se"] > 0
+
+
+def test_cluster_standard_error_covers_the_truth_over_seeds():
+    """Pairs of one prompt share its difficulty: a 95% interval from the by-prompt SE covers the
+    true accuracy about 95% of the time, where the naive per-pair SE covers it far less."""
+    from lmpipe.reward import cluster_se
+
+    covered = naive = 0
+    seeds = 400
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        p = rng.beta(2, 1, size=60)  # each prompt's chance that a pair is ordered right
+        y = (rng.random((60, 20)) < p[:, None]).ravel().astype(float)
+        ids = np.repeat(np.arange(60), 20)
+        se = cluster_se(y, ids)
+        covered += abs(y.mean() - 2 / 3) < 1.96 * se
+        naive += abs(y.mean() - 2 / 3) < 1.96 * y.std(ddof=1) / np.sqrt(y.size)
+    assert 0.92 <= covered / seeds <= 0.98
+    assert naive / seeds < 0.75
+
+
 def test_bag_of_words_baseline_learns_a_lexical_preference():
     from lmpipe.reward import bag_of_words_baseline
 

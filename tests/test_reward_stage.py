@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import run
+from conftest import run, writer_run
 
 pytestmark = pytest.mark.e2e
 
@@ -30,8 +30,9 @@ def test_reward_stage_outputs(tiny_repo):
     scores = rm.score_text([p["prompt"] for p in pairs[:4]], [p["chosen"] for p in pairs[:4]])
     assert scores.shape == (4,) and np.isfinite(scores).all()
     man = json.loads((tiny_repo / "models/reward/lmpipe.json").read_text())
-    sft = json.loads((tiny_repo / "models/sft/lmpipe.json").read_text())
-    assert man["inputs"]["lineage.model.run_id"] == sft["mlflow_run_id"]
+    run_ = writer_run(tiny_repo, "models/reward")
+    assert run_.data.tags["lineage.model.run_id"] == writer_run(tiny_repo, "models/sft").info.run_id
+    assert writer_run(tiny_repo, "data/preferences").info.run_id == run_.info.run_id
     assert man["normalization"] == rep["normalization"]
     header = (tiny_repo / "reports/plots/reward.csv").read_text().splitlines()[0]
     assert "train/loss" in header and "eval/loss" in header

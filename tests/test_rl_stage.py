@@ -6,6 +6,9 @@ import json
 import numpy as np
 import pytest
 
+from conftest import writer_run
+from lmpipe.io import hash_path
+
 pytestmark = pytest.mark.e2e
 
 
@@ -27,13 +30,17 @@ def test_rl_stage_outputs(tiny_repo):
     cols = [
         "rl/score", "rl/gold", "rl/kl", "rl/kl_k3", "rl/beta", "rl/entropy", "rl/approx_kl",
         "rl/clipfrac", "rl/value_loss", "rl/explained_variance", "rl/ratio_mean",
-        "rl/response_len", "rl/eos_frac", "rl/episodes_per_sec",
+        "rl/response_len", "rl/eos_frac",
     ]  # fmt: skip
     for col in cols:
         assert col in rows[0], col
+    speed = list(csv.DictReader((tiny_repo / "reports/plots/rl_speed.csv").open()))
+    assert [r["step"] for r in speed] == [r["step"] for r in rows]
+    assert "rl/episodes_per_sec" in speed[0] and "rl/episodes_per_sec" not in rows[0]
     man = json.loads((tiny_repo / "models/rl/lmpipe.json").read_text())
-    reward = json.loads((tiny_repo / "models/reward/lmpipe.json").read_text())
-    assert man["inputs"]["lineage.reward.run_id"] == reward["mlflow_run_id"]
+    assert man["inputs"]["input.reward.sha256"] == hash_path(tiny_repo / "models/reward")
+    lineage = writer_run(tiny_repo, "models/rl").data.tags["lineage.reward.run_id"]
+    assert lineage == writer_run(tiny_repo, "models/reward").info.run_id
     model = AutoModelForCausalLM.from_pretrained(str(tiny_repo / "models" / "rl"))
     assert model.config.vocab_size == 512
 

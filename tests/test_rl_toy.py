@@ -141,6 +141,56 @@ def test_algorithm_reaches_the_posterior(algo, steps, kw):
     assert end < 0.05, f"{algo}: KL(π‖π*) {start:.3f} → {end:.3f}; last metrics {m}"
 
 
+def test_policy_gradient_is_clipped_apart_from_the_critics():
+    """A critic loss 10,000 times heavier leaves the policy's clipped gradient unchanged: each
+    is clipped to grad_clip on its own (a joint norm let the critic shrink the policy's step)."""
+    seen = {}
+    for vf_coef in (0.1, 1000.0):
+        torch.manual_seed(0)
+        policy, ref = make_models()
+        t = trainer("ppo", policy, ref, lr=1e-3, vf_coef=vf_coef, ppo_epochs=1, grad_clip=0.5)
+        grads = []
+        step = t.opt.step
+
+        def spy(*a, _step=step, _grads=grads, _t=t, **kw):
+            pol, val = (
+                [p.grad.clone() for p in m.parameters() if p.grad is not None]
+                for m in (_t.policy, _t.value)
+            )
+            _grads.append((pol, val))
+            return _step(*a, **kw)
+
+        t.opt.step = spy
+        m = t.train_step()
+        seen[vf_coef] = (grads[0], m)
+    (pol_a, _), m_a = seen[0.1]
+    (pol_b, val_b), m_b = seen[1000.0]
+    for ga, gb in zip(pol_a, pol_b, strict=True):
+        torch.testing.assert_close(ga, gb)
+    assert m_a["rl/grad_norm"] == pytest.approx(m_b["rl/grad_norm"])
+    assert m_b["rl/value_grad_norm"] > 100 * m_a["rl/value_grad_norm"]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in val_b]))
+    assert float(norm) == pytest.approx(0.5, rel=1e-4)  # the critic's own clip
+
+
+def test_critic_from_the_reward_model_predicts_the_normalised_score_scale():
+    """The head copied from the reward model carries its normalisation: values are
+    gain·(w·h) + bias at every position, on the scale of the normalised scores."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    policy, _ = make_models()
+    score = torch.nn.Linear(32, 1, bias=False)
+    rm = SimpleNamespace(base_model=policy.base_model, score=score)
+    plain = ValueModel.from_reward_model(rm)
+    scaled = ValueModel.from_reward_model(rm, gain=2.5, bias=-0.75)
+    gen = generate(policy, [[1, 3], [1, 4]], max_new_tokens=4, eos_id=EOS, pad_id=PAD,
+                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+    with torch.no_grad():
+        v0, v1 = plain(gen, slice(None)), scaled(gen, slice(None))
+    torch.testing.assert_close(v1, 2.5 * v0 - 0.75, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_ppo_first_minibatch_has_ratio_one_and_zero_kl(precision):
     """Also under bf16 autocast (`rl.precision`): the rollout and training passes share it."""

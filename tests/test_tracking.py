@@ -22,8 +22,10 @@ def test_run_lands_in_sqlite_with_params_tags_lineage(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     upstream = tmp_path / "up"
     upstream.mkdir()
-    write_json(upstream / "lmpipe.json", {"mlflow_run_id": "abc123"})
+    write_json(upstream / "lmpipe.json", {"stage": "pretrain"})
     cfg = TrackingParams(uri="sqlite:///store.db", experiment="t")
+    with stage_run("pretrain", params(), cfg, root=tmp_path) as writer:
+        writer.log_outputs({"model": upstream})
     with stage_run("prepare", params(), cfg, {"model": upstream}, root=tmp_path) as tr:
         tr.log_metrics({"train/loss": 1.5}, step=3)
         tr.log_report({"tokens": {"train": 10}, "algo": "ppo"}, "reports/prepare.json")
@@ -36,7 +38,7 @@ def test_run_lands_in_sqlite_with_params_tags_lineage(tmp_path, monkeypatch):
     assert run.data.params["tokenizer.vocab_size"] == "512"
     assert run.data.tags["lmpipe.stage"] == "prepare"
     assert "git.commit" in run.data.tags and "git.dirty" in run.data.tags
-    assert run.data.tags["lineage.model.run_id"] == "abc123"
+    assert run.data.tags["lineage.model.run_id"] == writer.run_id
     assert len(run.data.tags["input.model.sha256"]) == 64
     assert run.data.metrics["train/loss"] == 1.5
     assert run.data.metrics["report/tokens.train"] == 10

@@ -215,6 +215,42 @@ def test_resume_is_bit_identical(tmp_path, arch):
         assert torch.equal(pa, pb), f"{n} differs after resume"
 
 
+def test_keep_best_ends_with_the_weights_of_the_lowest_eval_loss(tmp_path):
+    """A run that over-fits: the val loss rises after its best evaluation; keep_best ends on
+    the best weights (bit-identical to a run stopped there), also across a resume."""
+    tokens = np.random.default_rng(0).integers(3, 50, 4000).astype(np.uint16)
+    val = TokenWindows(np.random.default_rng(1).integers(3, 50, 800).astype(np.uint16), 16, 4,
+                       0).fixed_batches(2)  # fmt: skip
+    c = cfg(max_steps=30, eval_every=5, lr=3e-2, min_lr_ratio=1.0, keep_best=True)
+    plain = tiny_model()
+    res_plain = train(plain, TokenWindows(tokens[:200], 16, 4, seed=3),
+                      c.model_copy(update={"keep_best": False}), val_batches=val)  # fmt: skip
+    evals = [(r["step"], r["eval/loss"]) for r in res_plain.history if "eval/loss" in r]
+    best_step, best_loss = min(evals, key=lambda e: e[1])
+    assert best_step < 30 and evals[-1][1] > best_loss  # it over-fit the 200 tokens
+
+    kept = tiny_model()
+    res = train(kept, TokenWindows(tokens[:200], 16, 4, seed=3), c, val_batches=val)
+    assert res.kept_step == best_step and res.val_loss == best_loss
+    stopped = tiny_model()
+    train(stopped, TokenWindows(tokens[:200], 16, 4, seed=3),
+          c.model_copy(update={"max_steps": 30, "keep_best": False}), val_batches=val,
+          stop_after=best_step)  # fmt: skip
+    for pa, pb in zip(kept.state_dict().values(), stopped.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb)
+
+    store = CheckpointStore(tmp_path / "ck")
+    c_ck = c.model_copy(update={"checkpoint_every": 5})
+    train(tiny_model(), TokenWindows(tokens[:200], 16, 4, seed=3), c_ck, val_batches=val,
+          checkpoints=store, stop_after=best_step + 6)  # fmt: skip
+    resumed = tiny_model()
+    res = train(resumed, TokenWindows(tokens[:200], 16, 4, seed=3), c_ck, val_batches=val,
+                checkpoints=store)  # fmt: skip
+    assert res.resumed_from > best_step and res.kept_step == best_step
+    for pa, pb in zip(kept.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb)
+
+
 def test_corrupt_checkpoint_is_ignored(tmp_path):
     store = CheckpointStore(tmp_path)
     store.path.write_bytes(b"not a checkpoint")

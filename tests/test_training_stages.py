@@ -5,14 +5,17 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 import yaml
 
-from conftest import env_for, run
+from conftest import env_for, run, writer_run
+from lmpipe.io import hash_path
 
 pytestmark = pytest.mark.e2e
 
@@ -54,27 +57,43 @@ def test_models_load_with_plain_transformers_and_lineage_is_tracked(tiny_repo):
     assert out.shape[1] > ids.shape[1]
     pre = json.loads((tiny_repo / "models" / "pretrain" / "lmpipe.json").read_text())
     sft = json.loads((tiny_repo / "models" / "sft" / "lmpipe.json").read_text())
-    assert sft["inputs"]["lineage.model.run_id"] == pre["mlflow_run_id"]
-    mlflow.set_tracking_uri(f"sqlite:///{tiny_repo}/mlflow.db")
-    run_ = mlflow.get_run(sft["mlflow_run_id"])
-    assert run_.data.tags["lineage.model.run_id"] == pre["mlflow_run_id"]
+    assert sft["inputs"]["input.model.sha256"] == hash_path(tiny_repo / "models" / "pretrain")
+    assert "mlflow_run_id" not in pre and "train_seconds" not in pre["metrics"]
+    run_ = writer_run(tiny_repo, "models/sft")
+    assert (
+        run_.data.tags["lineage.model.run_id"]
+        == writer_run(tiny_repo, "models/pretrain").info.run_id
+    )
     assert run_.data.params["sft.max_steps"] == "40"
     assert "train/loss" in run_.data.metrics and "eval/loss" in run_.data.metrics
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(sft["mlflow_run_id"])}
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_.info.run_id)}
     assert "samples.txt" in artifacts
 
 
-def test_sigkill_midway_then_repro_resumes_bit_identical(tiny_repo):
-    weights = tiny_repo / "models" / "pretrain" / "model.safetensors"
-    reference = weights.read_bytes()
-    # `dvc repro -f` removes the outputs, runs the stage; we SIGKILL the stage's python process
-    proc = subprocess.Popen(["dvc", "repro", "-f", "pretrain"], cwd=tiny_repo,
-                            env=env_for(tiny_repo), stdout=subprocess.DEVNULL,
+def lock_hashes(repo):
+    """Every path → md5 in dvc.lock, outputs and dependencies of every stage."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    return {
+        (name, kind, entry["path"]): entry.get("md5")
+        for name, stage in lock.items()
+        for kind in ("deps", "outs")
+        for entry in stage.get(kind, [])
+    }
+
+
+def kill_pretrain_at_a_checkpoint(repo):
+    """`dvc repro -f pretrain`, SIGKILLed once a checkpoint is on disk; the checkpoint file."""
+    import shutil
+
+    for old in (repo / ".cache" / "checkpoints").glob("pretrain-*"):
+        shutil.rmtree(old)
+    proc = subprocess.Popen(["dvc", "repro", "-f", "pretrain"], cwd=repo,
+                            env=env_for(repo), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 120
     ckpts = []
     while time.monotonic() < deadline and proc.poll() is None:
-        ckpts = list((tiny_repo / ".cache" / "checkpoints").glob("pretrain-*/checkpoint.pt"))
+        ckpts = list((repo / ".cache" / "checkpoints").glob("pretrain-*/checkpoint.pt"))
         if ckpts:
             break
         time.sleep(0.01)
@@ -84,16 +103,50 @@ def test_sigkill_midway_then_repro_resumes_bit_identical(tiny_repo):
     for c in stage:
         os.kill(c.pid, signal.SIGKILL)
     assert proc.wait() != 0
-    assert not weights.exists()  # DVC removed the old output; the killed run wrote none
+    assert not (repo / "models" / "pretrain").exists()  # DVC removed it; the killed run wrote none
+    return ckpts[0]
+
+
+def test_sigkill_midway_then_plain_repro_resumes_to_the_same_dvc_lock(tiny_repo):
+    import shutil
+
     import torch
 
-    step = torch.load(ckpts[0], weights_only=True)["step"]
-    assert 0 < step < 60
-    res = run(["dvc", "repro", "pretrain"], tiny_repo)
+    weights = tiny_repo / "models" / "pretrain" / "model.safetensors"
+    reference, before = weights.read_bytes(), lock_hashes(tiny_repo)
+    ckpt = kill_pretrain_at_a_checkpoint(tiny_repo)
+    assert 0 < torch.load(ckpt, weights_only=True)["step"] < 60
+    # as on the first run of a pipeline: no dvc.lock entry and no run cache to restore the
+    # stage from, so it runs and resumes
+    lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())
+    del lock["stages"]["pretrain"]
+    (tiny_repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    shutil.rmtree(tiny_repo / ".dvc" / "cache" / "runs")
+    res = run(["dvc", "repro"], tiny_repo, extra_env={"LMPIPE_LOG_LEVEL": "INFO"})
     assert "resuming from checkpoint" in res.stderr + res.stdout
     assert weights.read_bytes() == reference
-    assert not ckpts[0].exists()  # cleared after a finished run
-    assert "up to date" in run(["dvc", "status", "pretrain"], tiny_repo).stdout
+    assert not ckpt.exists()  # cleared after a finished run
+    # only the reports of wall-clock time differ; nothing after pretrain ran again
+    changed = {k for k, v in lock_hashes(tiny_repo).items() if before.get(k) != v}
+    assert changed == {
+        ("pretrain", "outs", "reports/pretrain.json"),
+        ("pretrain", "outs", "reports/plots/pretrain_speed.csv"),
+    }, changed
+    assert "Running stage 'sft'" not in res.stdout
+    assert "up to date" in run(["dvc", "status"], tiny_repo).stdout
+
+
+def test_sigkill_then_a_restored_stage_leaves_no_checkpoint_behind(tiny_repo):
+    before = lock_hashes(tiny_repo)
+    ckpt = kill_pretrain_at_a_checkpoint(tiny_repo)
+    res = run(["dvc", "repro"], tiny_repo)
+    assert "'pretrain' is cached" in res.stdout  # DVC checked it out: the stage never ran
+    assert lock_hashes(tiny_repo) == before
+    assert ckpt.exists()
+    recipe = (tiny_repo / "Makefile").read_text().split("\nrepro:")[1].split("\n\n")[0]
+    assert "dvc repro\n\t$(BIN)/lmpipe prune-checkpoints" in recipe  # what make repro runs next
+    run([str(Path(sys.executable).parent / "lmpipe"), "prune-checkpoints"], tiny_repo)
+    assert not ckpt.parent.exists()
 
 
 def test_torchrun_two_processes_match_one_process(tiny_repo, tmp_path):

@@ -305,6 +305,23 @@ def params_flags(
     sys.stdout.write(" ".join(flags) + "\n")
 
 
+@app.command("prune-checkpoints")
+def prune_checkpoints(
+    cache: Annotated[Path, typer.Option(help="the stages' checkpoint folder")] = Path(
+        ".cache/checkpoints"
+    ),
+    models: Annotated[Path, typer.Option(help="the model outputs")] = Path("models"),
+) -> None:
+    """Remove the checkpoints of runs whose output is in place: after a killed run, DVC may
+    check the stage's outputs out of its cache and never run it (make repro calls this)."""
+    from lmpipe.stage import prune_checkpoints as prune
+
+    removed = prune(cache, models)
+    typer.echo(
+        f"removed {len(removed)} checkpoint folder(s)" + "".join(f"\n  {d}" for d in removed)
+    )
+
+
 def main() -> None:
     app()
 

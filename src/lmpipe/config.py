@@ -200,6 +200,9 @@ class TrainParams(Section):
     eval_batches: int = Field(8, ge=1, description="fixed val batches per evaluation")
     log_every: int = Field(10, ge=1, description="steps between logged training metrics")
     checkpoint_every: int = Field(40, ge=0, description="steps between checkpoints (0 = none)")
+    keep_best: bool = Field(
+        False, description="end with the weights of the evaluation with the lowest val loss"
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA and on AMX or AVX512-BF16 CPUs, else fp32"
     )
@@ -287,6 +290,11 @@ class RewardParams(TrainParams):
     weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices (not norms/biases)")
     eval_every: int = Field(50, ge=1, description="steps between evaluations")
     checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0 = none)")
+    keep_best: bool = Field(
+        True,
+        description="end with the weights of the evaluation with the lowest val loss (a reward "
+        "model over-fits small preference sets)",
+    )
     margin: float = Field(0.0, ge=0, description="loss: -log sigmoid(r_chosen - r_rejected - m)")
     pooling: Literal["last", "mean"] = Field(
         "mean",

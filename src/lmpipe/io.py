@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -117,6 +118,18 @@ def hash_path(path: str | Path, chunk: int = 1 << 20) -> str:
                 h.update(block)
     _HASHES[key] = h.hexdigest()
     return _HASHES[key]
+
+
+WALL_CLOCK = re.compile(r"(_seconds|per_sec(_b\d+)?|speedup(_b\d+)?|generate_share)$")
+"""Names of figures that measure the machine, not the result: they differ between any two runs,
+so they stay out of the outputs later stages depend on (manifests, training-curve CSVs)."""
+
+
+def without_wall_clock(obj: Any) -> Any:
+    """A nested dict without its wall-clock figures (see WALL_CLOCK)."""
+    if isinstance(obj, dict):
+        return {k: without_wall_clock(v) for k, v in obj.items() if not WALL_CLOCK.search(k)}
+    return obj
 
 
 def hash_obj(obj: Any) -> str:

@@ -520,23 +520,58 @@ class RewardModel:
         return self.score_ids(seqs)
 
 
+def cluster_se(values: Sequence[float] | np.ndarray, clusters: Sequence[Any]) -> float:
+    """Standard error of the mean of `values` whose observations are correlated within clusters
+    (the pairs of one prompt share its responses): the cluster-robust estimate, NaN below two
+    clusters. Independent observations (one per cluster) give the usual s/√n."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return float("nan")
+    ids = np.unique(np.asarray(clusters, dtype=object).astype(str), return_inverse=True)[1]
+    n_c = int(ids.max()) + 1
+    if n_c < 2:
+        return float("nan")
+    sums = np.bincount(ids, weights=x - x.mean(), minlength=n_c)
+    return float(np.sqrt(n_c / (n_c - 1) * np.sum(sums**2)) / x.size)
+
+
+def gold_agreement(
+    r_chosen: np.ndarray,
+    r_rejected: np.ndarray,
+    g_chosen: np.ndarray,
+    g_rejected: np.ndarray,
+    min_gold_gap: float = 0.1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair: whether the scores order it as gold does, and whether gold differs enough
+    (at least `min_gold_gap`) for that to count; gold ties are left out, not disagreements."""
+    gc, gr = np.asarray(g_chosen), np.asarray(g_rejected)
+    sel = np.abs(gc - gr) >= min_gold_gap
+    return np.sign(np.asarray(r_chosen) - np.asarray(r_rejected)) == np.sign(gc - gr), sel
+
+
 def pair_metrics(
     r_chosen: np.ndarray,
     r_rejected: np.ndarray,
     g_chosen: np.ndarray,
     g_rejected: np.ndarray,
     min_gold_gap: float = 0.1,
+    prompts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy against the labels, and against the gold order where gold differs enough."""
+    """Accuracy against the labels, and against the gold order where gold differs enough; with
+    the pairs' prompts, each with its standard error by prompt."""
     rc, rr = np.asarray(r_chosen), np.asarray(r_rejected)
-    gc, gr = np.asarray(g_chosen), np.asarray(g_rejected)
-    sel = np.abs(gc - gr) >= min_gold_gap
-    agree = np.sign(rc - rr) == np.sign(gc - gr)
-    return {
+    agree, sel = gold_agreement(rc, rr, g_chosen, g_rejected, min_gold_gap)
+    out = {
         "val_accuracy": float(np.mean(rc > rr)),
         "gold_order_accuracy": float(np.mean(agree[sel])) if sel.any() else float("nan"),
         "gold_order_pairs": int(sel.sum()),
     }
+    if prompts is not None:
+        clusters = np.asarray(prompts, dtype=object)
+        out["val_accuracy_se"] = cluster_se(rc > rr, clusters)
+        out["gold_order_accuracy_se"] = cluster_se(agree[sel], clusters[sel])
+        out["val_prompts"] = len(set(prompts))
+    return out
 
 
 # --------------------------------------------------------------------------- preference data
@@ -634,7 +669,9 @@ def bag_of_words_baseline(train: Sequence[dict], val: Sequence[dict]) -> dict[st
     clf = LogisticRegression(fit_intercept=False, max_iter=2000)
     clf.fit(vstack([x, -x]), np.r_[np.ones(x.shape[0]), np.zeros(x.shape[0])])
     margin = diff(val) @ clf.coef_.ravel()
-    return pair_metrics(
+    out = pair_metrics(
         margin, np.zeros_like(margin),
         [p["gold_chosen"] for p in val], [p["gold_rejected"] for p in val],
+        prompts=[p.get("prompt", i) for i, p in enumerate(val)],
     )  # fmt: skip
+    return {**out, "margin": margin}

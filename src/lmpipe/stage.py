@@ -3,6 +3,8 @@ manifest."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shlex
@@ -16,7 +18,7 @@ from lmpipe.allocator import keep_freed_memory
 from lmpipe.chat import TemplateError
 from lmpipe.config import ParamsError
 from lmpipe.data.sources import DataError
-from lmpipe.io import hash_path
+from lmpipe.io import hash_path, without_wall_clock
 from lmpipe.onnx.runtime import BundleError
 from lmpipe.tracking import TrackingError
 
@@ -102,6 +104,8 @@ def run(main: Callable[[], Any], stage: str) -> None:
         sys.stderr.flush()
         os.execvp(cmd[0], cmd)
     kept_outputs = uncached_outputs(stage) if os.environ.get("RANK", "0") == "0" else []
+    if os.environ.get("RANK", "0") == "0":
+        prune_checkpoints()
     ok = False
     try:
         main()
@@ -115,6 +119,9 @@ def run(main: Callable[[], Any], stage: str) -> None:
         else:
             restore_last_good(kept_outputs)
 
+
+CHECKPOINTS = Path(".cache") / "checkpoints"
+"""Where stages keep their resumable checkpoints (their --cache default)."""
 
 LAST_GOOD = Path(".cache") / "lmpipe" / "last-good"
 """Copies of the stage outputs DVC does not cache (reports, plot CSVs), as of each stage's last
@@ -164,15 +171,46 @@ def checkpoint_key(params: Any, inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def manifest(
-    stage: str, params: Any, tags: dict[str, str], run_id: str | None, metrics: dict[str, Any]
+    stage: str,
+    params: Any,
+    tags: dict[str, str],
+    metrics: dict[str, Any],
+    run_key: str | None = None,
 ) -> dict[str, Any]:
-    """The lmpipe.json of a model folder: what made it, from what, and how good it was."""
+    """The lmpipe.json of a model folder: what made it, from what, and how good it was.
+
+    Only what the result depends on: the same inputs and params give the same manifest, so a
+    resumed or repeated run writes the same bytes and DVC reruns nothing after it. The MLflow
+    run and the timings are in the run and the report (`tracking.lineage_tags` finds the run by
+    the folder's content). `run_key` names the run's checkpoint folder, which
+    `prune_checkpoints` removes once the output exists.
+    """
     return {
         "stage": stage,
         "params": params.to_dict(),
-        "inputs": {k: v for k, v in tags.items() if k.startswith(("input.", "lineage."))},
+        "inputs": {k: v for k, v in tags.items() if k.startswith("input.")},
         "git_commit": tags.get("git.commit", "unknown"),
         "git_dirty": tags.get("git.dirty", "unknown"),
-        "mlflow_run_id": run_id,
-        "metrics": metrics,
+        "metrics": without_wall_clock(metrics),
+        **({"run_key": run_key} if run_key else {}),
     }
+
+
+def prune_checkpoints(cache: str | Path = CHECKPOINTS, models: str | Path = "models") -> list[Path]:
+    """Remove the checkpoint folders of runs whose output is in place (its manifest's run_key):
+    DVC checking a stage's outputs out of its cache after a killed run never runs the stage, so
+    nothing else would clear that run's checkpoint. Called before every stage and by `make
+    repro`."""
+    cache, models = Path(cache), Path(models)
+    if not cache.is_dir() or not models.is_dir():
+        return []
+    done = set()
+    for m in [*models.glob("*/lmpipe.json"), *models.glob("*/*/lmpipe.json")]:
+        with contextlib.suppress(OSError, ValueError):
+            if key := json.loads(m.read_text()).get("run_key"):
+                done.add(key)
+    removed = [d for d in cache.iterdir() if d.is_dir() and d.name in done]
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
+        logging.getLogger(__name__).info("removed the checkpoint of a finished run: %s", d)
+    return removed

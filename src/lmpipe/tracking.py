@@ -3,8 +3,10 @@
 Conventions (DESIGN.md): tracking URI from `MLFLOW_TRACKING_URI`, else `tracking.uri` (a relative
 sqlite path is taken from the repo root, `DVC_ROOT` inside `dvc exp run`); run named after the
 stage in `tracking.experiment`; params flattened; tags `lmpipe.stage`, `git.commit`,
-`git.dirty`, `input.<name>.sha256` and `lineage.<name>.run_id` (the run that produced an input,
-read from its manifest), and `dvc.exp_name` inside a DVC experiment.
+`git.dirty`, `input.<name>.sha256`, `lmpipe.output.<sha256>` on the run that wrote an output
+with that content, `lineage.<name>.run_id` (the last finished run that wrote an input's content:
+lineage by content, as DVC tracks it, so it needs no run id inside the hashed outputs) and
+`dvc.exp_name` inside a DVC experiment.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.config import Params, TrackingParams
-from lmpipe.io import git_state, hash_path, read_json
+from lmpipe.io import git_state, hash_path
 
 log = logging.getLogger(__name__)
 
-MANIFESTS = ("lmpipe.json", "meta.json")
-"""Files in an input directory that may carry `mlflow_run_id` of the run that made it."""
+OUTPUT_TAG = "lmpipe.output."
+"""Prefix of the tag that marks a run as the writer of an output; the rest is its sha256."""
 
 
 class TrackingError(RuntimeError):
@@ -67,9 +69,22 @@ class NullTracker:
     def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
         self.artifacts[artifact_path] = Path(directory)
 
-    def register_model(self, name: str, artifact_path: str, tags: Mapping[str, str]) -> str | None:
-        """A model version in the registry for an artifact folder of this run; its version."""
-        self.artifacts[f"registered:{name}"] = (artifact_path, dict(tags))
+    def log_outputs(self, outputs: Mapping[str, str | Path]) -> dict[str, str]:
+        """Tag this run as the writer of each output's content (what later stages find it by)."""
+        tags = {}
+        for name, path in outputs.items():
+            digest = hash_path(path)
+            tags[f"output.{name}.sha256"] = digest
+            tags[f"{OUTPUT_TAG}{digest}"] = str(path)
+        self.set_tags(tags)
+        return tags
+
+    def log_bundle(
+        self, bundle: str | Path, name: str, registered_name: str | None, tags: Mapping[str, str]
+    ) -> str | None:
+        """Log an ONNX bundle as an MLflow pyfunc model (`lmpipe.mlflow_model`), registered as
+        `registered_name` when given; the registered version, or None."""
+        self.artifacts[f"model:{name}"] = (Path(bundle), registered_name, dict(tags))
         return None
 
 
@@ -112,18 +127,23 @@ class MlflowTracker(NullTracker):
         super().log_artifacts(directory, artifact_path)
         self._mlflow.log_artifacts(str(directory), artifact_path)
 
-    def register_model(self, name: str, artifact_path: str, tags: Mapping[str, str]) -> str | None:
-        super().register_model(name, artifact_path, tags)
-        client = self._mlflow.MlflowClient()
-        try:
-            client.get_registered_model(name)
-        except self._mlflow.exceptions.MlflowException:
-            client.create_registered_model(name, description="lmpipe ONNX bundle")
-        source = f"{self._mlflow.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
-        version = client.create_model_version(
-            name, source, run_id=self.run_id, tags={k: str(v) for k, v in tags.items()}
-        )
-        return str(version.version)
+    def log_bundle(
+        self, bundle: str | Path, name: str, registered_name: str | None, tags: Mapping[str, str]
+    ) -> str | None:
+        super().log_bundle(bundle, name, registered_name, tags)
+        from lmpipe.mlflow_model import log_bundle
+
+        info = log_bundle(bundle, name, registered_name, {k: str(v) for k, v in tags.items()})
+        version = getattr(info, "registered_model_version", None)
+        if registered_name and version is not None:
+            self._mlflow.MlflowClient().set_model_version_tag(
+                registered_name, str(version), "lmpipe.stage", "export"
+            )
+            for k, v in tags.items():
+                self._mlflow.MlflowClient().set_model_version_tag(
+                    registered_name, str(version), k, str(v)
+                )
+        return None if version is None else str(version)
 
 
 class RenamingTracker:
@@ -204,20 +224,33 @@ def check_reachable(uri: str, timeout_s: float) -> None:
 
 
 def input_tags(inputs: Mapping[str, str | Path]) -> dict[str, str]:
-    """Hash every input and read the run id of the stage that produced it, if it says."""
+    """The path and content hash of every input."""
     tags: dict[str, str] = {}
     for name, path in inputs.items():
-        path = Path(path)
         tags[f"input.{name}.path"] = str(path)
         tags[f"input.{name}.sha256"] = hash_path(path)
-        for manifest in MANIFESTS:
-            m = path / manifest
-            if path.is_dir() and m.exists():
-                run_id = read_json(m).get("mlflow_run_id")
-                if run_id:
-                    tags[f"lineage.{name}.run_id"] = str(run_id)
-                break
     return tags
+
+
+def lineage_tags(mlflow: Any, tags: Mapping[str, str]) -> dict[str, str]:
+    """`lineage.<name>.run_id`: the newest finished run tagged as the writer of each input's
+    content (after a resumed or run-cache-restored stage, still the run that made those bytes)."""
+    out = {}
+    for key, digest in tags.items():
+        if not (key.startswith("input.") and key.endswith(".sha256")):
+            continue
+        runs = mlflow.search_runs(
+            search_all_experiments=True,
+            filter_string=f"tags.`{OUTPUT_TAG}{digest}` LIKE '%' AND status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+            output_format="list",
+        )
+        if runs:
+            out[f"lineage.{key.removeprefix('input.').removesuffix('.sha256')}.run_id"] = runs[
+                0
+            ].info.run_id
+    return out
 
 
 @contextlib.contextmanager
@@ -258,6 +291,10 @@ def stage_run(
     except mlflow.exceptions.MlflowException as err:
         raise TrackingError(f"cannot use MLflow at {uri}: {err}") from None
 
+    try:
+        tags.update(lineage_tags(mlflow, tags))
+    except mlflow.exceptions.MlflowException as err:  # lineage is a convenience, not a failure
+        log.warning("could not look up the runs that wrote the inputs: %s", err)
     with mlflow.start_run(run_name=stage) as run:
         tracker = MlflowTracker(run.info.run_id)
         tracker.log_params(params.flat())

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmpipe.config import TrainParams
-from lmpipe.io import hash_obj
+from lmpipe.io import WALL_CLOCK, hash_obj
 from lmpipe.model import attention_for, set_attention
 from lmpipe.tracking import NullTracker
 
@@ -296,6 +296,7 @@ class TrainResult:
     steps: int
     resumed_from: int
     history: list[dict[str, float]] = field(default_factory=list)
+    kept_step: int | None = None  # keep_best: the step whose weights the model ends with
 
 
 def checkpoint_store(root: str | Path, stage: str, key: dict[str, Any]) -> CheckpointStore:
@@ -360,6 +361,7 @@ def train(
         net = torch.compile(net)
 
     start, history, elapsed, tokens_seen = 0, [], 0.0, 0
+    best: dict[str, Any] | None = None  # keep_best: {"step", "loss", "model"} of the best eval
     state = checkpoints.load() if checkpoints else None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -368,6 +370,7 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         start, history = state["step"], state["history"]
         elapsed, tokens_seen = state["elapsed"], state["tokens_seen"]
+        best = state.get("best")
         if rank == 0:
             log.warning("resuming from checkpoint at step %d (%s)", start, checkpoints.path)
 
@@ -436,6 +439,8 @@ def train(
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
             last_val = evaluate(model, val_batches, device, bf16, loss_sum)
             row["eval/loss"] = last_val
+            if cfg.keep_best and (best is None or last_val < best["loss"]):
+                best = {"step": done, "loss": last_val, "model": _cpu_copy(model)}
             window_t0 = time.perf_counter()  # eval time is not training throughput
             if rank == 0:
                 log.info(
@@ -459,9 +464,18 @@ def train(
                     "history": history,
                     "elapsed": elapsed,
                     "tokens_seen": tokens_seen,
+                    "best": best,
                 }
             )
     bar.close()
+    kept = None
+    if cfg.keep_best and best is not None and end == cfg.max_steps:
+        kept = best["step"]
+        if kept != end:
+            model.load_state_dict(best["model"])
+            last_val = best["loss"]
+            if rank == 0:
+                log.info("%s: kept the weights of step %d (val loss %.4f)", prefix, kept, last_val)
     if plot_csv is not None and rank == 0:
         write_history_csv(plot_csv, history)
     return TrainResult(
@@ -471,17 +485,34 @@ def train(
         steps=end,
         resumed_from=start,
         history=history,
+        kept_step=kept,
     )
 
 
+def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def speed_csv(path: Path) -> Path:
+    """Where write_history_csv puts a curve file's wall-clock columns: `<name>_speed.csv`."""
+    return path.with_name(f"{path.stem}_speed{path.suffix}")
+
+
 def write_history_csv(path: Path, history: Sequence[dict[str, float]]) -> None:
-    """One row per logged step, every column that ever appeared (empty where absent)."""
+    """One row per logged step, every column that ever appeared (empty where absent).
+
+    Wall-clock columns (throughput, time shares) go to `speed_csv(path)`, so the curves that
+    later stages read are the same bytes for the same training, resumed or not."""
     path.parent.mkdir(parents=True, exist_ok=True)
     cols: list[str] = []
     for row in history:
         cols.extend(k for k in row if k not in cols)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for row in history:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    for target, keep in ((path, False), (speed_csv(path), True)):
+        fields = [c for c in cols if c == "step" or bool(WALL_CLOCK.search(c)) == keep]
+        with target.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            for row in history:
+                if keep and not any(WALL_CLOCK.search(k) for k in row):
+                    continue
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -10,6 +10,7 @@ import numpy as np
 from lmpipe.data.stats import distinct_ngram_ratio
 
 __all__ = [
+    "alignment_flags",
     "best_of_n",
     "best_of_n_kl_bound",
     "distinct_ngram_ratio",
@@ -126,5 +127,89 @@ def flags(
             out.append(
                 f"Entropy collapsed during RL: {e0:.2f} → {e1:.2f} nats/token between the first "
                 "and last quarter. Raise rl.kl_coef or lower the learning rate."
+            )
+    return out
+
+
+def _finite(*xs: float | None) -> bool:
+    return all(x is not None and math.isfinite(x) for x in xs)
+
+
+def alignment_flags(
+    reward: Mapping[str, float],
+    rl: Mapping[str, float],
+    reward_curve: Mapping[str, Sequence[float]],
+    *,
+    z: float = 2.0,
+    chance_margin: float = 0.1,
+    overfit_rise: float = 0.02,
+) -> list[str]:
+    """What a user must not miss about the reward model and RL, in words with what to change.
+
+    `reward` and `rl` are the stages' reports (their manifests' metrics); `reward_curve` the
+    reward stage's curves. Flags a reward model that orders held-out pairs as gold does less
+    often than the bag-of-words baseline (by the paired gap), one near chance (val accuracy
+    within `z` SE or `chance_margin` of 0.5), one whose val loss rose by more than
+    `overfit_rise` (relative) after its best eval, and RL whose gold or proxy gain is within
+    `z` standard errors of zero.
+    """
+    out: list[str] = []
+    acc, base = reward.get("gold_order_accuracy"), reward.get("baseline_bow_gold_order_accuracy")
+    gap, gap_se = (
+        reward.get("gold_order_gap_to_baseline"),
+        reward.get("gold_order_gap_to_baseline_se"),
+    )
+    if _finite(acc, base) and acc < base:
+        noise = (
+            f"{gap:+.3f} ± {gap_se:.3f} SE by prompt, "
+            + ("beyond noise" if _finite(gap, gap_se) and gap + z * gap_se < 0 else "within noise")
+            if _finite(gap, gap_se)
+            else "no standard error"
+        )
+        out.append(
+            f"The reward model is below its baseline: it orders held-out pairs as gold does "
+            f"{acc:.3f} of the time against {base:.3f} for bag-of-words logistic regression on "
+            f"the same pairs ({noise}). RL optimises what it learned: more preference pairs "
+            "(preference.prompts, preference.samples_per_prompt), fewer reward.max_steps or a "
+            "lower reward.lr, or a stronger backbone (longer pretrain/SFT, a base model)."
+        )
+    va, va_se = reward.get("val_accuracy"), reward.get("val_accuracy_se")
+    if _finite(va) and (va < 0.5 + chance_margin or (_finite(va_se) and va - z * va_se <= 0.5)):
+        se = f" ± {va_se:.3f} SE by prompt" if _finite(va_se) else ""
+        out.append(
+            f"The reward model is near chance: val accuracy {va:.3f}{se} on held-out labels. "
+            "Check label_gold_agreement in reports/reward.json (noisy labels: lower "
+            "preference.tau), and train on more pairs."
+        )
+    loss = [v for v in reward_curve.get("eval/loss", []) if v == v]
+    steps = [s for s, v in zip(reward_curve.get("step", []), reward_curve.get("eval/loss", []),
+                               strict=False) if v == v]  # fmt: skip
+    if len(loss) >= 3:
+        best = int(np.argmin(loss))
+        if best < len(loss) - 1 and loss[-1] > loss[best] * (1 + overfit_rise):
+            at = f" at step {steps[best]:.0f}" if len(steps) == len(loss) else ""
+            kept = (
+                " The model kept is the one of its best eval (reward.keep_best)."
+                if reward.get("kept_step") is not None
+                else ""
+            )
+            out.append(
+                f"The reward model over-fit: its val loss fell to {loss[best]:.3f}{at} and rose "
+                f"to {loss[-1]:.3f} by the end of training ({reward.get('pairs', {})} pairs)."
+                f"{kept} Fewer reward.max_steps, more preference pairs or more "
+                "reward.weight_decay."
+            )
+    for name, advice in (
+        ("gold", "Check the reward-model flags; if there are none, raise rl.steps or lower "
+                 "rl.kl_coef."),
+        ("proxy", "RL did not optimise its own objective: raise rl.lr or rl.steps, or check "
+                  "rl/approx_kl and rl/clipfrac in reports/plots/rl.csv."),
+    ):  # fmt: skip
+        gain, se = rl.get(f"{name}_gain"), rl.get(f"{name}_gain_se")
+        if _finite(gain, se) and gain < z * se:
+            out.append(
+                f"RL did not move the {name} score beyond noise: {gain:+.3f} ± {se:.3f} (SE over "
+                f"{rl.get('eval_prompts', '?')} eval prompts) from SFT to the policy, at "
+                f"{rl.get('kl_to_ref', float('nan')):.2f} nats of KL. {advice}"
             )
     return out

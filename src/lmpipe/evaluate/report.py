@@ -183,8 +183,11 @@ def markdown(metrics: Mapping[str, Any], side_by_side: Sequence[Mapping[str, Any
         "## Flags",
         "",
     ]
-    out += [f"- {f}" for f in metrics["flags"]] or ["- none: no reward hacking, entropy collapse "
-                                                    "or EOS-rate drop detected."]  # fmt: skip
+    out += [f"- {f}" for f in metrics["flags"]] or [
+        "- none: the reward model beats its baseline and is not near chance or over-fit; RL "
+        "moved gold and proxy beyond noise, without reward hacking, entropy collapse or an "
+        "EOS-rate drop."
+    ]
     out += ["", "## Best-of-n from SFT (proxy-ranked)", "",
             "| n | KL bound (nats) | gold | proxy |", "|---:|---:|---:|---:|"]  # fmt: skip
     for b in metrics["best_of_n"]:

@@ -202,16 +202,20 @@ class RLTrainer:
 
     # ----------------------------------------------------------------------- updates
 
-    def _clip_and_step(self) -> float:
-        params = [p for g in self.opt.param_groups for p in g["params"]]
-        norm = (
-            float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
-            if self.cfg.grad_clip
-            else float("nan")
-        )
+    def _clip_and_step(self) -> tuple[float, float]:
+        """Clip the policy's and the critic's gradients each to `grad_clip`, then step: one
+        joint norm let the critic's larger gradient shrink the policy's step. Returns both
+        norms before clipping (the critic's NaN without one)."""
+        norms = []
+        for module in (self.policy, self.value):
+            params = [p for p in module.parameters() if p.grad is not None] if module else []
+            if not params or not self.cfg.grad_clip:
+                norms.append(float("nan"))
+                continue
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return norm
+        return norms[0], norms[1]
 
     def _update_ppo(self, ro: Rollout) -> dict[str, float]:
         cfg, mask = self.cfg, ro.mask
@@ -245,12 +249,12 @@ class RLTrainer:
                     }
                 loss = cfg.vf_coef * vl if critic_only else pl.loss + cfg.vf_coef * vl
                 loss.backward()
-                grad_norm = self._clip_and_step()
+                grad_norm, value_grad_norm = self._clip_and_step()
                 for key, val in (
                     ("approx_kl", pl.approx_kl), ("clipfrac", pl.clipfrac),
                     ("ratio_mean", pl.ratio_mean), ("ratio_var", pl.ratio_var),
                     ("policy_loss", pl.loss), ("value_loss", vl), ("value_clipfrac", vclip),
-                    ("grad_norm", grad_norm),
+                    ("grad_norm", grad_norm), ("value_grad_norm", value_grad_norm),
                 ):  # fmt: skip
                     stats.setdefault(key, []).append(
                         float(val.detach() if torch.is_tensor(val) else val)
@@ -280,7 +284,7 @@ class RLTrainer:
         adv = core.rloo_advantages(rewards.view(-1, k)).view(-1)
         loss = -(adv.detach() * seq_logp).mean()
         loss.backward()
-        return {"rl/policy_loss": float(loss.detach()), "rl/grad_norm": self._clip_and_step()}
+        return {"rl/policy_loss": float(loss.detach()), "rl/grad_norm": self._clip_and_step()[0]}
 
     def _update_dpg(self, ro: Rollout) -> dict[str, float]:
         cfg, k = self.cfg, self.cfg.samples_per_prompt
@@ -300,7 +304,7 @@ class RLTrainer:
         weights = core.dpg_weights(log_p, log_q, log_pi, log_z).view(-1).float()
         loss = -(weights.to(self.device) * seq_logp).mean()
         loss.backward()
-        grad_norm = self._clip_and_step()
+        grad_norm = self._clip_and_step()[0]
         est = core.dpg_estimates(log_p, log_q, log_pi, log_z)
         w = torch.softmax(log_w, dim=1)  # effective sample size of P/q per prompt, as a share
         ess = float((1.0 / (w**2).sum(1)).mean()) / k

@@ -229,14 +229,18 @@ class ValueModel(torch.nn.Module):
         self.backbone, self.head = backbone, head
 
     @classmethod
-    def from_reward_model(cls, reward_model: PreTrainedModel) -> ValueModel:
-        """Backbone and head copied from the reward model (the N+ implementation's choice)."""
+    def from_reward_model(
+        cls, reward_model: PreTrainedModel, gain: float = 1.0, bias: float = 0.0
+    ) -> ValueModel:
+        """Backbone and head copied from the reward model (the N+ implementation's choice),
+        the head scaled by the reward's normalisation (`gain`·raw + `bias`) so the first values
+        are on the scale of the normalised scores RL's returns are made of."""
         backbone = copy.deepcopy(reward_model.base_model)
         src = reward_model.score
         head = torch.nn.Linear(src.in_features, 1, bias=True)
         with torch.no_grad():
-            head.weight.copy_(src.weight)
-            head.bias.zero_()
+            head.weight.copy_(src.weight * gain)
+            head.bias.fill_(bias + (gain * float(src.bias) if src.bias is not None else 0.0))
         return disable_dropout(cls(backbone, head))
 
     @classmethod
