@@ -205,6 +205,8 @@ def main() -> None:
             "log_z": final["log_z"],
             "log_z_interval": [final["log_z_low"], final["log_z_high"]],
             "log_z_samples_per_prompt": cfg.posterior_samples,
+            "log_z_from_ref": final["log_z_from_ref"],
+            "log_z_from_policy": final["log_z_from_policy"],
             "prompts_with_log_z_below_j": final["prompts_with_log_z_below_j"],
             "objective_j": {"init": init["objective_j"], "final": final["objective_j"]},
             "entropy": final["entropy"],
