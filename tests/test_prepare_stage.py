@@ -118,7 +118,8 @@ def test_prepare_on_tinyshakespeare(tmp_path):
             "data": {
                 "source": "text",
                 "path": str(SHARED_CORPORA / "tinyshakespeare.txt"),
-                "rl_prompts": 50,
+                "rl_prompts": 600,
+                "rl_prompts_min": 400,
                 "eval_prompts": 20,
             },
             "tokenizer": {"vocab_size": 2048},
@@ -131,6 +132,13 @@ def test_prepare_on_tinyshakespeare(tmp_path):
     assert 1_000_000 < sum(report["characters"].values()) < 1_120_000
     assert report["vocab_size"] == 2048
     assert report["tokens"]["train"] > 200_000
+    # 348 val speeches give ~130 RL prompts; the rest up to rl_prompts_min come from train ones
+    rl = read_jsonl(repo / "data" / "prepared" / "prompts" / "rl.jsonl")
+    assert len(rl) == report["prompts"]["rl"] == 400
+    assert 0 < report["prompts"]["rl_from_train"] < 400
+    n_val = 400 - report["prompts"]["rl_from_train"]
+    added = [r["prompt"] for r in rl[n_val:]]
+    assert len(set(added)) == len(added) and not set(added) & {r["prompt"] for r in rl[:n_val]}
     tok = load_tokenizer(repo / "data" / "prepared")
     line = "ROMEO:\nBut, soft! what light through yonder window breaks?"
     assert tok.decode(tok.encode(line).ids) == line

@@ -55,7 +55,12 @@ def test_reward_from_a_preference_file(tiny_repo, tmp_path):
         "--out", str(tmp_path / "rm"), "--report", str(tmp_path / "reward.json"),
         "--plots", str(tmp_path / "reward.csv"), "--cache", str(tmp_path / "cache"),
     ]  # fmt: skip
-    run(cmd, tiny_repo)
+    res = run(cmd, tiny_repo, extra_env={"LMPIPE_LOG_LEVEL": "INFO"})
+    # a log fit for a file: no redrawn progress bars, no misleading "MISSING weight" report
+    log = res.stdout + res.stderr
+    assert "\r" not in log and "Loading weights" not in log, log[-2000:]
+    assert "MISSING" not in log and "downstream task" not in log, log[-2000:]
+    assert "reward INFO" in log
     rep = json.loads((tmp_path / "reward.json").read_text())
     assert rep["pairs"]["train"] + rep["pairs"]["val"] == len(rows)
     assert rep["val_accuracy"] > 0.9  # one fixed, easy preference

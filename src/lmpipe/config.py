@@ -115,6 +115,12 @@ class DataParams(Section):
     max_prompt_chars: int = Field(300, ge=10, description="longer prompts are skipped")
     max_response_chars: int = Field(400, ge=10, description="longer responses are cut at a word")
     rl_prompts: int = Field(2000, ge=1, description="RL prompts taken from the val documents")
+    rl_prompts_min: int = Field(
+        1000,
+        ge=0,
+        description="when the val documents give fewer RL prompts than this, the rest come from "
+        "the train documents' prompts (a small corpus; 0 = val only)",
+    )
     eval_prompts: int = Field(200, ge=1, description="evaluation prompts from the test documents")
 
     @model_validator(mode="after")

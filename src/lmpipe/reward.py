@@ -254,14 +254,25 @@ def build_reward_model(
     from the folder's template)."""
     if pooling not in POOLINGS:
         raise ValueError(f"reward pooling {pooling!r} is not one of {POOLINGS}")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    # transformers reports the new head as a MISSING weight to train "on your downstream task":
+    # the head is new on purpose and initialised below, so the warning would only mislead
+    hf_logging.set_verbosity_error()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(sft_dir),
+                num_labels=1,
+                attn_implementation=attention_for(),
+                use_safetensors=True,
+            )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(sft_dir),
-            num_labels=1,
-            attn_implementation=attention_for(),
-            use_safetensors=True,
-        )
         head = model.score
         torch.nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
     for m in model.modules():

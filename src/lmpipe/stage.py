@@ -34,6 +34,13 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def setup_logging() -> None:
+    # transformers' own bars (loading and writing weights) redraw with carriage returns that
+    # litter a log file and say nothing a stage's log lines do not; the stages' tqdm bars stay
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     level = os.environ.get("LMPIPE_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(
         level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S"

@@ -14,6 +14,7 @@ import csv
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -282,7 +283,7 @@ class CheckpointStore:
             return None
 
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the loop

@@ -161,6 +161,16 @@ def prepare(
     write_jsonl(out / "sft" / "train.jsonl", pair_sets["train"])
     write_jsonl(out / "sft" / "val.jsonl", pair_sets["val"])
     rl_prompts = sft.prompt_set(held["val"], data.rl_prompts)
+    n_val = len(rl_prompts)
+    short = min(data.rl_prompts, data.rl_prompts_min) - n_val
+    if short > 0:  # a small corpus: the reward model and RL need prompts more than a held-out set
+        seen, extra = {p["prompt"] for p in rl_prompts}, []
+        for pair in pair_sets["train"]:
+            if pair["prompt"] not in seen:
+                seen.add(pair["prompt"])
+                extra.append(pair)
+        rl_prompts += sft.prompt_set(extra, short)
+    n_from_train = len(rl_prompts) - n_val
     eval_prompts = sft.prompt_set(held["test"], data.eval_prompts)
     write_jsonl(out / "prompts" / "rl.jsonl", rl_prompts)
     write_jsonl(out / "prompts" / "eval.jsonl", eval_prompts)
@@ -185,7 +195,11 @@ def prepare(
         # BOS/EOS added per document are tokens too; count them so the ratio matches the files.
         "chars_per_token": round(n_chars / max(n_tokens, 1), 4),
         "sft_pairs": {k: len(v) for k, v in pair_sets.items()},
-        "prompts": {"rl": len(rl_prompts), "eval": len(eval_prompts)},
+        "prompts": {
+            "rl": len(rl_prompts),
+            "rl_from_train": n_from_train,
+            "eval": len(eval_prompts),
+        },
         "corpus": corpus,
     }
     special = (
