@@ -24,7 +24,7 @@ from lmpipe.data.stats import distinct_ngram_ratio
 from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.model import context_length, load_model, read_manifest, save_model
-from lmpipe.reward import RewardModel
+from lmpipe.reward import RewardModel, cluster_se
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.posterior import draw, posterior_kl
 from lmpipe.rl.rollout import ValueModel
@@ -258,7 +258,7 @@ def gain_with_se(name: str, init: np.ndarray, final: np.ndarray) -> dict[str, fl
     from the per-prompt differences (prompts where either side has no value left out)."""
     d = np.asarray(final, np.float64) - np.asarray(init, np.float64)
     d = d[np.isfinite(d)]
-    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+    se = cluster_se(d, np.arange(d.size))  # one difference per prompt: s/√n
     return {f"{name}_gain": float(d.mean()) if d.size else float("nan"), f"{name}_gain_se": se}
 
 

@@ -261,7 +261,7 @@ def build_reward_model(
     # the head is new on purpose and initialised below, so the warning would only mislead
     hf_logging.set_verbosity_error()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # one seeded stream: loading, then the head
             torch.manual_seed(seed)
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(sft_dir),
@@ -269,12 +269,10 @@ def build_reward_model(
                 attn_implementation=attention_for(),
                 use_safetensors=True,
             )
+            head = model.score
+            torch.nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
     finally:
         hf_logging.set_verbosity(verbosity)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = model.score
-        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0

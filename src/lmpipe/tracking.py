@@ -136,13 +136,9 @@ class MlflowTracker(NullTracker):
         info = log_bundle(bundle, name, registered_name, {k: str(v) for k, v in tags.items()})
         version = getattr(info, "registered_model_version", None)
         if registered_name and version is not None:
-            self._mlflow.MlflowClient().set_model_version_tag(
-                registered_name, str(version), "lmpipe.stage", "export"
-            )
-            for k, v in tags.items():
-                self._mlflow.MlflowClient().set_model_version_tag(
-                    registered_name, str(version), k, str(v)
-                )
+            client = self._mlflow.MlflowClient()
+            for k, v in {"lmpipe.stage": "export", **tags}.items():
+                client.set_model_version_tag(registered_name, str(version), k, str(v))
         return None if version is None else str(version)
 
 
