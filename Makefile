@@ -57,6 +57,7 @@ format: venv
 	$(BIN)/ruff format .
 
 ui: venv
+	$(BIN)/lmpipe relocate-mlflow
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
 
 smollm2: $(SMOLLM2)

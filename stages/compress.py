@@ -25,7 +25,7 @@ from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, read_json, read_jsonl, write_json
 from lmpipe.model import context_length, load_model, n_params, read_manifest, save_model
 from lmpipe.reward import RewardModel
-from lmpipe.tracking import RenamingTracker, stage_run
+from lmpipe.tracking import RenamingTracker, model_card, stage_run
 from lmpipe.train import (
     TokenWindows,
     checkpoint_store,
@@ -207,6 +207,11 @@ def main() -> None:
             "samples.txt",
         )
         tracker.log_outputs({"models": args.out})
+        if params.tracking.log_models:
+            keys = ("val_ppl", "kl_to_teacher", "gold_reward", "proxy_reward", "size_mb")
+            for name in variants:
+                card = model_card(f"compress ({name})", rows[name], keys)
+                tracker.log_model(args.out / name, name, "policy", f"lmpipe-{name}-torch", card)
         tracker.log_report(report, "reports/compress.json")
         write_json(args.report, report)
         for kind in ("distill", "recovery"):

@@ -21,7 +21,7 @@ from lmpipe.io import atomic_dir, read_json, read_jsonl, write_json
 from lmpipe.model import context_length, load_model, read_manifest
 from lmpipe.onnx import export as ox
 from lmpipe.onnx.runtime import OnnxLM
-from lmpipe.tracking import stage_run
+from lmpipe.tracking import model_card, stage_run
 
 log = logging.getLogger("export")
 
@@ -93,16 +93,20 @@ def main() -> None:
                     row.get("int8", {}).get("size_mb", float("nan")),
                 )  # fmt: skip
         for name in report:  # pyfunc models: mlflow.pyfunc.load_model generates text with them
-            tags = {"lmpipe.variant": name, **{k: v for k, v in tracker.tags.items()
-                    if k.startswith(("lineage.", "input.", "git."))}}  # fmt: skip
             registered = f"lmpipe-{name}" if cfg.register_model else None
-            version = tracker.log_bundle(args.out / name, f"onnx-{name}", registered, tags)
+            card = model_card(f"{name} ONNX", report[name], CARD_KEYS)
+            version = tracker.log_model(args.out / name, f"onnx-{name}", "bundle", registered,
+                                        card, {"lmpipe.variant": name})  # fmt: skip
             if registered:
                 report[name]["registry_version"] = version
         tracker.log_outputs({"bundles": args.out})
         tracker.log_report(report, "reports/export.json")
         write_json(args.report, report)
 
+
+CARD_KEYS = ("max_abs_logit_diff", "greedy_token_match", "size_mb", "int8.size_mb",
+             "int8.greedy_token_match")  # fmt: skip
+"""The figures a registered bundle's description gives."""
 
 FP64_SLACK = 2.0
 """The ONNX model may be up to this many times PyTorch fp32's own distance from fp64 logits."""

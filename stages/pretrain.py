@@ -20,7 +20,7 @@ from lmpipe.config import ParamsError, load_params
 from lmpipe.data.tokenizer import read_tokens
 from lmpipe.io import atomic_dir, read_json, write_json
 from lmpipe.model import build_model, n_params, save_model
-from lmpipe.tracking import NullTracker, stage_run
+from lmpipe.tracking import NullTracker, model_card, stage_run
 from lmpipe.train import (
     TokenWindows,
     TrainResult,
@@ -108,6 +108,9 @@ def main() -> None:
                     stage.manifest("pretrain", params, tracker.tags, report, store.directory.name),
                 )
             tracker.log_outputs({"model": args.out})
+            if params.tracking.log_models:
+                card = model_card("pretrain", report, ("val_loss", "val_ppl", "params"))
+                tracker.log_model(args.out, "model", "policy", "lmpipe-pretrain-torch", card)
             tracker.log_report(report, "reports/pretrain.json")
             write_json(args.report, report)
             store.clear()

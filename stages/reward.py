@@ -41,7 +41,7 @@ from lmpipe.reward import (
     val_prompts,
 )
 from lmpipe.sft import sample_responses
-from lmpipe.tracking import stage_run
+from lmpipe.tracking import model_card, stage_run
 from lmpipe.train import checkpoint_store, train, use_bf16
 
 log = logging.getLogger("reward")
@@ -204,6 +204,10 @@ def main() -> None:
         with atomic_dir(args.out) as tmp:
             save_model(model, tmp, args.data, man)
         tracker.log_outputs({"pairs": args.pairs, "model": args.out})
+        if params.tracking.log_models:
+            keys = ("val_accuracy", "gold_order_accuracy", "val_gold_spearman")
+            card = model_card("reward", report, keys)
+            tracker.log_model(args.out, "model", "reward", "lmpipe-reward-torch", card)
         tracker.log_report(report, "reports/reward.json")
         write_json(args.report, report)
         store.clear()

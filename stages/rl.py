@@ -28,7 +28,7 @@ from lmpipe.reward import RewardModel, cluster_se
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.posterior import draw, posterior_kl
 from lmpipe.rl.rollout import ValueModel
-from lmpipe.tracking import stage_run
+from lmpipe.tracking import model_card, stage_run
 from lmpipe.train import checkpoint_store, write_history_csv
 
 log = logging.getLogger("rl")
@@ -238,6 +238,10 @@ def main() -> None:
                 stage.manifest("rl", params, tracker.tags, report, store.directory.name),
             )  # fmt: skip
         tracker.log_outputs({"model": args.out})
+        if params.tracking.log_models:
+            keys = ("gold_reward.final", "proxy_reward.final", "kl_to_ref", "posterior_kl")
+            card = model_card(f"rl ({cfg.algo})", report, keys)
+            tracker.log_model(args.out, "model", "policy", "lmpipe-rl-torch", card)
         tracker.log_report(report, "reports/rl.json")
         write_json(args.report, report)
         store.clear()

@@ -18,7 +18,7 @@ from lmpipe.config import load_params
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.model import context_length, load_model, n_params, save_model
 from lmpipe.sft import PairBatches, encode_pairs, sample_responses
-from lmpipe.tracking import NullTracker, stage_run
+from lmpipe.tracking import NullTracker, model_card, stage_run
 from lmpipe.train import checkpoint_store, train
 
 log = logging.getLogger("sft")
@@ -88,6 +88,9 @@ def main() -> None:
                     stage.manifest("sft", params, tracker.tags, report, store.directory.name),
                 )  # fmt: skip
             tracker.log_outputs({"model": args.out})
+            if params.tracking.log_models:
+                card = model_card("sft", report, ("val_loss", "val_ppl", "eos_rate"))
+                tracker.log_model(args.out, "model", "policy", "lmpipe-sft-torch", card)
             tracker.log_report(report, "reports/sft.json")
             write_json(args.report, report)
             store.clear()

@@ -13,14 +13,15 @@ import pytest
 def registered(bundle, tmp_path, monkeypatch):
     import mlflow
 
-    from lmpipe.mlflow_model import log_bundle
+    from lmpipe.mlflow_model import log_model
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path}/store.db"
     mlflow.set_tracking_uri(uri)
     exp = mlflow.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=exp):
-        info = log_bundle(bundle[1], "onnx-test", "lmpipe-test", {"lmpipe.variant": "test"})
+        tags = {"lmpipe.variant": "test"}
+        info = log_model(bundle[1], "onnx-test", "bundle", "lmpipe-test", tags)
     return uri, info
 
 
@@ -33,30 +34,41 @@ def test_a_registered_bundle_loads_by_uri_and_generates(registered):
     out = model.predict(pd.DataFrame({"prompt": ["w5 w6 w7", "w8"]}),
                         params={"max_tokens": 4, "temperature": 0.0})  # fmt: skip
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
-    # the same greedy text from a list of prompts, and the bundle's defaults as param defaults
-    assert model.predict(["w5 w6 w7", "w8"], params={"max_tokens": 4, "temperature": 0.0}) == out
+    # the same greedy text from a dict of prompts, and the bundle's defaults as param defaults
+    assert model.predict({"prompt": ["w5 w6 w7", "w8"]},
+                         params={"max_tokens": 4, "temperature": 0.0}) == out  # fmt: skip
     params = {p.name: p.default for p in model.metadata.signature.params}
     assert params["max_tokens"] == 8  # the fixture bundle's generation.max_new_tokens
     version = mlflow.MlflowClient().get_model_version("lmpipe-test", "1")
     assert version.tags["lmpipe.variant"] == "test"
     with pytest.raises(Exception, match="1 to 256 prompts"):
-        model.predict(["w5"] * 300)
+        model.predict({"prompt": ["w5"] * 300})
+    with pytest.raises(Exception, match="'prompt' .* column"):
+        model.predict(["w5"])  # MLflow drops the unnamed column: the error says what to send
 
 
-def test_prompts_are_read_from_each_input_shape_and_checked():
-    from lmpipe.mlflow_model import prompts_of
+def test_prompts_and_conversations_are_read_from_each_input_shape_and_checked():
+    from lmpipe.mlflow_model import requests_of
 
-    assert prompts_of(pd.DataFrame({"prompt": ["a", "b"]})) == ["a", "b"]
-    assert prompts_of(pd.DataFrame({"text": ["a"]})) == ["a"]
-    assert prompts_of({"prompt": "a"}) == prompts_of("a") == ["a"]
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert requests_of(pd.DataFrame({"prompt": ["a", "b"]})) == ["a", "b"]
+    assert requests_of(pd.DataFrame({"text": ["a"]})) == ["a"]
+    assert requests_of({"prompt": "a"}) == requests_of("a") == requests_of(["a"]) == ["a"]
+    # MLflow hands a dict input over as one row holding the lists
+    assert requests_of(pd.DataFrame({"prompt": [["a", "b"]]})) == ["a", "b"]
+    assert requests_of(pd.DataFrame({"messages": [chat]})) == [chat]
+    assert requests_of(pd.DataFrame({"messages": [[chat, chat[1:]]]})) == [chat, chat[1:]]
+    assert requests_of(pd.DataFrame({"prompt": [None, "b"], "messages": [chat, None]})) == [
+        chat, "b"]  # fmt: skip
     for bad, match in (
-        (pd.DataFrame({"x": ["a"], "y": ["b"]}), "'prompt' column"),
-        ({"text": "a"}, "'prompt' key"),
+        (pd.DataFrame({"x": ["a"], "y": ["b"]}), "'prompt' or 'messages' column"),
+        (pd.DataFrame(), "'prompt' \\(or 'messages'\\) column"),
         ([1, 2], "strings"),
         ([], "1 to 256"),
+        (pd.DataFrame({"messages": [[{"role": "user"}]]}), "string 'role' and a string"),
     ):
         with pytest.raises(ValueError, match=match):
-            prompts_of(bad)
+            requests_of(bad)
 
 
 def test_the_model_loads_without_torch_or_transformers(registered):
@@ -69,7 +81,7 @@ import mlflow
 mlflow.set_tracking_uri({uri!r})
 m = mlflow.pyfunc.load_model("models:/lmpipe-test/1")
 import json
-print(json.dumps(m.predict(["w5 w6"], params={{"max_tokens": 3, "seed": 1}})))
+print(json.dumps(m.predict({{"prompt": "w5 w6"}}, params={{"max_tokens": 3, "seed": 1}})))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

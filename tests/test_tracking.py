@@ -6,9 +6,13 @@ import pytest
 from lmpipe.config import Params, TokenizerParams, TrackingParams
 from lmpipe.io import write_json
 from lmpipe.tracking import (
+    PIPELINE_KEY,
     NullTracker,
     TrackingError,
+    _is_dvc,
     flatten_numeric,
+    model_card,
+    pipeline_key,
     resolve_uri,
     stage_run,
 )
@@ -107,3 +111,64 @@ def test_flatten_numeric_skips_strings_and_bools():
         "r/a.b": 1.0,
         "r/e": 2.5,
     }
+
+
+def test_stages_of_one_pipeline_nest_under_one_pipeline_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = TrackingParams(uri="sqlite:///store.db", experiment="t")
+    up = tmp_path / "up"
+    up.mkdir()
+    write_json(up / "lmpipe.json", {"stage": "prepare"})
+    monkeypatch.setenv("LMPIPE_PIPELINE_RUN", "first")
+    with stage_run("prepare", params(), cfg, root=tmp_path) as a:
+        a.log_outputs({"data": up})
+    monkeypatch.setenv("LMPIPE_PIPELINE_RUN", "second")  # a later `dvc repro` reruns one stage
+    with stage_run("pretrain", params(), cfg, {"data": up}, root=tmp_path) as b:
+        pass
+    with pytest.raises(ValueError), stage_run("sft", params(), cfg, root=tmp_path) as c:
+        raise ValueError("boom")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/store.db")
+    runs = {r.info.run_id: r for r in mlflow.search_runs(search_all_experiments=True,
+                                                         output_format="list")}  # fmt: skip
+    pipelines = {r.data.tags[PIPELINE_KEY]: r for r in runs.values()
+                 if r.data.tags.get("lmpipe.stage") == "pipeline"}  # fmt: skip
+    assert sorted(pipelines) == ["first", "second"] and len(runs) == 5
+    first, second = pipelines["first"], pipelines["second"]
+    assert runs[a.run_id].data.tags["mlflow.parentRunId"] == first.info.run_id
+    for child in (b, c):
+        assert runs[child.run_id].data.tags["mlflow.parentRunId"] == second.info.run_id
+    assert first.info.status == "FINISHED" and second.info.status == "FAILED"
+    # the stage the second pipeline did not rerun is linked, not copied
+    assert second.data.tags["lmpipe.reused.prepare"] == a.run_id
+    assert len(runs[b.run_id].data.tags["lmpipe.params.sha256"]) == 64
+
+
+def test_the_pipeline_key_is_the_dvc_process_that_started_the_stage(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("LMPIPE_PIPELINE_RUN", raising=False)
+    assert pipeline_key() is None  # pytest runs under no dvc
+    fake = tmp_path / "dvc"  # a process whose command line is DVC's, running a "stage"
+    fake.write_text(
+        "import os, subprocess, sys\n"
+        "code = 'from lmpipe.tracking import pipeline_key; print(pipeline_key())'\n"
+        "for _ in range(2):\n"
+        "    subprocess.run(['sh', '-c', f'{sys.executable} -c \"{code}\"'], check=True)\n"
+        "print(os.getpid())\n"
+    )
+    out = subprocess.run([sys.executable, str(fake)], capture_output=True, text=True, check=True)
+    first, second, pid = out.stdout.split()
+    assert first == second and first.split(":")[1] == pid
+
+
+def test_a_dvc_command_line_is_recognised():
+    assert _is_dvc(["/venv/bin/python", "/venv/bin/dvc", "repro"])
+    assert _is_dvc(["dvc", "exp", "run"]) and _is_dvc(["python3", "-m", "dvc", "repro"])
+    assert not _is_dvc(["python", "stages/sft.py", "--params", "dvc.yaml"])
+
+
+def test_a_model_card_gives_the_headline_figures():
+    report = {"val_loss": 1.23456, "gold_reward": {"final": 0.5}, "algo": "ppo"}
+    card = model_card("rl", report, ("val_loss", "gold_reward.final", "algo", "missing"))
+    assert card == "lmpipe rl model: val_loss 1.235, gold_reward.final 0.5"

@@ -171,7 +171,11 @@ class OutputFormat(StrEnum):
 @app.command()
 def compare(
     stage: Annotated[
-        str | None, typer.Option(help="only runs of this stage, e.g. rl (default: all stages)")
+        str | None,
+        typer.Option(
+            help="runs of this stage, e.g. rl (default: pipeline results, i.e. evaluate runs with "
+            "the params of the runs upstream of them)"
+        ),
     ] = None,
     experiment: Annotated[
         str | None,
@@ -199,12 +203,16 @@ def compare(
             "--metric",
             metavar="KEY",
             help="metric to show instead of the stage's headline ones (repeatable; "
-            "`report/` may be left out)",
+            "`report/` may be left out; a reports/headline.json name such as rl_gold works too)",
         ),
     ] = None,
 ) -> None:
-    """Compare runs recorded in MLflow: the params that differ and the headline metrics."""
+    """Compare runs recorded in MLflow: the params that differ and the headline metrics.
+
+    Without --stage, one row per pipeline result (an evaluate run) with every upstream stage's
+    params and the figures of reports/headline.json."""
     from lmpipe.compare import (
+        PIPELINE_STAGE,
         CompareError,
         build_table,
         default_experiment,
@@ -219,14 +227,18 @@ def compare(
     with _user_errors(CompareError):
         uri = resolve_tracking_uri(tracking_uri)
         cfg = tracking_params()
+        # a pipeline result's params are spread over its stages' runs: gather them by lineage
         runs = fetch_runs(
             uri,
             experiment or default_experiment(),
-            stage=stage,
+            stage=stage or PIPELINE_STAGE,
             last=last,
             timeout_s=cfg.timeout_s if cfg is not None else 10.0,
+            lineage=stage is None,
         )
-        table = build_table(runs, stage=stage, all_params=all_params, metrics=keys)
+        table = build_table(
+            runs, stage=stage or PIPELINE_STAGE, all_params=all_params, metrics=keys
+        )
         text = render(table, fmt.value)
     for line in missing_metrics(keys, runs):
         typer.echo(f"lmpipe: warning: {line}", err=True)
@@ -320,6 +332,34 @@ def prune_checkpoints(
     typer.echo(
         f"removed {len(removed)} checkpoint folder(s)" + "".join(f"\n  {d}" for d in removed)
     )
+
+
+@app.command("relocate-mlflow")
+def relocate_mlflow(
+    uri: Annotated[
+        str | None,
+        typer.Option(help="tracking URI (default: MLFLOW_TRACKING_URI, else tracking.uri)"),
+    ] = None,
+    params_file: Annotated[Path, typer.Option("--params", help="params file")] = Path(
+        "params.yaml"
+    ),
+) -> None:
+    """Point the project's embedded MLflow store at this folder's artifacts after the project
+    was copied, cloned with its store, or mounted elsewhere (every stage does this too; run it
+    before `mlflow ui` or `mlflow.pyfunc.load_model` in a copy). A server store is left alone."""
+    from lmpipe.config import ParamsError, TrackingParams, parse_section, read_yaml
+    from lmpipe.tracking import relocate_store, resolve_uri
+
+    with _user_errors(ParamsError):
+        raw = read_yaml(params_file).get("tracking") if params_file.exists() else None
+        cfg = parse_section("tracking", raw)
+    assert isinstance(cfg, TrackingParams)
+    resolved = resolve_uri(cfg, Path.cwd()) if uri is None else uri
+    moved = relocate_store(resolved)
+    typer.echo(
+        f"{resolved}: artifact locations moved from {', '.join(moved)}"
+        if moved else f"{resolved}: artifact locations already point here"
+    )  # fmt: skip
 
 
 def main() -> None:

@@ -152,6 +152,11 @@ class TrackingParams(Section):
     )
     experiment: str = Field("lmpipe", min_length=1, description="MLflow experiment name")
     timeout_s: float = Field(10.0, gt=0, description="seconds before an unreachable server fails")
+    log_models: bool = Field(
+        True,
+        description="log every PyTorch model a stage writes as a loadable MLflow model, registered "
+        "as lmpipe-<name>-torch (each is a copy: false for models of several GB)",
+    )
 
 
 class ModelParams(Section):

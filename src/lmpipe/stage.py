@@ -37,6 +37,7 @@ def setup_logging() -> None:
     # transformers' own bars (loading and writing weights) redraw with carriage returns that
     # litter a log file and say nothing a stage's log lines do not; the stages' tqdm bars stay
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # same, for models
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 

@@ -16,7 +16,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +79,20 @@ class NullTracker:
         self.set_tags(tags)
         return tags
 
-    def log_bundle(
-        self, bundle: str | Path, name: str, registered_name: str | None, tags: Mapping[str, str]
+    def log_model(
+        self,
+        path: str | Path,
+        name: str,
+        kind: str,
+        registered_name: str | None = None,
+        description: str | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> str | None:
-        """Log an ONNX bundle as an MLflow pyfunc model (`lmpipe.mlflow_model`), registered as
-        `registered_name` when given; the registered version, or None."""
-        self.artifacts[f"model:{name}"] = (Path(bundle), registered_name, dict(tags))
+        """Log the model at `path` as an MLflow pyfunc model of `kind` (`lmpipe.mlflow_model`:
+        bundle, policy or reward), registered as `registered_name` when given, the version
+        tagged with its lineage and described by `description`; the registered version, or
+        None."""
+        self.artifacts[f"model:{name}"] = (Path(path), kind, registered_name, description)
         return None
 
 
@@ -127,19 +135,49 @@ class MlflowTracker(NullTracker):
         super().log_artifacts(directory, artifact_path)
         self._mlflow.log_artifacts(str(directory), artifact_path)
 
-    def log_bundle(
-        self, bundle: str | Path, name: str, registered_name: str | None, tags: Mapping[str, str]
+    def log_model(
+        self,
+        path: str | Path,
+        name: str,
+        kind: str,
+        registered_name: str | None = None,
+        description: str | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> str | None:
-        super().log_bundle(bundle, name, registered_name, tags)
-        from lmpipe.mlflow_model import log_bundle
+        super().log_model(path, name, kind, registered_name, description, tags)
+        from lmpipe.mlflow_model import log_model
 
-        info = log_bundle(bundle, name, registered_name, {k: str(v) for k, v in tags.items()})
+        lineage = {k: v for k, v in self.tags.items() if k in VERSION_TAGS or
+                   k.startswith(("lineage.", "input.", "output."))}  # fmt: skip
+        version_tags = {**lineage, **{k: str(v) for k, v in (tags or {}).items()}}
+        info = log_model(path, name, kind, registered_name, version_tags)
         version = getattr(info, "registered_model_version", None)
-        if registered_name and version is not None:
-            client = self._mlflow.MlflowClient()
-            for k, v in {"lmpipe.stage": "export", **tags}.items():
-                client.set_model_version_tag(registered_name, str(version), k, str(v))
-        return None if version is None else str(version)
+        if not registered_name or version is None:
+            return None
+        client = self._mlflow.MlflowClient()
+        for k, v in version_tags.items():
+            client.set_model_version_tag(registered_name, str(version), k, v)
+        if description:
+            client.update_model_version(registered_name, str(version), description=description)
+        return str(version)
+
+
+VERSION_TAGS = ("lmpipe.stage", "lmpipe.params.sha256", "git.commit", "git.dirty",
+                "dvc.lock.sha256", "dvc.exp_name")  # fmt: skip
+"""Run tags a registered version carries too (with the lineage and input/output hashes)."""
+
+
+def model_card(stage: str, report: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """A registered version's description: the stage and its headline figures from `report`
+    (dotted keys into nested dicts; missing ones left out)."""
+    figures = []
+    for key in keys:
+        value: Any = report
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            figures.append(f"{key} {value:.4g}")
+    return f"lmpipe {stage} model" + (f": {', '.join(figures)}" if figures else "")
 
 
 class RenamingTracker:
@@ -201,6 +239,62 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+ARTIFACT_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("model_versions", "storage_location"),
+    ("model_versions", "source"),
+    ("logged_models", "artifact_location"),
+)
+"""Where MLflow's sqlite store records absolute artifact locations (tables missing in older
+MLflow versions are skipped)."""
+
+
+def relocate_store(uri: str) -> list[str]:
+    """Point an embedded store's artifact locations at the folder it now sits in.
+
+    MLflow records absolute paths, so a copied, cloned or container-mounted project would read
+    its artifacts from the original folder (or nowhere). lmpipe keeps them in `mlartifacts`
+    beside the sqlite file (`artifact_location`); every experiment whose location is another
+    folder's `mlartifacts` has that folder's prefix rewritten to this one, in every table that
+    stores a location. Run by every stage before it logs and by `lmpipe relocate-mlflow`.
+    Returns the old folders; a server store or a store already in place is left alone.
+    """
+    if not uri.startswith("sqlite:///"):
+        return []
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.is_file():
+        return []
+    import sqlite3
+    from urllib.parse import unquote, urlparse
+
+    here = db.resolve().parent
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con, con:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "experiments" not in tables:
+            return []
+        old = set()
+        for (loc,) in con.execute("SELECT artifact_location FROM experiments"):
+            loc = loc or ""
+            path = Path(unquote(urlparse(loc).path) if loc.startswith("file:") else loc)
+            if path.name == "mlartifacts" and path.parent != here:
+                old.add(path.parent)
+        for base in old:
+            for prefix, new in ((base.as_uri() + "/", here.as_uri() + "/"),
+                                (base.as_posix() + "/", here.as_posix() + "/")):  # fmt: skip
+                for table, column in ARTIFACT_COLUMNS:
+                    if table in tables:
+                        con.execute(
+                            f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                            f"WHERE substr({column}, 1, ?) = ?",
+                            (new, len(prefix) + 1, len(prefix), prefix),
+                        )
+    if old:
+        log.info("MLflow store %s: artifact locations moved from %s", db,
+                 ", ".join(map(str, sorted(old))))  # fmt: skip
+    return [str(b) for b in sorted(old)]
+
+
 def check_reachable(uri: str, timeout_s: float) -> None:
     """Fail fast with a clear message when an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
@@ -217,6 +311,90 @@ def check_reachable(uri: str, timeout_s: float) -> None:
             "Start the server, fix MLFLOW_TRACKING_URI / tracking.uri, or unset "
             "MLFLOW_TRACKING_URI to use the embedded store (sqlite:///mlflow.db)."
         ) from None
+
+
+PIPELINE_KEY = "lmpipe.pipeline.key"
+"""Tag of a pipeline run: which `dvc repro` / `dvc exp run` process it stands for."""
+
+PARENT_TAG = "mlflow.parentRunId"
+"""MLflow's own tag for nesting: the UI shows a stage run under the pipeline run it names."""
+
+
+def _is_dvc(cmdline: list[str]) -> bool:
+    """A `dvc` command line (the console script, `python -m dvc`, or DVC's queue worker)."""
+    names = [Path(a).name for a in cmdline[:3]]
+    return any(n in ("dvc", "dvc.exe") for n in names) or cmdline[1:3] == ["-m", "dvc"]
+
+
+def pipeline_key(env: Mapping[str, str] = os.environ) -> str | None:
+    """What identifies the pipeline run this stage belongs to: `LMPIPE_PIPELINE_RUN` when a
+    wrapper sets it, else the DVC process that started this stage (host, pid, start time), so
+    the stages one `dvc repro` runs share one key; None outside DVC (a stage run by hand)."""
+    if explicit := env.get("LMPIPE_PIPELINE_RUN", "").strip():
+        return explicit
+    import socket
+
+    import psutil
+
+    try:
+        proc = psutil.Process().parent()
+        while proc is not None:
+            with contextlib.suppress(psutil.AccessDenied, psutil.ZombieProcess):
+                if _is_dvc(proc.cmdline()):
+                    return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.3f}"
+            proc = proc.parent()
+    except psutil.NoSuchProcess:  # an ancestor exited while we looked
+        return None
+    return None
+
+
+def pipeline_run(mlflow: Any, experiment_id: str, key: str, tags: Mapping[str, str]) -> str:
+    """The id of the pipeline run for `key`: found by its tag, else created (RUNNING; each stage
+    sets its status when it ends). It carries the commit and, in an experiment, its name."""
+    client = mlflow.MlflowClient()
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PIPELINE_KEY}` = '{key}'", max_results=1
+    )
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    keep = {k: v for k, v in tags.items() if k.startswith(("git.", "dvc."))}
+    name = f"pipeline {keep['dvc.exp_name']}" if "dvc.exp_name" in keep else "pipeline"
+    run = client.create_run(
+        experiment_id, run_name=name,
+        tags={PIPELINE_KEY: key, "lmpipe.stage": "pipeline", **keep},
+    )  # fmt: skip
+    return run.info.run_id
+
+
+def link_reused(mlflow: Any, parent_id: str, tags: Mapping[str, str]) -> None:
+    """Tag the pipeline run with `lmpipe.reused.<stage>` for each input written by a run outside
+    it: a stage DVC did not rerun (its outputs were up to date or came from its cache)."""
+    client = mlflow.MlflowClient()
+    links = {}
+    for key, run_id in tags.items():
+        if key.startswith("lineage.") and key.endswith(".run_id"):
+            writer = client.get_run(run_id).data.tags
+            if writer.get(PARENT_TAG) != parent_id and "lmpipe.stage" in writer:
+                links[f"lmpipe.reused.{writer['lmpipe.stage']}"] = run_id
+    for k, v in links.items():
+        client.set_tag(parent_id, k, v)
+
+
+def params_digest(params: Params) -> str:
+    """sha256 of the stage's params (tracking left out: it changes no result)."""
+    import hashlib
+    import json
+
+    values = params.to_dict()
+    values.pop("tracking", None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def lock_digest(root: str | Path) -> dict[str, str]:
+    """`dvc.lock.sha256`: the pipeline's lock file as the stage started (what it ran against)."""
+    path = Path(os.environ.get("DVC_ROOT") or root) / "dvc.lock"
+    return {"dvc.lock.sha256": hash_path(path)} if path.is_file() else {}
 
 
 def input_tags(inputs: Mapping[str, str | Path]) -> dict[str, str]:
@@ -260,7 +438,9 @@ def stage_run(
     """Open one MLflow run for a stage execution; mark it FAILED if the body raises."""
     tags = {
         "lmpipe.stage": stage,
+        "lmpipe.params.sha256": params_digest(params),
         **git_state(root),
+        **lock_digest(root),
         **experiment_tags(),
         **input_tags(inputs or {}),
     }
@@ -273,6 +453,7 @@ def stage_run(
 
     uri = resolve_uri(cfg, root)
     check_reachable(uri, cfg.timeout_s)
+    relocate_store(uri)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(cfg.timeout_s)))
     for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
@@ -287,8 +468,14 @@ def stage_run(
     except mlflow.exceptions.MlflowException as err:
         raise TrackingError(f"cannot use MLflow at {uri}: {err}") from None
 
+    parent = None
     try:
         tags.update(lineage_tags(mlflow, tags))
+        if key := pipeline_key():
+            experiment_id = mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+            parent = pipeline_run(mlflow, experiment_id, key, tags)
+            tags[PARENT_TAG] = parent
+            link_reused(mlflow, parent, tags)
     except mlflow.exceptions.MlflowException as err:  # lineage is a convenience, not a failure
         log.warning("could not look up the runs that wrote the inputs: %s", err)
     with mlflow.start_run(run_name=stage) as run:
@@ -299,5 +486,10 @@ def stage_run(
             yield tracker
         except BaseException as err:
             tracker.set_tags({"lmpipe.error": f"{type(err).__name__}: {err}"[:5000]})
-            mlflow.end_run(status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            mlflow.end_run(status=status)
+            if parent:
+                mlflow.MlflowClient().set_terminated(parent, status=status)
             raise
+    if parent:  # until the next stage of the same `dvc repro` starts
+        mlflow.MlflowClient().set_terminated(parent, status="FINISHED")
