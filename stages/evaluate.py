@@ -27,7 +27,7 @@ from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, atomic_write, read_json, read_jsonl, write_json, write_jsonl
 from lmpipe.model import read_manifest
 from lmpipe.reward import RewardModel
-from lmpipe.tracking import stage_run
+from lmpipe.tracking import flatten_numeric, stage_run
 
 log = logging.getLogger("evaluate")
 CURVES = ("pretrain", "sft", "reward", "rl", "compress")
@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--models", type=Path, required=True, help="models/ (pretrain, sft, rl, ...)")
     ap.add_argument("--plots", type=Path, required=True, help="reports/plots (training curves)")
     ap.add_argument("--metrics", type=Path, required=True)
+    ap.add_argument("--headline", type=Path, required=True, help="reports/headline.json")
     ap.add_argument("--samples", type=Path, required=True)
     ap.add_argument("--report", type=Path, required=True)
     ap.add_argument("--figures", type=Path, required=True)
@@ -224,6 +225,9 @@ def main() -> None:
         tracker.log_artifacts(args.figures, "figures")
         tracker.log_text(args.report.read_text(), "report.md")
         write_json(args.metrics, report)
+        headline = R.headline(report)
+        write_json(args.headline, headline)
+        tracker.log_pipeline_metrics(flatten_numeric(headline))
 
 
 if __name__ == "__main__":

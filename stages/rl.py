@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lmpipe import dist, stage
 from lmpipe.chat import load_template
@@ -24,6 +23,7 @@ from lmpipe.data.stats import distinct_ngram_ratio
 from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.model import context_length, load_model, read_manifest, save_model
+from lmpipe.progress import Progress
 from lmpipe.reward import RewardModel, cluster_se
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.posterior import draw, posterior_kl
@@ -154,7 +154,7 @@ def main() -> None:
             trainer.load_state_dict(state["trainer"])
             history, elapsed, gen_seconds = state["history"], state["elapsed"], state["gen"]
             log.warning("resuming from checkpoint at step %d (%s)", trainer.step, store.path)
-        bar = tqdm(total=cfg.steps, initial=trainer.step, desc=f"rl ({cfg.algo})", disable=None)
+        bar = Progress(cfg.steps, f"rl ({cfg.algo}) step", initial=trainer.step)
         while trainer.step < cfg.steps:
             t0 = time.perf_counter()
             m = trainer.train_step()
@@ -164,8 +164,7 @@ def main() -> None:
             if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
                 history.append({"step": trainer.step, **m})
                 tracker.log_metrics(m, step=trainer.step)
-            bar.update(1)
-            bar.set_postfix(score=f"{m['rl/score']:.2f}", kl=f"{m['rl/kl']:.2f}")
+            bar.update(1, score=f"{m['rl/score']:.2f}", kl=f"{m['rl/kl']:.2f}")
             if trainer.step % 10 == 0 or trainer.step == cfg.steps:
                 log.info(
                     "step %d/%d: score %.3f, gold %.3f, KL %.2f (k3 %.2f), beta %.3f, "

@@ -22,6 +22,7 @@ from lmpipe.compare import (
     render,
     resolve_tracking_uri,
     varying_params,
+    with_upstream,
 )
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -33,14 +34,16 @@ RL_RUNS = [  # (kl_coef, gold_reward.final), oldest first
 ]
 
 
-def _log_run(client, exp_id: str, stage: str, start_ms: int, params: dict, metrics: dict) -> str:
+def _log_run(
+    client, exp_id: str, stage: str, start_ms: int, params: dict, metrics: dict, tags=None
+) -> str:
     from mlflow.entities import Metric, Param
 
     run = client.create_run(
         exp_id,
         start_time=start_ms,
         run_name=stage,
-        tags={"lmpipe.stage": stage, "git.commit": COMMIT, "git.dirty": "false"},
+        tags={"lmpipe.stage": stage, "git.commit": COMMIT, "git.dirty": "false", **(tags or {})},
     )
     run_id = run.info.run_id
     client.log_batch(
@@ -76,6 +79,34 @@ def store(tmp_path_factory) -> dict:
              "report/proxy_reward.final": 1.0 + i, "rl/kl": 0.01},
         )  # fmt: skip
     return {"uri": uri, "root": root, "ids": ids}
+
+
+@pytest.fixture(scope="module")
+def pipeline_store(tmp_path_factory) -> dict:
+    """Two pipeline results: one sft run, two rl runs on it (`rl.kl_coef` 0.1 and 0.2) and an
+    evaluate run on each, linked by `lineage.*.run_id` tags as the stages log them."""
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("pipeline")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("lmpipe")
+    sft = _log_run(client, exp_id, "sft", BASE_MS, {"seed": "7", "sft.lr": "0.003"},
+                   {"report/val_loss": 2.5})  # fmt: skip
+    ids = {}
+    for i, kl in enumerate(("0.1", "0.2")):
+        start = BASE_MS + (i + 1) * 60_000
+        rl = _log_run(client, exp_id, "rl", start, {"seed": "7", "rl.kl_coef": kl},
+                      {"report/gold_reward.final": 0.5 + i},
+                      tags={"lineage.sft.run_id": sft})  # fmt: skip
+        ids[kl] = _log_run(
+            client, exp_id, "evaluate", start + 30_000,
+            {"seed": "7", "evaluate.samples_per_prompt": "8"},
+            {"report/variants.rl.gold_reward": 0.4 + i / 10, "report/variants.rl.ppl": 40.0,
+             "report/variants.rl.kl_to_sft": 2.0 + i, "report/variants.sft.gold_reward": 0.15},
+            tags={"lineage.rl.run_id": rl, "lineage.sft.run_id": sft},
+        )  # fmt: skip
+    return {"uri": uri, "ids": ids, "sft": sft}
 
 
 def invoke(*args: str):
@@ -156,13 +187,51 @@ def test_cli_prints_the_table(store):
     assert "seed" not in lines[0]
 
 
-def test_no_stage_shows_headlines_of_every_stage(store):
-    res = invoke("--tracking-uri", store["uri"], "--format", "csv")
+def test_no_stage_shows_pipeline_results_with_upstream_params_and_headlines(pipeline_store):
+    res = invoke("--tracking-uri", pipeline_store["uri"], "--format", "csv")
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(io.StringIO(res.stdout)))
-    assert [r["stage"] for r in rows] == ["rl", "rl", "rl", "sft"]
-    assert rows[-1]["val_loss"] == "2.5" and rows[0]["val_loss"] == ""
-    assert rows[0]["gold_reward.final"] == "0.6346"
+    assert [r["stage"] for r in rows] == ["evaluate", "evaluate"]
+    assert [r["run"] for r in rows] == [pipeline_store["ids"][k][:8] for k in ("0.2", "0.1")]
+    # rl.kl_coef was logged by the rl runs upstream, and is the only param that differs
+    assert [r["rl.kl_coef"] for r in rows] == ["0.2", "0.1"]
+    assert "sft.lr" not in rows[0] and "seed" not in rows[0]
+    # the headline columns under their reports/headline.json names; unlogged ones left out
+    assert list(rows[0])[-4:] == ["sft_gold", "rl_gold", "rl_kl", "rl_ppl"]
+    assert [r["rl_gold"] for r in rows] == ["0.5", "0.4"] and rows[0]["rl_kl"] == "3"
+    assert "" not in rows[0].values()
+
+
+def test_no_stage_all_params_include_every_upstream_stage(pipeline_store):
+    runs = fetch_runs(pipeline_store["uri"], "lmpipe", stage="evaluate", lineage=True)
+    assert runs[0].params["sft.lr"] == "0.003" and runs[0].params["rl.kl_coef"] == "0.2"
+    assert "rl.kl_coef" not in fetch_runs(pipeline_store["uri"], "lmpipe", "evaluate")[0].params
+    res = invoke("--tracking-uri", pipeline_store["uri"], "--all-params", "--metric", "rl_gold")
+    assert res.exit_code == 0, res.output
+    header = res.stdout.splitlines()[0].split()
+    assert {"sft.lr", "rl.kl_coef", "evaluate.samples_per_prompt"} <= set(header)
+    assert header[-1] == "rl_gold" and "rl_kl" not in header
+
+
+def test_upstream_params_follow_lineage_and_the_runs_own_value_wins():
+    def run(run_id: str, params: dict, lineage: tuple = ()) -> RunRecord:
+        return RunRecord(run_id, "x", None, "FINISHED", "", params, lineage=lineage)
+
+    upstream = {
+        "sft": run("sft", {"seed": "1", "sft.lr": "0.1"}, ("pre",)),
+        "pre": run("pre", {"seed": "1", "pretrain.lr": "0.2"}),
+    }
+    ev = run("ev", {"seed": "2"}, ("sft", "gone"))  # "gone": a deleted run, skipped
+    merged = with_upstream(ev, upstream)
+    assert merged.params == {"seed": "2", "sft.lr": "0.1", "pretrain.lr": "0.2"}
+    assert ev.params == {"seed": "2"}
+
+
+def test_no_stage_without_evaluate_runs_says_to_pass_a_stage(store):
+    res = invoke("--tracking-uri", store["uri"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "no runs of stage 'evaluate'" in res.stderr and "rl, sft" in res.stderr
+    assert "pass --stage" in res.stderr
 
 
 def test_unknown_experiment_lists_the_existing_ones(store):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -160,6 +161,36 @@ def test_report_contains_every_model_flags_and_figures(tmp_path):
     R.figure_size_quality(metrics["variants"], tmp_path / "d.png")
     for f in "abcd":
         assert (tmp_path / f"{f}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_training_curves_one_panel_per_concern_with_rl_kl_apart_from_reward():
+    curves = {"pretrain": {"step": [1, 2], "train/loss": [3, 2], "eval/loss": [math.nan, 2.1]},
+              "sft": {},
+              "rl": {"step": [1, 2], "rl/score": [0, 1], "rl/gold": [0.1, 0.2], "rl/kl": [0, 5],
+                     "rl/policy_loss": [1, 1]}}  # fmt: skip
+    panels = R._curve_panels(curves)
+    assert [(p[0], [k for k, _ in p[4]]) for p in panels] == [
+        ("pretrain", ["train/loss", "eval/loss"]),
+        ("rl", ["rl/score", "rl/gold"]),
+        ("rl", ["rl/kl"]),
+    ]
+    assert all(p[2] and p[3] for p in panels)  # every panel has axis labels
+
+
+def test_headline_picks_the_dozen_figures_by_their_short_names():
+    metrics = fixture_metrics()
+    h = R.headline(metrics)
+    assert h["sft_gold"] == pytest.approx(0.1) and h["rl_gold"] == pytest.approx(0.2)
+    assert h["rl_kl"] == pytest.approx(1.0) and h["rl_ppl"] == 32
+    assert h["int8_gold"] == pytest.approx(0.7) and h["int8_size_mb"] == 13
+    assert h["bon_gold"] == pytest.approx(0.1 + 0.02 * 16)  # the largest n
+    assert h["flag_count"] == 1 and isinstance(h["flag_count"], int)
+    assert "rl_gold_se" not in h  # not in the fixture: left out, never null
+    assert all(re.fullmatch(r"(sft|rl|bon|int8|flag)_\w+", k) for k in h)
+    # no int8 bundle (export skipped) and no best-of-n: those figures are left out
+    del metrics["variants"]["onnx-rl-int8"]
+    h = R.headline({**metrics, "best_of_n": []})
+    assert not any(k.startswith(("int8_", "bon_")) for k in h) and "rl_gold" in h
 
 
 def test_read_curves_keeps_missing_values_as_nan(tmp_path):

@@ -2,6 +2,7 @@
 the stage runs under it, every model loadable from the registry, and a copied project that
 finds its runs' artifacts in the copy."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,12 @@ def test_one_dvc_repro_is_one_pipeline_run_with_the_stage_runs_under_it(tiny_rep
     assert first.info.status == "FINISHED"
     assert first.data.tags["git.commit"] == children[0].data.tags["git.commit"]
     assert not any(k.startswith("lmpipe.reused.") for k in first.data.tags)
+    # the report card's headline figures on the pipeline run, the inputs as datasets
+    headline = json.loads((tiny_repo / "reports/headline.json").read_text())
+    assert first.data.metrics["rl_gold"] == pytest.approx(headline["rl_gold"])
+    rl = next(r for r in children if r.data.tags["lmpipe.stage"] == "rl")
+    assert {d.dataset.name for d in rl.inputs.dataset_inputs} == {
+        "models/sft", "models/reward", "data/prepared"}  # fmt: skip
 
 
 def test_every_stage_model_is_registered_and_loads_by_uri(tiny_repo):

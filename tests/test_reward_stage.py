@@ -1,6 +1,7 @@
 """The reward stage through the real `dvc repro` (tiny params), and its file source."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -55,12 +56,18 @@ def test_reward_from_a_preference_file(tiny_repo, tmp_path):
         "--out", str(tmp_path / "rm"), "--report", str(tmp_path / "reward.json"),
         "--plots", str(tmp_path / "reward.csv"), "--cache", str(tmp_path / "cache"),
     ]  # fmt: skip
-    res = run(cmd, tiny_repo, extra_env={"LMPIPE_LOG_LEVEL": "INFO"})
-    # a log fit for a file: no redrawn progress bars, no misleading "MISSING weight" report
+    env = {"LMPIPE_LOG_LEVEL": "INFO", "LMPIPE_PROGRESS_S": "0"}  # a progress line every step
+    res = run(cmd, tiny_repo, extra_env=env)
+    # a log fit for a file: no redrawn progress bars, no misleading "MISSING weight" report,
+    # none of MLflow's advice that does not apply, plain progress lines and one summary line
     log = res.stdout + res.stderr
     assert "\r" not in log and "Loading weights" not in log, log[-2000:]
     assert "MISSING" not in log and "downstream task" not in log, log[-2000:]
+    for noise in ("Downloading artifacts", "type hints", "input example", "CloudPickle"):
+        assert noise not in log, noise
     assert "reward INFO" in log
+    assert re.search(r"progress INFO train 5/20 \(25%\), loss \S+, tokens_per_s", log), log
+    assert re.search(r"reward INFO reward finished in \d+s: val_accuracy ", log.splitlines()[-1])
     rep = json.loads((tmp_path / "reward.json").read_text())
     assert rep["pairs"]["train"] + rep["pairs"]["val"] == len(rows)
     assert rep["val_accuracy"] > 0.9  # one fixed, easy preference

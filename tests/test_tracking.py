@@ -141,6 +141,9 @@ def test_stages_of_one_pipeline_nest_under_one_pipeline_run(tmp_path, monkeypatc
     # the stage the second pipeline did not rerun is linked, not copied
     assert second.data.tags["lmpipe.reused.prepare"] == a.run_id
     assert len(runs[b.run_id].data.tags["lmpipe.params.sha256"]) == 64
+    (dataset,) = runs[b.run_id].inputs.dataset_inputs
+    assert dataset.dataset.name == up.as_posix() and dataset.tags[0].value == "data"
+    assert dataset.dataset.digest == runs[b.run_id].data.tags["input.data.sha256"][:32]
 
 
 def test_the_pipeline_key_is_the_dvc_process_that_started_the_stage(tmp_path, monkeypatch):

@@ -299,3 +299,21 @@ def test_checkpoint_key_changes_with_params_and_input_content(tmp_path):
     assert store(seed=2).directory != base
     (data / "train.bin").write_bytes(b"\x01\x03")
     assert store().directory != base
+
+
+def test_progress_in_a_log_is_plain_lines_at_the_interval(caplog):
+    from lmpipe.progress import Progress
+
+    with caplog.at_level("INFO", logger="lmpipe.progress"):
+        bar = Progress(4, "train", terminal=False, every_s=0.0)
+        for i in range(4):
+            bar.update(1, loss=f"{1.0 / (i + 1):.2f}")
+        quiet = Progress(4, "rl", terminal=False, every_s=3600.0)
+        quiet.update(2)
+        off = Progress(4, "rank 1", terminal=False, every_s=0.0, enabled=False)
+        off.update(2)
+    lines = [r.getMessage() for r in caplog.records]
+    # every update but the last (the stage's own lines report the end)
+    assert [line.split(",")[0] for line in lines] == ["train 1/4 (25%)", "train 2/4 (50%)",
+                                                      "train 3/4 (75%)"]  # fmt: skip
+    assert "loss 0.33" in lines[-1] and "left" in lines[-1]

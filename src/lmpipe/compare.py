@@ -1,5 +1,8 @@
 """Compare pipeline runs recorded in MLflow: one row per run, the params that differ, headlines.
 
+Without a stage, a row is a pipeline result: an evaluate run, with the params of every run
+upstream of it (found through its `lineage.*.run_id` tags) and the report card's headline figures.
+
 `fetch_runs` is the only function that talks to MLflow; the rest are pure and work on `RunRecord`.
 MLflow is imported lazily, and nothing here creates an experiment or a store.
 """
@@ -15,12 +18,13 @@ import os
 import re
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from lmpipe.config import ParamsError, TrackingParams, parse_section, read_yaml
+from lmpipe.evaluate.report import HEADLINE
 from lmpipe.tracking import TrackingError, absolute_uri, check_reachable
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -53,9 +57,15 @@ STAGE_METRICS: dict[str, tuple[str, ...]] = {
         "report/variants.quantized.size_mb",
     ),
     "export": ("report/rl.max_abs_logit_diff", "report/rl.int8.greedy_token_match"),
-    "evaluate": ("report/variants.rl.gold_reward", "report/variants.rl.kl_to_sft"),
+    "evaluate": tuple(REPORT_PREFIX + path for _, path in HEADLINE),
 }
 """Headline report metrics per stage, shown by default."""
+METRIC_LABELS = {REPORT_PREFIX + path: name for name, path in HEADLINE}
+"""Column titles for metrics with a short name (those of `reports/headline.json`)."""
+_HEADLINE_PATHS = {name: REPORT_PREFIX + path for name, path in HEADLINE}
+PIPELINE_STAGE = "evaluate"
+"""The stage whose runs are the rows when no stage is given: one per pipeline result."""
+LINEAGE_TAG = re.compile(r"^lineage\.[^.]+\.run_id$")
 
 FIXED_COLUMNS = ("run", "stage", "start", "status", "commit")
 _STAGE_RE = re.compile(r"^[\w.-]+$")
@@ -77,6 +87,8 @@ class RunRecord:
     commit: str
     params: Mapping[str, str] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
+    lineage: tuple[str, ...] = ()
+    """Run ids of the runs that wrote this run's inputs (its `lineage.*.run_id` tags)."""
 
 
 @dataclass(frozen=True)
@@ -165,13 +177,20 @@ def _record(run) -> RunRecord:
         commit=tags.get("git.commit", ""),
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
+        lineage=tuple(v for k, v in sorted(tags.items()) if LINEAGE_TAG.match(k)),
     )
 
 
 def fetch_runs(
-    uri: str, experiment: str, stage: str | None = None, last: int = 10, timeout_s: float = 10.0
+    uri: str,
+    experiment: str,
+    stage: str | None = None,
+    last: int = 10,
+    timeout_s: float = 10.0,
+    lineage: bool = False,
 ) -> list[RunRecord]:
-    """The newest `last` runs of `experiment` (of `stage`, by tag or run name), newest first."""
+    """The newest `last` runs of `experiment` (of `stage`, by tag or run name), newest first;
+    with `lineage`, each with the params of the runs upstream of it added (`with_upstream`)."""
     if last < 1:
         raise CompareError(f"--last must be at least 1, got {last}")
     if stage is not None and not _STAGE_RE.match(stage):
@@ -204,11 +223,51 @@ def fetch_runs(
                 found.setdefault(run.info.run_id, _record(run))
         if not found:
             raise CompareError(_no_runs_message(client, exp.experiment_id, experiment, stage))
+        runs = newest_first(found.values())[:last]
+        if lineage:
+            upstream = _fetch_upstream(client, runs)
+            runs = [with_upstream(r, upstream) for r in runs]
     except MlflowException as err:
         raise CompareError(f"cannot read MLflow at {uri}: {err.message}") from None
     except SQLAlchemyError as err:
         raise CompareError(f"cannot read MLflow at {uri}: {err}") from None
-    return newest_first(found.values())[:last]
+    return runs
+
+
+def _fetch_upstream(client, runs: Sequence[RunRecord]) -> dict[str, RunRecord]:
+    """Every run reachable through the lineage of `runs`, by run id; ids MLflow no longer has
+    (a deleted run) are skipped, so a row shows fewer params rather than failing."""
+    from mlflow.exceptions import MlflowException
+
+    found: dict[str, RunRecord] = {}
+    todo = [i for r in runs for i in r.lineage]
+    while todo:
+        run_id = todo.pop()
+        if run_id in found:
+            continue
+        try:
+            found[run_id] = _record(client.get_run(run_id))
+        except MlflowException:
+            continue
+        todo += found[run_id].lineage
+    return found
+
+
+def with_upstream(run: RunRecord, upstream: Mapping[str, RunRecord]) -> RunRecord:
+    """`run` with the params of every run upstream of it (its lineage, followed recursively)
+    added; the run's own value wins where both logged a key (e.g. `seed`)."""
+    params = dict(run.params)
+    seen: set[str] = set()
+    todo = list(run.lineage)
+    while todo:
+        run_id = todo.pop(0)
+        if run_id in seen or run_id not in upstream:
+            continue
+        seen.add(run_id)
+        for k, v in upstream[run_id].params.items():
+            params.setdefault(k, v)
+        todo += upstream[run_id].lineage
+    return replace(run, params=params)
 
 
 def _no_runs_message(client, experiment_id: str, experiment: str, stage: str | None) -> str:
@@ -216,8 +275,16 @@ def _no_runs_message(client, experiment_id: str, experiment: str, stage: str | N
         return f"no runs in experiment {experiment!r}"
     runs = client.search_runs([experiment_id], "", max_results=1000)
     stages = sorted({_record(r).stage for r in runs} - {""})
-    return f"no runs of stage {stage!r} in experiment {experiment!r}; stages with runs: " + (
-        ", ".join(stages) or "none"
+    hint = ""
+    if stage == PIPELINE_STAGE:
+        hint = (
+            f" (without --stage, compare shows pipeline results: the {PIPELINE_STAGE} stage's "
+            "runs; pass --stage for another stage's runs)"
+        )
+    return (
+        f"no runs of stage {stage!r} in experiment {experiment!r}; stages with runs: "
+        + (", ".join(stages) or "none")
+        + hint
     )
 
 
@@ -252,7 +319,9 @@ def _present_metrics(runs: Sequence[RunRecord]) -> set[str]:
 
 
 def resolve_metric(key: str, runs: Sequence[RunRecord]) -> str:
-    """`key` as given, or `report/<key>` when only that one was logged."""
+    """`key` as given, or `report/<key>` when only that one was logged; a headline name
+    (`rl_gold`) stands for its report path."""
+    key = _HEADLINE_PATHS.get(key, key)
     present = _present_metrics(runs)
     if key not in present and REPORT_PREFIX + key in present:
         return REPORT_PREFIX + key
@@ -302,7 +371,8 @@ def build_table(
     runs = newest_first(runs)
     params = sorted({k for r in runs for k in r.params}) if all_params else varying_params(runs)
     keys = headline_metrics(runs, stage, metrics)
-    headers = [*FIXED_COLUMNS, *params, *(k.removeprefix(REPORT_PREFIX) for k in keys)]
+    titles = (METRIC_LABELS.get(k, k.removeprefix(REPORT_PREFIX)) for k in keys)
+    headers = [*FIXED_COLUMNS, *params, *titles]
     rows: list[list[str | float | None]] = []
     for r in runs:
         start = r.start_time.astimezone().strftime("%Y-%m-%d %H:%M") if r.start_time else None

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lmpipe.chat import ChatTemplate
+from lmpipe.progress import Progress
 from lmpipe.sampling import generate
 from lmpipe.train import IGNORE, Batch
 
@@ -151,7 +152,8 @@ def sample_responses(
     """
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = []
+    out: list[dict[str, Any]] = []
+    bar = Progress(len(prompts), "sampling: prompts")
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         g = generate(
@@ -171,4 +173,6 @@ def sample_responses(
                     "n_tokens": n,
                 }
             )
+        bar.update(len(chunk))
+    bar.close()
     return out

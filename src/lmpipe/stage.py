@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,7 @@ def run(main: Callable[[], Any], stage: str) -> None:
     if os.environ.get("RANK", "0") == "0":
         prune_checkpoints()
     ok = False
+    t0 = time.perf_counter()
     try:
         main()
         ok = True
@@ -126,6 +128,53 @@ def run(main: Callable[[], Any], stage: str) -> None:
             keep_last_good(kept_outputs)
         else:
             restore_last_good(kept_outputs)
+    if os.environ.get("RANK", "0") == "0":
+        logging.getLogger(stage).info("%s", summary_line(stage, time.perf_counter() - t0,
+                                                        report_path(sys.argv[1:])))  # fmt: skip
+
+
+SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
+    "prepare": ("documents.train", "tokens.train", "vocab_size"),
+    "pretrain": ("val_loss", "val_ppl", "tokens_per_sec"),
+    "sft": ("val_loss", "eos_rate"),
+    "reward": ("val_accuracy", "gold_order_accuracy", "baseline_bow_gold_order_accuracy"),
+    "rl": ("gold_reward.final", "proxy_reward.final", "kl_to_ref", "episodes_per_sec"),
+    "compress": (
+        "variants.distilled.gold_reward",
+        "variants.pruned.val_ppl",
+        "variants.quantized.size_mb",
+    ),
+    "export": ("rl.max_abs_logit_diff", "rl.int8.greedy_token_match"),
+    "evaluate": ("variants.rl.gold_reward", "variants.rl.kl_to_sft", "variants.sft.gold_reward"),
+}
+"""The figures of a stage's report its last log line gives."""
+
+
+def report_path(argv: list[str]) -> Path | None:
+    """The report a stage was told to write (`--report`, or evaluate's `--metrics`)."""
+    for flag in ("--report", "--metrics"):
+        if flag in argv[:-1]:
+            return Path(argv[argv.index(flag) + 1])
+    return None
+
+
+def summary_line(stage: str, seconds: float, report: Path | None) -> str:
+    """`<stage> finished in 1m23s: key figures` — one line a reader of the log looks for."""
+    minutes, secs = divmod(round(seconds), 60)
+    took = f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+    figures = []
+    if report is not None and report.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(report.read_text())
+            for key in SUMMARY_KEYS.get(stage, ()):
+                value: Any = data
+                for part in key.split("."):
+                    value = value.get(part) if isinstance(value, dict) else None
+                if isinstance(value, int) and not isinstance(value, bool):
+                    figures.append(f"{key} {value}")
+                elif isinstance(value, float):
+                    figures.append(f"{key} {value:.4g}")
+    return f"{stage} finished in {took}" + (f": {', '.join(figures)}" if figures else "")
 
 
 CHECKPOINTS = Path(".cache") / "checkpoints"

@@ -79,6 +79,11 @@ class NullTracker:
         self.set_tags(tags)
         return tags
 
+    def log_pipeline_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Metrics for the pipeline run this stage runs under (the report card's headline
+        figures, so the pipeline runs compare side by side in the MLflow UI); none outside DVC."""
+        self.pipeline_metrics = dict(metrics)
+
     def log_model(
         self,
         path: str | Path,
@@ -134,6 +139,12 @@ class MlflowTracker(NullTracker):
     def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
         super().log_artifacts(directory, artifact_path)
         self._mlflow.log_artifacts(str(directory), artifact_path)
+
+    def log_pipeline_metrics(self, metrics: Mapping[str, float]) -> None:
+        super().log_pipeline_metrics(metrics)
+        if parent := self.tags.get(PARENT_TAG):
+            for k, v in metrics.items():
+                self._mlflow.MlflowClient().log_metric(parent, k, float(v))
 
     def log_model(
         self,
@@ -397,6 +408,28 @@ def lock_digest(root: str | Path) -> dict[str, str]:
     return {"dvc.lock.sha256": hash_path(path)} if path.is_file() else {}
 
 
+def log_inputs(mlflow: Any, inputs: Mapping[str, str | Path], tags: Mapping[str, str]) -> None:
+    """Each input as an MLflow dataset of the run (its path as given, relative to the project,
+    and its content hash as digest; the context is the input's role), so the UI shows what
+    every run read."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for name, path in inputs.items():
+        digest = tags[f"input.{name}.sha256"][:DIGEST_CHARS]
+        with warnings.catch_warnings():  # two registered local sources: the same class
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways")
+            source = resolve_dataset_source(Path(path).as_posix())
+        dataset = MetaDataset(source=source, name=Path(path).as_posix(), digest=digest)
+        mlflow.log_input(dataset, context=name)
+
+
+DIGEST_CHARS = 32
+"""An MLflow dataset digest holds at most 36 characters; the run's tags keep the whole hash."""
+
+
 def input_tags(inputs: Mapping[str, str | Path]) -> dict[str, str]:
     """The path and content hash of every input."""
     tags: dict[str, str] = {}
@@ -482,6 +515,7 @@ def stage_run(
         tracker = MlflowTracker(run.info.run_id)
         tracker.log_params(params.flat())
         tracker.set_tags(tags)
+        log_inputs(mlflow, inputs or {}, tags)
         try:
             yield tracker
         except BaseException as err:

@@ -24,11 +24,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from lmpipe.config import TrainParams
 from lmpipe.io import WALL_CLOCK, hash_obj
 from lmpipe.model import attention_for, set_attention
+from lmpipe.progress import Progress
 from lmpipe.tracking import NullTracker
 
 log = logging.getLogger(__name__)
@@ -378,7 +378,7 @@ def train(
     peak = peak_flops(cfg, device)
     fpt = flops_per_token(model)
     last_val = history[-1].get("eval/loss", float("nan")) if history else float("nan")
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=prefix, disable=None if rank == 0 else True)
+    bar = Progress(cfg.max_steps, prefix, initial=start, enabled=rank == 0)
     step = start
     window_t0, window_tokens = time.perf_counter(), 0
     end = cfg.max_steps if stop_after is None else min(cfg.max_steps, stop_after)
@@ -436,7 +436,7 @@ def train(
             if peak:
                 row[f"{prefix}/mfu"] = tps * fpt / peak
             window_t0, window_tokens = time.perf_counter(), 0
-            bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tps:,.0f}")
+            bar.fields.update(loss=f"{loss_mean:.3f}", tokens_per_s=f"{tps:,.0f}")
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
             last_val = evaluate(model, val_batches, device, bf16, loss_sum)
             row["eval/loss"] = last_val
