@@ -7,6 +7,7 @@ Run by DVC (see dvc.yaml).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
@@ -41,7 +42,7 @@ from lmpipe.reward import (
     val_prompts,
 )
 from lmpipe.sft import sample_responses
-from lmpipe.tracking import model_card, stage_run
+from lmpipe.tracking import NullTracker, model_card, stage_run
 from lmpipe.train import checkpoint_store, train, use_bf16
 
 log = logging.getLogger("reward")
@@ -67,9 +68,10 @@ def main() -> None:
     gold = make_gold(pcfg.gold, keywords=pcfg.keywords)
     t_stage = time.perf_counter()
 
-    _, device = dist.setup(cfg.device)
+    info, device = dist.setup(cfg.device)
 
-    with stage_run("reward", params, params.tracking, inputs) as tracker:
+    run = stage_run("reward", params, params.tracking, inputs)
+    with run if info.is_main else contextlib.nullcontext(NullTracker()) as tracker:
         template = load_template(args.data)
         pad = template.pad_id
         sft = load_model(args.model, device)
@@ -77,6 +79,8 @@ def main() -> None:
 
         t0 = time.perf_counter()
         if pcfg.source == "gold":
+            # every process draws the same samples (same seed): the pairs, and so the training
+            # data, are those of one process; only the training is split across processes
             prompts = rl_prompts[: pcfg.prompts]
             # bf16 weights: 1.6x the tokens/s on an AVX512-BF16 CPU (bench/sampling_throughput.py)
             bf16 = use_bf16(pcfg.precision if pcfg.precision != "auto" else cfg.precision, device)
@@ -118,22 +122,25 @@ def main() -> None:
                 f"{len(encoded['train'])} train and {len(encoded['val'])} val pairs fit the "
                 f"context of {context} tokens; more prompts or shorter responses are needed"
             )
-        with atomic_dir(args.pairs) as tmp:
-            with (tmp / "pairs.jsonl").open("w", encoding="utf-8") as f:
-                for p in pairs:
-                    f.write(json.dumps(p, ensure_ascii=False) + "\n")
-            write_json(
-                tmp / "meta.json",
-                {"source": pcfg.source, "gold": pcfg.gold, "tau": pcfg.tau,
-                 "pairs": {s: len(v) for s, v in encoded.items()}, **sample_stats},
-            )  # fmt: skip
+        if info.is_main:
+            with atomic_dir(args.pairs) as tmp:
+                with (tmp / "pairs.jsonl").open("w", encoding="utf-8") as f:
+                    for p in pairs:
+                        f.write(json.dumps(p, ensure_ascii=False) + "\n")
+                write_json(
+                    tmp / "meta.json",
+                    {"source": pcfg.source, "gold": pcfg.gold, "tau": pcfg.tau,
+                     "pairs": {s: len(v) for s, v in encoded.items()}, **sample_stats},
+                )  # fmt: skip
         del sft  # sampling is done; the reward model starts from a fresh copy of the backbone
 
         marker, last = template.response_marker or (None, False)
         model = build_reward_model(args.model, params.seed, cfg.pooling, marker, last).to(device)
         train_groups = preference_groups(encoded["train"], cfg.batching)
         val_groups = preference_groups(encoded["val"], cfg.batching)
-        source = PreferenceBatches(train_groups, cfg.batch_size, params.seed, pad)
+        # under torchrun each process takes its slice of every global batch (batch_size each)
+        source = PreferenceBatches(train_groups, cfg.batch_size, params.seed, pad, info.rank,
+                                   info.world)  # fmt: skip
         val = PreferenceBatches(val_groups, cfg.batch_size, 0, pad).fixed_batches(cfg.eval_batches)
         val_ex = [e for e, _ in encoded["val"]]
         store = checkpoint_store(args.cache, "reward", stage.checkpoint_key(params, inputs))
@@ -142,6 +149,9 @@ def main() -> None:
             tracker=tracker, checkpoints=store, plot_csv=args.plots, prefix="train",
         )  # fmt: skip
         model.eval()
+        if not info.is_main:  # evaluation, normalisation and outputs are rank 0's
+            dist.teardown()
+            return
 
         # held-out pairs: accuracy against the labels and against the gold order
         rows = [p for _, p in encoded["val"]]
@@ -198,6 +208,7 @@ def main() -> None:
             "train_seconds": result.train_seconds,
             "normalise_seconds": normalise_seconds,
             "stage_seconds": time.perf_counter() - t_stage,
+            "world_size": info.world,
         }
         man = stage.manifest("reward", params, tracker.tags, report, store.directory.name)
         man["normalization"] = norm
@@ -217,6 +228,7 @@ def main() -> None:
             report["gold_order_accuracy"], report["gold_order_pairs"], report["val_accuracy"],
             report["val_gold_spearman"], sample_seconds, result.train_seconds,
         )  # fmt: skip
+    dist.teardown()
 
 
 def read_jsonl(path: Path) -> list[dict]:

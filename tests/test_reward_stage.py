@@ -1,5 +1,6 @@
 """The reward stage through the real `dvc repro` (tiny params), and its file source."""
 
+import csv
 import json
 import re
 
@@ -79,3 +80,42 @@ def test_reward_from_a_preference_file(tiny_repo, tmp_path):
     assert res.returncode == 2
     assert f"reward: error: {pairs_file}:2: no field 'chosen'" in res.stderr
     assert not (tmp_path / "rm").exists()
+
+
+def test_reward_under_torchrun_matches_one_process_and_only_rank_0_writes(tiny_repo, tmp_path):
+    import mlflow
+
+    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
+    params["reward"].update({"batch_size": 4, "max_steps": 8, "eval_every": 8, "log_every": 1,
+                             "checkpoint_every": 0})  # fmt: skip
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(params))
+    params["reward"]["batch_size"] = 8
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(params))
+
+    def reward(name, **env):
+        out = tmp_path / name
+        cmd = ["python", "stages/reward.py", "--params", str(tmp_path / f"{name}.yaml"),
+               "--model", "models/sft", "--data", "data/prepared", "--pairs", str(out / "pairs"),
+               "--out", str(out / "rm"), "--report", str(out / "reward.json"),
+               "--plots", str(out / "reward.csv"), "--cache", str(out / "cache")]  # fmt: skip
+        store = f"sqlite:///{tmp_path}/{name}.db"
+        res = run(cmd, tiny_repo, timeout=900, extra_env={"MLFLOW_TRACKING_URI": store, **env})
+        mlflow.set_tracking_uri(store)
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        with (out / "reward.csv").open() as f:
+            curve = [float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]]
+        return res, json.loads((out / "reward.json").read_text()), runs, curve, out
+
+    res, ddp, ddp_runs, ddp_curve, ddp_out = reward("ddp", LMPIPE_NPROC="2",
+                                                    LMPIPE_LOG_LEVEL="INFO")  # fmt: skip
+    assert "torchrun --nproc_per_node=2 --standalone stages/reward.py" in res.stderr
+    _, one, _, one_curve, one_out = reward("one")
+    assert ddp["world_size"] == 2 and one["world_size"] == 1
+    assert len(ddp_runs) == 1  # one MLflow run: rank 0's
+    # the same pairs, the same global batches of 8 groups: only float order differs
+    pairs = [(o / "pairs/pairs.jsonl").read_bytes() for o in (ddp_out, one_out)]
+    assert pairs[0] == pairs[1]
+    assert len(ddp_curve) == len(one_curve) == 8
+    np.testing.assert_allclose(ddp_curve, one_curve, rtol=2e-4)
+    for key in ("val_loss", "gold_order_accuracy", "val_accuracy"):
+        assert ddp[key] == pytest.approx(one[key], abs=2e-3), key
