@@ -6,6 +6,7 @@ Run by DVC (see dvc.yaml).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import time
@@ -25,7 +26,7 @@ from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, read_json, read_jsonl, write_json
 from lmpipe.model import context_length, load_model, n_params, read_manifest, save_model
 from lmpipe.reward import RewardModel
-from lmpipe.tracking import RenamingTracker, model_card, stage_run
+from lmpipe.tracking import NullTracker, RenamingTracker, model_card, stage_run
 from lmpipe.train import (
     TokenWindows,
     checkpoint_store,
@@ -53,12 +54,13 @@ def main() -> None:
 
     params = load_params(args.params, ["compress", "tracking"])
     cfg = params.compress
-    _, device = dist.setup(cfg.device)
+    info, device = dist.setup(cfg.device)
     inputs = {"teacher": args.teacher, "sft": args.sft, "reward": args.reward, "data": args.data}
     pref = read_manifest(args.reward)["params"]["preference"]
     gold = make_gold(pref["gold"], keywords=pref.get("keywords", ()))
 
-    with stage_run("compress", params, params.tracking, inputs) as tracker:
+    run = stage_run("compress", params, params.tracking, inputs)
+    with run if info.is_main else contextlib.nullcontext(NullTracker()) as tracker:
         template = load_template(args.data)
         pad, stops = template.pad_id, template.stop_ids
         meta = read_json(args.data / "meta.json")
@@ -77,21 +79,25 @@ def main() -> None:
         gen = torch.Generator(device=device).manual_seed(params.seed)
         _, rl_prompts = fitting(read_jsonl(args.data / "prompts" / "rl.jsonl"), cfg.teacher_samples)
         t0 = time.perf_counter()
+        # every process draws the same teacher samples (same seed); training is what is split
         examples = teacher_examples(
             teacher, rl_prompts, max_new_tokens=cfg.max_new_tokens, eos_id=stops,
             pad_id=pad, temperature=1.0, generator=gen,
         ) if cfg.teacher_samples else []  # fmt: skip
         sample_seconds = time.perf_counter() - t0
 
-        def batches(seed: int) -> MixedBatches:
+        def batches(seed: int, split: bool = True) -> MixedBatches:
+            """Each process's slice of every global batch (`split`), or the whole batch."""
+            rank, world = (info.rank, info.world) if split else (0, 1)
             return MixedBatches(
                 train_tokens, window, examples, cfg.batch_size, cfg.sample_fraction, seed, pad,
+                rank, world,
             )  # fmt: skip
 
         importance = None
         if cfg.prune or (cfg.distill and cfg.student_init == "teacher"):
             if cfg.prune_importance == "taylor":
-                calib = batches(params.seed + 7)
+                calib = batches(params.seed + 7, split=False)  # the same pruning on every rank
                 draws = [calib.next_batch() for _ in range(cfg.calibration_batches)]
                 calibration = [b for d in draws for b in split_parts(d)]
                 importance = taylor_importance(teacher, calibration, lm_loss_sum)
@@ -136,6 +142,9 @@ def main() -> None:
             variants["pruned"] = pruned
         if cfg.quantize:
             variants["quantized"] = q8.quantize_int8(teacher, cfg.quantize_embeddings)
+        if not info.is_main:  # saving, scoring and outputs are rank 0's
+            dist.teardown()
+            return
         write_history_csv(args.plots, [history[s] for s in sorted(history)])
 
         with atomic_dir(args.out) as tmp:
@@ -198,6 +207,7 @@ def main() -> None:
             )  # fmt: skip
 
         report = summarize(rows, sample_seconds, len(examples), str(device))
+        report["world_size"] = info.world
         tracker.log_text(
             "\n\n".join(
                 f"PROMPT: {eval_text[i // cfg.eval_samples]}\n"
@@ -216,6 +226,8 @@ def main() -> None:
         write_json(args.report, report)
         for kind in ("distill", "recovery"):
             checkpoint_store(args.cache, f"compress-{kind}", key).clear()
+
+    dist.teardown()
 
 
 def summarize(rows: dict[str, dict], sample_seconds: float, n_samples: int, device: str) -> dict:

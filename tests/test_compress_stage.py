@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from conftest import writer_run
+from conftest import run, writer_run
 
 pytestmark = pytest.mark.e2e
 
@@ -59,3 +60,46 @@ def test_every_variant_loads_with_the_common_loader_and_generates(tiny_repo):
     q = load_model(root / "quantized")
     assert q.model.layers[0].mlp.up_proj.weight.qdata.dtype == torch.int8
     assert json.loads((root / "quantized/lmpipe.json").read_text())["quantization"]["method"]
+
+
+def test_distillation_under_torchrun_matches_one_process(tiny_repo, tmp_path):
+    import csv
+
+    import mlflow
+
+    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
+    params["compress"].update({"batch_size": 4, "distill_steps": 6, "recovery_steps": 4,
+                               "eval_every": 6, "log_every": 1, "checkpoint_every": 0})  # fmt: skip
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(params))
+    params["compress"]["batch_size"] = 8
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(params))
+
+    def compress(name, **env):
+        out = tmp_path / name
+        cmd = ["python", "stages/compress.py", "--params", str(tmp_path / f"{name}.yaml"),
+               "--teacher", "models/rl", "--sft", "models/sft", "--reward", "models/reward",
+               "--data", "data/prepared", "--out", str(out / "models"),
+               "--report", str(out / "compress.json"), "--plots", str(out / "compress.csv"),
+               "--cache", str(out / "cache")]  # fmt: skip
+        store = f"sqlite:///{tmp_path}/{name}.db"
+        res = run(cmd, tiny_repo, timeout=900, extra_env={"MLFLOW_TRACKING_URI": store, **env})
+        mlflow.set_tracking_uri(store)
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        with (out / "compress.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        curves = {k: [float(r[k]) for r in rows if r.get(k)]
+                  for k in ("distill/loss", "recovery/loss")}  # fmt: skip
+        return res, json.loads((out / "compress.json").read_text()), runs, curves
+
+    res, ddp, ddp_runs, ddp_curves = compress("ddp", LMPIPE_NPROC="2", LMPIPE_LOG_LEVEL="INFO")
+    assert "torchrun --nproc_per_node=2 --standalone stages/compress.py" in res.stderr
+    _, one, _, one_curves = compress("one")
+    assert ddp["world_size"] == 2 and one["world_size"] == 1
+    assert len(ddp_runs) == 1  # rank 0's run
+    # the same teacher samples, the same pruning and global batches: only float order differs
+    for key in ("distill/loss", "recovery/loss"):
+        assert len(ddp_curves[key]) == len(one_curves[key]) > 0, key
+        np.testing.assert_allclose(ddp_curves[key], one_curves[key], rtol=5e-4, err_msg=key)
+    for name in ("distilled", "pruned"):
+        a, b = ddp["variants"][name]["val_ppl"], one["variants"][name]["val_ppl"]
+        assert a == pytest.approx(b, rel=2e-3), name
