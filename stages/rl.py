@@ -7,6 +7,7 @@ Run by DVC (see dvc.yaml).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from lmpipe.reward import RewardModel, cluster_se
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.posterior import draw, posterior_kl
 from lmpipe.rl.rollout import ValueModel
-from lmpipe.tracking import model_card, stage_run
+from lmpipe.tracking import NullTracker, model_card, stage_run
 from lmpipe.train import checkpoint_store, write_history_csv
 
 log = logging.getLogger("rl")
@@ -52,13 +53,14 @@ def main() -> None:
 
     params = load_params(args.params, ["rl", "tracking"])
     cfg = params.rl
-    _, device = dist.setup(cfg.device)
+    info, device = dist.setup(cfg.device)
     inputs = {"sft": args.sft, "reward": args.reward, "data": args.data}
     # the gold scorer is the one that labelled the reward model's pairs (its lineage)
     pref = read_manifest(args.reward)["params"]["preference"]
     gold = make_gold(pref["gold"], keywords=pref.get("keywords", ()))
 
-    with stage_run("rl", params, params.tracking, inputs) as tracker:
+    run = stage_run("rl", params, params.tracking, inputs)
+    with run if info.is_main else contextlib.nullcontext(NullTracker()) as tracker:
         template = load_template(args.data)
         policy, ref = load_model(args.sft, device), load_model(args.sft, device)
         rm = RewardModel.load(args.reward, device)
@@ -134,18 +136,19 @@ def main() -> None:
                 "eos_rate": float(np.mean(s.ended)),
             }
 
-        # π₀ on the eval prompts: log Z (N per prompt) and the "init" row
-        gen = torch.Generator(device=device).manual_seed(params.seed + 1)
-        t0 = time.perf_counter()
-        ref_s = draw(ref, ref, eval_ids, cfg.posterior_samples, score_fn, generator=gen,
-                     **sample_kw)  # fmt: skip
-        init_texts, init = summary(ref_s, eval_text)
-        init.update(posterior_kl(ref_s, ref_s, cfg.kl_coef, len(eval_ids), seed=params.seed))
-        init["distinct_2"] = distinct_ngram_ratio(
-            [t for i, t in enumerate(init_texts) if i % cfg.posterior_samples < cfg.eval_samples],
-            2,
-        )
-        eval_seconds = time.perf_counter() - t0
+        # π₀ on the eval prompts: log Z (N per prompt) and the "init" row; rank 0's job
+        if info.is_main:
+            gen = torch.Generator(device=device).manual_seed(params.seed + 1)
+            t0 = time.perf_counter()
+            ref_s = draw(ref, ref, eval_ids, cfg.posterior_samples, score_fn, generator=gen,
+                         **sample_kw)  # fmt: skip
+            init_texts, init = summary(ref_s, eval_text)
+            init.update(posterior_kl(ref_s, ref_s, cfg.kl_coef, len(eval_ids), seed=params.seed))
+            n_post, n_eval = cfg.posterior_samples, cfg.eval_samples
+            init["distinct_2"] = distinct_ngram_ratio(
+                [t for i, t in enumerate(init_texts) if i % n_post < n_eval], 2
+            )
+            eval_seconds = time.perf_counter() - t0
 
         store = checkpoint_store(args.cache, "rl", stage.checkpoint_key(params, inputs))
         state = store.load()
@@ -154,7 +157,8 @@ def main() -> None:
             trainer.load_state_dict(state["trainer"])
             history, elapsed, gen_seconds = state["history"], state["elapsed"], state["gen"]
             log.warning("resuming from checkpoint at step %d (%s)", trainer.step, store.path)
-        bar = Progress(cfg.steps, f"rl ({cfg.algo}) step", initial=trainer.step)
+        bar = Progress(cfg.steps, f"rl ({cfg.algo}) step", initial=trainer.step,
+                       enabled=info.is_main)  # fmt: skip
         while trainer.step < cfg.steps:
             t0 = time.perf_counter()
             m = trainer.train_step()
@@ -165,7 +169,7 @@ def main() -> None:
                 history.append({"step": trainer.step, **m})
                 tracker.log_metrics(m, step=trainer.step)
             bar.update(1, score=f"{m['rl/score']:.2f}", kl=f"{m['rl/kl']:.2f}")
-            if trainer.step % 10 == 0 or trainer.step == cfg.steps:
+            if info.is_main and (trainer.step % 10 == 0 or trainer.step == cfg.steps):
                 log.info(
                     "step %d/%d: score %.3f, gold %.3f, KL %.2f (k3 %.2f), beta %.3f, "
                     "EOS %.2f, %.1f episodes/s",
@@ -173,12 +177,15 @@ def main() -> None:
                     m["rl/kl"], m["rl/kl_k3"], m["rl/beta"], m["rl/eos_frac"],
                     m["rl/episodes_per_sec"],
                 )  # fmt: skip
-            if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
+            if info.is_main and cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
                 store.save(
                     {"trainer": trainer.state_dict(), "history": history, "elapsed": elapsed,
                      "gen": gen_seconds}
                 )  # fmt: skip
         bar.close()
+        if not info.is_main:  # the weights are rank 0's too: evaluation and outputs are its job
+            dist.teardown()
+            return
         write_history_csv(args.plots, history)
 
         pol_s = draw(policy, ref, eval_ids, cfg.eval_samples, score_fn, generator=gen,
@@ -189,6 +196,7 @@ def main() -> None:
         batch_kl = [h["rl/kl"] for h in history]
         report = {
             "algo": cfg.algo,
+            "world_size": info.world,
             "precision": precision,
             "beta": cfg.kl_coef,
             "beta_final": trainer.kl_ctl.beta,
@@ -249,6 +257,8 @@ def main() -> None:
             cfg.algo, init["gold"], final["gold"], init["proxy"], final["proxy"], final["kl"],
             final["posterior_kl"], report["episodes_per_sec"],
         )  # fmt: skip
+
+    dist.teardown()
 
 
 def _nanmean(x: np.ndarray) -> float:

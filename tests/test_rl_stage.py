@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import writer_run
+from conftest import run, writer_run
 from lmpipe.io import hash_path
 
 pytestmark = pytest.mark.e2e
@@ -64,3 +64,35 @@ def test_rl_rerun_is_byte_identical(tiny_repo, tmp_path):
     run(cmd, tiny_repo)
     assert digest(tmp_path / "a") == digest(tiny_repo / "models" / "rl")
     assert not list((tmp_path / "cache").glob("rl-*/checkpoint.pt"))
+
+
+def test_rl_under_torchrun_matches_one_process_and_only_rank_0_writes(tiny_repo, tmp_path):
+    import mlflow
+
+    def rl(name, **env):
+        out = tmp_path / name
+        cmd = ["python", "stages/rl.py", "--params", "params.yaml", "--sft", "models/sft",
+               "--reward", "models/reward", "--data", "data/prepared", "--out", str(out / "rl"),
+               "--report", str(out / "rl.json"), "--plots", str(out / "rl.csv"),
+               "--cache", str(out / "cache")]  # fmt: skip
+        store = f"sqlite:///{tmp_path}/{name}.db"
+        res = run(cmd, tiny_repo, timeout=900, extra_env={"MLFLOW_TRACKING_URI": store, **env})
+        mlflow.set_tracking_uri(store)
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        with (out / "rl.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        return res, json.loads((out / "rl.json").read_text()), runs, rows
+
+    res, ddp, ddp_runs, ddp_rows = rl("ddp", LMPIPE_NPROC="2", LMPIPE_LOG_LEVEL="INFO")
+    assert "torchrun --nproc_per_node=2 --standalone stages/rl.py" in res.stderr
+    _, one, _, one_rows = rl("one")
+    assert ddp["world_size"] == 2 and one["world_size"] == 1
+    assert len(ddp_runs) == 1  # rank 0's run
+    # the same rollouts (every rank samples the whole batch with the same seed) and the same
+    # update (split by prompt groups, gradients summed): only float order differs
+    assert len(ddp_rows) == len(one_rows) > 0
+    for key in ("rl/score", "rl/kl", "rl/policy_loss", "rl/value_loss"):
+        a = [float(r[key]) for r in ddp_rows]
+        b = [float(r[key]) for r in one_rows]
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5, err_msg=key)
+    assert ddp["gold_reward"]["final"] == pytest.approx(one["gold_reward"]["final"], abs=0.02)

@@ -57,7 +57,7 @@ of the models they report: ONNX Runtime's varied twofold between runs on the dev
 machine with either setting (`bench/onnx_generation.py [--keep-freed-memory]`), so no gain
 there was shown, and their speed figures stay those of a default process."""
 
-DDP_STAGES = ("pretrain", "sft", "reward", "compress")
+DDP_STAGES = ("pretrain", "sft", "reward", "rl", "compress")
 """Stages whose training loop runs data-parallel under torchrun (each rank its own batches)."""
 
 

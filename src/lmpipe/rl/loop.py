@@ -73,6 +73,38 @@ def score_generation(
     return scores.float(), proxy.float()
 
 
+TOKEN_STATS = ("approx_kl", "clipfrac", "ratio_mean", "ratio_var", "policy_loss", "value_loss",
+               "value_clipfrac")  # fmt: skip
+"""PPO's per-minibatch statistics that are token means (summed across ranks by share)."""
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world size) of the process group torchrun set up, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` across ranks in place (each rank filled its own rows, zeros elsewhere)."""
+    if world_info()[1] > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def all_sum(x: float) -> float:
+    if world_info()[1] == 1:
+        return x
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    return float(all_sum_(torch.tensor([x], dtype=torch.float64, device=device)).item())
+
+
+def all_mean(x: float) -> float:
+    """The ranks' mean of a per-rank statistic (each over its share of the minibatches)."""
+    return all_sum(x) / world_info()[1]
+
+
 class RLTrainer:
     """Holds policy, reference, critic or proposal, optimiser, β controller and RNG state."""
 
@@ -101,6 +133,9 @@ class RLTrainer:
         )
         self.eos_id, self.pad_id = eos_id, pad_id
         self.device = next(policy.parameters()).device
+        # under torchrun every rank holds the whole rollout and the same weights; the passes
+        # are split by prompt groups and their results (and gradients) summed across ranks
+        self.rank, self.world = world_info()
         # every pass that yields log-probs, values or gradients runs in one precision, so the
         # first minibatch still reproduces the rollout's log-probs exactly (ratio 1, KL 0)
         self.bf16 = use_bf16(cfg.precision, self.device)
@@ -175,7 +210,9 @@ class RLTrainer:
         was_training = sampler.training
         sampler.eval()
         with self.amp():
-            for rows in chunks:
+            for j, rows in enumerate(chunks):
+                if j % self.world != self.rank:  # another rank's chunk: summed in below
+                    continue
                 if cfg.algo != "rloo":  # rloo's single on-policy update computes them with grad
                     lp, e = response_logprobs(sampler, gen, rows, cfg.temperature)
                     logp[rows], ent[rows] = lp, e
@@ -183,6 +220,9 @@ class RLTrainer:
                 if values is not None:
                     values[rows] = self.value(gen, rows)
         sampler.train(was_training)
+        for t in (logp, ent, ref_logp, values):
+            if t is not None:
+                all_sum_(t)
         gold = None
         if self.gold_fn is not None:
             lengths = gen.lengths.tolist()
@@ -202,10 +242,36 @@ class RLTrainer:
 
     # ----------------------------------------------------------------------- updates
 
+    def _mine(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's share of `rows`: whole prompt groups (k rows each, kept together so a
+        pass runs each prompt once), dealt round-robin."""
+        if self.world == 1:
+            return rows
+        k = self.cfg.samples_per_prompt
+        if len(rows) % k:  # a minibatch that cuts a prompt group: single rows
+            return rows[self.rank :: self.world]
+        return rows.view(-1, k)[self.rank :: self.world].reshape(-1)
+
+    def _sync_grads(self) -> None:
+        """Sum the ranks' gradients (each rank's loss is its share of the whole minibatch's),
+        so every rank takes the step one process would."""
+        if self.world == 1:
+            return
+        params = [p for g in self.opt.param_groups for p in g["params"] if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
     def _clip_and_step(self) -> tuple[float, float]:
         """Clip the policy's and the critic's gradients each to `grad_clip`, then step: one
         joint norm let the critic's larger gradient shrink the policy's step. Returns both
         norms before clipping (the critic's NaN without one)."""
+        self._sync_grads()
         norms = []
         for module in (self.policy, self.value):
             params = [p for p in module.parameters() if p.grad is not None] if module else []
@@ -234,7 +300,15 @@ class RLTrainer:
             chunks = (
                 ro.chunks if epoch == 0 else split_rows(self._shuffled_rows(b), cfg.minibatch_size)
             )
-            for i, rows in enumerate(chunks):
+            for i, whole in enumerate(chunks):
+                rows = self._mine(whole)
+                if not len(rows):  # more ranks than prompt groups here: a zero gradient
+                    norms = self._clip_and_step()
+                    for key in TOKEN_STATS:
+                        stats.setdefault(key, []).append(0.0)
+                    for key, val in zip(("grad_norm", "value_grad_norm"), norms, strict=True):
+                        stats.setdefault(key, []).append(val)
+                    continue
                 with self.amp():
                     logp, _ = response_logprobs(self.policy, ro.gen, rows, cfg.temperature, False)
                     v = self.value(ro.gen, rows)
@@ -248,43 +322,53 @@ class RLTrainer:
                         "k1": k1[rows][mask[rows]],
                     }
                 loss = cfg.vf_coef * vl if critic_only else pl.loss + cfg.vf_coef * vl
-                loss.backward()
+                # token means over this rank's rows, weighted to their share of the minibatch
+                share = mask[rows].sum() / mask[whole].sum()
+                (loss * share).backward()
                 grad_norm, value_grad_norm = self._clip_and_step()
                 for key, val in (
                     ("approx_kl", pl.approx_kl), ("clipfrac", pl.clipfrac),
                     ("ratio_mean", pl.ratio_mean), ("ratio_var", pl.ratio_var),
                     ("policy_loss", pl.loss), ("value_loss", vl), ("value_clipfrac", vclip),
-                    ("grad_norm", grad_norm), ("value_grad_norm", value_grad_norm),
                 ):  # fmt: skip
-                    stats.setdefault(key, []).append(
-                        float(val.detach() if torch.is_tensor(val) else val)
-                    )
-        out = {f"rl/{k}": float(np.mean(v)) for k, v in stats.items()}
+                    stats.setdefault(key, []).append(float(val.detach() * share))
+                stats.setdefault("grad_norm", []).append(grad_norm)
+                stats.setdefault("value_grad_norm", []).append(value_grad_norm)
+        # token-weighted shares summed over ranks: the whole minibatch's means (ratio_var, a
+        # variance, only approximately); the norms are the same on every rank
+        out = {f"rl/{k}": all_sum(float(np.mean(v))) if k in TOKEN_STATS
+               else all_mean(float(np.mean(v))) for k, v in stats.items()}  # fmt: skip
         out["rl/explained_variance"] = core.explained_variance(ro.values, returns, mask)
         return out
 
     def _policy_seq_logprobs(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log π with grad (one graph over the whole batch) and entropies."""
+        """Per-token log π with grad (one graph over this rank's rows, zero elsewhere) and the
+        entropies of every row (summed across ranks)."""
         logp = torch.zeros(ro.mask.shape, device=self.device)
         ent = torch.zeros(ro.mask.shape, device=self.device)
-        for r in ro.chunks:
+        for whole in ro.chunks:
+            r = self._mine(whole)
+            if not len(r):
+                continue
             with self.amp():
                 lp, e = response_logprobs(self.policy, ro.gen, r, self.cfg.temperature)
             logp = logp.index_put((r,), lp)
             ent[r] = e
-        return logp, ent
+        return logp, all_sum_(ent)
 
     def _update_rloo(self, ro: Rollout) -> dict[str, float]:
         k = self.cfg.samples_per_prompt
         logp, ro.entropy = self._policy_seq_logprobs(ro)
-        ro.logp = logp.detach()  # on-policy: these are the rollout log-probs too
+        ro.logp = all_sum_(logp.detach().clone())  # on-policy: the rollout log-probs too
         seq_logp = (logp * ro.mask).sum(-1)
         kl = (core.kl_k1(ro.logp, ro.ref_logp) * ro.mask).sum(-1)
         rewards = ro.scores - self.kl_ctl.beta * kl
         adv = core.rloo_advantages(rewards.view(-1, k)).view(-1)
-        loss = -(adv.detach() * seq_logp).mean()
+        # the batch mean, as a sum over this rank's rows (zero elsewhere) over the whole batch
+        loss = -(adv.detach() * seq_logp).sum() / len(adv)
         loss.backward()
-        return {"rl/policy_loss": float(loss.detach()), "rl/grad_norm": self._clip_and_step()[0]}
+        grad_norm = self._clip_and_step()[0]
+        return {"rl/policy_loss": all_sum(float(loss.detach())), "rl/grad_norm": grad_norm}
 
     def _update_dpg(self, ro: Rollout) -> dict[str, float]:
         cfg, k = self.cfg, self.cfg.samples_per_prompt
@@ -294,7 +378,7 @@ class RLTrainer:
         log_p = log_p.view(-1, k)
         logp, _ = self._policy_seq_logprobs(ro)
         seq_logp = (logp * ro.mask).sum(-1)
-        log_pi = seq_logp.detach().double().view(-1, k).cpu()
+        log_pi = all_sum_(seq_logp.detach().clone()).double().view(-1, k).cpu()
         # running per-prompt Ẑ: the mean of P/q over every visit (unbiased under any q)
         idx = ro.prompt_index.view(-1, k)[:, 0]
         log_w = log_p - log_q
@@ -302,7 +386,7 @@ class RLTrainer:
         self.z_count[idx] += k
         log_z = self.z_log_sum[idx] - torch.log(self.z_count[idx])
         weights = core.dpg_weights(log_p, log_q, log_pi, log_z).view(-1).float()
-        loss = -(weights.to(self.device) * seq_logp).mean()
+        loss = -(weights.to(self.device) * seq_logp).sum() / len(weights)  # rows of this rank
         loss.backward()
         grad_norm = self._clip_and_step()[0]
         est = core.dpg_estimates(log_p, log_q, log_pi, log_z)
@@ -318,7 +402,7 @@ class RLTrainer:
                 swapped = 1.0
             self.swap_window = []
         return {
-            "rl/policy_loss": float(loss.detach()), "rl/grad_norm": grad_norm,
+            "rl/policy_loss": all_sum(float(loss.detach())), "rl/grad_norm": grad_norm,
             "rl/kl_p_pi": float(est.kl_p_pi.mean()), "rl/kl_p_q": float(est.kl_p_q.mean()),
             "rl/tvd_p_pi": float(est.tvd_p_pi.mean()), "rl/log_z": float(log_z.mean()),
             "rl/proposal_swaps": float(self.swaps), "rl/swapped": swapped, "rl/ess_frac": ess,
