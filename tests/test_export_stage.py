@@ -74,7 +74,7 @@ def test_the_registered_rl_bundle_loads_with_mlflow_pyfunc_and_generates(tiny_re
 
     mlflow.set_tracking_uri(f"sqlite:///{tiny_repo}/mlflow.db")
     model = mlflow.pyfunc.load_model("models:/lmpipe-rl/1")
-    out = model.predict(["Tom went to the sea."], params={"max_tokens": 6, "seed": 0})
+    out = model.predict({"prompt": ["Tom went to the sea."]}, params={"max_tokens": 6, "seed": 0})
     assert len(out) == 1 and isinstance(out[0], str)
-    again = model.predict(["Tom went to the sea."], params={"max_tokens": 6, "seed": 0})
+    again = model.predict({"prompt": ["Tom went to the sea."]}, params={"max_tokens": 6, "seed": 0})
     assert again == out  # seeded

@@ -328,11 +328,17 @@ def test_sweep_runs_dvc_experiments_resumes_after_kill_and_groups_runs(tiny_repo
     after = by_stage(runs)
     for stage in ("prepare", "pretrain", "sft", "reward", "compress", "export", "evaluate"):
         assert after.get(stage, 0) == before.get(stage, 0), (stage, before, after)
-    # one parent; each trial's rl run (and the killed attempt's) is its child
+    # one parent; each trial's pipeline run (and the killed attempt's) is its child, and each
+    # new rl run is the child of one of those
     parents = [r for r in runs if r.data.tags.get("lmpipe.stage") == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert {r.data.tags["lmpipe.stage"] for r in children} == {"pipeline"}
     finished = {r.data.tags["dvc.exp_name"] for r in children if r.info.status == "FINISHED"}
     assert finished == {t.user_attrs["exp_name"] for t in done}
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
     assert after["rl"] - before.get("rl", 0) == len(children)
+    pipeline_ids = {r.info.run_id for r in children}
+    new_rl = [r for r in runs if r.data.tags.get("lmpipe.stage") == "rl"
+              and r.data.tags.get("mlflow.parentRunId") in pipeline_ids]  # fmt: skip
+    assert len(new_rl) == len(children)

@@ -14,8 +14,9 @@ so loading needs the libraries above, not an lmpipe install.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +110,21 @@ def prompts_of(model_input: Any) -> list[str]:
     return rows  # type: ignore[return-value]
 
 
-def quiet_warnings() -> None:
-    """Ignore MLflow's advice that does not apply: type hints (they would become a second input
-    schema; the signature is given) and an input example (the signature says the shape)."""
-    for text in ("Add type hints to the `predict` method", "An input example was not provided"):
-        warnings.filterwarnings("ignore", message=f".*{text}", category=UserWarning)
+IGNORED_WARNINGS = ("Add type hints to the `predict` method", "An input example was not provided")
+"""MLflow's advice that does not apply: type hints (they would become a second input schema;
+the signature is given) and an input example (the signature says the shape)."""
+
+
+@contextlib.contextmanager
+def quiet_warnings() -> Iterator[None]:
+    """Drop IGNORED_WARNINGS raised inside the block and pass every other warning on. (A filter
+    would not do: MLflow puts its own "once" filter in front of it.)"""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if not any(text in str(w.message) for text in IGNORED_WARNINGS):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def kind_of(path: str | Path) -> str:
@@ -129,89 +140,88 @@ def kind_of(path: str | Path) -> str:
     return "policy"
 
 
-quiet_warnings()  # MLflow checks a PythonModel's predict when the class is defined
+with quiet_warnings():  # MLflow checks a PythonModel's predict when the class is defined
 
+    class LmpipeModel(mlflow.pyfunc.PythonModel):
+        """`predict(rows, params={max_tokens, temperature, top_k, top_p, seed})` → one completion
+        per row (each prompt one user turn of the model's chat template, as `lmpipe generate`); for
+        a reward model, `predict` of `prompt` and `response` columns → normalised scores."""
 
-class LmpipeModel(mlflow.pyfunc.PythonModel):
-    """`predict(rows, params={max_tokens, temperature, top_k, top_p, seed})` → one completion
-    per row (each prompt one user turn of the model's chat template, as `lmpipe generate`); for
-    a reward model, `predict` of `prompt` and `response` columns → normalised scores."""
+        def load_context(self, context: Any) -> None:
+            path = Path(context.artifacts["model"])
+            self.kind = kind_of(path)
+            if self.kind != "bundle":
+                from transformers.utils import logging as hf_logging
 
-    def load_context(self, context: Any) -> None:
-        path = Path(context.artifacts["model"])
-        self.kind = kind_of(path)
-        if self.kind != "bundle":
-            from transformers.utils import logging as hf_logging
+                hf_logging.disable_progress_bar()  # a served model's log is a file
+            if self.kind == "bundle":
+                from lmpipe.onnx.runtime import OnnxLM
 
-            hf_logging.disable_progress_bar()  # a served model's log is a file
-        if self.kind == "bundle":
-            from lmpipe.onnx.runtime import OnnxLM
+                self.lm = OnnxLM(path)
+            elif self.kind == "reward":
+                from lmpipe.reward import RewardModel
 
-            self.lm = OnnxLM(path)
-        elif self.kind == "reward":
-            from lmpipe.reward import RewardModel
+                self.rm = RewardModel.load(path)
+            else:
+                from lmpipe.chat import load_template
+                from lmpipe.model import load_model
 
-            self.rm = RewardModel.load(path)
-        else:
-            from lmpipe.chat import load_template
-            from lmpipe.model import load_model
+                self.model, self.template = load_model(path), load_template(path)
 
-            self.model, self.template = load_model(path), load_template(path)
+        # no type hints: MLflow would read them as an input schema and warn that Any is not one
+        def predict(self, context, model_input, params=None):
+            if self.kind == "reward":
+                return self._score(model_input)
+            settings = {**PARAMS, **(params or {})}
+            seed, temperature = int(settings["seed"]), float(settings["temperature"])
+            max_tokens = int(settings["max_tokens"])
+            rows = requests_of(model_input)
+            if self.kind == "bundle":
+                ids = [self.lm.prompt_ids(r) if isinstance(r, str) else self.lm.chat_ids(r)
+                       for r in rows]  # fmt: skip
+                out = self.lm.generate_ids(
+                    ids, max_new_tokens=max_tokens, temperature=temperature,
+                    top_k=int(settings["top_k"]), top_p=float(settings["top_p"]),
+                    seed=None if seed < 0 else seed,
+                )  # fmt: skip
+                return [self.lm.decode(t) for t in out.tokens]
+            return self._generate_torch(rows, max_tokens, temperature, seed)
 
-    # no type hints: MLflow would read them as an input schema and warn that Any is not one
-    def predict(self, context, model_input, params=None):
-        if self.kind == "reward":
-            return self._score(model_input)
-        settings = {**PARAMS, **(params or {})}
-        seed, temperature = int(settings["seed"]), float(settings["temperature"])
-        max_tokens = int(settings["max_tokens"])
-        rows = requests_of(model_input)
-        if self.kind == "bundle":
-            ids = [self.lm.prompt_ids(r) if isinstance(r, str) else self.lm.chat_ids(r)
-                   for r in rows]  # fmt: skip
-            out = self.lm.generate_ids(
-                ids, max_new_tokens=max_tokens, temperature=temperature,
-                top_k=int(settings["top_k"]), top_p=float(settings["top_p"]),
-                seed=None if seed < 0 else seed,
-            )  # fmt: skip
-            return [self.lm.decode(t) for t in out.tokens]
-        return self._generate_torch(rows, max_tokens, temperature, seed)
+        def _generate_torch(self, rows: list[Request], max_tokens: int, temperature: float,
+                            seed: int) -> list[str]:  # fmt: skip
+            import torch
 
-    def _generate_torch(self, rows: list[Request], max_tokens: int, temperature: float,
-                        seed: int) -> list[str]:  # fmt: skip
-        import torch
+            from lmpipe.model import context_length
+            from lmpipe.sampling import generate
 
-        from lmpipe.model import context_length
-        from lmpipe.sampling import generate
+            t = self.template
+            ids = [t.prompt_ids(r) if isinstance(r, str) else
+                   t.encode(r, add_generation_prompt=True).ids for r in rows]  # fmt: skip
+            width, ctx = max(map(len, ids)), context_length(self.model)
+            if width + max_tokens > ctx:
+                raise ValueError(f"prompt ({width} tokens) + max_tokens ({max_tokens}) exceeds the "
+                                 f"model's context of {ctx} tokens")  # fmt: skip
+            gen = torch.Generator().manual_seed(seed) if seed >= 0 else None
+            with torch.no_grad():
+                g = generate(
+                    self.model, ids, max_new_tokens=max_tokens, eos_id=t.stop_ids, pad_id=t.pad_id,
+                    temperature=max(temperature, 1e-6), generator=gen, greedy=temperature == 0,
+                )  # fmt: skip
+            return [t.decode(row[:n]) for row, n in zip(g.response.tolist(), g.lengths.tolist(),
+                                                          strict=True)]  # fmt: skip
 
-        t = self.template
-        ids = [t.prompt_ids(r) if isinstance(r, str) else
-               t.encode(r, add_generation_prompt=True).ids for r in rows]  # fmt: skip
-        width, ctx = max(map(len, ids)), context_length(self.model)
-        if width + max_tokens > ctx:
-            raise ValueError(f"prompt ({width} tokens) + max_tokens ({max_tokens}) exceeds the "
-                             f"model's context of {ctx} tokens")  # fmt: skip
-        gen = torch.Generator().manual_seed(seed) if seed >= 0 else None
-        with torch.no_grad():
-            g = generate(
-                self.model, ids, max_new_tokens=max_tokens, eos_id=t.stop_ids, pad_id=t.pad_id,
-                temperature=max(temperature, 1e-6), generator=gen, greedy=temperature == 0,
-            )  # fmt: skip
-        return [t.decode(row[:n]) for row, n in zip(g.response.tolist(), g.lengths.tolist(),
-                                                      strict=True)]  # fmt: skip
+        def _score(self, model_input: Any) -> list[float]:
+            import pandas as pd
 
-    def _score(self, model_input: Any) -> list[float]:
-        import pandas as pd
-
-        df = pd.DataFrame(model_input) if isinstance(model_input, Mapping) else model_input
-        if not hasattr(df, "columns") or not {"prompt", "response"} <= set(df.columns):
-            raise ValueError("a reward model scores rows with 'prompt' and 'response' columns")
-        if not 0 < len(df) <= MAX_PROMPTS:
-            raise ValueError(f"give 1 to {MAX_PROMPTS} rows, not {len(df)}")
-        prompts, responses = df["prompt"].tolist(), df["response"].tolist()
-        if not all(isinstance(s, str) for s in prompts + responses):
-            raise ValueError("prompts and responses must be strings")
-        return [float(s) for s in self.rm.score_text(prompts, responses)]
+            df = pd.DataFrame(model_input) if isinstance(model_input, Mapping) else model_input
+            if not hasattr(df, "columns") or not {"prompt", "response"} <= set(df.columns):
+                raise ValueError("a reward model scores rows with 'prompt' and 'response' columns")
+            if not 0 < len(df) <= MAX_PROMPTS:
+                raise ValueError(f"give 1 to {MAX_PROMPTS} rows, not {len(df)}")
+            prompts, responses = df["prompt"].tolist(), df["response"].tolist()
+            if not all(isinstance(s, str) for s in prompts + responses):
+                raise ValueError("prompts and responses must be strings")
+            return [float(s) for s in self.rm.score_text(prompts, responses)]
 
 
 def signature(kind: str, defaults: Mapping[str, Any]) -> Any:
@@ -269,8 +279,7 @@ def log_model(
 
         generation = read_bundle(Path(path)).get("generation") or {}
     package = Path(__file__).resolve().parent
-    with warnings.catch_warnings():
-        quiet_warnings()
+    with quiet_warnings():
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(package / "mlflow_pyfunc.py"),

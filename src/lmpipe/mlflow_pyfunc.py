@@ -5,5 +5,5 @@ import mlflow.models
 
 from lmpipe.mlflow_model import LmpipeModel, quiet_warnings
 
-quiet_warnings()
-mlflow.models.set_model(LmpipeModel())
+with quiet_warnings():
+    mlflow.models.set_model(LmpipeModel())

@@ -214,16 +214,20 @@ class SweepTracking:
         return run_id
 
     def adopt(self, exp_name: str, trial_number: int, spec: Spec) -> list[str]:
-        """Make the stage runs of one trial children of the sweep run; their stage names."""
+        """Make one trial's pipeline runs (each `dvc exp run` of it; the stage runs are theirs)
+        children of the sweep run, or its stage runs where no pipeline run grouped them; the
+        stage names of its stage runs."""
         assert self.run_id
         runs = self.client.search_runs(
             [self.experiment_id], f"tags.`dvc.exp_name` = '{exp_name}'", max_results=100
         )
-        for r in runs:
+        pipelines = [r for r in runs if r.data.tags.get("lmpipe.stage") == "pipeline"]
+        stages = [r for r in runs if r.data.tags.get("lmpipe.stage") != "pipeline"]
+        for r in pipelines or stages:
             for k, v in {"mlflow.parentRunId": self.run_id, "lmpipe.sweep": spec.name,
                          "lmpipe.trial": str(trial_number)}.items():  # fmt: skip
                 self.client.set_tag(r.info.run_id, k, v)
-        return sorted(r.data.tags.get("lmpipe.stage", r.info.run_name) for r in runs)
+        return sorted(r.data.tags.get("lmpipe.stage", r.info.run_name) for r in stages)
 
     def close_interrupted(self, exp_name: str, trial_number: int, spec: Spec) -> None:
         """Stage runs a killed sweep left RUNNING: marked KILLED, kept under the sweep."""
