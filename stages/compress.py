@@ -69,7 +69,10 @@ def main() -> None:
         teacher = load_model(args.teacher, device).requires_grad_(False)
         context = context_length(teacher)
         window = min(cfg.window or context, context)  # a base's context can be thousands
-        val = TokenWindows(val_tokens, window, cfg.batch_size, 0).fixed_batches(cfg.eval_batches)
+        # every rank evaluates the whole global batch's worth: the val set of one process
+        val = TokenWindows(val_tokens, window, cfg.batch_size * info.world, 0).fixed_batches(
+            cfg.eval_batches
+        )
 
         def fitting(rows: list[dict], limit: int) -> tuple[list[str], list[list[int]]]:
             pairs = [(r["prompt"], template.prompt_ids(r["prompt"])) for r in rows]
@@ -87,11 +90,13 @@ def main() -> None:
         sample_seconds = time.perf_counter() - t0
 
         def batches(seed: int, split: bool = True) -> MixedBatches:
-            """Each process's slice of every global batch (`split`), or the whole batch."""
-            rank, world = (info.rank, info.world) if split else (0, 1)
+            """Each process's slice of every global batch (`split`), or the whole global batch."""
+            size, rank, world = (
+                (cfg.batch_size, info.rank, info.world) if split
+                else (cfg.batch_size * info.world, 0, 1)
+            )  # fmt: skip
             return MixedBatches(
-                train_tokens, window, examples, cfg.batch_size, cfg.sample_fraction, seed, pad,
-                rank, world,
+                train_tokens, window, examples, size, cfg.sample_fraction, seed, pad, rank, world,
             )  # fmt: skip
 
         importance = None

@@ -73,7 +73,8 @@ def main() -> None:
         source = TokenWindows(
             train_tokens, mcfg.context, cfg.batch_size, params.seed, info.rank, info.world
         )
-        val = TokenWindows(val_tokens, mcfg.context, cfg.batch_size, 0).fixed_batches(
+        # every rank evaluates the whole global batch's worth: the val set of one process
+        val = TokenWindows(val_tokens, mcfg.context, cfg.batch_size * info.world, 0).fixed_batches(
             cfg.eval_batches
         )
         key = stage.checkpoint_key(params, {"data": args.data})

@@ -141,7 +141,10 @@ def main() -> None:
         # under torchrun each process takes its slice of every global batch (batch_size each)
         source = PreferenceBatches(train_groups, cfg.batch_size, params.seed, pad, info.rank,
                                    info.world)  # fmt: skip
-        val = PreferenceBatches(val_groups, cfg.batch_size, 0, pad).fixed_batches(cfg.eval_batches)
+        # every rank evaluates the whole global batch's worth: the val set of one process
+        val = PreferenceBatches(val_groups, cfg.batch_size * info.world, 0, pad).fixed_batches(
+            cfg.eval_batches
+        )
         val_ex = [e for e, _ in encoded["val"]]
         store = checkpoint_store(args.cache, "reward", stage.checkpoint_key(params, inputs))
         result = train(

@@ -53,7 +53,10 @@ def main() -> None:
         train_ex = encode_pairs(template, read_jsonl(args.data / "sft" / "train.jsonl"), context)
         val_ex = encode_pairs(template, read_jsonl(args.data / "sft" / "val.jsonl"), context)
         source = PairBatches(train_ex, cfg.batch_size, params.seed, pad, info.rank, info.world)
-        val = PairBatches(val_ex, cfg.batch_size, 0, pad).fixed_batches(cfg.eval_batches)
+        # every rank evaluates the whole global batch's worth: the val set of one process
+        val = PairBatches(val_ex, cfg.batch_size * info.world, 0, pad).fixed_batches(
+            cfg.eval_batches
+        )
         key = stage.checkpoint_key(params, inputs)
         store = checkpoint_store(args.cache, "sft", key)  # every rank resumes; rank 0 saves
         result = train(

@@ -319,6 +319,17 @@ def _all_sum(x: float, device: torch.device) -> float:
     return float(t.item())
 
 
+class LossModule(torch.nn.Module):
+    """`loss_sum(model, batch)` as a module's forward, for DDP to wrap."""
+
+    def __init__(self, model: torch.nn.Module, loss_sum: Callable) -> None:
+        super().__init__()
+        self.model, self.loss_sum = model, loss_sum
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_sum(self.model, batch)
+
+
 def train(
     model: torch.nn.Module,
     source: BatchSource,
@@ -355,11 +366,15 @@ def train(
     opt = make_optimizer(model, cfg)
     net: torch.nn.Module = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        # DDP syncs gradients of what runs inside its forward: the whole loss, so that a loss
+        # reading the model's parts (the reward model's pooled head) is synced too
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(LossModule(model, loss_sum), device_ids=ids)
     if cfg.compile:
         net = torch.compile(net)
+
+    def step_loss(b: Any) -> torch.Tensor:
+        return net(b) if world > 1 else loss_sum(net, b)
 
     start, history, elapsed, tokens_seen = 0, [], 0.0, 0
     best: dict[str, Any] | None = None  # keep_best: {"step", "loss", "model"} of the best eval
@@ -400,7 +415,7 @@ def train(
             )
             with ctx:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = loss_sum(net, b)
+                    loss = step_loss(b)
                 # DDP averages gradients over processes; scale so the result is sum / all tokens.
                 (loss * world / max(n_targets, 1)).backward()
             loss_total += float(loss.detach())
