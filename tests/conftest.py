@@ -109,7 +109,7 @@ def tiny_repo(tmp_path_factory) -> Path:
 
 
 def writer_run(repo: Path, output: str):
-    """The finished MLflow run tagged as the writer of `output`'s current content."""
+    """The first MLflow run tagged as the writer of `output`'s current content."""
     import mlflow
 
     from lmpipe.io import hash_path
@@ -119,10 +119,11 @@ def writer_run(repo: Path, output: str):
     runs = mlflow.search_runs(
         search_all_experiments=True,
         filter_string=f"tags.`{OUTPUT_TAG}{hash_path(repo / output)}` LIKE '%'",
+        order_by=["attributes.start_time ASC"],
         output_format="list",
     )
     assert runs, f"no MLflow run wrote the content of {output}"
-    return runs[0]
+    return runs[0]  # the first: a test may rerun a stage to the same bytes after the fixture
 
 
 ONNX_SPECIAL = {"bos": 1, "eos": 2, "pad": 0, "prompt": 3, "response": 4}

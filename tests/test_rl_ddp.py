@@ -1,8 +1,6 @@
 """RL under torchrun: two gloo processes take the same steps as one process (the same rollouts,
 the update split by prompt groups and summed), for PPO, RLOO and DPG."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -34,11 +32,11 @@ def worker(rank: int, world: int, init: str, algo: str, out: str) -> None:
 
 
 @pytest.mark.parametrize("algo", ["ppo", "rloo", "dpg"])
-def test_two_processes_take_the_steps_of_one(algo, tmp_path):
+def test_two_processes_take_the_steps_of_one(algo, tmp_path, monkeypatch):
     one_state, one_metrics = steps(algo)
     out = tmp_path / "ddp.pt"
     init = f"file://{tmp_path / 'rendezvous'}"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the two workers on a shared machine
     mp.spawn(worker, args=(2, init, algo, str(out)), nprocs=2, join=True)
     ddp = torch.load(out)
     for key, value in one_state.items():

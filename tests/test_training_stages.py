@@ -195,7 +195,7 @@ def test_lmpipe_nproc_builds_the_torchrun_command_only_where_it_applies():
         "--rdzv_endpoint=h0:29500", *argv]  # fmt: skip
     # already inside torchrun, or a stage that runs in one process: no relaunch
     assert torchrun_command("sft", argv, {"LMPIPE_NPROC": "4", "RANK": "0"}) is None
-    assert torchrun_command("rl", argv, {"LMPIPE_NPROC": "4"}) is None
+    assert torchrun_command("export", argv, {"LMPIPE_NPROC": "4"}) is None
     with pytest.raises(SystemExit, match="LMPIPE_NPROC = 'two'"):
         torchrun_command("sft", argv, {"LMPIPE_NPROC": "two"})
 
