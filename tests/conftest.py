@@ -108,6 +108,24 @@ def tiny_repo(tmp_path_factory) -> Path:
     return repo
 
 
+def run_in_own_store(cmd: list[str], repo: Path, db: Path, **env: str):
+    """Run a stage command against its own MLflow store `db`; the result and the store's runs."""
+    import mlflow
+
+    store = f"sqlite:///{db}"
+    res = run(cmd, repo, timeout=900, extra_env={"MLFLOW_TRACKING_URI": store, **env})
+    mlflow.set_tracking_uri(store)
+    return res, mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def curve_values(path: Path, key: str) -> list[float]:
+    """The logged values of one column of a per-step CSV (rows without it skipped)."""
+    import csv
+
+    with path.open() as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
+
+
 def writer_run(repo: Path, output: str):
     """The first MLflow run tagged as the writer of `output`'s current content."""
     import mlflow

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run, writer_run
+from conftest import curve_values, run_in_own_store, writer_run
 
 pytestmark = pytest.mark.e2e
 
@@ -63,9 +63,6 @@ def test_every_variant_loads_with_the_common_loader_and_generates(tiny_repo):
 
 
 def test_distillation_under_torchrun_matches_one_process(tiny_repo, tmp_path):
-    import csv
-
-    import mlflow
 
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     params["compress"].update({"batch_size": 4, "distill_steps": 6, "recovery_steps": 4,
@@ -82,14 +79,9 @@ def test_distillation_under_torchrun_matches_one_process(tiny_repo, tmp_path):
                "--data", "data/prepared", "--out", str(out / "models"),
                "--report", str(out / "compress.json"), "--plots", str(out / "compress.csv"),
                "--cache", str(out / "cache")]  # fmt: skip
-        store = f"sqlite:///{tmp_path}/{name}.db"
-        res = run(cmd, tiny_repo, timeout=900, extra_env={"MLFLOW_TRACKING_URI": store, **env})
-        mlflow.set_tracking_uri(store)
-        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-        with (out / "compress.csv").open() as f:
-            rows = list(csv.DictReader(f))
-        curves = {k: [float(r[k]) for r in rows if r.get(k)]
-                  for k in ("distill/loss", "recovery/loss")}  # fmt: skip
+        res, runs = run_in_own_store(cmd, tiny_repo, tmp_path / f"{name}.db", **env)
+        keys = ("distill/loss", "recovery/loss")
+        curves = {k: curve_values(out / "compress.csv", k) for k in keys}
         return res, json.loads((out / "compress.json").read_text()), runs, curves
 
     res, ddp, ddp_runs, ddp_curves = compress("ddp", LMPIPE_NPROC="2", LMPIPE_LOG_LEVEL="INFO")

@@ -1,6 +1,5 @@
 """The reward stage through the real `dvc repro` (tiny params), and its file source."""
 
-import csv
 import json
 import re
 
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import run, writer_run
+from conftest import curve_values, run, run_in_own_store, writer_run
 
 pytestmark = pytest.mark.e2e
 
@@ -83,7 +82,6 @@ def test_reward_from_a_preference_file(tiny_repo, tmp_path):
 
 
 def test_reward_under_torchrun_matches_one_process_and_only_rank_0_writes(tiny_repo, tmp_path):
-    import mlflow
 
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     # fp32: bf16 rounds differently for a batch of 4 groups than for one of 8
@@ -99,12 +97,8 @@ def test_reward_under_torchrun_matches_one_process_and_only_rank_0_writes(tiny_r
                "--model", "models/sft", "--data", "data/prepared", "--pairs", str(out / "pairs"),
                "--out", str(out / "rm"), "--report", str(out / "reward.json"),
                "--plots", str(out / "reward.csv"), "--cache", str(out / "cache")]  # fmt: skip
-        store = f"sqlite:///{tmp_path}/{name}.db"
-        res = run(cmd, tiny_repo, timeout=900, extra_env={"MLFLOW_TRACKING_URI": store, **env})
-        mlflow.set_tracking_uri(store)
-        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-        with (out / "reward.csv").open() as f:
-            curve = [float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]]
+        res, runs = run_in_own_store(cmd, tiny_repo, tmp_path / f"{name}.db", **env)
+        curve = curve_values(out / "reward.csv", "train/loss")
         return res, json.loads((out / "reward.json").read_text()), runs, curve, out
 
     res, ddp, ddp_runs, ddp_curve, ddp_out = reward("ddp", LMPIPE_NPROC="2",

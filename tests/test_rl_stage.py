@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run, writer_run
+from conftest import run_in_own_store, writer_run
 from lmpipe.io import hash_path
 
 pytestmark = pytest.mark.e2e
@@ -67,7 +67,6 @@ def test_rl_rerun_is_byte_identical(tiny_repo, tmp_path):
 
 
 def test_rl_under_torchrun_matches_one_process_and_only_rank_0_writes(tiny_repo, tmp_path):
-    import mlflow
     import yaml
 
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
@@ -81,10 +80,7 @@ def test_rl_under_torchrun_matches_one_process_and_only_rank_0_writes(tiny_repo,
                "--reward", "models/reward", "--data", "data/prepared", "--out", str(out / "rl"),
                "--report", str(out / "rl.json"), "--plots", str(out / "rl.csv"),
                "--cache", str(out / "cache")]  # fmt: skip
-        store = f"sqlite:///{tmp_path}/{name}.db"
-        res = run(cmd, tiny_repo, timeout=900, extra_env={"MLFLOW_TRACKING_URI": store, **env})
-        mlflow.set_tracking_uri(store)
-        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        res, runs = run_in_own_store(cmd, tiny_repo, tmp_path / f"{name}.db", **env)
         with (out / "rl.csv").open() as f:
             rows = list(csv.DictReader(f))
         return res, json.loads((out / "rl.json").read_text()), runs, rows
