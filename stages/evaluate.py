@@ -62,7 +62,9 @@ def main() -> None:
               "onnx": m / "onnx", "data": args.data}  # fmt: skip
     pref = read_manifest(m / "reward")["params"]["preference"]
     gold_fn = make_gold(pref["gold"], keywords=pref.get("keywords", ()))
-    penalty = read_manifest(m / "rl")["params"]["rl"].get("missing_eos_penalty", -1.0)
+    rl_params = read_manifest(m / "rl")["params"]["rl"]
+    penalty = rl_params.get("missing_eos_penalty", -1.0)
+    beta = float(rl_params["kl_coef"])  # J = RL reward − β·KL, the objective RL maximises
 
     with stage_run("evaluate", params, params.tracking, inputs) as tracker:
         template = load_template(args.data)
@@ -130,6 +132,9 @@ def main() -> None:
                 "rl_score": float(np.where(s.ended, proxy, penalty).mean()),
                 "kl_to_sft": float(np.mean(logp - ref)),
                 "kl_to_sft_se": float(np.std(logp - ref, ddof=1) / np.sqrt(len(logp))),
+                "objective_j": float(
+                    np.where(s.ended, proxy, penalty).mean() - beta * np.mean(logp - ref)
+                ),
                 "distinct_1": M.distinct_ngram_ratio(resp_texts, 1),
                 "distinct_2": M.distinct_ngram_ratio(resp_texts, 2),
                 "self_bleu": M.self_bleu(resp_texts, cfg.self_bleu_texts),
@@ -173,8 +178,9 @@ def main() -> None:
         for k in cfg.best_of_n:
             got = M.best_of_n(select, {"gold": gold.reshape(len(prompts), big),
                                        "proxy": select}, k)  # fmt: skip
-            best.append({"n": k, "kl_bound": M.best_of_n_kl_bound(k), "gold": got["gold"],
-                         "proxy": got["proxy"]})  # fmt: skip
+            kl_bound = M.best_of_n_kl_bound(k)
+            best.append({"n": k, "kl_bound": kl_bound, "gold": got["gold"], "proxy": got["proxy"],
+                         "objective_j_lower": got["proxy"] - beta * kl_bound})  # fmt: skip
         log.info("best-of-n from SFT (%d samples per prompt, %.0f s): %s", big,
                  time.perf_counter() - t0,
                  ", ".join(f"n={b['n']} gold {b['gold']:.3f}" for b in best))  # fmt: skip

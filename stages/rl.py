@@ -21,13 +21,14 @@ from lmpipe.chat import load_template
 from lmpipe.config import load_params
 from lmpipe.data.sources import DataError
 from lmpipe.data.stats import distinct_ngram_ratio
+from lmpipe.evaluate import metrics as M
 from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.model import context_length, load_model, read_manifest, save_model
 from lmpipe.progress import Progress
 from lmpipe.reward import RewardModel, cluster_se
 from lmpipe.rl.loop import RLTrainer
-from lmpipe.rl.posterior import draw, posterior_kl
+from lmpipe.rl.posterior import draw, posterior_kl, rescore
 from lmpipe.rl.rollout import ValueModel
 from lmpipe.tracking import NullTracker, model_card, stage_run
 from lmpipe.train import checkpoint_store, write_history_csv
@@ -126,6 +127,7 @@ def main() -> None:
             }
             return texts, {
                 "by_prompt": by_prompt,
+                "gold_each": gold_arr,
                 "gold": float(np.mean(g)),
                 "proxy": float(np.mean(proxy)) if proxy.size else float("nan"),
                 "score": float(np.mean(s.scores)),
@@ -143,7 +145,9 @@ def main() -> None:
             ref_s = draw(ref, ref, eval_ids, cfg.posterior_samples, score_fn, generator=gen,
                          **sample_kw)  # fmt: skip
             init_texts, init = summary(ref_s, eval_text)
-            init.update(posterior_kl(ref_s, ref_s, cfg.kl_coef, len(eval_ids), seed=params.seed))
+            init.update(posterior_kl(ref_s, ref_s, cfg.kl_coef, len(eval_ids)))
+            best_of = best_of_n_frontier(ref_s.scores, init["gold_each"], len(eval_ids),
+                                         cfg.kl_coef)  # fmt: skip
             n_post, n_eval = cfg.posterior_samples, cfg.eval_samples
             init["distinct_2"] = distinct_ngram_ratio(
                 [t for i, t in enumerate(init_texts) if i % n_post < n_eval], 2
@@ -188,10 +192,14 @@ def main() -> None:
             return
         write_history_csv(args.plots, history)
 
+        t0 = time.perf_counter()
         pol_s = draw(policy, ref, eval_ids, cfg.eval_samples, score_fn, generator=gen,
                      **sample_kw)  # fmt: skip
         final_texts, final = summary(pol_s, eval_text)
-        final.update(posterior_kl(ref_s, pol_s, cfg.kl_coef, len(eval_ids), seed=params.seed))
+        pol_of_ref = rescore(policy, eval_ids, ref_s, temperature=cfg.temperature,
+                             pad_id=template.pad_id)  # fmt: skip
+        final.update(posterior_kl(ref_s, pol_s, cfg.kl_coef, len(eval_ids), pol_of_ref))
+        eval_seconds += time.perf_counter() - t0
         episodes = cfg.steps * min(cfg.prompts_per_step, len(train_ids)) * cfg.samples_per_prompt
         batch_kl = [h["rl/kl"] for h in history]
         report = {
@@ -211,17 +219,18 @@ def main() -> None:
             "posterior_kl_init": init["posterior_kl"],
             "log_z": final["log_z"],
             "log_z_interval": [final["log_z_low"], final["log_z_high"]],
-            "log_z_samples_per_prompt": cfg.posterior_samples,
-            "log_z_from_ref": final["log_z_from_ref"],
-            "log_z_from_policy": final["log_z_from_policy"],
-            "prompts_with_log_z_below_j": final["prompts_with_log_z_below_j"],
+            "log_z_samples_per_prompt": {"ref": cfg.posterior_samples, "policy": cfg.eval_samples},
+            "reward_max": final["reward_max"],
             "objective_j": {"init": init["objective_j"], "final": final["objective_j"]},
+            "objective_j_se": final["objective_j_se"],
+            "best_of_n": best_of,
             "entropy": final["entropy"],
             "entropy_init": init["entropy"],
             "distinct_2": final["distinct_2"],
             "distinct_2_init": init["distinct_2"],
             "eos_rate": {"init": init["eos_rate"], "final": final["eos_rate"]},
             "min_batch_kl": float(min(batch_kl)) if batch_kl else float("nan"),
+            "j_slope_ratio": j_slope_ratio(history),
             "episodes_per_sec": episodes / max(elapsed, 1e-9),
             "generate_share": gen_seconds / max(elapsed, 1e-9),
             "train_seconds": elapsed,
@@ -259,6 +268,37 @@ def main() -> None:
         )  # fmt: skip
 
     dist.teardown()
+
+
+def best_of_n_frontier(
+    scores: np.ndarray, gold: np.ndarray, n_prompts: int, beta: float
+) -> list[dict[str, float]]:
+    """Best-of-n from π₀ on the eval prompts, ranked by the RL reward, from the π₀ samples the
+    log Z estimate drew: RL reward, gold, KL bound and J ≥ reward − β·bound for each n, the
+    frontier a converged policy should reach at its KL."""
+    select = np.asarray(scores, np.float64).reshape(n_prompts, -1)
+    out = []
+    for n in (1, 2, 4, 8, 16, 32):
+        if n > select.shape[1]:
+            break
+        got = M.best_of_n(select, {"gold": np.asarray(gold).reshape(n_prompts, -1)}, n)
+        bound = M.best_of_n_kl_bound(n)
+        out.append({"n": n, "kl_bound": bound, "score": got["select"], "gold": got["gold"],
+                    "objective_j_lower": got["select"] - beta * bound})  # fmt: skip
+    return out
+
+
+def j_slope_ratio(history: list[dict], tail: float = 0.2) -> float:
+    """How fast the training batches' J = score − β·KL still rises over the last `tail` of the
+    steps, as a share of its mean rise over the run (least-squares slopes): near 0 or below
+    once the run has converged, near 1 or above where the budget stopped it."""
+    steps = np.array([h["step"] for h in history], dtype=float)
+    j = np.array([h["rl/score"] - h["rl/beta"] * h["rl/kl"] for h in history])
+    last = steps > steps.max() * (1 - tail) if len(steps) else steps.astype(bool)
+    if last.sum() < 3 or len(steps) < 5:
+        return float("nan")
+    overall = np.polyfit(steps, j, 1)[0]
+    return float(np.polyfit(steps[last], j[last], 1)[0] / overall) if overall > 0 else float("nan")
 
 
 def _nanmean(x: np.ndarray) -> float:

@@ -29,6 +29,13 @@ def test_metrics_cover_every_model_with_the_design_keys(tiny_repo):
     assert v["onnx-rl-int8"]["size_mb"] < v["onnx-rl"]["size_mb"]
     assert [b["n"] for b in m["best_of_n"]] == [1, 2, 4]
     assert m["best_of_n"][0]["kl_bound"] == 0.0
+    beta = json.loads((tiny_repo / "models" / "rl" / "lmpipe.json").read_text())["params"]["rl"][
+        "kl_coef"
+    ]
+    for b in m["best_of_n"]:
+        assert b["objective_j_lower"] == pytest.approx(b["proxy"] - beta * b["kl_bound"])
+    for row in v.values():  # J = RL reward − β·KL to SFT, the objective RL maximises
+        assert row["objective_j"] == pytest.approx(row["rl_score"] - beta * row["kl_to_sft"])
     assert isinstance(m["flags"], list)
 
 

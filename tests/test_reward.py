@@ -2,6 +2,7 @@
 a reward model that separates a synthetic problem, the file source, normalisation, loading."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -447,3 +448,31 @@ def test_bag_of_words_baseline_learns_a_lexical_preference():
 
     m = bag_of_words_baseline([row() for _ in range(200)], [row() for _ in range(50)])
     assert m["val_accuracy"] == 1.0 and m["gold_order_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_critic_from_the_reward_model_scores_each_partial_response(backbone, pooling):
+    """PPO's critic copied from the reward model starts as the reward model's normalised score
+    of the response so far, pooled the way the reward model pools: V_t (before response token
+    t) = gain·raw(prompt + first t tokens) + bias. Mean pooling shrinks that toward the
+    normalised mean 0 with n0 pseudo-tokens: exact as n0 → 0, 0 before the first token."""
+    from lmpipe.rl.rollout import ValueModel
+    from lmpipe.sampling import Generation
+
+    model = build_reward_model(backbone, seed=1, pooling=pooling, response_token_id=3).eval()
+    gain, bias = 1.7, -0.4
+    value = ValueModel.from_reward_model(model, gain, bias)
+    prompt, response = [1, 4, 3], [10, 11, 12, 13, 2]
+    seq = torch.tensor([prompt + response])
+    mask = torch.ones(1, len(response), dtype=torch.bool)
+    gen = Generation(seq, torch.ones_like(seq), len(prompt), seq[:, len(prompt) :], mask,
+                     torch.tensor([True]))  # fmt: skip
+    with torch.no_grad():
+        if pooling == "mean":
+            assert float(value(gen, slice(None))[0, 0]) == pytest.approx(0.0, abs=1e-6)
+            value.log_n0.fill_(math.log(1e-6))
+        v = value(gen, slice(None))[0]
+    first = 0 if pooling == "last" else 1  # mean pooling has no score of an empty response
+    want = [gain * raw_scores(model, [prompt + response[:t]], 0)[0] + bias
+            for t in range(first, len(response))]  # fmt: skip
+    np.testing.assert_allclose(v[first:].numpy(), want, rtol=1e-4, atol=1e-4)

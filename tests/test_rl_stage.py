@@ -24,6 +24,14 @@ def test_rl_stage_outputs(tiny_repo):
         assert np.isfinite(rep[key]), key
     lo, hi = rep["log_z_interval"]
     assert lo <= rep["log_z"] <= hi
+    lo, hi = rep["posterior_kl_interval"]
+    assert 0 <= lo <= rep["posterior_kl"] <= hi
+    assert rep["log_z_interval"][1] <= rep["reward_max"] / rep["beta"] + 1e-9
+    best = rep["best_of_n"]
+    assert [b["n"] for b in best][:3] == [1, 2, 4] and best[0]["kl_bound"] == 0.0
+    for b in best:  # J bound = reward − β·KL bound, the frontier the policy is judged against
+        assert b["objective_j_lower"] == pytest.approx(b["score"] - rep["beta"] * b["kl_bound"])
+    assert best[0]["objective_j_lower"] == pytest.approx(rep["objective_j"]["init"])
     assert rep["episodes_per_sec"] > 0 and 0 < rep["generate_share"] < 1
     rows = list(csv.DictReader((tiny_repo / "reports/plots/rl.csv").open()))
     assert [int(r["step"]) for r in rows] == list(range(1, 7))

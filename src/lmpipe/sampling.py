@@ -39,6 +39,28 @@ class Generation:
         return self.response_mask.sum(-1)
 
 
+def pack(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    ended: Sequence[bool],
+    pad_id: int,
+    device: torch.device | str = "cpu",
+) -> Generation:
+    """A `Generation` of given prompts and responses (a response that ended holds its stop
+    token), laid out as `generate` lays out its own: to rescore samples with another model."""
+    p_ids, p_mask = left_pad(prompts, pad_id)
+    resp = torch.full((len(responses), max(1, *map(len, responses))), pad_id, dtype=torch.long)
+    r_mask = torch.zeros(resp.shape, dtype=torch.bool)
+    for i, r in enumerate(responses):
+        resp[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        r_mask[i, : len(r)] = True
+    return Generation(
+        torch.cat([p_ids, resp], 1).to(device), torch.cat([p_mask, r_mask.long()], 1).to(device),
+        p_ids.shape[1], resp.to(device), r_mask.to(device),
+        torch.as_tensor(list(ended), dtype=torch.bool, device=device),
+    )  # fmt: skip
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)

@@ -162,25 +162,14 @@ class TorchEngine(Engine):
         import torch
 
         from lmpipe.rl.rollout import response_logprobs
-        from lmpipe.sampling import Generation, left_pad
+        from lmpipe.sampling import pack
 
         out: list[float] = []
         for start in range(0, len(prompts), batch_size):
             end = start + batch_size
             rows = zip(responses[start:end], ended[start:end], strict=True)
             tails = [[*r, self.eos] if e else list(r) for r, e in rows]
-            p_ids, p_mask = left_pad(prompts[start:end], self.pad)
-            resp = torch.full((len(tails), max(1, *map(len, tails))), self.pad, dtype=torch.long)
-            r_mask = torch.zeros(resp.shape, dtype=torch.bool)
-            for i, t in enumerate(tails):
-                resp[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-                r_mask[i, : len(t)] = True
-            gen = Generation(
-                torch.cat([p_ids, resp], 1).to(self.device),
-                torch.cat([p_mask, r_mask.long()], 1).to(self.device),
-                p_ids.shape[1], resp.to(self.device), r_mask.to(self.device),
-                torch.tensor(list(ended[start:end]), device=self.device),
-            )  # fmt: skip
+            gen = pack(prompts[start:end], tails, ended[start:end], self.pad, self.device)
             with torch.no_grad():
                 logp, _ = response_logprobs(self.model, gen, slice(None), 1.0, False)
             out += (logp.double() * gen.response_mask).sum(-1).cpu().tolist()

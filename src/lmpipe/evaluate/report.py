@@ -372,11 +372,36 @@ def markdown(metrics: Mapping[str, Any], side_by_side: Sequence[Mapping[str, Any
         "moved gold and proxy beyond noise, without reward hacking, entropy collapse or an "
         "EOS-rate drop."
     ]
-    out += ["", "## Best-of-n from SFT (proxy-ranked)", "",
-            "| n | KL bound (nats) | gold | proxy |", "|---:|---:|---:|---:|"]  # fmt: skip
+    out += [
+        "",
+        "## Best-of-n from SFT (proxy-ranked)",
+        "",
+        "J = RL reward − β·KL is the objective RL maximises (β = rl.kl_coef); best-of-n's "
+        "KL is at most its bound, so its J is at least the one shown.",
+        "",
+        "| n | KL bound (nats) | gold | proxy | J ≥ |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for b in metrics["best_of_n"]:
-        out.append(f"| {b['n']} | {b['kl_bound']:.3f} | {b['gold']:.3f} | {b['proxy']:.3f} |")
+        j = b.get("objective_j_lower")
+        j_text = "" if j is None else f"{j:.3f}"
+        out.append(
+            f"| {b['n']} | {b['kl_bound']:.3f} | {b['gold']:.3f} | {b['proxy']:.3f} | {j_text} |"
+        )
     rl, bon = metrics["variants"].get("rl"), metrics["best_of_n"]
+    if rl and bon and rl.get("objective_j") is not None and "objective_j_lower" in bon[0]:
+        beaten = [b for b in bon if b["objective_j_lower"] > rl["objective_j"]]
+        verdict = (
+            f"best-of-{beaten[0]['n']} reaches at least {beaten[0]['objective_j_lower']:.3f}: "
+            "RL stopped short of the optimum of its own objective."
+            if beaten
+            else "no best-of-n point's J bound is above it."
+        )
+        out += [
+            "",
+            f"The RL policy's J is {rl['objective_j']:.3f} (RL reward {rl['rl_score']:.3f}, "
+            f"KL {rl['kl_to_sft']:.2f} nats); {verdict}",
+        ]
     if rl and bon:
         better = [b for b in bon if b["gold"] >= rl["gold_reward"]]
         if better:

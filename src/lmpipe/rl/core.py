@@ -212,15 +212,79 @@ def dpg_weights(
     return torch.exp(log_p - log_q - log_z[:, None]) - torch.exp(log_pi - log_q)
 
 
-def log_z_estimate(
-    rewards: torch.Tensor, beta: float, n_boot: int = 200, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(P, N) rewards of N samples of π₀ per prompt → log Ẑ per prompt (logsumexp(r/β) − log N,
-    biased low) with a 90% bootstrap interval per prompt."""
-    x = rewards.double() / beta
-    log_z = log_mean_exp(x)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, x.shape[1], (n_boot, x.shape[1]), generator=g)
-    boot = torch.stack([log_mean_exp(x[:, i]) for i in idx], dim=1)  # (P, n_boot)
-    lo, hi = torch.quantile(boot, torch.tensor([0.05, 0.95], dtype=boot.dtype), dim=1)
-    return log_z, lo, hi
+def mixture_log_z(
+    r0: torch.Tensor, d0: torch.Tensor, rp: torch.Tensor, dp: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """log Ẑ per prompt from N samples of π₀ and M of the policy π, pooled by the balance
+    heuristic: each sample x weighs π₀(x)·exp(r/β)/(N·π₀(x) + M·π(x)), and Ẑ, their sum, is
+    unbiased for Z = E_π₀[exp(r/β)]. (P, N) and (P, M) rewards r and log-ratios d = log π(x)
+    − log π₀(x) (Σ k1); M = 0 gives the plain π₀ estimate logsumexp(r/β) − log N. The policy's
+    samples reach the high-reward tail that π₀ rarely draws; where π ≈ π₀ they count as π₀'s.
+    """
+    n, m = r0.shape[1], rp.shape[1]
+    r = torch.cat([r0, rp], 1).double() / beta
+    d = torch.cat([d0, dp], 1).double()
+    log_m = math.log(m) if m else -math.inf
+    return torch.logsumexp(r - torch.logaddexp(torch.full_like(d, math.log(n)), log_m + d), 1)
+
+
+def log_z_lower(log_z: torch.Tensor, delta: float) -> float:
+    """A lower bound on the prompts' mean log Z that holds with probability ≥ 1 − δ, from
+    per-prompt unbiased Ẑ of independent prompts: E[Π Ẑᵢ/Zᵢ] = 1, so by Markov
+    P(mean log(Ẑᵢ/Zᵢ) ≥ log(1/δ)/P) ≤ δ. No assumption on the reward."""
+    return float(log_z.mean()) - math.log(1 / delta) / len(log_z)
+
+
+def log_z_upper(log_z: torch.Tensor, n0: int, beta: float, r_max: float, delta: float) -> float:
+    """An upper bound on the prompts' mean log Z that holds with probability ≥ 1 − δ if no
+    reward exceeds `r_max`. Ẑ is a sum of independent non-negative terms, each at most
+    b = exp(r_max/β)/N (N = `n0`, the π₀ samples), so Z − Ẑ ≤ √(2·b·Z·log(1/δ')) with
+    probability 1 − δ' (the lower tail of a sum of non-negative variables, Σ E[X²] ≤ b·Z);
+    solved for √Z, at δ' = δ/P for each prompt so that all hold at once. Never above
+    r_max/β, where log Z is at most."""
+    p = len(log_z)
+    log_b = r_max / beta - math.log(n0)
+    log_c2 = math.log(2 * math.log(p / delta)) + log_b  # c² = 2·b·log(P/δ)
+    # √Z ≤ (c + √(c² + 4Ẑ))/2, in logs: log Z ≤ 2·log((c + √(c² + 4Ẑ))/2)
+    c = torch.full_like(log_z, 0.5 * log_c2, dtype=torch.float64)
+    root = 0.5 * torch.logaddexp(torch.full_like(c, log_c2), math.log(4) + log_z.double())
+    upper = 2 * (torch.logaddexp(c, root) - math.log(2))
+    return float(upper.clamp(max=r_max / beta).mean())
+
+
+def posterior_kl_bounds(
+    r0: torch.Tensor,
+    d0: torch.Tensor,
+    rp: torch.Tensor,
+    dp: torch.Tensor,
+    beta: float,
+    r_max: float,
+    delta: float = 0.05,
+) -> dict[str, float]:
+    """log Z, J and KL(π‖π*) = log Z − J/β, averaged over prompts, each with an interval.
+
+    (P, N) rewards and log-ratios log π/π₀ of π₀'s samples, (P, M) of the policy's (as in
+    `mixture_log_z`). log Ẑ is biased low (Jensen), so the point estimate of KL(π‖π*) is too;
+    it is clipped at 0. The log Z interval is [`log_z_lower`, `log_z_upper`] (each side holds
+    with probability ≥ 1 − δ; the upper one if no reward exceeds `r_max`), J's is its mean ±
+    z·SE over the policy's samples (normal, one-sided δ), and the KL interval combines them.
+    """
+    log_z = mixture_log_z(r0, d0, rp, dp, beta)
+    seq = (rp - beta * dp).double()
+    j_i = seq.mean(1)
+    j = float(j_i.mean())
+    m = seq.shape[1]
+    j_se = float(torch.sqrt((seq.var(1) / m).sum()) / len(j_i)) if m > 1 else float("nan")
+    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - delta)))
+    lo, hi = log_z_lower(log_z, delta), log_z_upper(log_z, r0.shape[1], beta, r_max, delta)
+    j_lo, j_hi = j - z * j_se, j + z * j_se
+    return {
+        "log_z": float(log_z.mean()),
+        "log_z_low": lo,
+        "log_z_high": hi,
+        "objective_j": j,
+        "objective_j_se": j_se,
+        "posterior_kl": max(0.0, float(log_z.mean()) - j / beta),
+        "posterior_kl_low": max(0.0, lo - j_hi / beta),
+        "posterior_kl_high": max(0.0, hi - j_lo / beta),
+    }

@@ -376,9 +376,10 @@ class RLTrainer:
         log_q = (ro.logp * ro.mask).sum(-1).double().view(-1, k).cpu()
         log_p = (ro.ref_logp * ro.mask).sum(-1).double().cpu() + ro.scores.double().cpu() / beta
         log_p = log_p.view(-1, k)
-        logp, _ = self._policy_seq_logprobs(ro)
+        logp, ent = self._policy_seq_logprobs(ro)
         seq_logp = (logp * ro.mask).sum(-1)
-        log_pi = all_sum_(seq_logp.detach().clone()).double().view(-1, k).cpu()
+        pi_tokens = all_sum_(logp.detach().clone())
+        log_pi = (pi_tokens * ro.mask).sum(-1).double().view(-1, k).cpu()
         # running per-prompt Ẑ: the mean of P/q over every visit (unbiased under any q)
         idx = ro.prompt_index.view(-1, k)[:, 0]
         log_w = log_p - log_q
@@ -402,11 +403,34 @@ class RLTrainer:
                 swapped = 1.0
             self.swap_window = []
         return {
+            **self._on_policy(ro, pi_tokens, ent, log_pi.view(-1) - log_q.view(-1)),
             "rl/policy_loss": all_sum(float(loss.detach())), "rl/grad_norm": grad_norm,
             "rl/kl_p_pi": float(est.kl_p_pi.mean()), "rl/kl_p_q": float(est.kl_p_q.mean()),
             "rl/tvd_p_pi": float(est.tvd_p_pi.mean()), "rl/log_z": float(log_z.mean()),
             "rl/proposal_swaps": float(self.swaps), "rl/swapped": swapped, "rl/ess_frac": ess,
         }  # fmt: skip
+
+    def _on_policy(
+        self, ro: Rollout, logp: torch.Tensor, ent: torch.Tensor, log_w: torch.Tensor
+    ) -> dict[str, float]:
+        """Score, proxy, KL to the reference (k1, k3) and entropy of the policy π, from the
+        proposal q's samples weighted by π/q (self-normalised over the batch): what DPG logs
+        and adapts β on, where the batch's own figures would describe q (`rl/kl_q`)."""
+        w = torch.softmax(log_w, 0).to(self.device, torch.float32)  # (B,) Σ = 1
+        mask = ro.mask
+        k1 = (core.kl_k1(logp, ro.ref_logp) * mask).sum(-1)
+        k3 = (core.kl_k3(logp, ro.ref_logp) * mask).sum(-1)
+        tokens = mask.sum(-1).clamp(min=1)
+        proxy = ro.proxy.to(self.device)
+        seen = ~torch.isnan(proxy)
+        return {
+            "rl/score": float((w * ro.scores).sum()),
+            "rl/proxy": float((w[seen] * proxy[seen]).sum() / w[seen].sum().clamp(min=1e-30)),
+            "rl/kl": float((w * k1).sum()),
+            "rl/kl_k3": float((w * k3).sum()),
+            "rl/entropy": float((w * (ent * mask).sum(-1)).sum() / (w * tokens).sum()),
+            "rl/kl_q": float((core.kl_k1(ro.logp, ro.ref_logp) * mask).sum(-1).mean()),
+        }
 
     # ----------------------------------------------------------------------- one step
 
@@ -427,20 +451,23 @@ class RLTrainer:
         k1 = (core.kl_k1(ro.logp, ro.ref_logp) * mask).sum(-1)
         k3 = (core.kl_k3(ro.logp, ro.ref_logp) * mask).sum(-1)
         beta = self.kl_ctl.beta
-        kl = float(k1.mean())
+        # dpg's own figures are the policy's (`_on_policy`), not those of q that sampled
+        kl = metrics.pop("rl/kl", float(k1.mean()))
         self.kl_ctl.update(kl, len(k1))
         dt = time.perf_counter() - t0
         proxy = ro.proxy[~torch.isnan(ro.proxy)]
         metrics.update(
             {
-                "rl/score": float(ro.scores.mean()),
-                "rl/proxy": float(proxy.mean()) if len(proxy) else float("nan"),
+                "rl/score": metrics.pop("rl/score", float(ro.scores.mean())),
+                "rl/proxy": metrics.pop(
+                    "rl/proxy", float(proxy.mean()) if len(proxy) else float("nan")
+                ),
                 "rl/kl": kl,
-                "rl/kl_k3": float(k3.mean()),
+                "rl/kl_k3": metrics.pop("rl/kl_k3", float(k3.mean())),
                 "rl/non_score_reward": -beta * kl,
                 "rl/beta": beta,
                 "rl/lr": lr,
-                "rl/entropy": float(core.masked_mean(ro.entropy, mask)),
+                "rl/entropy": metrics.pop("rl/entropy", float(core.masked_mean(ro.entropy, mask))),
                 "rl/response_len": float(mask.sum(-1).float().mean()),
                 "rl/eos_frac": float(ro.gen.ended.float().mean()),
                 "rl/episodes_per_sec": len(k1) / dt,

@@ -1,9 +1,11 @@
 """Distance to the posterior π* = π₀·exp(r/β)/Z on fixed prompts (Korbak, Perez & Buckley 2022).
 
 J(π) = E_π[r] − β·KL(π‖π₀) = β·(log Z − KL(π‖π*)), so KL(π‖π*) = log Z − J/β. log Z(c) comes from
-N samples of π₀ per prompt (log Ẑ = logsumexp(r/β) − log N, biased low, with a bootstrap
-interval); J(c) from the policy's own samples with the per-sequence Σ k1. r is exactly the RL
-reward: the normalised proxy score, or the missing-EOS penalty.
+N samples of π₀ and the policy's own samples per prompt, pooled (`core.mixture_log_z`), with an
+interval whose lower end always holds and whose upper end holds if no response scores above the
+best one sampled (`core.posterior_kl_bounds`); J(c) from the policy's samples with the
+per-sequence Σ k1. r is exactly the RL reward: the normalised proxy score, or the missing-EOS
+penalty.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from lmpipe.rl import core
 from lmpipe.rl.loop import ScoreFn, score_generation
 from lmpipe.rl.rollout import response_logprobs
-from lmpipe.sampling import Generation, generate
+from lmpipe.sampling import Generation, generate, pack
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Samples:
     kl: np.ndarray  # Σ k1 per sequence against the reference
     kl_k3: np.ndarray
     entropy: np.ndarray = field(default_factory=lambda: np.zeros(0))  # mean per token
+    logp: np.ndarray = field(default_factory=lambda: np.zeros(0))  # Σ log-prob of the sampler
 
 
 @torch.no_grad()
@@ -55,7 +58,8 @@ def draw(
     """n samples of `model` per prompt, scored, with Σ k1/k3 against `ref` (0 when model is ref)
     and entropies; with `logprobs` False those three are NaN and no log-prob pass runs."""
     index = [i for i in range(len(prompts)) for _ in range(n)]
-    out: dict[str, list] = {k: [] for k in ("resp", "ended", "scores", "proxy", "kl", "k3", "ent")}
+    keys = ("resp", "ended", "scores", "proxy", "kl", "k3", "ent", "logp")
+    out: dict[str, list] = {k: [] for k in keys}
     was_training = model.training
     model.eval()
     for start in range(0, len(index), batch_size):
@@ -72,7 +76,7 @@ def draw(
         out["scores"] += scores.tolist()
         out["proxy"] += proxy.tolist()
         if not logprobs:
-            for key in ("kl", "k3", "ent"):
+            for key in ("kl", "k3", "ent", "logp"):
                 out[key] += [math.nan] * len(rows)
             continue
         everything = slice(None)
@@ -84,46 +88,67 @@ def draw(
         out["kl"] += (core.kl_k1(logp, ref_logp) * mask).sum(-1).cpu().tolist()
         out["k3"] += (core.kl_k3(logp, ref_logp) * mask).sum(-1).cpu().tolist()
         out["ent"] += core.masked_mean(ent, mask, dim=-1).cpu().tolist()
+        out["logp"] += (logp.double() * mask).sum(-1).cpu().tolist()
     model.train(was_training)
     return Samples(
         index, out["resp"], np.array(out["ended"]), np.array(out["scores"]),
         np.array(out["proxy"]), np.array(out["kl"]), np.array(out["k3"]), np.array(out["ent"]),
+        np.array(out["logp"]),
     )  # fmt: skip
 
 
-def posterior_kl(
-    ref_samples: Samples, policy_samples: Samples, beta: float, n_prompts: int, seed: int = 0
-) -> dict[str, float]:
-    """log Ẑ per prompt, J and KL(π‖π*) = log Ẑ − J/β per prompt, averaged.
+@torch.no_grad()
+def rescore(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    samples: Samples,
+    *,
+    temperature: float,
+    pad_id: int,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Σ log-prob of each of `samples` (drawn by another model) under `model`."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    for start in range(0, len(samples.responses), batch_size):
+        end = start + batch_size
+        rows = samples.prompt_index[start:end]
+        gen = pack([prompts[i] for i in rows], samples.responses[start:end],
+                   samples.ended[start:end].tolist(), pad_id, device)  # fmt: skip
+        logp, _ = response_logprobs(model, gen, slice(None), temperature, False)
+        out += (logp.double() * gen.response_mask).sum(-1).cpu().tolist()
+    model.train(was_training)
+    return np.array(out)
 
-    Z = E_π₀[exp(r/β)] = E_π[exp((r − β·Σk1)/β)]: two estimates, one from π₀'s samples and one
-    by importance sampling from the policy's own. Both are biased low (the tail of exp(r/β) is
-    what a finite sample misses), so log Ẑ is the larger of the two per prompt; the policy's
-    one is at least J/β by Jensen on the same samples, so the KL estimate is never negative.
-    The interval is the bootstrap's over the chosen estimator's samples: it shows the sampling
-    spread, not the unseen tail, and may still lie below the truth.
-    """
-    r0 = torch.tensor(ref_samples.scores).view(n_prompts, -1)
-    log_z0, lo0, hi0 = core.log_z_estimate(r0, beta, seed=seed)
-    seq_reward = torch.tensor(
-        policy_samples.scores - beta * policy_samples.kl, dtype=torch.float64
-    ).view(n_prompts, -1)
-    log_zp, lop, hip = core.log_z_estimate(seq_reward, beta, seed=seed)
-    use_policy = log_zp > log_z0
-    log_z = torch.where(use_policy, log_zp, log_z0)
-    lo, hi = torch.where(use_policy, lop, lo0), torch.where(use_policy, hip, hi0)
-    j = seq_reward.mean(1)
-    kl_star = (log_z - j / beta).clamp_min(0.0)  # ≥ 0 up to rounding
-    return {
-        "log_z": float(log_z.mean()),
-        "log_z_low": float(lo.mean()),
-        "log_z_high": float(hi.mean()),
-        "log_z_from_ref": float(log_z0.mean()),
-        "log_z_from_policy": float(log_zp.mean()),
-        "objective_j": float(j.mean()),
-        "posterior_kl": float(kl_star.mean()),
-        "posterior_kl_low": float((lo - j / beta).clamp_min(0.0).mean()),
-        "posterior_kl_high": float((hi - j / beta).clamp_min(0.0).mean()),
-        "prompts_with_log_z_below_j": int((log_z0 - j / beta < 0).sum()),
-        "n_ref_samples": int(r0.shape[1]),
-    }
+
+def posterior_kl(
+    ref_samples: Samples,
+    policy_samples: Samples,
+    beta: float,
+    n_prompts: int,
+    policy_logp_of_ref: np.ndarray | None = None,
+    delta: float = 0.05,
+) -> dict[str, float]:
+    """log Ẑ, J and KL(π‖π*) = log Ẑ − J/β averaged over prompts, with intervals
+    (`core.posterior_kl_bounds`). `policy_logp_of_ref`: the policy's Σ log-prob of π₀'s samples
+    (`rescore`); None when the policy is π₀. The upper ends take the largest reward of any
+    sample, π₀'s or the policy's, as the largest there is: they hold if none is larger."""
+    r0 = torch.tensor(ref_samples.scores, dtype=torch.float64).view(n_prompts, -1)
+    if policy_logp_of_ref is None:
+        d0 = torch.zeros_like(r0)
+    else:
+        d0 = torch.tensor(policy_logp_of_ref - ref_samples.logp).view(n_prompts, -1)
+    rp = torch.tensor(policy_samples.scores, dtype=torch.float64).view(n_prompts, -1)
+    dp = torch.tensor(policy_samples.kl, dtype=torch.float64).view(n_prompts, -1)
+    r_max = float(max(r0.max(), rp.max()))
+    out = core.posterior_kl_bounds(r0, d0, rp, dp, beta, r_max, delta)
+    out.update(
+        {
+            "reward_max": r_max,
+            "n_ref_samples": int(r0.shape[1]),
+            "n_policy_samples": int(rp.shape[1]),
+        }
+    )
+    return out

@@ -1,0 +1,112 @@
+"""RL against best-of-n across β: the rl stage on the committed SFT and reward models for each
+β and seed, compared at matched KL with best-of-n from π₀ on the same eval prompts (ranked by
+the RL reward, at its KL bound, from the π₀ samples the stage draws for log Z). Prints a
+Markdown table per β: RL's RL reward (proxy), gold, KL and J (mean ± SE over seeds), best-of-n's
+reward and gold interpolated at RL's KL, and RL − best-of-n in standard errors.
+
+    python bench/beta_sweep.py [--betas 0.05 0.1 0.2 0.5] [--seeds 3] [--set rl.steps=80 ...]
+                               [--workdir /tmp/beta-sweep]
+
+Best-of-n's KL is at most its bound, so at a given KL its interpolated reward and gold are
+lower estimates of its frontier; RL KLs beyond the largest n's bound are compared with that n.
+Needs models/sft, models/reward and data/prepared (after `dvc repro` or `dvc pull`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_rl(workdir: Path, params: dict, name: str) -> dict:
+    out = workdir / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "stages/rl.py", "--params", str(out / "params.yaml"),
+           "--sft", "models/sft", "--reward", "models/reward", "--data", "data/prepared",
+           "--out", str(out / "model"), "--report", str(out / "rl.json"),
+           "--plots", str(out / "rl.csv"), "--cache", str(out / "cache")]  # fmt: skip
+    with (out / "log").open("w") as log:
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT,
+                       env={**os.environ, "LMPIPE_PROGRESS_S": "60"})  # fmt: skip
+    return json.loads((out / "rl.json").read_text())
+
+
+def at_kl(best: list[dict], key: str, kl: float) -> float:
+    """Best-of-n's `key` interpolated at `kl` along its (KL bound, value) points."""
+    xs = [b["kl_bound"] for b in best]
+    return float(np.interp(kl, xs, [b[key] for b in best]))
+
+
+def mean_se(x: list[float]) -> tuple[float, float]:
+    a = np.asarray(x, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], help="rl param override key=value")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/beta-sweep"))
+    args = ap.parse_args()
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base["tracking"]["enabled"] = False
+    for s in args.set:
+        key, _, value = s.partition("=")
+        base["rl"][key.removeprefix("rl.")] = yaml.safe_load(value)
+    t0 = time.time()
+    table = []
+    for beta in args.betas:
+        runs = []
+        for seed in range(args.seeds):
+            params = {**base, "seed": base["seed"] + seed,
+                      "rl": {**base["rl"], "kl_coef": beta}}  # fmt: skip
+            rep = run_rl(args.workdir, params, f"beta{beta}-seed{seed}")
+            best = rep["best_of_n"]
+            kl = rep["kl_to_ref"]
+            j = rep["objective_j"]["final"]
+            runs.append({
+                "score": j + beta * kl, "gold": rep["gold_reward"]["final"], "kl": kl, "j": j,
+                "bon_score": at_kl(best, "score", kl), "bon_gold": at_kl(best, "gold", kl),
+                "bon_j": max(b["objective_j_lower"] for b in best),
+                "posterior_kl": rep["posterior_kl"],
+            })  # fmt: skip
+            print(f"β {beta} seed {seed}: {json.dumps(runs[-1])}", flush=True)
+        row = {"beta": beta}
+        for key in runs[0]:
+            row[key] = mean_se([r[key] for r in runs])
+        for key in ("score", "gold"):
+            d = mean_se([r[key] - r[f"bon_{key}"] for r in runs])
+            row[f"{key}_gap"] = d
+        table.append(row)
+    cpu = platform.processor() or platform.machine()
+    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}), "
+          f"{args.seeds} seeds a β, {time.time() - t0:.0f} s\n")  # fmt: skip
+    print(
+        "| β | RL reward | best-of-n at RL's KL | gold | best-of-n gold | gold − bon (SE) "
+        "| KL | J | best J bound of best-of-n | KL(π‖π*) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    f = lambda m: f"{m[0]:.3f} ± {m[1]:.3f}"  # noqa: E731
+    for r in table:
+        gap, se = r["gold_gap"]
+        print(f"| {r['beta']} | {f(r['score'])} | {r['bon_score'][0]:.3f} | {f(r['gold'])} | "
+              f"{r['bon_gold'][0]:.3f} | {gap:+.3f} ({gap / se if se else float('nan'):+.1f}) | "
+              f"{f(r['kl'])} | {f(r['j'])} | {r['bon_j'][0]:.3f} | "
+              f"{f(r['posterior_kl'])} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
