@@ -134,9 +134,10 @@ def fixture_metrics():
                           "distinct_2": 0.7,
                           "self_bleu": 0.2, "response_tokens": 30.0, "eos_rate": 0.9,
                           "tokens_per_sec": 1000.0, "latency_ms_per_token": 2.5,
-                          "size_mb": 20.0 - i}  # fmt: skip
+                          "size_mb": 20.0 - i, "objective_j": 0.1 * i - 0.1 * i}  # fmt: skip
     best = [{"n": n, "kl_bound": M.best_of_n_kl_bound(n), "gold": 0.1 + 0.02 * n,
-             "proxy": 0.1 * n} for n in (1, 2, 4, 8, 16)]  # fmt: skip
+             "proxy": 0.1 * n, "objective_j_lower": 0.1 * n - 0.2 * M.best_of_n_kl_bound(n)}
+            for n in (1, 2, 4, 8, 16)]  # fmt: skip
     return {"variants": variants, "best_of_n": best, "flags": ["Entropy collapsed: test"],
             "eval": {"prompts": 4, "samples_per_prompt": 2, "seed": 1, "max_new_tokens": 8,
                      "ppl_tokens": 100, "speed_batch": 8, "speed_new_tokens": 8}}  # fmt: skip
@@ -184,6 +185,8 @@ def test_headline_picks_the_dozen_figures_by_their_short_names():
     assert h["rl_kl"] == pytest.approx(1.0) and h["rl_ppl"] == 32
     assert h["int8_gold"] == pytest.approx(0.7) and h["int8_size_mb"] == 13
     assert h["bon_gold"] == pytest.approx(0.1 + 0.02 * 16)  # the largest n
+    assert h["rl_objective_j"] == 0.0
+    assert h["bon_n4_j_lower"] == pytest.approx(0.4 - 0.2 * M.best_of_n_kl_bound(4))
     assert h["flag_count"] == 1 and isinstance(h["flag_count"], int)
     assert "rl_gold_se" not in h  # not in the fixture: left out, never null
     assert all(re.fullmatch(r"(sft|rl|bon|int8|flag)_\w+", k) for k in h)

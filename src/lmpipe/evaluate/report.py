@@ -32,6 +32,7 @@ HEADLINE: tuple[tuple[str, str], ...] = (
     ("rl_gold_se", "variants.rl.gold_reward_se"),
     ("rl_proxy", "variants.rl.proxy_reward"),
     ("rl_kl", "variants.rl.kl_to_sft"),
+    ("rl_objective_j", "variants.rl.objective_j"),
     ("rl_ppl", "variants.rl.ppl"),
     ("rl_distinct_2", "variants.rl.distinct_2"),
     ("rl_eos_rate", "variants.rl.eos_rate"),
@@ -59,6 +60,9 @@ def headline(metrics: Mapping[str, Any]) -> dict[str, float | int]:
             out[name] = float(value)
     if metrics.get("best_of_n"):
         out["bon_gold"] = float(max(metrics["best_of_n"], key=lambda b: b["n"])["gold"])
+        four = [b for b in metrics["best_of_n"] if b["n"] == 4 and "objective_j_lower" in b]
+        if four:  # the J that a converged RL policy must at least reach
+            out["bon_n4_j_lower"] = float(four[0]["objective_j_lower"])
     out["flag_count"] = len(metrics.get("flags", ()))
     return out
 
