@@ -1,4 +1,6 @@
+import json
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -175,3 +177,20 @@ def test_a_model_card_gives_the_headline_figures():
     report = {"val_loss": 1.23456, "gold_reward": {"final": 0.5}, "algo": "ppo"}
     card = model_card("rl", report, ("val_loss", "gold_reward.final", "algo", "missing"))
     assert card == "lmpipe rl model: val_loss 1.235, gold_reward.final 0.5"
+
+
+def test_summary_line_reads_the_json_report_of_every_stage(tmp_path):
+    """Each stage's last log line carries its headline figures: from `--report`, or for
+    evaluate from `--metrics` (its `--report` is the Markdown report card)."""
+    from lmpipe.stage import report_path, summary_line
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"variants": {"rl": {"gold_reward": 0.5, "kl_to_sft": 3.25},
+                                                "sft": {"gold_reward": 0.125}}}))  # fmt: skip
+    argv = ["--metrics", str(metrics), "--report", str(tmp_path / "report.md")]
+    assert report_path(argv) == metrics
+    line = summary_line("evaluate", 83, report_path(argv))
+    assert line == ("evaluate finished in 1m23s: variants.rl.gold_reward 0.5, "
+                    "variants.rl.kl_to_sft 3.25, variants.sft.gold_reward 0.125")  # fmt: skip
+    assert report_path(["--report", "r.json"]) == Path("r.json")
+    assert summary_line("rl", 5, None) == "rl finished in 5s"

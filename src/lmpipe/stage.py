@@ -151,8 +151,9 @@ SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
 
 
 def report_path(argv: list[str]) -> Path | None:
-    """The report a stage was told to write (`--report`, or evaluate's `--metrics`)."""
-    for flag in ("--report", "--metrics"):
+    """The JSON report a stage was told to write: evaluate's `--metrics` (its `--report` is the
+    Markdown report card), else `--report`."""
+    for flag in ("--metrics", "--report"):
         if flag in argv[:-1]:
             return Path(argv[argv.index(flag) + 1])
     return None
