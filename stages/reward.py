@@ -200,9 +200,7 @@ def main() -> None:
             "kept_step": result.kept_step,
             "normalization": norm,
             "pairs": {s: len(v) for s, v in encoded.items()},
-            "label_gold_agreement": float(
-                np.mean([p["gold_chosen"] > p["gold_rejected"] for _, p in encoded["train"]])
-            ),
+            "label_gold_agreement": label_gold_agreement(encoded["train"]),
             **sample_stats,
             "norm_samples": len(fresh_seqs),
             "params": n_params(model),
@@ -236,6 +234,13 @@ def main() -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def label_gold_agreement(pairs) -> float:
+    """Share of labelled pairs whose chosen response gold scores higher, over the pairs gold
+    does not tie (a tie has no order to agree with)."""
+    rows = [p for _, p in pairs if p["gold_chosen"] != p["gold_rejected"]]
+    return float(np.mean([p["gold_chosen"] > p["gold_rejected"] for p in rows]))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.model import context_length, load_model, read_manifest, save_model
 from lmpipe.progress import Progress
-from lmpipe.reward import RewardModel, cluster_se
+from lmpipe.reward import RewardModel, cluster_se, sample_gold_order
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.posterior import draw, posterior_kl, rescore
 from lmpipe.rl.rollout import ValueModel
@@ -200,6 +200,14 @@ def main() -> None:
                              pad_id=template.pad_id)  # fmt: skip
         final.update(posterior_kl(ref_s, pol_s, cfg.kl_coef, len(eval_ids), pol_of_ref))
         eval_seconds += time.perf_counter() - t0
+        # the reward model on SFT's and on the policy's own samples; as many π₀ samples a
+        # prompt as the policy has, so that both count pairs alike
+        first = np.arange(len(ref_s.scores)) % cfg.posterior_samples < cfg.eval_samples
+        reward_order = {
+            "sft": sample_gold_order(ref_s.proxy[first], init["gold_each"][first],
+                                     np.asarray(ref_s.prompt_index)[first]),
+            "policy": sample_gold_order(pol_s.proxy, final["gold_each"], pol_s.prompt_index),
+        }  # fmt: skip
         episodes = cfg.steps * min(cfg.prompts_per_step, len(train_ids)) * cfg.samples_per_prompt
         batch_kl = [h["rl/kl"] for h in history]
         report = {
@@ -223,6 +231,7 @@ def main() -> None:
             "reward_max": final["reward_max"],
             "objective_j": {"init": init["objective_j"], "final": final["objective_j"]},
             "objective_j_se": final["objective_j_se"],
+            "reward_gold_order": reward_order,
             "best_of_n": best_of,
             "entropy": final["entropy"],
             "entropy_init": init["entropy"],

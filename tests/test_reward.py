@@ -397,6 +397,23 @@ def test_pair_metrics():
     assert m["gold_order_pairs"] == 2 and m["gold_order_accuracy"] == 0.5
 
 
+def test_calibration_error_is_zero_when_calibrated_and_large_when_overconfident():
+    from lmpipe.reward import calibration_error
+
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, 200_000)
+    calibrated = rng.uniform(0, 1, p.size) < p  # outcomes drawn with the predicted chance
+    assert calibration_error(p, calibrated) < 0.01
+    # overconfident: predicts 0.95 for outcomes that come 70% of the time
+    y = rng.uniform(0, 1, 100_000) < 0.7
+    assert calibration_error(np.full(y.size, 0.95), y) == pytest.approx(0.25, abs=0.01)
+    # the order of a pair does not matter
+    assert calibration_error(1 - p[:1000], ~calibrated[:1000]) == pytest.approx(
+        calibration_error(p[:1000], calibrated[:1000])
+    )
+    assert np.isnan(calibration_error(np.array([]), np.array([])))
+
+
 def test_pair_metrics_standard_errors_are_by_prompt():
     from lmpipe.reward import cluster_se
 
@@ -476,3 +493,17 @@ def test_critic_from_the_reward_model_scores_each_partial_response(backbone, poo
     want = [gain * raw_scores(model, [prompt + response[:t]], 0)[0] + bias
             for t in range(first, len(response))]  # fmt: skip
     np.testing.assert_allclose(v[first:].numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_sample_gold_order_counts_pairs_within_a_prompt():
+    """Pairs are formed within a prompt only; gold gaps under 0.1 and unscored (NaN) samples
+    are left out."""
+    from lmpipe.reward import sample_gold_order
+
+    scores = np.array([0.0, 1.0, 2.0, np.nan, 5.0, 4.0])
+    gold = np.array([0.0, 0.5, 0.2, 0.9, 0.0, 0.05])
+    got = sample_gold_order(scores, gold, [0, 0, 0, 0, 1, 1])
+    # prompt 0: (0,1) agree, (0,2) agree, (1,2) disagree; sample 3 has no score; prompt 1's
+    # one pair has a gold gap of 0.05: out
+    assert got["pairs"] == 3 and got["accuracy"] == pytest.approx(2 / 3)
+    assert np.isnan(sample_gold_order(scores[:1], gold[:1], [0])["accuracy"])

@@ -27,6 +27,9 @@ def test_rl_stage_outputs(tiny_repo):
     lo, hi = rep["posterior_kl_interval"]
     assert 0 <= lo <= rep["posterior_kl"] <= hi
     assert rep["log_z_interval"][1] <= rep["reward_max"] / rep["beta"] + 1e-9
+    for who in ("sft", "policy"):
+        order = rep["reward_gold_order"][who]
+        assert order["pairs"] > 0 and 0 <= order["accuracy"] <= 1, who
     best = rep["best_of_n"]
     assert [b["n"] for b in best][:3] == [1, 2, 4] and best[0]["kl_bound"] == 0.0
     for b in best:  # J bound = reward − β·KL bound, the frontier the policy is judged against

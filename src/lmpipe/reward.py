@@ -558,6 +558,46 @@ def gold_agreement(
     return np.sign(np.asarray(r_chosen) - np.asarray(r_rejected)) == np.sign(gc - gr), sel
 
 
+def calibration_error(p_first: np.ndarray, first_wins: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error of P(first ≻ second) against outcomes: |mean predicted −
+    frequency| per equal-width bin of the prediction, weighted by the bin's share. Each pair
+    counts in both orders (p, y) and (1 − p, 1 − y), so it does not depend on which response
+    is called first."""
+    p = np.concatenate([np.asarray(p_first, float), 1 - np.asarray(p_first, float)])
+    y = np.concatenate([np.asarray(first_wins, float), 1 - np.asarray(first_wins, float)])
+    if not p.size:
+        return float("nan")
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    err = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            err += sel.mean() * abs(p[sel].mean() - y[sel].mean())
+    return float(err)
+
+
+def sample_gold_order(
+    scores: np.ndarray, gold: np.ndarray, prompt_index: Sequence[int], min_gold_gap: float = 0.1
+) -> dict[str, float]:
+    """How often the reward model orders two samples of the same prompt as gold does, over
+    every such pair whose gold differs by at least `min_gold_gap` (a sample without a score,
+    NaN, is left out): its accuracy on a policy's own samples, with the SE by prompt."""
+    scores, gold = np.asarray(scores, float), np.asarray(gold, float)
+    idx = np.asarray(prompt_index)
+    a_all, b_all = [], []
+    for p in np.unique(idx):
+        rows = np.flatnonzero((idx == p) & np.isfinite(scores))
+        a, b = np.triu_indices(len(rows), k=1)
+        a_all.append(rows[a])
+        b_all.append(rows[b])
+    a, b = np.concatenate(a_all or [[]]).astype(int), np.concatenate(b_all or [[]]).astype(int)
+    agree, sel = gold_agreement(scores[a], scores[b], gold[a], gold[b], min_gold_gap)
+    if not sel.any():
+        return {"accuracy": float("nan"), "se": float("nan"), "pairs": 0}
+    return {"accuracy": float(agree[sel].mean()), "se": cluster_se(agree[sel], idx[a][sel]),
+            "pairs": int(sel.sum())}  # fmt: skip
+
+
 def pair_metrics(
     r_chosen: np.ndarray,
     r_rejected: np.ndarray,
@@ -570,10 +610,14 @@ def pair_metrics(
     the pairs' prompts, each with its standard error by prompt."""
     rc, rr = np.asarray(r_chosen), np.asarray(r_rejected)
     agree, sel = gold_agreement(rc, rr, g_chosen, g_rejected, min_gold_gap)
+    p_chosen = 1 / (1 + np.exp(-(rc - rr)))  # the Bradley-Terry model's P(chosen ≻ rejected)
+    gold_wins = np.asarray(g_chosen) > np.asarray(g_rejected)
     out = {
         "val_accuracy": float(np.mean(rc > rr)),
         "gold_order_accuracy": float(np.mean(agree[sel])) if sel.any() else float("nan"),
         "gold_order_pairs": int(sel.sum()),
+        "calibration_error_labels": calibration_error(p_chosen, np.ones_like(p_chosen)),
+        "calibration_error_gold": calibration_error(p_chosen[sel], gold_wins[sel]),
     }
     if prompts is not None:
         clusters = np.asarray(prompts, dtype=object)
