@@ -90,9 +90,12 @@ def test_distillation_under_torchrun_matches_one_process(tiny_repo, tmp_path):
     assert ddp["world_size"] == 2 and one["world_size"] == 1
     assert len(ddp_runs) == 1  # rank 0's run
     # the same teacher samples, the same pruning and global batches: only float order differs
+    # (a KD loss near 0, as the tiny pruned student's 4e-4, differs in its last bits: atol)
     for key in ("distill/loss", "recovery/loss"):
         assert len(ddp_curves[key]) == len(one_curves[key]) > 0, key
-        np.testing.assert_allclose(ddp_curves[key], one_curves[key], rtol=5e-4, err_msg=key)
+        np.testing.assert_allclose(
+            ddp_curves[key], one_curves[key], rtol=5e-4, atol=2e-6, err_msg=key
+        )
     for name in ("distilled", "pruned"):
         a, b = ddp["variants"][name]["val_ppl"], one["variants"][name]["val_ppl"]
         assert a == pytest.approx(b, rel=2e-3), name
