@@ -4,7 +4,7 @@
 #          mounted at /work, each stage as `python stages/<stage>.py ...`, exactly as on the host.
 #   serve  slim: onnxruntime, tokenizers, FastAPI, uvicorn and lmpipe's runtime, no torch; runs
 #          `lmpipe serve` on the ONNX bundle mounted (or, target serve-bundled, copied) at /bundle.
-# make docker-build / docker-repro / docker-serve wrap the commands (README: Containers).
+# make docker-build / docker-repro / docker-serve wrap the commands (docs/containers.md).
 
 # CUDA 12.8 with cuDNN 9: what the PyTorch cu128 wheels and onnxruntime-gpu's CUDA 12 build use.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04

@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 
-# Containers (README: Containers). The repo is mounted at /work; --gpus all where nvidia-smi works.
+# Containers (docs/containers.md). The repo is mounted at /work; --gpus all where nvidia-smi works.
 IMAGE ?= lmpipe
 BUNDLE ?= models/onnx/rl
 PORT ?= 8000
