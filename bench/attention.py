@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from _results import add_json_arg, write
 from lmpipe.config import ModelParams
 from lmpipe.model import build_model, set_attention
 from lmpipe.sampling import generate
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the two kernels")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_json_arg(ap)
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -76,12 +78,16 @@ def main() -> None:
                     sync()
                     times.setdefault((name, kernel), []).append(time.perf_counter() - t0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}")
+    rows = []
     for name, (_, tokens) in cases.items():
         rate = {k: tokens / statistics.median(times[(name, k)]) for k in KERNELS}
         print(
             f"{name:26s} sdpa {rate['sdpa']:8,.0f} tokens/s  eager {rate['eager']:8,.0f}"
             f" tokens/s  eager/sdpa {rate['eager'] / rate['sdpa']:.2f}x"
         )
+        rows.append({"case": name, "sdpa": rate["sdpa"], "eager": rate["eager"],
+                     "eager_over_sdpa": rate["eager"] / rate["sdpa"]})  # fmt: skip
+    write(args.json, {"device": str(device), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from _results import add_json_arg, write
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--set", action="append", default=[], help="rl param override key=value")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/beta-sweep"))
+    add_json_arg(ap)
     args = ap.parse_args()
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     base["tracking"]["enabled"] = False
@@ -100,12 +103,31 @@ def main() -> None:
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     f = lambda m: f"{m[0]:.3f} ± {m[1]:.3f}"  # noqa: E731
+    rows = []
     for r in table:
         gap, se = r["gold_gap"]
+        rows.append(
+            {
+                "beta": r["beta"],
+                "score": f(r["score"]),
+                "bon_score": f"{r['bon_score'][0]:.3f}",
+                "gold": f(r["gold"]),
+                "bon_gold": f"{r['bon_gold'][0]:.3f}",
+                "gold_gap": f"{gap:+.3f} ({gap / se if se else float('nan'):+.1f})",
+                "kl": f"{r['kl'][0]:.2f} ± {r['kl'][1]:.2f}",
+                "j": f(r["j"]),
+                "bon_j": f"{r['bon_j'][0]:.3f}",
+                "posterior_kl": f"{r['posterior_kl'][0]:.2f} ± {r['posterior_kl'][1]:.2f}",
+            }
+        )
         print(f"| {r['beta']} | {f(r['score'])} | {r['bon_score'][0]:.3f} | {f(r['gold'])} | "
               f"{r['bon_gold'][0]:.3f} | {gap:+.3f} ({gap / se if se else float('nan'):+.1f}) | "
               f"{f(r['kl'])} | {f(r['j'])} | {r['bon_j'][0]:.3f} | "
               f"{f(r['posterior_kl'])} |")  # fmt: skip
+    caption = (f"Mean ± SE over {args.seeds} seeds a β; overrides: "
+               f"{', '.join(args.set) or 'none'}.")  # fmt: skip
+    write(args.json, {"seeds": args.seeds, "overrides": args.set, "caption": caption,
+                      "rows": rows})  # fmt: skip
 
 
 if __name__ == "__main__":

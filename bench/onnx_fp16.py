@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _results import add_json_arg, write
 from lmpipe.model import load_model
 from lmpipe.onnx.export import build_bundle, parity
 from lmpipe.onnx.runtime import OnnxLM
@@ -30,11 +31,13 @@ def main() -> None:
     ap.add_argument("--bundle", default="models/onnx/rl", help="for its tokenizer and ids")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    add_json_arg(ap)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     src = Path(args.bundle)
     meta = json.loads((src / "bundle.json").read_text())
     model = load_model(args.model)
+    table = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "b"
         build_bundle(model, out, tokenizer_file=src / "tokenizer.json",
@@ -53,6 +56,8 @@ def main() -> None:
             prompt = lm.prompt_ids("Tom found a small shell on the beach and")
             size = (out / lm.meta["files"][precision]).stat().st_size / 1e6
             line = [f"{precision}  {size:6.2f} MB  {lm.session.get_providers()[0]}"]
+            table.append({"precision": precision, "mb": size,
+                          "provider": lm.session.get_providers()[0]})  # fmt: skip
             for batch in (1, 8):
                 rows = [prompt] * batch
                 lm.generate_ids(rows, max_new_tokens=args.new_tokens, temperature=0)
@@ -63,6 +68,7 @@ def main() -> None:
                     times.append(time.perf_counter() - t0)
                 tps = batch * args.new_tokens / statistics.median(times)
                 line.append(f"b{batch} {tps:7,.0f} tokens/s")
+                table[-1][f"b{batch}"] = tps
             lm.forward = forward
             prompts = [lm.prompt_ids(t) for t in ("Tom found a shell.", "Mia was sad because "
                        "the rain came.", "A baker named Olu")]  # fmt: skip
@@ -70,6 +76,9 @@ def main() -> None:
             line.append(f"max|dlogit| {row['max_abs_logit_diff']:.2e}  greedy match "
                         f"{row['greedy_token_match']:.3f}")  # fmt: skip
             print("  ".join(line))
+            table[-1].update({"max_dlogit": row["max_abs_logit_diff"],
+                              "greedy_match": row["greedy_token_match"]})  # fmt: skip
+    write(args.json, {"model": args.model, "new_tokens": args.new_tokens, "rows": table})
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import torch
 
+from _results import add_json_arg, write
 from lmpipe.allocator import keep_freed_memory
 from lmpipe.model import load_model
 from lmpipe.onnx.runtime import OnnxLM
@@ -46,6 +47,7 @@ def main() -> None:
         help="glibc keeps freed blocks, as the training stages run (lmpipe.allocator); "
         "export and evaluate do not",
     )  # fmt: skip
+    add_json_arg(ap)
     args = ap.parse_args()
     if args.keep_freed_memory and not keep_freed_memory():
         raise SystemExit("--keep-freed-memory: this C library has no mallopt (glibc only)")
@@ -69,6 +71,7 @@ def main() -> None:
             out.logits[..., eos] = -1e9
             return out
 
+    table = []
     for batch in (1, 8):
         rows = [prompt] * batch
         ids = torch.tensor(rows)
@@ -110,6 +113,16 @@ def main() -> None:
         for name, sec in results.items():
             print(f"  {name:42s} {batch * n / sec:8,.0f} tokens/s  {1000 * sec / n:6.2f} ms/token"
                   f"  {base / sec:5.2f}x")  # fmt: skip
+            table.append(
+                {
+                    "batch": batch,
+                    "engine": name,
+                    "tokens_per_sec": batch * n / sec,
+                    "ms_per_token": 1000 * sec / n,
+                    "vs_transformers": base / sec,
+                }
+            )
+    write(args.json, {"bundle": args.bundle, "new_tokens": n, "rows": table})
 
 
 if __name__ == "__main__":

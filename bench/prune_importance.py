@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from _results import add_json_arg, write
 from lmpipe.compress.distill import MixedBatches, teacher_examples
 from lmpipe.compress.prune import Importance, magnitude_importance, prune, taylor_importance
 from lmpipe.compress.score import val_metrics
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--data", default="data/prepared")
     ap.add_argument("--calibration-batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32)
+    add_json_arg(ap)
     args = ap.parse_args()
     tok = load_tokenizer(args.data)
     ids = special_ids(tok)
@@ -64,14 +66,18 @@ def main() -> None:
     base = val_metrics(model, model, val)
     print(f"{args.model}: val ppl {base['val_ppl']:.2f}; Taylor scores took {t_taylor:.1f} s")
     print(f"{'mlp':>5} {'heads':>5}  " + "  ".join(f"{k:>22}" for k in scores))
+    rows = []
     for mlp, heads in [(0.3, 0.0), (0.5, 0.0), (0.3, 0.25), (0.0, 0.5)]:
         if heads and rand.heads is None:
             continue
         cells = []
-        for imp in scores.values():
+        rows.append({"mlp": mlp, "heads": heads})
+        for name, imp in scores.items():
             m = val_metrics(prune(model, imp, mlp, heads), model, val)
             cells.append(f"ppl {m['val_ppl']:7.2f} KL {m['kl_to_teacher']:6.3f}")
+            rows[-1].update({f"{name}_ppl": m["val_ppl"], f"{name}_kl": m["kl_to_teacher"]})
         print(f"{mlp:5.2f} {heads:5.2f}  " + "  ".join(f"{c:>22}" for c in cells))
+    write(args.json, {"model": args.model, "base_ppl": base["val_ppl"], "rows": rows})
 
 
 if __name__ == "__main__":

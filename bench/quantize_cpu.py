@@ -15,6 +15,7 @@ import warnings
 
 import torch
 
+from _results import add_json_arg, write
 from lmpipe.compress.quantize import quantize_int8
 from lmpipe.compress.score import tokens_per_sec
 from lmpipe.model import load_model
@@ -38,6 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/rl")
     ap.add_argument("--new-tokens", type=int, default=64)
+    add_json_arg(ap)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     fp32 = load_model(args.model)
@@ -61,16 +63,20 @@ def main() -> None:
     prompts = [[1, 5, 6, 7, 8, 9, 10, 11]]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model}")
     base = {}
+    rows = []
     for name, m in models.items():
         with torch.no_grad():
             diff = float((m(x).logits - ref).abs().max())
         row = []
+        rows.append({"model": name, "max_dlogit": diff, "weights_mb": weight_bytes(m) / 1e6})
         for b in (1, 8):
             tps = tokens_per_sec(m, prompts, batch_size=b, new_tokens=args.new_tokens, pad_id=0)
             base.setdefault(b, tps)
+            rows[-1].update({f"b{b}": tps, f"b{b}_ratio": tps / base[b]})
             row.append(f"b{b} {tps:7,.0f} tok/s ({tps / base[b]:.2f}x)")
         mb = weight_bytes(m) / 1e6
         print(f"{name:36s} {'  '.join(row)}  max|dlogit| {diff:.3f}  weights {mb:5.1f} MB")
+    write(args.json, {"model": args.model, "new_tokens": args.new_tokens, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -24,10 +24,13 @@ from pathlib import Path
 
 import yaml
 
+from _results import add_json_arg, write
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import SHARED_CORPORA, copy_repo, merge  # noqa: E402
+from rl_report import table  # noqa: E402
 
 
 def override(dotted: str) -> dict:
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=SHARED_CORPORA / "tinyshakespeare.txt")
     ap.add_argument("--set", action="append", default=[], help="param override a.b=value")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/real-text"))
+    add_json_arg(ap)
     args = ap.parse_args()
     if not args.corpus.is_file():
         sys.exit(f"{args.corpus} is missing: this check reads ../shared/corpora beside the repo")
@@ -104,6 +108,11 @@ def main() -> None:
     print(f"\nStages run: {', '.join(times)}.\n\nFlags:\n")
     for f in card["flags"] or ["none"]:
         print(f"- {f}")
+    caption = (
+        f"Corpus: {docs:,} train documents ({tokens:,} tokens), "
+        f"{prep['prompts']['rl']} RL prompts; overrides: {', '.join(args.set) or 'none'}."
+    )
+    write(args.json, {"caption": caption, "rows": table(repo / "reports")})  # fmt: skip
 
 
 if __name__ == "__main__":

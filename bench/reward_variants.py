@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from _results import add_json_arg, write
 from lmpipe.config import load_params
 from lmpipe.data.tokenizer import PAD, RESPONSE, load_tokenizer, special_ids
 from lmpipe.model import context_length, load_model
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default: reward.batch_size")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--steps", type=int, default=None)
+    add_json_arg(ap)
     args = ap.parse_args()
 
     params = load_params(args.params, ["reward"])
@@ -67,6 +69,7 @@ def main() -> None:
         f"{len(encoded['train'])} train / {len(val)} val pairs; "
         f"lr {cfg.lr}, {cfg.max_steps} steps x {cfg.batch_size} prompts or pairs"
     )
+    rows = []
     for batching in args.batching or [cfg.batching]:
         groups = preference_groups(encoded["train"], batching)
         for pooling in args.pooling or [cfg.pooling]:
@@ -90,6 +93,11 @@ def main() -> None:
                 f"({m['gold_order_pairs']} pairs)  training {result.train_seconds:.0f} s, "
                 f"{time.perf_counter() - t0:.0f} s in all"
             )
+            se = {k: m.get(f"{k}_se") for k in ("val_accuracy", "gold_order_accuracy")}
+            rows.append({"batching": batching, "pooling": pooling, **{
+                k: f"{m[k]:.3f}" + (f" ± {se[k]:.3f}" if se[k] is not None else "")
+                for k in se}})  # fmt: skip
+    write(args.json, {"lr": cfg.lr, "steps": cfg.max_steps, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from functools import partial
 import torch
 
 import lmpipe.rl.rollout as rollout
+from _results import add_json_arg, write
 from lmpipe.config import ModelParams
 from lmpipe.model import build_model
 from lmpipe.rl.rollout import head_logprobs
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
+    add_json_arg(ap)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
@@ -113,10 +115,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}; "
           f"{args.positions} positions, vocabulary {args.vocab}, width {args.width}")  # fmt: skip
     base: dict[str, float] = {}
+    rows = []
     for (part, variant), ts in times.items():
         ms = 1e3 * statistics.median(ts)
         base.setdefault(part, ms)
         print(f"{part:42s} {variant:21s} {ms:8.1f} ms  x{base[part] / ms:.2f}")
+        rows.append({"part": part, "variant": variant, "ms": ms, "speedup": base[part] / ms})
+    write(args.json, {"device": str(device), "positions": args.positions, "vocab": args.vocab,
+                      "width": args.width, "rows": rows})  # fmt: skip
 
 
 if __name__ == "__main__":

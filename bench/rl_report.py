@@ -2,7 +2,7 @@
 (`reports/reward.json`, `reports/rl.json`, `reports/plots/rl.csv`), as a Markdown table: what
 decides whether RL got close to its target. Reads only; `make repro` makes the reports.
 
-    python bench/rl_report.py [--reports reports]
+    python bench/rl_report.py [--reports reports] [--json PATH]
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+from _results import add_json_arg, reports_date, write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,20 +29,19 @@ def critic_share(policy_norm: np.ndarray, critic_norm: np.ndarray, clip: float) 
     return c / (p + c)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reports", type=Path, default=ROOT / "reports")
-    args = ap.parse_args()
-    rm = json.loads((args.reports / "reward.json").read_text())
-    rl = json.loads((args.reports / "rl.json").read_text())
-    rows = list(csv.DictReader((args.reports / "plots" / "rl.csv").open()))
+def table(reports: Path) -> list[list[str]]:
+    """(figure, value) rows from a run's reward.json, rl.json and plots/rl.csv."""
+    rm = json.loads((reports / "reward.json").read_text())
+    rl = json.loads((reports / "rl.json").read_text())
+    rows = list(csv.DictReader((reports / "plots" / "rl.csv").open()))
     steps = column(rows, "step")
     ev = column(rows, "rl/explained_variance")
     share = critic_share(column(rows, "rl/grad_norm"), column(rows, "rl/value_grad_norm"), 1.0)
     best = {b["n"]: b for b in rl["best_of_n"]}
     lo, hi = rl["posterior_kl_interval"]
     j = rl["objective_j"]
-    table = [
+    order = rl.get("reward_gold_order", {})
+    out = [
         ("reward model, val accuracy (± SE by prompt)",
          f"{rm['val_accuracy']:.3f} ± {rm['val_accuracy_se']:.3f}"),
         ("reward model, gold-order accuracy (± SE by prompt)",
@@ -49,6 +50,18 @@ def main() -> None:
          f"{rm['baseline_bow_gold_order_accuracy']:.3f}"),
         ("reward model − baseline, paired (± SE)",
          f"{rm['gold_order_gap_to_baseline']:+.3f} ± {rm['gold_order_gap_to_baseline_se']:.3f}"),
+        ("reward model, calibration error against labels / gold",
+         f"{rm['calibration_error_labels']:.3f} / {rm['calibration_error_gold']:.3f}"),
+    ]  # fmt: skip
+    if "sft" in order and "policy" in order:
+        out.append(
+            (
+                "reward model's gold-order accuracy on SFT's / the policy's samples (± SE)",
+                f"{order['sft']['accuracy']:.3f} ± {order['sft']['se']:.3f} / "
+                f"{order['policy']['accuracy']:.3f} ± {order['policy']['se']:.3f}",
+            )
+        )
+    out += [
         (f"RL ({rl['algo']}) gold gain (± SE over {rl['eval_prompts']} eval prompts)",
          f"{rl['gold_gain']:+.3f} ± {rl['gold_gain_se']:.3f}"),
         ("RL proxy gain", f"{rl['proxy_gain']:+.3f} ± {rl['proxy_gain_se']:.3f}"),
@@ -61,14 +74,24 @@ def main() -> None:
          f"{rl['posterior_kl_init']:.2f} → {rl['posterior_kl']:.2f} [{lo:.2f}, {hi:.2f}]"),
         ("training J's slope over the last 20% of steps ÷ its mean slope",
          f"{rl['j_slope_ratio']:.2f}"),
-        ("critic: explained variance at step 1; lowest from step 10",
-         f"{ev[0]:.2f}; {np.nanmin(ev[steps >= 10]):.2f}"),
+        ("critic: explained variance at step 1; lowest from step 10; median",
+         f"{ev[0]:.2f}; {np.nanmin(ev[steps >= 10]):.2f}; {np.nanmedian(ev):.2f}"),
         ("critic's share of the clipped gradient (median, max over steps)",
          f"{np.nanmedian(share):.2f}, {np.nanmax(share):.2f}"),
     ]  # fmt: skip
+    return [list(r) for r in out]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reports", type=Path, default=ROOT / "reports")
+    add_json_arg(ap)
+    args = ap.parse_args()
+    rows = table(args.reports)
     print("| figure | value |\n|---|---|")
-    for name, value in table:
+    for name, value in rows:
         print(f"| {name} | {value} |")
+    write(args.json, {"rows": rows}, date=reports_date(args.reports.resolve()))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from _results import add_json_arg, write
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -77,6 +79,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
                     help="CPU threads shared by the processes (cores/N each)")  # fmt: skip
+    add_json_arg(ap)
     args = ap.parse_args()
     args.profile = False
     runs: dict[int, list[dict[str, float]]] = {n: [] for n in args.nproc}
@@ -89,12 +92,17 @@ def main() -> None:
           f"{args.device}, {args.threads} threads, {cpu}")  # fmt: skip
     print(f"{'processes':>9}  {'episodes/s':>10}  {'speedup':>7}  {'efficiency':>10}  "
           f"{'generate share':>14}")  # fmt: skip
+    rows = []
     for n, rs in runs.items():
         eps = statistics.median(r["eps"] for r in rs)
         share = statistics.mean(r["generate_share"] for r in rs)
         speedup = eps / base
         print(f"{n:>9}  {eps:>10.1f}  {speedup:>7.2f}  {speedup / (n / args.nproc[0]):>10.2f}  "
               f"{share:>14.2f}")  # fmt: skip
+        rows.append({"processes": n, "episodes_per_sec": eps, "speedup": speedup,
+                     "generate_share": share})  # fmt: skip
+    write(args.json, {"algo": args.algo, "device": args.device, "threads": args.threads,
+                      "rows": rows})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from _results import add_json_arg, write
 from lmpipe.allocator import ENV as MALLOC_ENV
 from lmpipe.allocator import keep_freed_memory
 from lmpipe.config import ModelParams, RLParams
@@ -265,6 +266,7 @@ def main() -> None:
         help="lmpipe's rl.precision; TRL runs in bf16 autocast too where it resolves to bf16 "
         "(fp32, the default, is the issue's setting)",
     )  # fmt: skip
+    add_json_arg(ap)
     args = ap.parse_args()
     # as the training stages run (lmpipe.stage.run); TRL's process chooses its own
     kept = keep_freed_memory()
@@ -284,11 +286,11 @@ def main() -> None:
             continue
         rows[algo] = bench_lmpipe(algo, args.steps, args)
         show(algo, rows[algo])
-    if args.no_trl:
-        return
-    if not has_trl:
-        print("trl not installed: pip install -e .[bench]")
-        return
+    figures = {"precision": "bf16" if bf16 else "fp32", "rows": []}
+    if args.no_trl or not has_trl:
+        if not args.no_trl:
+            print("trl not installed: pip install -e .[bench]")
+        return save(args, figures, rows)
     rloo_steps: list[dict[str, float]] = []
     step = lambda: None  # noqa: E731
     if alternate:
@@ -305,6 +307,20 @@ def main() -> None:
     if "rloo" in rows:
         ratio = rows["rloo"]["episodes_per_sec"] / r["episodes_per_sec"]
         print(f"lmpipe rloo / trl RLOO: {ratio:.2f}x")
+        figures["caption"] = f"lmpipe RLOO / TRL RLOO: **{ratio:.2f}x** (TRL {r['version']})."
+    figures["rows"].append(
+        {
+            "loop": f"trl {r['version']} RLOOTrainer",
+            "episodes_per_sec": r["episodes_per_sec"],
+            "generate_share": None,
+        }
+    )
+    save(args, figures, rows)
+
+
+def save(args, figures: dict, rows: dict[str, dict[str, float]]) -> None:
+    figures["rows"][:0] = [{"loop": f"lmpipe {algo}", **r} for algo, r in rows.items()]
+    write(args.json, figures)
 
 
 def show(algo: str, r: dict[str, float], note: str = "") -> None:

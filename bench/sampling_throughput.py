@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from _results import add_json_arg, write
 from lmpipe.config import ModelParams
 from lmpipe.model import build_model
 from lmpipe.sampling import generate, left_pad
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a trained model folder, e.g. models/sft")
     ap.add_argument("--data", default="data/prepared", help="with --model: its prepared data")
     ap.add_argument("--k", type=int, default=12, help="with --model: samples per prompt")
+    add_json_arg(ap)
     args = ap.parse_args()
     if args.model:
         return trained(args)
@@ -75,7 +77,13 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     for name, t in med.items():
         print(f"{name:22s} {args.batch * args.new_tokens / t:8,.0f} tokens/s  ({t:.2f} s)")
-    print(f"lmpipe / transformers: {med['transformers generate'] / med['lmpipe generate']:.2f}x")
+    ratio = med["transformers generate"] / med["lmpipe generate"]
+    print(f"lmpipe / transformers: {ratio:.2f}x")
+    rows = [
+        {"sampler": k, "tokens_per_sec": args.batch * args.new_tokens / t} for k, t in med.items()
+    ]
+    write(args.json, {"batch": args.batch, "new_tokens": args.new_tokens, "rows": rows,
+                      "lmpipe_over_transformers": ratio})  # fmt: skip
 
 
 def trained(args) -> None:
@@ -112,10 +120,14 @@ def trained(args) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model}: "
           f"{len(texts)} prompts x {args.k} samples, <= {args.new_tokens} new tokens")  # fmt: skip
     base = statistics.median(times["without the savings"])
+    rows = []
     for name, t in times.items():
         med = statistics.median(t)
         rate = tokens[name] / sum(t)
         print(f"{name:24s} {rate:8,.0f} tokens/s  ({med:.2f} s, {base / med:.2f}x)")
+        rows.append({"sampler": name, "tokens_per_sec": rate, "speedup": base / med})
+    write(args.json, {"model": args.model, "prompts": len(texts), "k": args.k,
+                      "new_tokens": args.new_tokens, "rows": rows})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import httpx
 
+from _results import add_json_arg, write
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -260,6 +262,7 @@ def throughput(args, prompts: list[str]) -> None:
     print(f"{'server':16s} {'clients':>7s} {'req/s':>7s} {'tokens/s':>9s} {'p50 ms':>8s} "
           f"{'p95 ms':>8s}")  # fmt: skip
     base: dict[int, float] = {}
+    rows = []
     for max_batch in (1, 32):
         proc, url = start(args.bundle, args.precision, "--max-batch", str(max_batch),
                           "--queue-limit", "64")  # fmt: skip
@@ -272,9 +275,21 @@ def throughput(args, prompts: list[str]) -> None:
                 print(f"{name:16s} {clients:7d} {m['rps']:7.1f} {m['tps']:9,.0f} "
                       f"{1000 * m['p50']:8.1f} {1000 * m['p95']:8.1f}   "
                       f"{m['rps'] / base[clients]:.2f}x req/s")  # fmt: skip
+                rows.append(
+                    {
+                        "server": name,
+                        "clients": clients,
+                        "rps": m["rps"],
+                        "tps": m["tps"],
+                        "p50_ms": 1000 * m["p50"],
+                        "p95_ms": 1000 * m["p95"],
+                        "vs_one": m["rps"] / base[clients],
+                    }
+                )
         finally:
             proc.terminate()
             proc.wait()
+    return rows
 
 
 def main() -> None:
@@ -290,6 +305,7 @@ def main() -> None:
     ap.add_argument("--part", default="all", choices=["all", "throughput", "hostile"])
     ap.add_argument("--requests", type=int, default=64, help="requests per measurement")
     ap.add_argument("--max-tokens", type=int, default=32)
+    add_json_arg(ap)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.random_bundle:
@@ -298,7 +314,10 @@ def main() -> None:
             rows = [json.loads(ln) for ln in Path(args.prompts).read_text().splitlines() if ln]
             prompts = [r["prompt"] for r in rows]
         if args.part in ("all", "throughput"):
-            throughput(args, prompts)
+            rows = throughput(args, prompts)
+            write(args.json, {"bundle": "random" if args.random_bundle else args.bundle,
+                              "precision": args.precision, "requests": args.requests,
+                              "max_tokens": args.max_tokens, "rows": rows})  # fmt: skip
         if args.part in ("all", "hostile"):
             proc, url = start(args.bundle, args.precision)
             try:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from _results import add_json_arg, write
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--algo", default="ppo", choices=["ppo", "rloo", "dpg"])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/smollm2-rl"))
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lmpipe")
+    add_json_arg(ap)
     args = ap.parse_args()
 
     gguf = fetch_smollm2(args.cache / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -89,6 +92,18 @@ def main() -> None:
         f"{g['init']:.3f} -> {g['final']:.3f}, proxy {p['init']:.3f} -> {p['final']:.3f}, "
         f"J {j['init']:.3f} -> {j['final']:.3f}; KL to SFT {rep['kl_to_ref']:.3f} nats"
     )
+    caption = (
+        f"Reward model: val accuracy {rm['val_accuracy']:.3f} on {rm['pairs']['val']} pairs, "
+        f"gold-order accuracy {rm['gold_order_accuracy']:.3f} (bag-of-words "
+        f"{rm['baseline_bow_gold_order_accuracy']:.3f}). Held-out eval "
+        f"({rep['eval_prompts']} prompts × 4 samples), SFT → RL: gold {g['init']:.3f} → "
+        f"{g['final']:.3f}, proxy {p['init']:.3f} → {p['final']:.3f}, J {j['init']:.3f} → "
+        f"{j['final']:.3f}; KL to SFT {rep['kl_to_ref']:.3f} nats. `dvc repro rl` took "
+        f"{seconds / 60:.1f} min."
+    )
+    steps = [{"step": int(r["step"]), "gold": float(r["rl/gold"]), "proxy": float(r["rl/proxy"]),
+              "kl": float(r["rl/kl"])} for r in rows]  # fmt: skip
+    write(args.json, {"caption": caption, "rows": steps})
 
 
 if __name__ == "__main__":

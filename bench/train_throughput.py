@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _results import add_json_arg, write
 from lmpipe.allocator import keep_freed_memory
 from lmpipe.config import ModelParams, PretrainParams
 from lmpipe.model import build_model, n_params
@@ -159,6 +160,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=0.0)
     ap.add_argument("--nanogpt", default=None, help="path to nanoGPT's model.py, as reference")
     ap.add_argument("--profile", action="store_true", help="operator profile, no timing")
+    add_json_arg(ap)
     args = ap.parse_args()
     kept = (
         keep_freed_memory()
@@ -170,6 +172,7 @@ def main() -> None:
     dev = torch.device(args.device)
     print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, "
           f"freed host memory {'kept' if kept else 'returned'} (LMPIPE_MALLOC)")  # fmt: skip
+    rows = []
     for shape in args.shapes:
         results: dict[str, list[float]] = {p: [] for p in args.precisions}
         ref: dict[str, list[float]] = {p: [] for p in args.precisions}
@@ -187,6 +190,10 @@ def main() -> None:
             med = statistics.median(results[p])
             peak = peak_flops(PretrainParams(peak_tflops=args.peak_tflops), dev)
             mfu = f"  MFU {med * fpt / peak:.1%}" if peak else ""
+            row = {"shape": shape, "precision": p, "params_m": n / 1e6, "tokens_per_sec": med,
+                   "vs_first": med / base, "mfu": med * fpt / peak if peak else None,
+                   "compiled": args.compile, "nanogpt_ratio": None}  # fmt: skip
+            rows.append(row)
             print(
                 f"{shape:14s} {p:5s} params {n / 1e6:6.2f}M  {med:10,.0f} tokens/s  "
                 f"x{med / base:.2f} vs {args.precisions[0]}{mfu}"
@@ -194,10 +201,13 @@ def main() -> None:
             )
             if ref[p]:
                 r = statistics.median(ref[p])
+                row["nanogpt_ratio"] = med / r
                 print(
                     f"{'  nanoGPT':14s} {p:5s} {'':16s}{r:10,.0f} tokens/s  "
                     f"ours/nanoGPT {med / r:.2f}"
                 )
+    write(args.json, {"device": str(dev), "steps": args.steps, "repeats": args.repeats,
+                      "rows": rows})  # fmt: skip
 
 
 if __name__ == "__main__":

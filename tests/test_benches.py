@@ -1,19 +1,25 @@
-"""The bench/ scripts stay runnable: each imports and parses `--help`, and the training bench's
-profile runs on a small shape. (Their figures are printed, never asserted: see README.)"""
+"""The bench/ scripts stay runnable: each imports and parses `--help`, the training bench's
+profile runs on a small shape, and BENCHMARKS.md is what `bench/all.py` renders from the
+committed bench/results. (Their figures are printed, never asserted: see README.)"""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-SCRIPTS = sorted(p.name for p in BENCH.glob("*.py"))
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
 
 
 def load(name: str):
+    if str(BENCH) not in sys.path:  # as `python bench/<script>` has it: bench/_results.py
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(f"bench_{name[:-3]}", BENCH / name)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -38,3 +44,48 @@ def test_train_throughput_profile_runs(monkeypatch, capsys):
     module.main()
     out = capsys.readouterr().out
     assert "--- ours (nanogpt), 5 steps" in out and "aten::mm" in out
+
+
+def test_benchmarks_md_is_what_the_results_render():
+    """`python bench/all.py --check BENCHMARKS.md` passes on the committed files."""
+    all_ = load("all.py")
+    assert (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8") == all_.render(), (
+        "run `python bench/all.py --write BENCHMARKS.md`"
+    )
+
+
+def test_every_section_renders_its_command_machine_and_date():
+    all_ = load("all.py")
+    assert len({s.name for s in all_.SECTIONS}) == len(all_.SECTIONS)
+    for s in all_.SECTIONS:
+        assert (BENCH / s.argv[0].removeprefix("bench/")).is_file(), s.name
+        assert s.cost in ("cheap", "expensive") and s.what.endswith("."), s.name
+        path = all_.RESULTS / f"{s.name}.json"
+        if not path.is_file():
+            continue
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        text = all_.render_section(s)
+        assert f"```bash\n{doc['command']}\n```" in text, s.name
+        assert doc["date"] in text and doc["machine"]["cpu"] in text, s.name
+        assert "| ---" not in text and "|---" in text, s.name  # a table came out
+
+
+def test_cheap_sections_write_json_that_renders(tmp_path, monkeypatch, capsys):
+    """The tokenizer bench on a tiny corpus and the two report readers, through `--json`."""
+    all_ = load("all.py")
+    runs = {
+        "tokenizer": ["tokenizer_throughput.py", "--stories", "200", "--vocab", "512"],
+        "pipeline": ["pipeline_report.py"],
+        "rl_report": ["rl_report.py"],
+    }
+    runs["tokenizer"] += ["--repeats", "1"]
+    for section, argv in runs.items():
+        out = tmp_path / f"{section}.json"
+        monkeypatch.setattr(sys, "argv", [f"bench/{argv[0]}", *argv[1:], "--json", str(out)])
+        load(argv[0]).main()
+        doc = json.loads(out.read_text(encoding="utf-8"))
+        assert doc["command"] == "python bench/" + " ".join(argv)
+        assert doc["machine"]["cores"] >= 1 and len(doc["date"]) == 10
+        text = all_.render_section(all_.BY_NAME[section], tmp_path)
+        assert doc["command"] in text and "|---" in text
+    capsys.readouterr()

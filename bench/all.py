@@ -1,0 +1,493 @@
+"""Every benchmark section of BENCHMARKS.md: runs the bench scripts and renders the document.
+
+    python bench/all.py --run [--only NAME ...] [--cheap]   # bench/results/NAME.json
+    python bench/all.py --write BENCHMARKS.md               # render from bench/results only
+    python bench/all.py --check BENCHMARKS.md               # exit 1 if it differs
+    python bench/all.py --list
+
+Each section is one command (its script with `--json`); its results file keeps that command,
+the machine and the date, so rerunning one section leaves the others as they were. `cheap`
+sections take minutes; `expensive` ones a pipeline run or more (tens of minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+Column = tuple[str, str | int, str]  # header, key in a row (or index), format spec ("" = str)
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    title: str
+    argv: list[str]  # the script and its arguments, from the repository root
+    cost: str  # "cheap" (minutes) or "expensive" (tens of minutes and more)
+    what: str  # one sentence: what the figures measure
+    columns: list[Column]
+    caption: Callable[[dict], str] = lambda f: f.get("caption", "")
+    needs: str = ""  # what must exist before it runs
+    tables: list[str] = field(default_factory=lambda: ["rows"])
+
+
+FIGURE = [("figure", 0, ""), ("value", 1, "")]
+MODELS = "the pipeline's outputs (`dvc repro` or `dvc pull`)"
+
+SECTIONS = [
+    Section(
+        "pipeline",
+        "The default pipeline, stage by stage (builtin stories, CPU)",
+        ["bench/pipeline_report.py"],
+        "cheap",
+        "Each stage's quality figure against its goal or baseline, and its training time and "
+        "speed, read from the committed `reports/*.json` of `make repro` on params.yaml.",
+        [("stage", 0, ""), ("figure", 1, ""), ("value", 2, "")],
+    ),
+    Section(
+        "rl_report",
+        "The default pipeline: reward model, RL and its critic",
+        ["bench/rl_report.py"],
+        "cheap",
+        "Whether RL got close to its target: the reward model against its bag-of-words "
+        "baseline, RL's gains and KL, the objective J against best-of-n's lower bound, and the "
+        "critic, read from the committed `reports/reward.json`, `rl.json` and `plots/rl.csv` "
+        "(32 held-out eval prompts; best-of-n from the 64 π₀ samples a prompt that estimate "
+        "log Z, ranked by the RL reward).",
+        FIGURE,
+    ),
+    Section(
+        "rl_budget",
+        "RL at 3x the default budget against best-of-n",
+        ["bench/beta_sweep.py", "--betas", "0.2", "--seeds", "1", "--set", "rl.steps=120"],
+        "expensive",
+        "The rl stage alone on the committed SFT and reward models with 120 steps instead of "
+        "40, against best-of-n from π₀ on the same 32 eval prompts (64 samples a prompt, so "
+        "n ≤ 32 and its KL bound ≤ 2.50 nats).",
+        [
+            ("β", "beta", ""),
+            ("RL reward", "score", ""),
+            ("gold", "gold", ""),
+            ("best-of-n gold at RL's KL", "bon_gold", ""),
+            ("KL", "kl", ""),
+            ("J", "j", ""),
+            ("best-of-n's best J bound", "bon_j", ""),
+            ("KL(π‖π*)", "posterior_kl", ""),
+        ],
+        needs=MODELS,
+    ),
+    Section(
+        "beta_sweep",
+        "RL against best-of-n across β",
+        ["bench/beta_sweep.py", "--betas", "0.05", "0.1", "0.2", "0.5", "--seeds", "2"],
+        "expensive",
+        "The rl stage alone at each β on the committed SFT and reward models (mean ± SE over "
+        "seeds), against best-of-n from π₀ interpolated at RL's KL on the same eval prompts; "
+        "where RL's KL is beyond best-of-32's bound the best-of-n columns are best-of-32's.",
+        [
+            ("β", "beta", ""),
+            ("RL reward", "score", ""),
+            ("best-of-n reward at RL's KL", "bon_score", ""),
+            ("gold", "gold", ""),
+            ("best-of-n gold at RL's KL", "bon_gold", ""),
+            ("gold − best-of-n (in SEs)", "gold_gap", ""),
+            ("KL", "kl", ""),
+            ("J", "j", ""),
+            ("best-of-n's best J bound", "bon_j", ""),
+            ("KL(π‖π*)", "posterior_kl", ""),
+        ],
+        needs=MODELS,
+    ),
+    Section(
+        "real_text",
+        "The default pipeline on real text (Shakespeare, CPU)",
+        ["bench/real_text.py"],
+        "expensive",
+        "`dvc repro` on ../shared/corpora/tinyshakespeare.txt with `data.source: text` and "
+        "every other param at its default: whether the reward model and RL carry over to text "
+        "the pipeline did not make.",
+        FIGURE,
+        needs="../shared/corpora/tinyshakespeare.txt",
+    ),
+    Section(
+        "smollm2_rl",
+        "RL on a real pretrained model (SmolLM2-135M-Instruct, CPU)",
+        ["bench/smollm2_rl.py", "--steps", "16", "--prompts-per-step", "8"],
+        "expensive",
+        "`dvc repro rl` on params/smollm2-cpu.yaml (VADER gold) with a longer RL run than the "
+        "test's: gold, proxy and KL to SFT per step (16 rollouts a step, so every figure is "
+        "noisy).",
+        [
+            ("step", "step", ""),
+            ("gold", "gold", ".3f"),
+            ("proxy", "proxy", ".3f"),
+            ("KL (nats)", "kl", ".3f"),
+        ],
+        needs="network access once (the GGUF base model)",
+    ),
+    Section(
+        "train_throughput",
+        "Training throughput",
+        ["bench/train_throughput.py"],
+        "cheap",
+        "Tokens/s of lmpipe's training loop (AdamW, schedule, clipping, loss) on random tokens "
+        "per model shape, fp32 against bf16 autocast alternated in one process (medians).",
+        [
+            ("shape", "shape", ""),
+            ("precision", "precision", ""),
+            ("params (M)", "params_m", ".2f"),
+            ("tokens/s", "tokens_per_sec", ",.0f"),
+            ("vs first precision", "vs_first", ".2f"),
+            ("MFU", "mfu", ".1%"),
+            ("ours / nanoGPT", "nanogpt_ratio", ".2f"),
+        ],
+    ),
+    Section(
+        "sampling_throughput",
+        "Sampling throughput",
+        ["bench/sampling_throughput.py"],
+        "cheap",
+        "lmpipe's sampler against transformers' `model.generate` on the same random model of "
+        "the default shape and the same prompts, ancestral sampling, alternated in one process.",
+        [("sampler", "sampler", ""), ("tokens/s", "tokens_per_sec", ",.0f")],
+        caption=lambda f: (
+            f"Batch {f['batch']}, {f['new_tokens']} new tokens; lmpipe / "
+            f"transformers: **{f['lmpipe_over_transformers']:.2f}x**."
+        ),
+    ),
+    Section(
+        "sampling_reward_workload",
+        "Sampling the reward stage's workload",
+        ["bench/sampling_throughput.py", "--model", "models/sft", "--k", "12", "--batch", "768"],
+        "cheap",
+        "The trained SFT model sampling 12 responses for each of 64 RL prompts until EOS: "
+        "lmpipe's sampler against itself without its two savings (one prefill per distinct "
+        "prompt; finished rows leave the batch) and with bf16 weights.",
+        [
+            ("sampler", "sampler", ""),
+            ("tokens/s", "tokens_per_sec", ",.0f"),
+            ("speedup", "speedup", ".2f"),
+        ],
+        caption=lambda f: "",
+        needs=MODELS,
+    ),
+    Section(
+        "attention",
+        "Attention kernel",
+        ["bench/attention.py"],
+        "cheap",
+        "Eager attention (matmul, softmax, matmul) against torch's fused SDPA on the default "
+        "shape, for sampling with the KV cache and training steps with and without padding; "
+        "`lmpipe.model.attention_for` picks the kernel per device from these.",
+        [
+            ("case", "case", ""),
+            ("sdpa tokens/s", "sdpa", ",.0f"),
+            ("eager tokens/s", "eager", ",.0f"),
+            ("eager / sdpa", "eager_over_sdpa", ".2f"),
+        ],
+    ),
+    Section(
+        "tokenizer",
+        "Tokenizer",
+        ["bench/tokenizer_throughput.py"],
+        "cheap",
+        "BPE training and encoding throughput on the builtin corpus: batched encoding (what "
+        "the prepare stage uses) against one document at a time, in one process.",
+        [("figure", 0, ""), ("value", 1, "")],
+        caption=lambda f: (
+            f"{f['corpus']}: {f['documents']:,} documents, {f['mb']:.2f} MB, vocab {f['vocab']}."
+        ),
+        tables=["table"],
+    ),
+    Section(
+        "rl_throughput",
+        "RL throughput",
+        ["bench/rl_throughput.py", "--steps", "4"],
+        "cheap",
+        "Episodes/s of lmpipe's RL loop per algorithm (tiny Llama policy and reward model, "
+        "64 prompts × 2 samples, 32 new tokens, fp32) and, where `trl` is installed, TRL's "
+        "RLOOTrainer on the same models with its steps alternated with lmpipe's RLOO.",
+        [
+            ("loop", "loop", ""),
+            ("episodes/s", "episodes_per_sec", ".1f"),
+            ("generation share", "generate_share", ".0%"),
+        ],
+    ),
+    Section(
+        "rl_passes",
+        "Parts of the RL step",
+        ["bench/rl_passes.py"],
+        "cheap",
+        "The output head's log-probs from a full log-softmax against `head_logprobs` (with and "
+        "without grad), and the rollout sampler in fp32 against bf16 autocast, alternated in "
+        "one process (medians).",
+        [
+            ("part", "part", ""),
+            ("variant", "variant", ""),
+            ("ms", "ms", ".1f"),
+            ("speedup", "speedup", ".2f"),
+        ],
+    ),
+    Section(
+        "rl_scaling",
+        "RL data-parallel scaling (CPU)",
+        ["bench/rl_scaling.py", "--steps", "3", "--rounds", "2", "--prompts", "32"],
+        "cheap",
+        "Episodes/s of PPO on 1 and 2 processes sharing this machine's cores (cores/N threads "
+        "each): whether splitting RL's passes between processes beats splitting them between "
+        "threads, not how N GPUs scale (`--device cuda --nproc 1 N` on N GPUs).",
+        [
+            ("processes", "processes", "d"),
+            ("episodes/s", "episodes_per_sec", ".1f"),
+            ("speedup", "speedup", ".2f"),
+            ("generate share", "generate_share", ".2f"),
+        ],
+    ),
+    Section(
+        "quantize_cpu",
+        "Int8 on this CPU (PyTorch)",
+        ["bench/quantize_cpu.py"],
+        "cheap",
+        "The RL policy's sampling speed with the KV cache (EOS ignored), largest logit "
+        "difference to fp32 and weight bytes: torchao int8 weight-only (what the compress stage "
+        "saves) against fp32 and the alternatives, in one process.",
+        [
+            ("model", "model", ""),
+            ("b1 tokens/s", "b1", ",.0f"),
+            ("b1 vs fp32", "b1_ratio", ".2f"),
+            ("b8 tokens/s", "b8", ",.0f"),
+            ("b8 vs fp32", "b8_ratio", ".2f"),
+            ("max abs Δlogit", "max_dlogit", ".3f"),
+            ("weights MB", "weights_mb", ".1f"),
+        ],
+        needs=MODELS,
+    ),
+    Section(
+        "prune_importance",
+        "Which units to prune",
+        ["bench/prune_importance.py"],
+        "cheap",
+        "The RL policy pruned without recovery by each importance score: val perplexity and "
+        "per-token KL to the unpruned model on the compress stage's val windows.",
+        [
+            ("MLP pruned", "mlp", ".2f"),
+            ("heads pruned", "heads", ".2f"),
+            ("taylor ppl", "taylor_ppl", ".2f"),
+            ("taylor KL", "taylor_kl", ".3f"),
+            ("magnitude ppl", "magnitude_ppl", ".2f"),
+            ("magnitude KL", "magnitude_kl", ".3f"),
+            ("random ppl", "random_ppl", ".2f"),
+            ("random KL", "random_kl", ".3f"),
+        ],
+        caption=lambda f: f"Unpruned val ppl {f['base_ppl']:.2f}.",
+        needs=MODELS,
+    ),
+    Section(
+        "onnx_generation",
+        "Generation speed: PyTorch against ONNX",
+        ["bench/onnx_generation.py"],
+        "cheap",
+        "Greedy generation of 64 tokens a row (EOS masked in every engine) by transformers' "
+        "`generate`, lmpipe's sampler and the exported ONNX bundle in fp32 and int8, in one "
+        "process (median of 5).",
+        [
+            ("batch", "batch", "d"),
+            ("engine", "engine", ""),
+            ("tokens/s", "tokens_per_sec", ",.0f"),
+            ("ms/token", "ms_per_token", ".2f"),
+            ("vs transformers", "vs_transformers", ".2f"),
+        ],
+        needs=MODELS,
+    ),
+    Section(
+        "onnx_fp16",
+        "ONNX fp16 against fp32",
+        ["bench/onnx_fp16.py"],
+        "cheap",
+        "The fp16 ONNX model (meant for the CUDA provider) against fp32 on the provider here: "
+        "size, greedy tokens/s and parity with PyTorch.",
+        [
+            ("precision", "precision", ""),
+            ("MB", "mb", ".2f"),
+            ("provider", "provider", ""),
+            ("b1 tokens/s", "b1", ",.0f"),
+            ("b8 tokens/s", "b8", ",.0f"),
+            ("max abs Δlogit", "max_dlogit", ".2e"),
+            ("greedy match", "greedy_match", ".3f"),
+        ],
+        needs=MODELS,
+    ),
+    Section(
+        "serve_load",
+        "Server load",
+        ["bench/serve_load.py", "--random-bundle", "--part", "throughput"],
+        "cheap",
+        "`lmpipe serve` on a random bundle of the default shape, closed-loop clients asking "
+        "for 32 tokens at temperature 1: one request at a time on the model against batching "
+        "the requests that wait (hostile traffic: docs/serving.md).",
+        [
+            ("server", "server", ""),
+            ("clients", "clients", "d"),
+            ("req/s", "rps", ".1f"),
+            ("tokens/s", "tps", ",.0f"),
+            ("p50 ms", "p50_ms", ".1f"),
+            ("p95 ms", "p95_ms", ".1f"),
+            ("req/s vs one at a time", "vs_one", ".2f"),
+        ],
+    ),
+    Section(
+        "reward_variants",
+        "Reward-model variants",
+        ["bench/reward_variants.py", "--lr", "1e-3"],
+        "expensive",
+        "The reward model retrained on the last reward run's pairs with one param changed "
+        "(here `reward.lr` 0.001 instead of 0.0005), scored as the stage scores it.",
+        [
+            ("batching", "batching", ""),
+            ("pooling", "pooling", ""),
+            ("val accuracy", "val_accuracy", ""),
+            ("gold-order accuracy", "gold_order_accuracy", ""),
+        ],
+        needs=MODELS,
+    ),
+]
+BY_NAME = {s.name: s for s in SECTIONS}
+
+
+def cell(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "—"
+    if spec and not isinstance(value, str):
+        return format(value, spec)
+    return str(value)
+
+
+def table(columns: list[Column], rows: list) -> str:
+    lines = [
+        "| " + " | ".join(h for h, _, _ in columns) + " |",
+        "|" + "|".join("---:" if f else "---" for _, _, f in columns) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row[k], f) for _, k, f in columns) + " |")
+    return "\n".join(lines)  # fmt: skip
+
+
+def machine_line(m: dict) -> str:
+    gpu = m.get("gpu") or "no GPU"
+    return (f"{m['cpu']}, {m['cores']} cores, torch CPU capability {m['capability']}, {gpu}"
+            + (f", torch {m['torch']}" if m.get("torch") else ""))  # fmt: skip
+
+
+def render_section(s: Section, results: Path = RESULTS) -> str:
+    path = results / f"{s.name}.json"
+    head = f"## {s.title}\n\n{fill(s.what)}\n"
+    if not path.is_file():
+        return f"{head}\nNot run yet: `python bench/all.py --run --only {s.name}`.\n"
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    fig = doc["figures"]
+    parts = [head, f"```bash\n{doc['command']}\n```\n",
+             f"{doc['date']}; {machine_line(doc['machine'])}.\n"]  # fmt: skip
+    caption = s.caption(fig)
+    if caption:
+        parts.append(fill(caption) + "\n")
+    for key in s.tables:
+        if fig.get(key):
+            parts.append(table(s.columns, fig[key]) + "\n")
+    return "\n".join(parts)
+
+
+def fill(text: str) -> str:
+    return textwrap.fill(text, 100, break_long_words=False, break_on_hyphens=False)
+
+
+def render(results: Path = RESULTS) -> str:
+    intro = (
+        "# Benchmarks\n\n"
+        + fill(
+            "Generated by `python bench/all.py --write BENCHMARKS.md` from `bench/results/*.json`; "
+            "do not edit by hand. Each section gives the command that produced its figures, the "
+            "machine and the date; `python bench/all.py --run --only NAME` reruns one section and "
+            "`--write` renders the document again. Throughput figures come from shared machines: "
+            "compare the ratios measured within one process, not absolute figures across sections "
+            "or machines. The serving figures under hostile traffic (aborted streams, oversized "
+            "bodies, `/health` latency) are in [docs/serving.md](docs/serving.md)."
+        )
+        + "\n\n"
+    )
+    index = ["| section | cost | date |", "|---|---|---|"]
+    for s in SECTIONS:
+        path = results / f"{s.name}.json"
+        date = json.loads(path.read_text())["date"] if path.is_file() else "not run"
+        index.append(f"| [{s.title}](#{anchor(s.title)}) | {s.cost} | {date} |")
+    body = "\n".join(render_section(s, results) for s in SECTIONS)
+    return intro + "\n".join(index) + "\n\n" + body
+
+
+def anchor(title: str) -> str:
+    """GitHub's heading anchor: lower case, punctuation dropped, spaces as hyphens."""
+    keep = "".join(c for c in title.lower() if c.isalnum() or c in " -_")
+    return keep.replace(" ", "-")
+
+
+def run(sections: list[Section], results: Path = RESULTS) -> int:
+    failed = []
+    for s in sections:
+        out = results / f"{s.name}.json"
+        cmd = [sys.executable, *s.argv, "--json", str(out)]
+        print(f"--- {s.name}: {shlex.join(cmd)}", flush=True)
+        if subprocess.run(cmd, cwd=ROOT).returncode:
+            failed.append(s.name)
+            continue
+        doc = json.loads(out.read_text(encoding="utf-8"))  # one script can serve two sections
+        doc["section"] = s.name
+        out.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if failed:
+        print(f"failed: {' '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", action="store_true", help="run the sections' scripts")
+    ap.add_argument("--only", nargs="+", default=None, choices=list(BY_NAME), metavar="NAME")
+    ap.add_argument("--cheap", action="store_true", help="with --run: the cheap sections only")
+    ap.add_argument("--write", type=Path, default=None, help="render the document here")
+    ap.add_argument("--check", type=Path, default=None, help="exit 1 if this file differs")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--list", action="store_true", help="the sections, their cost and command")
+    args = ap.parse_args()
+    if args.list:
+        for s in SECTIONS:
+            print(f"{s.name:26s} {s.cost:9s} python {shlex.join(s.argv)}")
+    rc = 0
+    if args.run:
+        chosen = [BY_NAME[n] for n in args.only] if args.only else SECTIONS
+        chosen = [s for s in chosen if s.cost == "cheap" or not args.cheap]
+        rc = run(chosen, args.results)
+    if args.write:
+        args.write.write_text(render(args.results), encoding="utf-8")
+    stale = args.check and (
+        not args.check.is_file() or args.check.read_text(encoding="utf-8") != render(args.results)
+    )
+    if stale:
+        print(
+            f"{args.check} differs from what bench/results renders: run "
+            f"`python bench/all.py --write {args.check}`",
+            file=sys.stderr,
+        )
+        rc = 1
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()
