@@ -41,7 +41,8 @@ def _user_errors(*kinds: type[Exception]) -> Iterator[None]:
 
 def _load(bundle: Path, precision: Precision):
     from lmpipe.chat import TemplateError
-    from lmpipe.onnx.runtime import BundleError, OnnxLM
+    from lmpipe.onnx.bundle import BundleError
+    from lmpipe.onnx.runtime import OnnxLM
 
     with _user_errors(BundleError, TemplateError):
         lm = OnnxLM(bundle, precision=precision.value)
@@ -81,17 +82,6 @@ def generate(
         )  # fmt: skip
     for toks in out.tokens:
         sys.stdout.write(lm.decode(toks).replace("\n", " ") + "\n")
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @app.command()
@@ -138,10 +128,10 @@ def serve(
 ) -> None:
     """OpenAI-style HTTP server: POST /v1/completions and /v1/chat/completions, GET /v1/models,
     GET /health (docs/serving.md)."""
-    import uvicorn
-
     from lmpipe.chat import TemplateError
-    from lmpipe.serve import Completer, ServerLimits, create_app
+    from lmpipe.serve.engine import Completer
+    from lmpipe.serve.limits import ServerLimits
+    from lmpipe.serve.main import run
 
     _load(bundle, precision)  # a clear error for a bad folder before the server starts
     limits = ServerLimits(
@@ -152,14 +142,8 @@ def serve(
     )  # fmt: skip
     with _user_errors(TemplateError):
         completer = Completer(bundle, precision.value, limits=limits)
-    if not api_key and not _is_loopback(host):
-        typer.echo(
-            f"lmpipe: warning: serving on {host} without an API key: anyone who can reach this "
-            "address can use the model (set --api-key or LMPIPE_API_KEY)",
-            err=True,
-        )
-    app_ = create_app(completer, api_key=api_key or None, docs=docs)
-    uvicorn.run(app_, host=host, port=port, log_level="info")
+    run(completer, host, port, api_key=api_key, docs=docs,
+        warn=lambda m: typer.echo(f"lmpipe: warning: {m}", err=True))  # fmt: skip
 
 
 class OutputFormat(StrEnum):
