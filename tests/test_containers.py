@@ -111,7 +111,8 @@ def test_serve_runs_with_only_the_serve_extra_installed(bundle):
                     raise ModuleNotFoundError(f"{{name}} is not in the serve image", name=name)
         sys.meta_path.insert(0, Block())
         from lmpipe.onnx.runtime import OnnxLM
-        from lmpipe.serve import Completer, create_app
+        from lmpipe.serve.app import create_app
+        from lmpipe.serve.engine import Completer
         import lmpipe.cli
         app = create_app(Completer({str(folder)!r}, "fp32"))
         lm = OnnxLM({str(folder)!r})

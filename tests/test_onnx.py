@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from conftest import ONNX_SPECIAL as SPECIAL
-from lmpipe.onnx.runtime import BundleError, OnnxLM, filter_logits, next_tokens, softmax
+from lmpipe.onnx.bundle import BundleError
+from lmpipe.onnx.runtime import OnnxLM
+from lmpipe.onnx.sampling import filter_logits, next_tokens, softmax
 
 VOCAB = 300
 

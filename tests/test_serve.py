@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
-from lmpipe.serve import Completer, ServerLimits, create_app
+from lmpipe.serve.app import create_app
+from lmpipe.serve.engine import Completer
+from lmpipe.serve.limits import ServerLimits
 from serve_bundles import Gate
 
 

@@ -14,7 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from lmpipe.serve import Completer, ServerLimits, create_app
+from lmpipe.serve.app import create_app
+from lmpipe.serve.engine import Completer
+from lmpipe.serve.limits import ServerLimits
 from serve_bundles import LiveServer, wait_until
 
 CAPACITY = 4

@@ -9,7 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 import serve_bundles
-from lmpipe.serve import Completer, ServerLimits, create_app
+from lmpipe.serve.app import create_app
+from lmpipe.serve.engine import Completer
+from lmpipe.serve.limits import ServerLimits
 
 HELLO = [{"role": "user", "content": "w9 w10 w11"}]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmpipe import cli
+from lmpipe.serve.main import is_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,5 @@ def test_docker_serve_publishes_on_loopback_unless_asked():
 
 def test_the_cli_binds_loopback_by_default():
     assert inspect.signature(cli.serve).parameters["host"].default == "127.0.0.1"
-    assert [cli._is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "127.8.0.1")] == [
-        True
-    ] * 4
-    assert not any(cli._is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.5", "example.org"))
+    assert [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "127.8.0.1")] == [True] * 4
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.5", "example.org"))

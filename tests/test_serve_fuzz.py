@@ -14,7 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import serve_bundles
-from lmpipe.serve import Completer, ServerLimits, create_app
+from lmpipe.serve.app import create_app
+from lmpipe.serve.engine import Completer
+from lmpipe.serve.limits import ServerLimits
 
 LIMITS = ServerLimits(max_tokens=4, max_n=2, max_prompts=3, max_body_bytes=8192,
                       max_prompt_chars=200, max_request_tokens=120)  # fmt: skip

@@ -9,7 +9,9 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from lmpipe.serve import Completer, ServerLimits, create_app
+from lmpipe.serve.app import create_app
+from lmpipe.serve.engine import Completer
+from lmpipe.serve.limits import ServerLimits
 from serve_bundles import Gate
 
 LIMITS = ServerLimits(max_tokens=16, max_n=4, queue_limit=3, max_body_bytes=4096,

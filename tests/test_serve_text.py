@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import serve_bundles
-from lmpipe.onnx.runtime import OnnxLM, TextStream, filter_logits, next_tokens
+from lmpipe.onnx.runtime import OnnxLM
+from lmpipe.onnx.sampling import filter_logits, next_tokens
+from lmpipe.serve.text import TextStream
 
 CORPUS = [
     "Tom went to the way of the sea. Héloïse ate crème brûlée at the café.",

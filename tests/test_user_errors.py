@@ -10,7 +10,7 @@ import torch
 
 from lmpipe import dist
 from lmpipe.config import ParamsError, validate_doc
-from lmpipe.onnx.runtime import BundleError, read_bundle
+from lmpipe.onnx.bundle import BundleError, read_bundle
 
 
 def test_invalid_separator_regex_is_a_params_error():

@@ -26,6 +26,8 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from lmpipe.io import read_json_object
+
 PLAIN_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}"
@@ -278,13 +280,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / "tokenizer_config.json"
     if not path.exists():
         return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TemplateError(f"{path} is not valid JSON ({err}): restore the file") from None
-    if not isinstance(config, dict):
-        raise TemplateError(f"{path} is not a JSON object: restore the file")
-    return config
+    return read_json_object(path, TemplateError, "restore the file")
 
 
 def load_template(directory: str | Path, required: bool = True) -> ChatTemplate | None:

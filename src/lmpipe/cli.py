@@ -41,7 +41,8 @@ def _user_errors(*kinds: type[Exception]) -> Iterator[None]:
 
 def _load(bundle: Path, precision: Precision):
     from lmpipe.chat import TemplateError
-    from lmpipe.onnx.runtime import BundleError, OnnxLM
+    from lmpipe.onnx.bundle import BundleError
+    from lmpipe.onnx.runtime import OnnxLM
 
     with _user_errors(BundleError, TemplateError):
         lm = OnnxLM(bundle, precision=precision.value)
@@ -81,17 +82,6 @@ def generate(
         )  # fmt: skip
     for toks in out.tokens:
         sys.stdout.write(lm.decode(toks).replace("\n", " ") + "\n")
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @app.command()
@@ -138,10 +128,10 @@ def serve(
 ) -> None:
     """OpenAI-style HTTP server: POST /v1/completions and /v1/chat/completions, GET /v1/models,
     GET /health (docs/serving.md)."""
-    import uvicorn
-
     from lmpipe.chat import TemplateError
-    from lmpipe.serve import Completer, ServerLimits, create_app
+    from lmpipe.serve.engine import Completer
+    from lmpipe.serve.limits import ServerLimits
+    from lmpipe.serve.main import run
 
     _load(bundle, precision)  # a clear error for a bad folder before the server starts
     limits = ServerLimits(
@@ -152,14 +142,8 @@ def serve(
     )  # fmt: skip
     with _user_errors(TemplateError):
         completer = Completer(bundle, precision.value, limits=limits)
-    if not api_key and not _is_loopback(host):
-        typer.echo(
-            f"lmpipe: warning: serving on {host} without an API key: anyone who can reach this "
-            "address can use the model (set --api-key or LMPIPE_API_KEY)",
-            err=True,
-        )
-    app_ = create_app(completer, api_key=api_key or None, docs=docs)
-    uvicorn.run(app_, host=host, port=port, log_level="info")
+    run(completer, host, port, api_key=api_key, docs=docs,
+        warn=lambda m: typer.echo(f"lmpipe: warning: {m}", err=True))  # fmt: skip
 
 
 class OutputFormat(StrEnum):
@@ -211,36 +195,14 @@ def compare(
 
     Without --stage, one row per pipeline result (an evaluate run) with every upstream stage's
     params and the figures of reports/headline.json."""
-    from lmpipe.compare import (
-        PIPELINE_STAGE,
-        CompareError,
-        build_table,
-        default_experiment,
-        fetch_runs,
-        missing_metrics,
-        render,
-        resolve_tracking_uri,
-        tracking_params,
-    )
+    from lmpipe.compare import CompareError, compare_runs
 
     keys = [k.strip() for m in metric or [] for k in m.split(",") if k.strip()]
     with _user_errors(CompareError):
-        uri = resolve_tracking_uri(tracking_uri)
-        cfg = tracking_params()
-        # a pipeline result's params are spread over its stages' runs: gather them by lineage
-        runs = fetch_runs(
-            uri,
-            experiment or default_experiment(),
-            stage=stage or PIPELINE_STAGE,
-            last=last,
-            timeout_s=cfg.timeout_s if cfg is not None else 10.0,
-            lineage=stage is None,
+        text, warnings = compare_runs(
+            stage, experiment, last, fmt.value, tracking_uri, all_params, keys
         )
-        table = build_table(
-            runs, stage=stage or PIPELINE_STAGE, all_params=all_params, metrics=keys
-        )
-        text = render(table, fmt.value)
-    for line in missing_metrics(keys, runs):
+    for line in warnings:
         typer.echo(f"lmpipe: warning: {line}", err=True)
     sys.stdout.write(text + "\n")
 
@@ -256,8 +218,6 @@ def sweep(
     ] = None,
 ) -> None:
     """Search params with DVC experiments (grid, random or TPE); resumes where it stopped."""
-    from dataclasses import replace
-
     from lmpipe.sweep import SweepError, load_spec, sweep_dir
     from lmpipe.sweep import sweep as run
 
@@ -265,15 +225,9 @@ def sweep(
     with _user_errors(SweepError):
         plan = load_spec(spec, root)
         if trials is not None:
-            plan = replace(plan, trials=trials if plan.search != "grid" else min(
-                trials, len(plan.grid())))  # fmt: skip
-        typer.echo(
-            f"sweep {plan.name}: {plan.search}, {plan.trials} trials, {plan.parallel} at a time; "
-            f"{plan.direction} {plan.objective}; each trial runs `dvc exp run` up to "
-            f"{', '.join(plan.targets)}"
-        )
-        for d in plan.dims:
-            typer.echo(f"  {d.name}: {d.describe()}")
+            plan = plan.with_trials(trials)
+        for line in plan.describe():
+            typer.echo(line)
         if dry_run:
             return
         files = run(plan, root, echo=typer.echo)

@@ -443,3 +443,30 @@ def render(table: Table, fmt: str) -> str:
     if fmt not in renderers:
         raise CompareError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return renderers[fmt](table)
+
+
+def compare_runs(
+    stage: str | None,
+    experiment: str | None,
+    last: int,
+    fmt: str,
+    tracking_uri: str | None,
+    all_params: bool,
+    metrics: Sequence[str],
+) -> tuple[str, list[str]]:
+    """`lmpipe compare`: the newest `last` runs of `stage` (None: pipeline results, each an
+    evaluate run with its upstream stages' params) rendered as `fmt`, and a warning for each of
+    `metrics` that no run has."""
+    uri = resolve_tracking_uri(tracking_uri)
+    cfg = tracking_params()
+    # a pipeline result's params are spread over its stages' runs: gather them by lineage
+    runs = fetch_runs(
+        uri,
+        experiment or default_experiment(),
+        stage=stage or PIPELINE_STAGE,
+        last=last,
+        timeout_s=cfg.timeout_s if cfg is not None else 10.0,
+        lineage=stage is None,
+    )
+    table = build_table(runs, stage=stage or PIPELINE_STAGE, all_params=all_params, metrics=metrics)
+    return render(table, fmt), missing_metrics(metrics, runs)

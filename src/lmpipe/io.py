@@ -83,6 +83,17 @@ def read_json(path: str | Path) -> Any:
         ) from None
 
 
+def read_json_object(path: Path, error: type[Exception], fix: str) -> dict[str, Any]:
+    """The JSON object in `path`, else `error` saying what is wrong with it, then `fix`."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path} is not valid JSON ({err}): {fix}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path} is not a JSON object: {fix}")
+    return obj
+
+
 _HASHES: dict[tuple, str] = {}
 """hash_path results keyed by path and the (name, size, mtime) of its files: a stage hashes its
 inputs once for tracking and once for its checkpoint key, and reads them only once."""

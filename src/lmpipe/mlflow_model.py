@@ -275,7 +275,7 @@ def log_model(
     if kind != kind_of(path):
         raise ValueError(f"{path} holds a {kind_of(path)} model, not a {kind} model")
     if kind == "bundle" and generation is None:
-        from lmpipe.onnx.runtime import read_bundle
+        from lmpipe.onnx.bundle import read_bundle
 
         generation = read_bundle(Path(path)).get("generation") or {}
     package = Path(__file__).resolve().parent

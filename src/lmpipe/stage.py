@@ -20,7 +20,7 @@ from lmpipe.chat import TemplateError
 from lmpipe.config import ParamsError
 from lmpipe.data.sources import DataError
 from lmpipe.io import hash_path, without_wall_clock
-from lmpipe.onnx.runtime import BundleError
+from lmpipe.onnx.bundle import BundleError
 from lmpipe.tracking import TrackingError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (

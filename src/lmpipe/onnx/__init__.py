@@ -1,2 +1,2 @@
 """ONNX: export with a KV cache (`export`, needs torch) and generation with onnxruntime alone
-(`runtime`, imports neither torch nor transformers)."""
+(`runtime` with `bundle` and `sampling`, importing neither torch nor transformers)."""

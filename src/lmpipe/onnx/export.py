@@ -186,7 +186,7 @@ def build_bundle(
     (CUDA) models, the tokenizer with its chat template (the files beside `tokenizer_file`), and
     `bundle.json` (names, cache shape, special ids, stop ids, defaults, hashes, lineage)."""
     from lmpipe.io import hash_path, write_json
-    from lmpipe.onnx.runtime import MANIFEST
+    from lmpipe.onnx.bundle import MANIFEST
 
     bundle = Path(bundle)
     bundle.mkdir(parents=True, exist_ok=True)

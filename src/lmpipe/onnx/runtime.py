@@ -6,13 +6,13 @@ A bundle (`models/onnx/<variant>/`) holds `model.onnx` (fp32, graph-optimised), 
 `tokenizer_config.json`) and `bundle.json` (input/output names, cache shapes, special and stop
 token ids, generation defaults, hashes and lineage). One decoder graph serves prefill and decode:
 inputs `input_ids`, `attention_mask`, `position_ids` and `past.<i>.key|value`, outputs `logits` and
-`present.<i>.key|value`. Prefill passes an empty cache (past length 0).
+`present.<i>.key|value`. Prefill passes an empty cache (past length 0). `bundle` reads the
+manifest, `sampling` picks each token.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -20,30 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lmpipe.onnx.bundle import BundleError, read_bundle
+from lmpipe.onnx.sampling import next_tokens
+
 if TYPE_CHECKING:
     from lmpipe.chat import ChatTemplate
-
-MANIFEST = "bundle.json"
-
-
-class BundleError(ValueError):
-    """The folder is not a usable bundle; the message says what is missing."""
-
-
-def read_bundle(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not path.exists():
-        raise BundleError(f"{directory} is not an lmpipe ONNX bundle (no {MANIFEST}); run export")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"{path} is not valid JSON ({err}): rerun the export stage") from None
-    if not isinstance(meta, dict):
-        raise BundleError(f"{path} is not a JSON object: rerun the export stage")
-    missing = [k for k in ("files", "cache", "context", "special_tokens") if k not in meta]
-    if missing:
-        raise BundleError(f"{path} lacks {', '.join(missing) or 'its fields'}: rerun export")
-    return meta
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,59 +36,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np
         ids[i, width - len(p) :] = p
         mask[i, width - len(p) :] = 1
     return ids, mask
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
-
-
-def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
-    """Rows of logits with everything outside the top-k and outside the smallest set whose
-    probability reaches top_p set to −inf. The most likely token always stays, so top_p = 0
-    is greedy rather than an empty distribution."""
-    out = logits.astype(np.float64, copy=True)
-    if top_k and top_k < out.shape[-1]:
-        kth = np.partition(out, -top_k, axis=-1)[:, -top_k][:, None]
-        out[out < kth] = -np.inf
-    if top_p < 1.0:
-        order = np.argsort(-out, axis=-1, kind="stable")
-        sorted_p = np.take_along_axis(softmax(out), order, -1)
-        before = np.cumsum(sorted_p, -1) - sorted_p  # mass strictly before each token
-        drop_sorted = before >= top_p
-        drop_sorted[..., 0] = False
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, -1)
-        out[drop] = -np.inf
-    return out
-
-
-def next_tokens(
-    logits: np.ndarray,
-    rng: np.random.Generator,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-) -> np.ndarray:
-    """One token per row: greedy when temperature is 0, else a draw from the filtered,
-    temperature-scaled distribution. The logits are shifted by their maximum before the division,
-    so a tiny temperature (1e-300) gives the limit, all mass on the argmax, and never inf − inf
-    = NaN."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    z = logits.astype(np.float64)
-    with np.errstate(over="ignore"):  # −inf for whatever a tiny temperature pushes off
-        z = (z - z.max(-1, keepdims=True)) / temperature  # ≤ 0 everywhere, 0 at the argmax
-    p = softmax(filter_logits(z, top_k, top_p))
-    u = rng.random((p.shape[0], 1))
-    return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
-
-
-# ----------------------------------------------------------------------------- the model
 
 
 @dataclass
@@ -345,71 +273,3 @@ class OnnxLM:
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
-
-
-# ----------------------------------------------------------------------------- text
-
-
-class TextStream:
-    """One row's text as its tokens arrive, for streaming.
-
-    Incremental decoding: each token is decoded with the token before it as context (decoders
-    that drop a leading space or split a character across tokens need it), and text is taken
-    only once it ends in a whole character. Stop strings: text that contains one is cut before
-    it, and text that could still become the start of one is held back, so nothing released
-    ever has to be taken back. The released pieces add up to `decode(all tokens)` cut before
-    the stop string that text completes first (a test checks it against that reference)."""
-
-    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = ()) -> None:
-        self.decode = decode
-        self.stops = [s for s in stops if s]
-        self.tokens: list[int] = []
-        self._prefix = self._read = 0  # tokens[_prefix:_read] decode to text already taken
-        self.pending = ""  # decoded, not yet released (could begin a stop string)
-        self.text = ""  # released
-        self.stopped = False  # a stop string ended the text
-
-    def _take(self, final: bool) -> None:
-        before = self.decode(self.tokens[self._prefix : self._read])
-        after = self.decode(self.tokens[self._prefix :])
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self.pending += after[len(before) :]
-            self._prefix, self._read = self._read, len(self.tokens)
-
-    def push(self, token: int) -> str:
-        """Add a token; the text now safe to send (often '')."""
-        if self.stopped:
-            return ""
-        self.tokens.append(int(token))
-        self._take(final=False)
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        """The row ended (a stop token, its budget): the rest of the text."""
-        if self.stopped:
-            return ""
-        self._take(final=True)
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        text = self.pending
-        found = [(i + len(s), i) for s in self.stops if (i := text.find(s)) >= 0]
-        if found:  # the stop string completed first (then the longest), as generation meets it
-            out, self.stopped = text[: min(found)[1]], True
-        else:
-            out = text if final else text[: len(text) - self._held(text)]
-        self.pending = "" if self.stopped else text[len(out) :]
-        self.text += out
-        return out
-
-    def _held(self, text: str) -> int:
-        """Length of the longest end of `text` that is the beginning of a stop string."""
-        held = 0
-        for s in self.stops:
-            i = text.find(s[0], max(0, len(text) - len(s) + 1))
-            while i >= 0:
-                if s.startswith(text[i:]):
-                    held = max(held, len(text) - i)
-                    break
-                i = text.find(s[0], i + 1)
-        return held

@@ -25,7 +25,7 @@ import itertools
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -167,6 +167,20 @@ class Spec:
         names = [d.name for d in self.dims]
         return [dict(zip(names, combo, strict=True)) for combo in itertools.product(
             *(d.choices for d in self.dims))]  # fmt: skip
+
+    def with_trials(self, trials: int) -> Spec:
+        """This sweep with `trials` trials (a grid has at most one per combination)."""
+        n = trials if self.search != "grid" else min(trials, len(self.grid()))
+        return replace(self, trials=n)
+
+    def describe(self) -> list[str]:
+        """What running this sweep does, one line each: the search, then each dimension."""
+        head = (
+            f"sweep {self.name}: {self.search}, {self.trials} trials, {self.parallel} at a time; "
+            f"{self.direction} {self.objective}; each trial runs `dvc exp run` up to "
+            f"{', '.join(self.targets)}"
+        )
+        return [head, *(f"  {d.name}: {d.describe()}" for d in self.dims)]
 
     def fingerprint(self) -> str:
         """What must not change for a sweep to resume: the space, search, objective, targets.
