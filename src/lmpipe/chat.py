@@ -185,6 +185,15 @@ class ChatTemplate:
         """One user turn and the generation prompt: what the model continues from."""
         return self.encode([{"role": "user", "content": prompt}], add_generation_prompt=True).ids
 
+    def fitting_prompts(
+        self, prompts: Sequence[str], context: int, max_new_tokens: int, limit: int | None = None
+    ) -> tuple[list[str], list[list[int]]]:
+        """The first `limit` prompts whose turn leaves room for `max_new_tokens` in `context`,
+        as texts and as token ids."""
+        pairs = [(t, self.prompt_ids(t)) for t in prompts]
+        pairs = [(t, p) for t, p in pairs if len(p) + max_new_tokens <= context][:limit]
+        return [t for t, _ in pairs], [p for _, p in pairs]
+
     def text_ids(self, text: str) -> list[int]:
         """Plain text as tokens, special-token markers included as text."""
         return self._literal.encode(text, add_special_tokens=False).ids

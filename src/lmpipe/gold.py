@@ -53,3 +53,10 @@ def make_gold(name: str, **options) -> GoldScorer:
     if name not in GOLD:
         raise ValueError(f"unknown gold scorer {name!r}; known: {', '.join(GOLD)}")
     return GOLD[name](**options)
+
+
+def gold_of(manifest: dict) -> GoldScorer:
+    """The gold scorer a reward model's preferences were labelled with (its `lmpipe.json`), so
+    every later stage judges with the same one."""
+    pref = manifest["params"]["preference"]
+    return make_gold(pref["gold"], keywords=pref.get("keywords", ()))
