@@ -4,74 +4,32 @@ Without a stage, a row is a pipeline result: an evaluate run, with the params of
 upstream of it (found through its `lineage.*.run_id` tags) and the report card's headline figures.
 
 `runs` holds `RunRecord` and lineage walking, `store` finds and reads the MLflow store (the only
-module that talks to MLflow), `table` builds and renders the comparison table.
+module that talks to MLflow), `table` builds and renders the comparison table (pure).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lmpipe.compare.runs import (
-    LINEAGE_TAG,
-    CompareError,
-    RunRecord,
-    fetch_upstream,
-    newest_first,
-    record_of,
-    with_upstream,
-)
+from lmpipe.compare.runs import CompareError, RunRecord, with_upstream
 from lmpipe.compare.store import (
-    DEFAULT_EXPERIMENT,
-    DEFAULT_URI,
     PIPELINE_STAGE,
-    check_store,
     default_experiment,
     fetch_runs,
     resolve_tracking_uri,
     tracking_params,
 )
-from lmpipe.compare.table import (
-    FORMATS,
-    METRIC_LABELS,
-    STAGE_METRICS,
-    Table,
-    build_table,
-    format_cell,
-    format_float,
-    headline_metrics,
-    missing_metrics,
-    render,
-    resolve_metric,
-    varying_params,
-)
+from lmpipe.compare.table import build_table, format_float, missing_metrics, render, varying_params
 
 __all__ = [
-    "DEFAULT_EXPERIMENT",
-    "DEFAULT_URI",
-    "FORMATS",
-    "LINEAGE_TAG",
-    "METRIC_LABELS",
-    "PIPELINE_STAGE",
-    "STAGE_METRICS",
     "CompareError",
     "RunRecord",
-    "Table",
     "build_table",
-    "check_store",
     "compare_runs",
-    "default_experiment",
     "fetch_runs",
-    "fetch_upstream",
-    "format_cell",
     "format_float",
-    "headline_metrics",
-    "missing_metrics",
-    "newest_first",
-    "record_of",
     "render",
-    "resolve_metric",
     "resolve_tracking_uri",
-    "tracking_params",
     "varying_params",
     "with_upstream",
 ]

@@ -1,4 +1,5 @@
-"""The runs `compare` reads: `RunRecord`, built from an MLflow run, and walking run lineage.
+"""The runs `compare` reads: `RunRecord`, built from an MLflow run, and walking run lineage
+(pure: it takes MLflow's run objects and never talks to MLflow).
 
 A run's `lineage.*.run_id` tags name the runs that wrote its inputs; `with_upstream` adds their
 params (recursively) to the run's own, so a pipeline result shows every stage's settings.
@@ -7,7 +8,7 @@ params (recursively) to the run's own, so a pipeline result shows every stage's 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -53,25 +54,6 @@ def newest_first(runs: Iterable[RunRecord]) -> list[RunRecord]:
     """Runs by start time, newest first (runs without one last)."""
     epoch = datetime.min.replace(tzinfo=UTC)
     return sorted(runs, key=lambda r: r.start_time or epoch, reverse=True)
-
-
-def fetch_upstream(client, runs: Sequence[RunRecord]) -> dict[str, RunRecord]:
-    """Every run reachable through the lineage of `runs`, by run id; ids MLflow no longer has
-    (a deleted run) are skipped, so a row shows fewer params rather than failing."""
-    from mlflow.exceptions import MlflowException
-
-    found: dict[str, RunRecord] = {}
-    todo = [i for r in runs for i in r.lineage]
-    while todo:
-        run_id = todo.pop()
-        if run_id in found:
-            continue
-        try:
-            found[run_id] = record_of(client.get_run(run_id))
-        except MlflowException:
-            continue
-        todo += found[run_id].lineage
-    return found
 
 
 def with_upstream(run: RunRecord, upstream: Mapping[str, RunRecord]) -> RunRecord:

@@ -1,7 +1,7 @@
 """Where the runs are and reading them: the tracking URI and experiment, and MLflow queries.
 
-`fetch_runs` is the only function of `compare` that talks to MLflow. MLflow is imported lazily,
-and nothing here creates an experiment or a store.
+The only module of `compare` that talks to MLflow; MLflow is imported lazily, and nothing here
+creates an experiment or a store.
 """
 
 from __future__ import annotations
@@ -11,17 +11,11 @@ import logging
 import os
 import re
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from lmpipe.compare.runs import (
-    CompareError,
-    RunRecord,
-    fetch_upstream,
-    newest_first,
-    record_of,
-    with_upstream,
-)
+from lmpipe.compare.runs import CompareError, RunRecord, newest_first, record_of, with_upstream
 from lmpipe.config import ParamsError, TrackingParams, parse_section, read_yaml
 from lmpipe.tracking import TrackingError, absolute_uri, check_reachable
 
@@ -142,13 +136,32 @@ def fetch_runs(
             raise CompareError(_no_runs_message(client, exp.experiment_id, experiment, stage))
         runs = newest_first(found.values())[:last]
         if lineage:
-            upstream = fetch_upstream(client, runs)
+            upstream = _fetch_upstream(client, runs)
             runs = [with_upstream(r, upstream) for r in runs]
     except MlflowException as err:
         raise CompareError(f"cannot read MLflow at {uri}: {err.message}") from None
     except SQLAlchemyError as err:
         raise CompareError(f"cannot read MLflow at {uri}: {err}") from None
     return runs
+
+
+def _fetch_upstream(client, runs: Sequence[RunRecord]) -> dict[str, RunRecord]:
+    """Every run reachable through the lineage of `runs`, by run id; ids MLflow no longer has
+    (a deleted run) are skipped, so a row shows fewer params rather than failing."""
+    from mlflow.exceptions import MlflowException
+
+    found: dict[str, RunRecord] = {}
+    todo = [i for r in runs for i in r.lineage]
+    while todo:
+        run_id = todo.pop()
+        if run_id in found:
+            continue
+        try:
+            found[run_id] = record_of(client.get_run(run_id))
+        except MlflowException:
+            continue
+        todo += found[run_id].lineage
+    return found
 
 
 def _no_runs_message(client, experiment_id: str, experiment: str, stage: str | None) -> str:
