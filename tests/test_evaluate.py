@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+from lmpipe.evaluate import figures as F
 from lmpipe.evaluate import metrics as M
 from lmpipe.evaluate import report as R
 
@@ -155,11 +156,11 @@ def test_report_contains_every_model_flags_and_figures(tmp_path):
                                                                                     1.2]},
               "rl": {"step": [1, 2, 3], "rl/score": [0, 1, 2], "rl/gold": [0.1, 0.2, 0.3],
                      "rl/proxy": [0, 1, 2], "rl/kl": [0, 1, math.nan]}}  # fmt: skip
-    R.figure_training_curves(curves, tmp_path / "a.png")
-    R.figure_overoptimisation(curves["rl"], metrics["best_of_n"],
+    F.figure_training_curves(curves, tmp_path / "a.png")
+    F.figure_overoptimisation(curves["rl"], metrics["best_of_n"],
                               {"rl": metrics["variants"]["rl"]}, tmp_path / "b.png")  # fmt: skip
-    R.figure_distributions({"sft": {"gold": np.zeros(5), "proxy": np.ones(5)}}, tmp_path / "c.png")
-    R.figure_size_quality(metrics["variants"], tmp_path / "d.png")
+    F.figure_distributions({"sft": {"gold": np.zeros(5), "proxy": np.ones(5)}}, tmp_path / "c.png")
+    F.figure_size_quality(metrics["variants"], tmp_path / "d.png")
     for f in "abcd":
         assert (tmp_path / f"{f}.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -169,7 +170,7 @@ def test_training_curves_one_panel_per_concern_with_rl_kl_apart_from_reward():
               "sft": {},
               "rl": {"step": [1, 2], "rl/score": [0, 1], "rl/gold": [0.1, 0.2], "rl/kl": [0, 5],
                      "rl/policy_loss": [1, 1]}}  # fmt: skip
-    panels = R._curve_panels(curves)
+    panels = F._curve_panels(curves)
     assert [(p[0], [k for k, _ in p[4]]) for p in panels] == [
         ("pretrain", ["train/loss", "eval/loss"]),
         ("rl", ["rl/score", "rl/gold"]),

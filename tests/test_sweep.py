@@ -17,18 +17,17 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, env_for, run
 from lmpipe.cli import app
-from lmpipe.sweep.report import pareto, trial_rows, write_outputs
-from lmpipe.sweep.run import (
+from lmpipe.sweep.executor import (
     TrialOutcome,
-    best_trial,
     check_overrides,
     error_summary,
     format_override,
     lookup,
-    open_study,
-    run_sweep,
 )
-from lmpipe.sweep.spec import SweepError, validate_spec
+from lmpipe.sweep.plan import SweepError
+from lmpipe.sweep.report import pareto, trial_rows, write_outputs
+from lmpipe.sweep.run import best_trial, open_study, run_sweep
+from lmpipe.sweep.spec import validate_spec
 
 OBJ = {"metric": "reports/rl.json:gold_reward.final", "direction": "maximize"}
 

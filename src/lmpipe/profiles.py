@@ -89,7 +89,7 @@ def dvc_flags(profile_path: str | Path, params_path: str | Path = "params.yaml")
     """`-S key=value` for every key of the profile: `dvc exp run $(lmpipe params flags P)`."""
     import json
 
-    from lmpipe.sweep.run import format_override
+    from lmpipe.sweep.executor import format_override
 
     profile = read_profile(profile_path)
     _validate(merged(read_yaml(params_path), profile), f"{profile_path} on {params_path}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from lmpipe.sweep.spec import Spec, SweepError, load_spec
+from lmpipe.sweep.plan import Spec, SweepError
+from lmpipe.sweep.spec import load_spec
 
 __all__ = ["Spec", "SweepError", "load_spec", "sweep", "sweep_dir"]
 
@@ -52,8 +53,9 @@ def sweep(
     executor=None,
 ) -> dict[str, Path]:
     """Run (or resume) a sweep to `spec.trials` trials; returns the files it wrote."""
+    from lmpipe.sweep.executor import DvcExecutor
     from lmpipe.sweep.report import write_outputs
-    from lmpipe.sweep.run import DvcExecutor, exclusive, open_study, run_sweep
+    from lmpipe.sweep.run import exclusive, open_study, run_sweep
 
     root = root.resolve()
     out = sweep_dir(root, spec)

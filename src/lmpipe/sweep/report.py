@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lmpipe.sweep.run import INTERRUPTED, best_trial, format_override
-from lmpipe.sweep.spec import Spec
+from lmpipe.sweep.executor import format_override
+from lmpipe.sweep.plan import Spec
+from lmpipe.sweep.run import INTERRUPTED, best_trial
 
 
 def trial_rows(study, spec: Spec) -> list[dict[str, Any]]:

@@ -14,88 +14,26 @@ A spec is YAML::
 
 Everything that can be checked without running a trial is checked here: unknown params (with a
 suggestion), empty or inverted ranges, values the params schema refuses, a metric file no stage
-writes, and a swept param that no stage up to the objective's stage reads.
+writes, and a swept param that no stage up to the objective's stage reads. The result is a
+`lmpipe.sweep.plan.Spec`; `lmpipe.sweep.space` parses and checks each swept param.
 """
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import itertools
-import json
 import math
 import re
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lmpipe.config import SECTIONS, ParamsError, parse_section, read_yaml
+from lmpipe.config import ParamsError, read_yaml
 from lmpipe.pipeline import producer, upstream
+from lmpipe.sweep.plan import Constraint, MetricRef, Plot, Spec, SweepError
+from lmpipe.sweep.space import check_param, parse_dim
 
-
-class SweepError(ValueError):
-    """A spec or project state that cannot be swept; the message says what to fix."""
-
-
-@dataclass(frozen=True)
-class Dim:
-    """One swept parameter: a list of choices or a numeric range."""
-
-    name: str
-    kind: Literal["choice", "uniform", "loguniform", "int", "logint"]
-    choices: tuple[Any, ...] = ()
-    low: float = 0.0
-    high: float = 0.0
-
-    @property
-    def section(self) -> str:
-        return self.name.split(".", 1)[0]
-
-    @property
-    def key(self) -> str:
-        return self.name.split(".", 1)[1]
-
-    def describe(self) -> str:
-        if self.kind == "choice":
-            return json.dumps(list(self.choices))
-        return f"{self.kind}({self.low:g}, {self.high:g})"
-
-
-@dataclass(frozen=True)
-class MetricRef:
-    """`reports/rl.json:gold_reward.final`: a key (dotted for nesting) of a JSON file."""
-
-    path: str
-    key: str
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.key}"
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """`metric op bound`, feasible when true; as a number for Optuna, feasible when <= 0."""
-
-    metric: MetricRef
-    op: Literal["<=", ">=", "<", ">"]
-    bound: float
-
-    def violation(self, value: float) -> float:
-        return value - self.bound if self.op in ("<=", "<") else self.bound - value
-
-    def holds(self, value: float) -> bool:
-        return {
-            "<=": value <= self.bound,
-            "<": value < self.bound,
-            ">=": value >= self.bound,
-            ">": value > self.bound,
-        }[self.op]
-
-    def __str__(self) -> str:
-        return f"{self.metric} {self.op} {self.bound:g}"
+_CONSTRAINT = re.compile(r"^\s*(\S+?)\s*(<=|>=|<|>)\s*(\S+)\s*$")
 
 
 class _Objective(BaseModel):
@@ -131,76 +69,6 @@ class _Spec(BaseModel):
         return [v] if isinstance(v, str) else v
 
 
-@dataclass(frozen=True)
-class Plot:
-    x: MetricRef
-    y: tuple[MetricRef, ...]
-    group: str | None
-
-
-@dataclass(frozen=True)
-class Spec:
-    """A validated sweep."""
-
-    name: str
-    dims: tuple[Dim, ...]
-    search: Literal["grid", "random", "tpe"]
-    trials: int
-    parallel: int
-    seed: int
-    objective: MetricRef
-    direction: Literal["maximize", "minimize"]
-    constraints: tuple[Constraint, ...]
-    targets: tuple[str, ...]
-    params_file: str
-    plot: Plot | None
-
-    def metric_refs(self) -> list[MetricRef]:
-        """Every metric a trial must report: objective, constraints, figure axes."""
-        refs = [self.objective, *(c.metric for c in self.constraints)]
-        if self.plot:
-            refs += [self.plot.x, *self.plot.y]
-        return list(dict.fromkeys(refs))
-
-    def grid(self) -> list[dict[str, Any]]:
-        """Every combination of choices (grid search), in spec order."""
-        names = [d.name for d in self.dims]
-        return [dict(zip(names, combo, strict=True)) for combo in itertools.product(
-            *(d.choices for d in self.dims))]  # fmt: skip
-
-    def with_trials(self, trials: int) -> Spec:
-        """This sweep with `trials` trials (a grid has at most one per combination)."""
-        n = trials if self.search != "grid" else min(trials, len(self.grid()))
-        return replace(self, trials=n)
-
-    def describe(self) -> list[str]:
-        """What running this sweep does, one line each: the search, then each dimension."""
-        head = (
-            f"sweep {self.name}: {self.search}, {self.trials} trials, {self.parallel} at a time; "
-            f"{self.direction} {self.objective}; each trial runs `dvc exp run` up to "
-            f"{', '.join(self.targets)}"
-        )
-        return [head, *(f"  {d.name}: {d.describe()}" for d in self.dims)]
-
-    def fingerprint(self) -> str:
-        """What must not change for a sweep to resume: the space, search, objective, targets.
-        The number of trials and the parallelism may change (e.g. to extend a finished sweep)."""
-        doc = {
-            "dims": [(d.name, d.kind, list(d.choices), d.low, d.high) for d in self.dims],
-            "search": self.search,
-            "seed": self.seed,
-            "objective": [str(self.objective), self.direction],
-            "constraints": [str(c) for c in self.constraints],
-            "targets": list(self.targets),
-            "params_file": self.params_file,
-        }
-        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
-
-
-_RANGE = re.compile(r"^\s*(uniform|loguniform|int|logint)\s*\(\s*([^,]+?)\s*,\s*([^)]+?)\s*\)\s*$")
-_CONSTRAINT = re.compile(r"^\s*(\S+?)\s*(<=|>=|<|>)\s*(\S+)\s*$")
-
-
 def parse_metric(text: str, default_path: str | None = None) -> MetricRef:
     """`file.json:key` (or `key` when `default_path` is given)."""
     if ":" in text:
@@ -223,82 +91,6 @@ def parse_constraint(text: str, default_path: str) -> Constraint:
     except ValueError:
         raise SweepError(f"constraint {text!r}: {m.group(3)!r} is not a number") from None
     return Constraint(parse_metric(m.group(1), default_path), m.group(2), bound)  # type: ignore[arg-type]
-
-
-def _number(text: str, where: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise SweepError(f"{where}: {text!r} is not a number") from None
-
-
-def parse_dim(name: str, raw: Any) -> Dim:
-    """A list of choices or `uniform|loguniform|int|logint(low, high)`."""
-    if isinstance(raw, list):
-        if not raw:
-            raise SweepError(f"params.{name}: the list of choices is empty")
-        if len(set(map(json.dumps, raw))) != len(raw):
-            raise SweepError(f"params.{name}: the choices {raw} repeat a value")
-        return Dim(name, "choice", choices=tuple(raw))
-    m = _RANGE.match(raw) if isinstance(raw, str) else None
-    if not m:
-        raise SweepError(
-            f"params.{name} = {raw!r}: give a list of choices or a range such as "
-            "uniform(0, 1), loguniform(0.01, 1), int(1, 8), logint(16, 256). A single value "
-            "belongs in params.yaml"
-        )
-    kind, low, high = m.group(1), _number(m.group(2), name), _number(m.group(3), name)
-    if not low < high:
-        raise SweepError(f"params.{name} = {raw}: the range is empty (low must be below high)")
-    if kind.startswith("log") and low <= 0:
-        raise SweepError(f"params.{name} = {raw}: a log range needs low > 0")
-    if kind in ("int", "logint") and (low != int(low) or high != int(high)):
-        raise SweepError(f"params.{name} = {raw}: int ranges take whole numbers")
-    return Dim(name, kind, low=low, high=high)  # type: ignore[arg-type]
-
-
-def _check_param(dim: Dim, base: dict[str, Any]) -> None:
-    """The param exists and the schema accepts the choices / both ends of the range."""
-    if "." not in dim.name:
-        raise SweepError(f"params.{dim.name}: write SECTION.KEY, e.g. rl.kl_coef")
-    section, key = dim.section, dim.key
-    if section not in SECTIONS or section == "tracking":
-        near = difflib.get_close_matches(section, [s for s in SECTIONS if s != "tracking"], n=2)
-        hint = f" Did you mean {', '.join(near)}?" if near else ""
-        raise SweepError(f"params.{dim.name}: unknown params section {section!r}.{hint}")
-    fields = SECTIONS[section].model_fields
-    if key not in fields:
-        near = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(section + '.' + n for n in near)}?" if near else ""
-        raise SweepError(f"params.{dim.name}: {section} has no key {key!r}.{hint}")
-    ann = fields[key].annotation
-    if dim.kind in ("uniform", "loguniform") and ann is not float:
-        raise SweepError(f"params.{dim.name} is not a float; use a list or int(a, b)")
-    if dim.kind in ("int", "logint") and ann is not int:
-        raise SweepError(f"params.{dim.name} is not an integer; use a list or (log)uniform")
-    values = dim.choices if dim.kind == "choice" else (dim.low, dim.high)
-    if dim.kind in ("int", "logint"):
-        values = tuple(int(v) for v in values)
-    for value in values:
-        errors = override_errors(base, {dim.name: value})
-        if errors:
-            raise SweepError(f"params.{dim.name} = {value!r} is refused:\n" + "\n".join(errors))
-
-
-def override_errors(base: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
-    """What the params schema says of `base` with `{"section.key": value}` set: each section an
-    override touches is validated whole, so combinations are checked too."""
-    sections: dict[str, dict[str, Any]] = {}
-    for name, value in overrides.items():
-        section, key = name.split(".", 1)
-        sections.setdefault(section, dict(base.get(section) or {}))[key] = value
-    errors = []
-    for section, raw in sorted(sections.items()):
-        try:
-            parse_section(section, raw)
-        except ParamsError as err:
-            errors.append(str(err))
-    return errors
 
 
 def load_spec(path: str | Path, root: str | Path = ".") -> Spec:
@@ -339,7 +131,7 @@ def validate_spec(raw: Any, root: str | Path, default_name: str = "sweep") -> Sp
     except ParamsError as err:
         raise SweepError(str(err)) from None
     for d in dims:
-        _check_param(d, base)
+        check_param(d, base)
 
     objective = parse_metric(s.objective.metric)
     constraints = tuple(parse_constraint(c, objective.path) for c in s.constraints)
