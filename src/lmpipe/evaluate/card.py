@@ -16,8 +16,8 @@ import numpy as np
 
 from lmpipe.data.stats import words
 from lmpipe.data.tokenizer import read_tokens
+from lmpipe.evaluate import figures as F
 from lmpipe.evaluate import metrics as M
-from lmpipe.evaluate import report as R
 from lmpipe.evaluate.engines import Engine, OnnxEngine, TorchEngine
 from lmpipe.gold import gold_of
 from lmpipe.io import read_json, read_jsonl
@@ -330,12 +330,12 @@ def write_figures(
     out: Path,
 ) -> None:
     """The report card's four figures into `out`."""
-    R.figure_training_curves(curves, out / "training_curves.png")
+    F.figure_training_curves(curves, out / "training_curves.png")
     keys = ("gold_reward", "rl_score", "kl_to_sft")
     points = {k: {key: variants[k][key] for key in keys}
               for k in ("sft", "rl", "distilled", "pruned") if k in variants}  # fmt: skip
-    R.figure_overoptimisation(curves.get("rl", {}), best, points, out / "overoptimisation.png")
+    F.figure_overoptimisation(curves.get("rl", {}), best, points, out / "overoptimisation.png")
     dists = {k: {"gold": scores[k].gold, "proxy": scores[k].proxy}
              for k in ("sft", "rl") if k in scores}  # fmt: skip
-    R.figure_distributions(dists, out / "score_distributions.png")
-    R.figure_size_quality(variants, out / "size_quality.png")
+    F.figure_distributions(dists, out / "score_distributions.png")
+    F.figure_size_quality(variants, out / "size_quality.png")

@@ -9,14 +9,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# The evaluate stage calls the figures through this module (`report.figure_*`).
-from lmpipe.evaluate.figures import (  # noqa: F401
-    figure_distributions,
-    figure_overoptimisation,
-    figure_size_quality,
-    figure_training_curves,
-)
-
 COLUMNS = [
     ("ppl", "ppl", "{:.2f}"),
     ("gold_reward", "gold", "{:.3f}"),
