@@ -19,8 +19,8 @@ import torch
 
 from lmpipe.config import ModelParams
 from lmpipe.model import build_model, set_attention
+from lmpipe.precision import use_bf16
 from lmpipe.sampling import generate
-from lmpipe.train import use_bf16
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "<|prompt|>": 3, "<|response|>": 4}
 KERNELS = ("sdpa", "eager")

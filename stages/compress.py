@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lmpipe import dist, stage
+from lmpipe.batches import split_parts
 from lmpipe.chat import load_template
 from lmpipe.compress import quantize as q8
 from lmpipe.compress.distill import DistillLoss, MixedBatches, build_student, teacher_examples
@@ -31,7 +32,6 @@ from lmpipe.train import (
     TokenWindows,
     checkpoint_store,
     lm_loss_sum,
-    split_parts,
     train,
     write_history_csv,
 )

@@ -24,6 +24,7 @@ from lmpipe.data.sources import DataError
 from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.model import context_length, load_model, n_params, save_model
+from lmpipe.precision import use_bf16
 from lmpipe.reward import (
     PreferenceBatches,
     bag_of_words_baseline,
@@ -41,9 +42,9 @@ from lmpipe.reward import (
     sample_and_label,
     val_prompts,
 )
-from lmpipe.sft import sample_responses
+from lmpipe.sampling import sample_responses
 from lmpipe.tracking import NullTracker, model_card, stage_run
-from lmpipe.train import checkpoint_store, train, use_bf16
+from lmpipe.train import checkpoint_store, train
 
 log = logging.getLogger("reward")
 
