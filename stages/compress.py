@@ -226,7 +226,9 @@ def main() -> None:
             keys = ("val_ppl", "kl_to_teacher", "gold_reward", "proxy_reward", "size_mb")
             for name in variants:
                 card = model_card(f"compress ({name})", rows[name], keys)
-                tracker.log_model(args.out / name, name, "policy", f"lmpipe-{name}-torch", card)
+                stage.log_model(
+                    tracker, args.out / name, name, "policy", f"lmpipe-{name}-torch", card
+                )
         tracker.log_report(report, "reports/compress.json")
         write_json(args.report, report)
         for kind in ("distill", "recovery"):

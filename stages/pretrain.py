@@ -111,7 +111,7 @@ def main() -> None:
             tracker.log_outputs({"model": args.out})
             if params.tracking.log_models:
                 card = model_card("pretrain", report, ("val_loss", "val_ppl", "params"))
-                tracker.log_model(args.out, "model", "policy", "lmpipe-pretrain-torch", card)
+                stage.log_model(tracker, args.out, "model", "policy", "lmpipe-pretrain-torch", card)
             tracker.log_report(report, "reports/pretrain.json")
             write_json(args.report, report)
             store.clear()

@@ -220,7 +220,7 @@ def main() -> None:
         if params.tracking.log_models:
             keys = ("val_accuracy", "gold_order_accuracy", "val_gold_spearman")
             card = model_card("reward", report, keys)
-            tracker.log_model(args.out, "model", "reward", "lmpipe-reward-torch", card)
+            stage.log_model(tracker, args.out, "model", "reward", "lmpipe-reward-torch", card)
         tracker.log_report(report, "reports/reward.json")
         write_json(args.report, report)
         store.clear()

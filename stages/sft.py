@@ -95,7 +95,7 @@ def main() -> None:
             tracker.log_outputs({"model": args.out})
             if params.tracking.log_models:
                 card = model_card("sft", report, ("val_loss", "val_ppl", "eos_rate"))
-                tracker.log_model(args.out, "model", "policy", "lmpipe-sft-torch", card)
+                stage.log_model(tracker, args.out, "model", "policy", "lmpipe-sft-torch", card)
             tracker.log_report(report, "reports/sft.json")
             write_json(args.report, report)
             store.clear()
