@@ -20,8 +20,8 @@ import torch
 from _results import add_json_arg, write
 from lmpipe.config import ModelParams
 from lmpipe.model import build_model, set_attention
+from lmpipe.precision import use_bf16
 from lmpipe.sampling import generate
-from lmpipe.train import use_bf16
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "<|prompt|>": 3, "<|response|>": 4}
 KERNELS = ("sdpa", "eager")

@@ -1,7 +1,7 @@
 """Two parts of the RL step against what they replaced, alternated in one process (medians):
 
 - log-probs (and entropies) of the sampled tokens from the output head: autograd through a full
-  log-softmax over (positions x vocabulary) against `lmpipe.rl.rollout.head_logprobs`, which
+  log-softmax over (positions x vocabulary) against `lmpipe.logprobs.head_logprobs`, which
   makes and drops the logits a chunk at a time; with grad (forward + backward, entropies too, as
   the RLOO/DPG update; its backward pass either keeps the probabilities, as on a CPU where they
   fit in `HEAD_KEEP_PROBS_BYTES`, or remakes the logits, as on accelerators) and without (the
@@ -22,13 +22,13 @@ from functools import partial
 
 import torch
 
-import lmpipe.rl.rollout as rollout
+import lmpipe.logprobs as logprobs
 from _results import add_json_arg, write
 from lmpipe.config import ModelParams
+from lmpipe.logprobs import head_logprobs
 from lmpipe.model import build_model
-from lmpipe.rl.rollout import head_logprobs
+from lmpipe.precision import use_bf16
 from lmpipe.sampling import generate
-from lmpipe.train import use_bf16
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "<|prompt|>": 3, "<|response|>": 4}
 
@@ -74,11 +74,11 @@ def main() -> None:
         return head_logprobs(h, w, t, 1.0, e)
 
     def remade(h, w, t, e):  # the backward pass remakes the logits, whatever the device
-        keep, rollout.HEAD_KEEP_PROBS_BYTES = rollout.HEAD_KEEP_PROBS_BYTES, 0
+        keep, logprobs.HEAD_KEEP_PROBS_BYTES = logprobs.HEAD_KEEP_PROBS_BYTES, 0
         try:
             return head_logprobs(h, w, t, 1.0, e)
         finally:
-            rollout.HEAD_KEEP_PROBS_BYTES = keep
+            logprobs.HEAD_KEEP_PROBS_BYTES = keep
 
     grad, plain = "log-probs + entropies, forward + backward", "log-probs, no grad"
     cases = {

@@ -42,10 +42,10 @@ from lmpipe.allocator import ENV as MALLOC_ENV
 from lmpipe.allocator import keep_freed_memory
 from lmpipe.config import ModelParams, RLParams
 from lmpipe.model import attention_for, build_model
+from lmpipe.precision import use_bf16
 from lmpipe.reward import raw_scores
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.rollout import ValueModel
-from lmpipe.train import use_bf16
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "<|prompt|>": 3, "<|response|>": 4}
 VOCAB, PROMPT_LEN = 4096, 16

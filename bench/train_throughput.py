@@ -9,7 +9,7 @@
 Runs the real loop (`lmpipe.train.train`: AdamW, schedule, clipping, loss) on random tokens.
 Variants of one shape alternate in the same process (A, B, A, B, ...) and the median of the
 repeats is printed, so a busy machine biases no variant. Also prints MFU when the device's peak
-is known (a GPU from the table in lmpipe.train, or --peak-tflops). With --nanogpt, nanoGPT's own
+is known (a GPU from the table in lmpipe.precision, or --peak-tflops). With --nanogpt, nanoGPT's own
 model.py (from a checkout of karpathy/nanoGPT, not part of lmpipe) is timed in the same process
 on the same shape, with its own AdamW, as the reference.
 """
@@ -28,8 +28,9 @@ from _results import add_json_arg, write
 from lmpipe.allocator import keep_freed_memory
 from lmpipe.config import ModelParams, PretrainParams
 from lmpipe.model import build_model, n_params
+from lmpipe.precision import peak_flops
 from lmpipe.profiles import read_profile
-from lmpipe.train import TokenWindows, flops_per_token, lm_loss_sum, peak_flops, train
+from lmpipe.train import TokenWindows, flops_per_token, lm_loss_sum, train
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2}
 SHAPES = {

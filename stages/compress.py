@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lmpipe import dist, stage
+from lmpipe.batches import split_parts
 from lmpipe.chat import load_template
 from lmpipe.compress import quantize as q8
 from lmpipe.compress.distill import DistillLoss, MixedBatches, build_student, teacher_examples
@@ -31,7 +32,6 @@ from lmpipe.train import (
     TokenWindows,
     checkpoint_store,
     lm_loss_sum,
-    split_parts,
     train,
     write_history_csv,
 )
@@ -226,7 +226,9 @@ def main() -> None:
             keys = ("val_ppl", "kl_to_teacher", "gold_reward", "proxy_reward", "size_mb")
             for name in variants:
                 card = model_card(f"compress ({name})", rows[name], keys)
-                tracker.log_model(args.out / name, name, "policy", f"lmpipe-{name}-torch", card)
+                stage.log_model(
+                    tracker, args.out / name, name, "policy", f"lmpipe-{name}-torch", card
+                )
         tracker.log_report(report, "reports/compress.json")
         write_json(args.report, report)
         for kind in ("distill", "recovery"):

@@ -95,8 +95,8 @@ def main() -> None:
         for name in report:  # pyfunc models: mlflow.pyfunc.load_model generates text with them
             registered = f"lmpipe-{name}" if cfg.register_model else None
             card = model_card(f"{name} ONNX", report[name], CARD_KEYS)
-            version = tracker.log_model(args.out / name, f"onnx-{name}", "bundle", registered,
-                                        card, {"lmpipe.variant": name})  # fmt: skip
+            version = stage.log_model(tracker, args.out / name, f"onnx-{name}", "bundle",
+                                      registered, card, {"lmpipe.variant": name})  # fmt: skip
             if registered:
                 report[name]["registry_version"] = version
         tracker.log_outputs({"bundles": args.out})

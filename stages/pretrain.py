@@ -20,6 +20,7 @@ from lmpipe.config import ParamsError, load_params
 from lmpipe.data.tokenizer import read_tokens
 from lmpipe.io import atomic_dir, read_json, write_json
 from lmpipe.model import build_model, n_params, save_model
+from lmpipe.precision import use_bf16
 from lmpipe.tracking import NullTracker, model_card, stage_run
 from lmpipe.train import (
     TokenWindows,
@@ -27,7 +28,6 @@ from lmpipe.train import (
     checkpoint_store,
     evaluate,
     train,
-    use_bf16,
     write_history_csv,
 )
 
@@ -111,7 +111,7 @@ def main() -> None:
             tracker.log_outputs({"model": args.out})
             if params.tracking.log_models:
                 card = model_card("pretrain", report, ("val_loss", "val_ppl", "params"))
-                tracker.log_model(args.out, "model", "policy", "lmpipe-pretrain-torch", card)
+                stage.log_model(tracker, args.out, "model", "policy", "lmpipe-pretrain-torch", card)
             tracker.log_report(report, "reports/pretrain.json")
             write_json(args.report, report)
             store.clear()

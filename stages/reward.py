@@ -24,6 +24,7 @@ from lmpipe.data.sources import DataError
 from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.model import context_length, load_model, n_params, save_model
+from lmpipe.precision import use_bf16
 from lmpipe.reward import (
     PreferenceBatches,
     bag_of_words_baseline,
@@ -41,9 +42,9 @@ from lmpipe.reward import (
     sample_and_label,
     val_prompts,
 )
-from lmpipe.sft import sample_responses
+from lmpipe.sampling import sample_responses
 from lmpipe.tracking import NullTracker, model_card, stage_run
-from lmpipe.train import checkpoint_store, train, use_bf16
+from lmpipe.train import checkpoint_store, train
 
 log = logging.getLogger("reward")
 
@@ -219,7 +220,7 @@ def main() -> None:
         if params.tracking.log_models:
             keys = ("val_accuracy", "gold_order_accuracy", "val_gold_spearman")
             card = model_card("reward", report, keys)
-            tracker.log_model(args.out, "model", "reward", "lmpipe-reward-torch", card)
+            stage.log_model(tracker, args.out, "model", "reward", "lmpipe-reward-torch", card)
         tracker.log_report(report, "reports/reward.json")
         write_json(args.report, report)
         store.clear()

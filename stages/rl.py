@@ -266,7 +266,7 @@ def main() -> None:
         if params.tracking.log_models:
             keys = ("gold_reward.final", "proxy_reward.final", "kl_to_ref", "posterior_kl")
             card = model_card(f"rl ({cfg.algo})", report, keys)
-            tracker.log_model(args.out, "model", "policy", "lmpipe-rl-torch", card)
+            stage.log_model(tracker, args.out, "model", "policy", "lmpipe-rl-torch", card)
         tracker.log_report(report, "reports/rl.json")
         write_json(args.report, report)
         store.clear()

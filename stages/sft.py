@@ -13,11 +13,13 @@ import math
 from pathlib import Path
 
 from lmpipe import dist, stage
+from lmpipe.batches import PairBatches
 from lmpipe.chat import load_template
 from lmpipe.config import load_params
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.model import context_length, load_model, n_params, save_model
-from lmpipe.sft import PairBatches, encode_pairs, sample_responses
+from lmpipe.sampling import sample_responses
+from lmpipe.sft import encode_pairs
 from lmpipe.tracking import NullTracker, model_card, stage_run
 from lmpipe.train import checkpoint_store, train
 
@@ -93,7 +95,7 @@ def main() -> None:
             tracker.log_outputs({"model": args.out})
             if params.tracking.log_models:
                 card = model_card("sft", report, ("val_loss", "val_ppl", "eos_rate"))
-                tracker.log_model(args.out, "model", "policy", "lmpipe-sft-torch", card)
+                stage.log_model(tracker, args.out, "model", "policy", "lmpipe-sft-torch", card)
             tracker.log_report(report, "reports/sft.json")
             write_json(args.report, report)
             store.clear()

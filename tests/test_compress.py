@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lmpipe.batches import IGNORE, Batch, Example
 from lmpipe.compress.distill import (
     DistillLoss,
     MixedBatches,
@@ -27,8 +28,7 @@ from lmpipe.compress.prune import (
 from lmpipe.compress.score import val_metrics, val_metrics_many
 from lmpipe.config import CompressParams, ModelParams, ParamsError, parse_section
 from lmpipe.model import build_model, load_model, n_params
-from lmpipe.sft import Example
-from lmpipe.train import IGNORE, Batch, lm_loss_sum
+from lmpipe.train import lm_loss_sum
 
 SPECIAL = {"<|bos|>": 1, "<|eos|>": 2, "<|pad|>": 0}
 VOCAB = 300
@@ -297,7 +297,7 @@ def test_int8_model_reloads_without_requantizing(tmp_path):
 
 
 def test_int8_loader_refuses_a_plain_folder(tmp_path):
-    from lmpipe.compress.quantize import load_quantized
+    from lmpipe.model import load_quantized
 
     tiny().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="torchao"):

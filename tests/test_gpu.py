@@ -6,7 +6,8 @@ import torch
 
 from lmpipe.config import ModelParams, PretrainParams
 from lmpipe.model import build_model
-from lmpipe.train import TokenWindows, peak_flops, train, use_bf16
+from lmpipe.precision import peak_flops, use_bf16
+from lmpipe.train import TokenWindows, train
 
 pytestmark = [
     pytest.mark.gpu,

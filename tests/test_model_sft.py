@@ -4,12 +4,14 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from lmpipe.batches import IGNORE, PairBatches, collate
 from lmpipe.chat import ChatTemplate, plain_template
 from lmpipe.config import ModelParams
 from lmpipe.data.tokenizer import EOS, RESPONSE, save_tokenizer, special_ids, train_tokenizer
 from lmpipe.model import build_model, ff_width, load_model, n_params, read_manifest, save_model
-from lmpipe.sft import PairBatches, collate, encode_pair, prompt_ids, sample_responses
-from lmpipe.train import IGNORE, lm_loss_sum
+from lmpipe.sampling import sample_responses
+from lmpipe.sft import encode_pair, prompt_ids
+from lmpipe.train import lm_loss_sum
 
 TEXTS = [f"The {a} cat sat on the {b} mat and felt {c}." for a in ("red", "big", "old", "shy")
          for b in ("blue", "warm", "soft") for c in ("happy", "sad", "calm")]  # fmt: skip

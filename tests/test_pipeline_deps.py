@@ -51,12 +51,10 @@ NEUTRAL = {
 """Modules a stage imports that cannot change what it writes: not its dependencies."""
 
 CONDITIONAL = {
-    ("lmpipe.model", "lmpipe.compress.quantize"): "models/compressed",
     ("lmpipe.data.sources", "lmpipe.data.builtin"): "corpus",
 }
-"""Imports made inside a function for one kind of input: int8 bundles (only in
-models/compressed) and the built-in corpus (only read from corpus/). They count for a stage
-whose deps list that input."""
+"""Imports made inside a function for one kind of input: the built-in corpus (only read from
+corpus/). They count for a stage whose deps list that input."""
 
 
 def module_file(name: str) -> Path | None:
@@ -121,12 +119,13 @@ def test_every_stage_lists_exactly_the_library_code_it_runs():
 
 
 def test_code_closure_follows_imports_inside_functions_and_conditional_inputs():
-    """The walk sees what a static import list would miss: evaluate's engine imports the RL
-    log-prob pass inside a method, and int8 bundles load through a lazy import of
-    compress.quantize, which counts only where a stage reads models/compressed."""
+    """The walk sees what a static import list would miss: evaluate's engine imports the
+    log-prob pass inside a method, and the built-in corpus is generated through a lazy import of
+    data.builtin, which counts only where a stage reads corpus/."""
     evaluate = code_closure("evaluate", ["models/compressed"])
-    assert {"src/lmpipe/rl/rollout.py", "src/lmpipe/compress/quantize.py"} <= evaluate
-    assert "src/lmpipe/compress/quantize.py" not in code_closure("sft", ["models/pretrain"])
+    assert "src/lmpipe/logprobs.py" in evaluate
+    assert "src/lmpipe/data/builtin.py" in code_closure("prepare", ["corpus"])
+    assert "src/lmpipe/data/builtin.py" not in code_closure("prepare", ["data/raw"])
     assert not {"src/lmpipe/tracking.py", "src/lmpipe/allocator.py"} & evaluate
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lmpipe.rl import core
-from lmpipe.rl.loop import score_generation
 from lmpipe.sampling import Generation
+from lmpipe.scoring import score_generation
 
 
 def test_k1_and_k3_are_unbiased_on_a_categorical():
@@ -177,10 +177,10 @@ def test_head_logprobs_match_log_softmax_and_its_gradients(
     log-softmax: log-probs, entropies and the gradients of hidden states, weight and bias,
     with chunks that do not divide the positions, and with either backward pass (the
     probabilities kept from the forward pass, or the logits remade chunk by chunk)."""
-    from lmpipe.rl import rollout
+    from lmpipe import logprobs
 
-    monkeypatch.setattr(rollout, "HEAD_CHUNK_ELEMENTS", 7 * 50)  # 7 positions a chunk
-    monkeypatch.setattr(rollout, "HEAD_KEEP_PROBS_BYTES", (1 << 20) if keep_probs else 0)
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_ELEMENTS", 7 * 50)  # 7 positions a chunk
+    monkeypatch.setattr(logprobs, "HEAD_KEEP_PROBS_BYTES", (1 << 20) if keep_probs else 0)
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias)
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_head_logprobs_match_log_softmax_and_its_gradients(
     tokens = torch.randint(0, 50, (3, 9), generator=g)
     upstream = torch.randn(3, 9, generator=g)
 
-    logp, ent = rollout.head_logprobs(hidden, head, tokens, temperature)
+    logp, ent = logprobs.head_logprobs(hidden, head, tokens, temperature)
     (logp * upstream).sum().backward()
     got = [hidden.grad, head.weight.grad, *([head.bias.grad] if bias else [])]
     for t in (hidden, *head.parameters()):
@@ -207,7 +207,7 @@ def test_head_logprobs_match_log_softmax_and_its_gradients(
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # no grad needed, no entropy asked: same log-probs, bit for bit
     with torch.no_grad():
-        again, none = rollout.head_logprobs(hidden, head, tokens, temperature, False)
+        again, none = logprobs.head_logprobs(hidden, head, tokens, temperature, False)
     assert none is None and torch.equal(again, logp.detach())
 
 
@@ -215,10 +215,10 @@ def test_head_logprobs_match_log_softmax_and_its_gradients(
 def test_head_logprobs_under_bf16_autocast(monkeypatch, keep_probs):
     """Under bf16 autocast the head's product is bf16 and the softmax fp32, as autograd's
     path casts them; gradients come back in the inputs' dtypes."""
-    from lmpipe.rl import rollout
-    from lmpipe.rl.rollout import head_logprobs
+    from lmpipe import logprobs
+    from lmpipe.logprobs import head_logprobs
 
-    monkeypatch.setattr(rollout, "HEAD_KEEP_PROBS_BYTES", (1 << 20) if keep_probs else 0)
+    monkeypatch.setattr(logprobs, "HEAD_KEEP_PROBS_BYTES", (1 << 20) if keep_probs else 0)
     g = torch.Generator().manual_seed(1)
     head = torch.nn.Linear(32, 64, bias=False)
     hidden = torch.randn(40, 32, generator=g, requires_grad=True)

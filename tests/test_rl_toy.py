@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from lmpipe.config import ModelParams, RLParams
+from lmpipe.logprobs import prompt_owners, response_logprobs
 from lmpipe.model import build_model
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.posterior import draw, posterior_kl, rescore
-from lmpipe.rl.rollout import ValueModel, prompt_owners, response_logprobs
+from lmpipe.rl.rollout import ValueModel
 from lmpipe.sampling import generate
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "<|prompt|>": 3, "<|response|>": 4}

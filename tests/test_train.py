@@ -7,20 +7,18 @@ import numpy as np
 import pytest
 import torch
 
+from lmpipe.batches import IGNORE, Batch, Parts
 from lmpipe.config import ModelParams, PretrainParams
 from lmpipe.model import build_model
+from lmpipe.precision import use_bf16
 from lmpipe.train import (
-    IGNORE,
-    Batch,
     CheckpointStore,
-    Parts,
     TokenWindows,
     TrainingDiverged,
     lm_loss_sum,
     lr_at,
     param_groups,
     train,
-    use_bf16,
 )
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2}

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
@@ -27,6 +28,8 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
+INT8_WEIGHTS = "model.safetensors"
+"""The weights file of an int8 folder (torchao's flattened tensors; `lmpipe.compress.quantize`)."""
 
 
 def ff_width(cfg: ModelParams) -> int:
@@ -125,6 +128,18 @@ def context_length(model: torch.nn.Module) -> int:
     return getattr(c, "max_position_embeddings", None) or c.n_positions
 
 
+def head_shape(model: PreTrainedModel) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of a llama or gpt2 model."""
+    c = model.config
+    if c.model_type not in ("llama", "gpt2"):
+        raise ValueError(f"lmpipe reads the heads of llama and gpt2 models, not {c.model_type!r}")
+    if c.model_type == "gpt2":
+        return c.n_head, c.n_head, c.n_embd // c.n_head
+    kv = c.num_key_value_heads or c.num_attention_heads
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_attention_heads, kv, hd
+
+
 def n_params(model: torch.nn.Module, non_embedding: bool = False) -> int:
     n = sum(p.numel() for p in model.parameters())
     if non_embedding:
@@ -161,8 +176,6 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Pre
     """Load a saved model (safetensors only; nothing is unpickled), in eval mode. Int8 folders
     made by the compress stage (their manifest has `quantization`) load already quantized."""
     if read_manifest(model_dir).get("quantization"):
-        from lmpipe.compress.quantize import load_quantized
-
         return load_quantized(model_dir, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -176,3 +189,34 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Pre
             "corrupt; rerun the stage that made it (dvc repro -f <stage>) or dvc checkout"
         ) from None
     return model.to(device).eval()
+
+
+def load_quantized(model_dir: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """An int8 folder made by the compress stage (`lmpipe.compress.quantize`): the model rebuilt
+    from config with the stored int8 tensors assigned (CPU inference)."""
+    from safetensors import safe_open
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+    if torch.device(device).type != "cpu":
+        raise ValueError("the int8 model is for CPU inference; load it with device='cpu'")
+    import torchao.quantization  # noqa: F401  (torchao's quantized tensor types, as when quantizing)
+
+    model_dir = Path(model_dir)
+    path = model_dir / INT8_WEIGHTS
+    if not path.exists():
+        raise FileNotFoundError(f"{model_dir} has no {INT8_WEIGHTS}: rerun the compress stage")
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_for("cpu"))
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        names = list(f.keys())
+        tensors = {k: f.get_tensor(k) for k in names}
+    if "tensor_names" not in metadata:
+        raise ValueError(f"{path} holds no torchao metadata: not an int8 lmpipe folder")
+    state, leftover = unflatten_tensor_state_dict(tensors, metadata)
+    if leftover:
+        raise ValueError(f"{path}: unexpected tensors {sorted(leftover)[:5]}")
+    model.requires_grad_(False)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from lmpipe.batches import PairBatches
 from lmpipe.chat import ChatTemplate, load_template
 from lmpipe.data.sources import DataError, iter_jsonl
 from lmpipe.model import attention_for, context_length, read_manifest
-from lmpipe.sampling import dedupe, left_pad, run_shared_prompts
-from lmpipe.sft import PairBatches
+from lmpipe.sampling import dedupe, left_pad, run_shared_prompts, sample_responses
 
 # --------------------------------------------------------------------------- labelling
 
@@ -649,8 +649,6 @@ def sample_and_label(
 
     Returns (samples, pairs); pairs carry the texts, both gold scores and the labeller's p.
     """
-    from lmpipe.sft import sample_responses
-
     repeated = [p for p in prompts for _ in range(k)]
     samples = sample_responses(
         model, template, repeated, max_new_tokens, temperature, seed=seed, batch_size=batch_size

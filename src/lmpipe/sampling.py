@@ -18,9 +18,13 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache as memoize
+from typing import Any
 
 import torch
 from transformers import DynamicCache, StaticCache
+
+from lmpipe.chat import ChatTemplate
+from lmpipe.progress import Progress
 
 
 @dataclass
@@ -240,3 +244,44 @@ def generate(
         response_mask=response_mask,
         ended=eos.any(dim=1),
     )
+
+
+def sample_responses(
+    model: torch.nn.Module,
+    template: ChatTemplate,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """Ancestral samples (see `generate`) for text prompts, seeded.
+
+    Returns `{"prompt", "response", "ended_with_eos", "n_tokens"}` per prompt.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out: list[dict[str, Any]] = []
+    bar = Progress(len(prompts), "sampling: prompts")
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        g = generate(
+            model, [template.prompt_ids(p) for p in chunk], max_new_tokens=max_new_tokens,
+            eos_id=template.stop_ids, pad_id=template.pad_id, temperature=temperature,
+            generator=gen,
+        )  # fmt: skip
+        lengths = g.lengths.tolist()
+        for p, row, ended, n in zip(
+            chunk, g.response.tolist(), g.ended.tolist(), lengths, strict=True
+        ):
+            out.append(
+                {
+                    "prompt": p,
+                    "response": template.decode(row[:n]),
+                    "ended_with_eos": ended,
+                    "n_tokens": n,
+                }
+            )
+        bar.update(len(chunk))
+    bar.close()
+    return out

@@ -21,7 +21,7 @@ from lmpipe.config import ParamsError
 from lmpipe.data.sources import DataError
 from lmpipe.io import hash_path, without_wall_clock
 from lmpipe.onnx.bundle import BundleError
-from lmpipe.tracking import TrackingError
+from lmpipe.tracking import NullTracker, TrackingError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ParamsError,
@@ -218,6 +218,33 @@ def restore_last_good(paths: list[Path], store: Path = LAST_GOOD) -> None:
             p.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(store / p, p)
             logging.getLogger(__name__).warning("restored the last good %s", p)
+
+
+def log_model(
+    tracker: NullTracker,
+    path: str | Path,
+    name: str,
+    kind: str,
+    registered_name: str | None = None,
+    description: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str | None:
+    """Log the model at `path` to the tracker's MLflow run as a pyfunc model of `kind`
+    (`lmpipe.mlflow_model`: bundle, policy or reward), registered as `registered_name` when
+    given, the version tagged with the run's lineage (`NullTracker.version_tags`) and described
+    by `description`; the registered version, or None."""
+    tracker.note_model(path, name, kind, registered_name, description)
+    if tracker.run_id is None:  # tracking is off: there is no MLflow run to log to
+        return None
+    from lmpipe.mlflow_model import log_model as log_pyfunc  # lazy: importing MLflow is slow
+
+    version_tags = tracker.version_tags(tags)
+    info = log_pyfunc(path, name, kind, registered_name, version_tags)
+    version = getattr(info, "registered_model_version", None)
+    if not registered_name or version is None:
+        return None
+    tracker.tag_version(registered_name, str(version), version_tags, description)
+    return str(version)
 
 
 def checkpoint_key(params: Any, inputs: dict[str, Any]) -> dict[str, Any]:

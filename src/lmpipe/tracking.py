@@ -84,21 +84,28 @@ class NullTracker:
         figures, so the pipeline runs compare side by side in the MLflow UI); none outside DVC."""
         self.pipeline_metrics = dict(metrics)
 
-    def log_model(
+    def note_model(
         self,
         path: str | Path,
         name: str,
         kind: str,
         registered_name: str | None = None,
         description: str | None = None,
-        tags: Mapping[str, str] | None = None,
-    ) -> str | None:
-        """Log the model at `path` as an MLflow pyfunc model of `kind` (`lmpipe.mlflow_model`:
-        bundle, policy or reward), registered as `registered_name` when given, the version
-        tagged with its lineage and described by `description`; the registered version, or
-        None."""
+    ) -> None:
+        """Record a model logged to this run (`lmpipe.stage.log_model` logs it to MLflow)."""
         self.artifacts[f"model:{name}"] = (Path(path), kind, registered_name, description)
-        return None
+
+    def version_tags(self, tags: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The tags a registered model version of this run carries: the run's VERSION_TAGS,
+        lineage and input/output hashes, then `tags`."""
+        lineage = {k: v for k, v in self.tags.items() if k in VERSION_TAGS or
+                   k.startswith(("lineage.", "input.", "output."))}  # fmt: skip
+        return {**lineage, **{k: str(v) for k, v in (tags or {}).items()}}
+
+    def tag_version(
+        self, registered_name: str, version: str, tags: Mapping[str, str], description: str | None
+    ) -> None:
+        """Tag and describe a registered model version (no registry without MLflow)."""
 
 
 class MlflowTracker(NullTracker):
@@ -146,31 +153,14 @@ class MlflowTracker(NullTracker):
             for k, v in metrics.items():
                 self._mlflow.MlflowClient().log_metric(parent, k, float(v))
 
-    def log_model(
-        self,
-        path: str | Path,
-        name: str,
-        kind: str,
-        registered_name: str | None = None,
-        description: str | None = None,
-        tags: Mapping[str, str] | None = None,
-    ) -> str | None:
-        super().log_model(path, name, kind, registered_name, description, tags)
-        from lmpipe.mlflow_model import log_model
-
-        lineage = {k: v for k, v in self.tags.items() if k in VERSION_TAGS or
-                   k.startswith(("lineage.", "input.", "output."))}  # fmt: skip
-        version_tags = {**lineage, **{k: str(v) for k, v in (tags or {}).items()}}
-        info = log_model(path, name, kind, registered_name, version_tags)
-        version = getattr(info, "registered_model_version", None)
-        if not registered_name or version is None:
-            return None
+    def tag_version(
+        self, registered_name: str, version: str, tags: Mapping[str, str], description: str | None
+    ) -> None:
         client = self._mlflow.MlflowClient()
-        for k, v in version_tags.items():
-            client.set_model_version_tag(registered_name, str(version), k, v)
+        for k, v in tags.items():
+            client.set_model_version_tag(registered_name, version, k, v)
         if description:
-            client.update_model_version(registered_name, str(version), description=description)
-        return str(version)
+            client.update_model_version(registered_name, version, description=description)
 
 
 VERSION_TAGS = ("lmpipe.stage", "lmpipe.params.sha256", "git.commit", "git.dirty",

@@ -25,61 +25,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmpipe.batches import IGNORE, Batch, Parts, split_parts
 from lmpipe.config import TrainParams
 from lmpipe.io import WALL_CLOCK, hash_obj
 from lmpipe.model import attention_for, set_attention
+from lmpipe.precision import peak_flops, use_bf16
 from lmpipe.progress import Progress
 from lmpipe.tracking import NullTracker
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
-"""Label value that carries no loss (prompt tokens, padding)."""
-
-# Dense bf16 peak of known accelerators, for train/mfu (vendor datasheets, without sparsity).
-PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10": 125.0,
-    "RTX 4090": 165.0,
-    "V100": 125.0,
-    "T4": 65.0,
-}
-
 
 class TrainingDiverged(RuntimeError):
     """Loss became NaN or infinite; the message gives the step, lr and what to try."""
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # (B, T) int64
-    labels: torch.Tensor  # (B, T) int64, already shifted: labels[:, t] is the target after t
-
-    @property
-    def n_targets(self) -> int:
-        return int((self.labels != IGNORE).sum())
-
-    def to(self, device: torch.device) -> Batch:
-        nb = device.type == "cuda"
-        return Batch(
-            self.input_ids.to(device, non_blocking=nb), self.labels.to(device, non_blocking=nb)
-        )
-
-
-@dataclass
-class Parts:
-    """Batches of different widths that make one micro-batch: the loop runs each through the
-    model on its own (no row padded to the widest part) and steps once on their summed loss."""
-
-    parts: tuple[Batch, ...]
-
-
-def split_parts(batch: Batch | Parts) -> list[Batch]:
-    return list(batch.parts) if isinstance(batch, Parts) else [batch]
 
 
 class BatchSource(Protocol):
@@ -175,40 +133,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainParams) -> torch.optim.Adam
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
-
-
-def cpu_fast_bf16() -> bool:
-    """Whether bf16 autocast trains faster than fp32 on this CPU: with AMX tiles, or with
-    AVX-512 BF16 (measured 1.30-1.47x fp32 on an AMD EPYC with avx512_bf16). On CPUs without
-    either (AVX2 only) oneDNN emulates bf16, measured 30x slower than fp32
-    (bench/train_throughput.py)."""
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        fn = getattr(torch.cpu, probe, None)
-        if fn is not None and fn():
-            return True
-    return False
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """`auto`: bf16 on CUDA with bf16 support, and on CPUs with AMX or AVX-512 BF16."""
-    if precision == "fp32":
-        return False
-    if precision == "bf16":
-        return True
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_fast_bf16()
-
-
-def peak_flops(cfg: TrainParams, device: torch.device) -> float | None:
-    if cfg.peak_tflops:
-        return cfg.peak_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-    return None
 
 
 def flops_per_token(model: torch.nn.Module) -> float:

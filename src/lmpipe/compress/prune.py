@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lmpipe.model import attention_for
-from lmpipe.train import Batch
+from lmpipe.batches import Batch
+from lmpipe.model import attention_for, head_shape
 
 
 @dataclass
@@ -47,16 +47,6 @@ def _arch(model: PreTrainedModel) -> str:
 
 def _layers(model: PreTrainedModel) -> list[torch.nn.Module]:
     return list(model.model.layers) if _arch(model) == "llama" else list(model.transformer.h)
-
-
-def head_shape(model: PreTrainedModel) -> tuple[int, int, int]:
-    """(query heads, key/value heads, head dim)."""
-    c = model.config
-    if _arch(model) == "gpt2":
-        return c.n_head, c.n_head, c.n_embd // c.n_head
-    kv = c.num_key_value_heads or c.num_attention_heads
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return c.num_attention_heads, kv, hd
 
 
 def magnitude_importance(model: PreTrainedModel) -> Importance:

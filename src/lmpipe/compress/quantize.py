@@ -17,11 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
-from lmpipe.model import MANIFEST, TOKENIZER_FILES, attention_for
-
-WEIGHTS = "model.safetensors"
+from lmpipe.model import INT8_WEIGHTS, MANIFEST, TOKENIZER_FILES
 
 
 def _torchao():
@@ -59,7 +57,7 @@ def describe(embeddings: bool) -> dict[str, Any]:
         "linear": "Int8WeightOnlyConfig",
         "embedding": "IntxWeightOnlyConfig(int8, PerAxis(0))" if embeddings else "fp32",
         "torchao": torchao.__version__,
-        "weights": WEIGHTS,
+        "weights": INT8_WEIGHTS,
     }
 
 
@@ -74,40 +72,11 @@ def save_quantized(
     out.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(str(out))
     tensors, metadata = flatten_tensor_state_dict(model.state_dict())
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS), metadata)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / INT8_WEIGHTS), metadata)
     for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).exists():
             shutil.copy2(Path(tokenizer_dir) / name, out / name)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def load_quantized(model_dir: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
-    """Rebuild the model from config and assign the stored int8 tensors (CPU inference)."""
-    from safetensors import safe_open
-    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
-
-    if torch.device(device).type != "cpu":
-        raise ValueError("the int8 model is for CPU inference; load it with device='cpu'")
-    _torchao()
-    model_dir = Path(model_dir)
-    path = model_dir / WEIGHTS
-    if not path.exists():
-        raise FileNotFoundError(f"{model_dir} has no {WEIGHTS}: rerun the compress stage")
-    config = AutoConfig.from_pretrained(str(model_dir))
-    with torch.random.fork_rng(devices=[]):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_for("cpu"))
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
-        names = list(f.keys())
-        tensors = {k: f.get_tensor(k) for k in names}
-    if "tensor_names" not in metadata:
-        raise ValueError(f"{path} holds no torchao metadata: not an int8 lmpipe folder")
-    state, leftover = unflatten_tensor_state_dict(tensors, metadata)
-    if leftover:
-        raise ValueError(f"{path}: unexpected tensors {sorted(leftover)[:5]}")
-    model.requires_grad_(False)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
 
 
 def weight_bytes(model_dir: str | Path) -> int:

@@ -11,11 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmpipe.batches import IGNORE, Batch
 from lmpipe.data.stats import distinct_ngram_ratio
-from lmpipe.rl.loop import ScoreFn
-from lmpipe.rl.posterior import draw
 from lmpipe.sampling import generate
-from lmpipe.train import IGNORE, Batch
+from lmpipe.scoring import ScoreFn, sample_scored
 
 
 def device_of(model: torch.nn.Module) -> torch.device:
@@ -109,9 +108,9 @@ def sample_scores(
     normalised reward-model score (responses that ended with EOS), EOS rate and distinct-2;
     plus the texts."""
     gen = torch.Generator(device=device_of(model)).manual_seed(seed)
-    s = draw(
-        model, model, prompts, n, score_fn, max_new_tokens=max_new_tokens, temperature=1.0,
-        eos_id=eos_id, pad_id=pad_id, penalty=None, generator=gen, logprobs=False,
+    s = sample_scored(
+        model, prompts, n, score_fn, max_new_tokens=max_new_tokens, temperature=1.0,
+        eos_id=eos_id, pad_id=pad_id, penalty=None, generator=gen,
     )  # fmt: skip
     texts = [decode(r) for r in s.responses]
     gold = gold_fn([prompt_texts[i] for i in s.prompt_index], texts)

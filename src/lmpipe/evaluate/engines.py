@@ -158,10 +158,10 @@ class TorchEngine(Engine):
         """`Engine.response_logprobs` (same figures, tested) without the full-vocabulary logits
         of every position in numpy: the samples of a prompt share its pass and only the
         positions that predict a response token go through the head
-        (`lmpipe.rl.rollout.response_logprobs`)."""
+        (`lmpipe.logprobs.response_logprobs`)."""
         import torch
 
-        from lmpipe.rl.rollout import response_logprobs
+        from lmpipe.logprobs import response_logprobs
         from lmpipe.sampling import pack
 
         out: list[float] = []

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from lmpipe.compress.prune import head_shape
-from lmpipe.model import set_attention
+from lmpipe.model import head_shape, set_attention
 from lmpipe.onnx.runtime import left_pad
 from lmpipe.sampling import cache_kwarg
 

@@ -19,13 +19,12 @@ import numpy as np
 import torch
 
 from lmpipe.config import RLParams
+from lmpipe.logprobs import response_logprobs
+from lmpipe.precision import use_bf16
 from lmpipe.rl import core
-from lmpipe.rl.rollout import ValueModel, disable_dropout, response_logprobs
+from lmpipe.rl.rollout import ValueModel, disable_dropout
 from lmpipe.sampling import Generation, generate
-from lmpipe.train import use_bf16
-
-ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], np.ndarray]
-"""(prompt token ids, response token ids incl. EOS) → normalised proxy scores."""
+from lmpipe.scoring import ScoreFn, score_generation
 
 
 @dataclass
@@ -49,28 +48,6 @@ class Rollout:
 
 def split_rows(order: torch.Tensor, size: int) -> list[torch.Tensor]:
     return list(torch.split(order, size))
-
-
-def score_generation(
-    gen: Generation,
-    prompts: Sequence[Sequence[int]],
-    score_fn: ScoreFn,
-    penalty: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, proxy): the reward model judges responses that ended with EOS; the others get
-    the missing-EOS penalty (their proxy is NaN). With penalty None it judges every response."""
-    ended = gen.ended.cpu().tolist()
-    lengths = gen.lengths.cpu().tolist()
-    rows = [i for i, e in enumerate(ended) if e or penalty is None]
-    proxy = torch.full((len(ended),), float("nan"), dtype=torch.float64)
-    if rows:
-        resp = gen.response.cpu()
-        got = score_fn([prompts[i] for i in rows], [resp[i, : lengths[i]].tolist() for i in rows])
-        proxy[rows] = torch.as_tensor(np.asarray(got, dtype=np.float64))
-    if penalty is None:
-        return proxy.float(), proxy.float()
-    scores = torch.where(gen.ended.cpu(), proxy, torch.full_like(proxy, penalty))
-    return scores.float(), proxy.float()
 
 
 TOKEN_STATS = ("approx_kl", "clipfrac", "ratio_mean", "ratio_var", "policy_loss", "value_loss",

@@ -10,35 +10,17 @@ penalty.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from lmpipe.logprobs import response_logprobs
 from lmpipe.rl import core
-from lmpipe.rl.loop import ScoreFn, score_generation
-from lmpipe.rl.rollout import response_logprobs
-from lmpipe.sampling import Generation, generate, pack
+from lmpipe.sampling import Generation, pack
+from lmpipe.scoring import Samples, ScoreFn, sample_scored
 
 
-@dataclass
-class Samples:
-    """Samples of one model on prompts repeated n times (prompt-major)."""
-
-    prompt_index: list[int]
-    responses: list[list[int]]  # token ids, EOS included when present
-    ended: np.ndarray
-    scores: np.ndarray  # the RL reward: proxy or missing-EOS penalty
-    proxy: np.ndarray  # NaN where no EOS
-    kl: np.ndarray  # Σ k1 per sequence against the reference
-    kl_k3: np.ndarray
-    entropy: np.ndarray = field(default_factory=lambda: np.zeros(0))  # mean per token
-    logp: np.ndarray = field(default_factory=lambda: np.zeros(0))  # Σ log-prob of the sampler
-
-
-@torch.no_grad()
 def draw(
     model: torch.nn.Module,
     ref: torch.nn.Module,
@@ -57,43 +39,25 @@ def draw(
 ) -> Samples:
     """n samples of `model` per prompt, scored, with Σ k1/k3 against `ref` (0 when model is ref)
     and entropies; with `logprobs` False those three are NaN and no log-prob pass runs."""
-    index = [i for i in range(len(prompts)) for _ in range(n)]
-    keys = ("resp", "ended", "scores", "proxy", "kl", "k3", "ent", "logp")
-    out: dict[str, list] = {k: [] for k in keys}
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(index), batch_size):
-        rows = index[start : start + batch_size]
-        batch = [prompts[i] for i in rows]
-        gen: Generation = generate(
-            model, batch, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-            temperature=temperature, generator=generator,
-        )  # fmt: skip
-        scores, proxy = score_generation(gen, batch, score_fn, penalty)
-        lengths = gen.lengths.tolist()
-        out["resp"] += [r[:n_].tolist() for r, n_ in zip(gen.response.cpu(), lengths, strict=True)]
-        out["ended"] += gen.ended.cpu().tolist()
-        out["scores"] += scores.tolist()
-        out["proxy"] += proxy.tolist()
-        if not logprobs:
-            for key in ("kl", "k3", "ent", "logp"):
-                out[key] += [math.nan] * len(rows)
-            continue
+
+    def measure(gen: Generation) -> dict[str, list[float]]:
         everything = slice(None)
         logp, ent = response_logprobs(model, gen, everything, temperature)
         mask = gen.response_mask
         ref_logp = (
             logp if model is ref else response_logprobs(ref, gen, everything, temperature, False)[0]
         )
-        out["kl"] += (core.kl_k1(logp, ref_logp) * mask).sum(-1).cpu().tolist()
-        out["k3"] += (core.kl_k3(logp, ref_logp) * mask).sum(-1).cpu().tolist()
-        out["ent"] += core.masked_mean(ent, mask, dim=-1).cpu().tolist()
-        out["logp"] += (logp.double() * mask).sum(-1).cpu().tolist()
-    model.train(was_training)
-    return Samples(
-        index, out["resp"], np.array(out["ended"]), np.array(out["scores"]),
-        np.array(out["proxy"]), np.array(out["kl"]), np.array(out["k3"]), np.array(out["ent"]),
-        np.array(out["logp"]),
+        return {
+            "kl": (core.kl_k1(logp, ref_logp) * mask).sum(-1).cpu().tolist(),
+            "k3": (core.kl_k3(logp, ref_logp) * mask).sum(-1).cpu().tolist(),
+            "ent": core.masked_mean(ent, mask, dim=-1).cpu().tolist(),
+            "logp": (logp.double() * mask).sum(-1).cpu().tolist(),
+        }
+
+    return sample_scored(
+        model, prompts, n, score_fn, max_new_tokens=max_new_tokens, temperature=temperature,
+        eos_id=eos_id, pad_id=pad_id, penalty=penalty, generator=generator,
+        batch_size=batch_size, measure=measure if logprobs else None,
     )  # fmt: skip
 
 
