@@ -26,7 +26,7 @@ from lmpipe.evaluate.engines import Engine, OnnxEngine, TorchEngine
 from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, atomic_write, read_json, read_jsonl, write_json, write_jsonl
 from lmpipe.model import read_manifest
-from lmpipe.reward import RewardModel
+from lmpipe.reward.model import RewardModel
 from lmpipe.tracking import flatten_numeric, stage_run
 
 log = logging.getLogger("evaluate")
