@@ -28,15 +28,11 @@ from _results import add_json_arg, write
 from lmpipe.config import load_params
 from lmpipe.data.tokenizer import PAD, RESPONSE, load_tokenizer, special_ids
 from lmpipe.model import context_length, load_model
-from lmpipe.reward import (
-    PreferenceBatches,
-    build_reward_model,
-    encode_pairs,
-    pair_metrics,
-    preference_groups,
-    preference_loss_sum,
-    raw_scores,
-)
+from lmpipe.reward.data import PreferenceBatches, encode_pairs, preference_groups
+from lmpipe.reward.metrics import pair_metrics
+from lmpipe.reward.model import build_reward_model
+from lmpipe.reward.scoring import raw_scores
+from lmpipe.reward.training import preference_loss_sum
 from lmpipe.train import train
 
 

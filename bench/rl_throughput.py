@@ -43,7 +43,7 @@ from lmpipe.allocator import keep_freed_memory
 from lmpipe.config import ModelParams, RLParams
 from lmpipe.model import attention_for, build_model
 from lmpipe.precision import use_bf16
-from lmpipe.reward import raw_scores
+from lmpipe.reward.scoring import raw_scores
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.rollout import ValueModel
 
@@ -75,7 +75,7 @@ def lmpipe_trainer(algo: str, steps: int, args) -> RLTrainer:
     """lmpipe's RL loop on the bench's models, after one (untimed) warm-up step."""
     policy, ref, rm = models()
     # scored as the rl stage scores (RewardModel.score_ids): the head at the last token, each
-    # prompt run once for its k responses (lmpipe.reward.sequence_scores)
+    # prompt run once for its k responses (lmpipe.reward.scoring.sequence_scores)
     rm.config.lmpipe_response_token_id = SPECIAL["<|response|>"]
 
     def score_fn(p, r):

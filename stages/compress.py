@@ -26,7 +26,7 @@ from lmpipe.data.tokenizer import read_tokens
 from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, read_json, read_jsonl, write_json
 from lmpipe.model import context_length, load_model, n_params, read_manifest, save_model
-from lmpipe.reward import RewardModel
+from lmpipe.reward.model import RewardModel
 from lmpipe.tracking import NullTracker, RenamingTracker, model_card, stage_run
 from lmpipe.train import (
     TokenWindows,

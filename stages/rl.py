@@ -26,7 +26,8 @@ from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.model import context_length, load_model, read_manifest, save_model
 from lmpipe.progress import Progress
-from lmpipe.reward import RewardModel, cluster_se, sample_gold_order
+from lmpipe.reward.metrics import cluster_se, sample_gold_order
+from lmpipe.reward.model import RewardModel
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.posterior import draw, posterior_kl, rescore
 from lmpipe.rl.rollout import ValueModel

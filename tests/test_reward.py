@@ -15,29 +15,26 @@ from lmpipe.data.sources import DataError
 from lmpipe.data.tokenizer import save_tokenizer, special_ids, train_tokenizer
 from lmpipe.gold import make_gold
 from lmpipe.model import build_model, save_model
-from lmpipe.reward import (
+from lmpipe.reward.data import (
     PreferenceBatches,
     PreferenceExample,
     PreferenceGroup,
-    RewardModel,
-    bradley_terry_loss,
-    build_reward_model,
-    encode_for_reward,
-    expected_agreement,
-    fit_normalisation,
     group_pairs,
-    label_pairs,
-    pair_metrics,
     preference_groups,
-    preference_loss_sum,
-    preference_prob,
-    raw_scores,
     read_preference_file,
-    sample_and_label,
-    sequence_scores,
-    shared_prompt_layout,
     val_prompts,
 )
+from lmpipe.reward.labels import expected_agreement, label_pairs, preference_prob
+from lmpipe.reward.metrics import pair_metrics
+from lmpipe.reward.model import (
+    RewardModel,
+    build_reward_model,
+    encode_for_reward,
+    fit_normalisation,
+)
+from lmpipe.reward.preferences import sample_and_label
+from lmpipe.reward.scoring import raw_scores, sequence_scores, shared_prompt_layout
+from lmpipe.reward.training import bradley_terry_loss, preference_loss_sum
 from lmpipe.train import train
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "<|prompt|>": 3, "<|response|>": 4}
@@ -398,7 +395,7 @@ def test_pair_metrics():
 
 
 def test_calibration_error_is_zero_when_calibrated_and_large_when_overconfident():
-    from lmpipe.reward import calibration_error
+    from lmpipe.reward.metrics import calibration_error
 
     rng = np.random.default_rng(0)
     p = rng.uniform(0, 1, 200_000)
@@ -415,7 +412,7 @@ def test_calibration_error_is_zero_when_calibrated_and_large_when_overconfident(
 
 
 def test_pair_metrics_standard_errors_are_by_prompt():
-    from lmpipe.reward import cluster_se
+    from lmpipe.reward.metrics import cluster_se
 
     x = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
     # one observation per prompt: the usual s / sqrt(n)
@@ -436,7 +433,7 @@ def test_pair_metrics_standard_errors_are_by_prompt():
 def test_cluster_standard_error_covers_the_truth_over_seeds():
     """Pairs of one prompt share its difficulty: a 95% interval from the by-prompt SE covers the
     true accuracy about 95% of the time, where the naive per-pair SE covers it far less."""
-    from lmpipe.reward import cluster_se
+    from lmpipe.reward.metrics import cluster_se
 
     covered = naive = 0
     seeds = 400
@@ -453,7 +450,7 @@ def test_cluster_standard_error_covers_the_truth_over_seeds():
 
 
 def test_bag_of_words_baseline_learns_a_lexical_preference():
-    from lmpipe.reward import bag_of_words_baseline
+    from lmpipe.reward.baseline import bag_of_words_baseline
 
     rng = np.random.default_rng(0)
     filler = ["the", "cat", "sat", "on", "a", "mat", "by", "door"]
@@ -498,7 +495,7 @@ def test_critic_from_the_reward_model_scores_each_partial_response(backbone, poo
 def test_sample_gold_order_counts_pairs_within_a_prompt():
     """Pairs are formed within a prompt only; gold gaps under 0.1 and unscored (NaN) samples
     are left out."""
-    from lmpipe.reward import sample_gold_order
+    from lmpipe.reward.metrics import sample_gold_order
 
     scores = np.array([0.0, 1.0, 2.0, np.nan, 5.0, 4.0])
     gold = np.array([0.0, 0.5, 0.2, 0.9, 0.0, 0.05])

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_reward_stage_outputs(tiny_repo):
-    from lmpipe.reward import RewardModel
+    from lmpipe.reward.model import RewardModel
 
     rep = json.loads((tiny_repo / "reports" / "reward.json").read_text())
     for key in ("val_accuracy", "gold_order_accuracy", "val_gold_spearman"):

@@ -159,7 +159,7 @@ with quiet_warnings():  # MLflow checks a PythonModel's predict when the class i
 
                 self.lm = OnnxLM(path)
             elif self.kind == "reward":
-                from lmpipe.reward import RewardModel
+                from lmpipe.reward.model import RewardModel
 
                 self.rm = RewardModel.load(path)
             else:

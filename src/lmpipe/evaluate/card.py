@@ -22,7 +22,7 @@ from lmpipe.evaluate.engines import Engine, OnnxEngine, TorchEngine
 from lmpipe.gold import gold_of
 from lmpipe.io import read_json, read_jsonl
 from lmpipe.model import read_manifest
-from lmpipe.reward import RewardModel
+from lmpipe.reward.model import RewardModel
 
 log = logging.getLogger("evaluate")
 PYTORCH_STAGES = ("pretrain", "sft", "rl")
