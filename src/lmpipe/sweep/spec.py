@@ -19,6 +19,7 @@ writes, and a swept param that no stage up to the objective's stage reads.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import itertools
@@ -32,7 +33,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lmpipe.config import SECTIONS, ParamsError, parse_section, read_yaml
+from lmpipe.config import (
+    SECTIONS,
+    ParamsError,
+    moved_key,
+    parse_section,
+    read_yaml,
+    subsection,
+)
 from lmpipe.pipeline import producer, upstream
 
 
@@ -252,12 +260,22 @@ def _check_param(dim: Dim, base: dict[str, Any]) -> None:
         near = difflib.get_close_matches(section, [s for s in SECTIONS if s != "tracking"], n=2)
         hint = f" Did you mean {', '.join(near)}?" if near else ""
         raise SweepError(f"params.{dim.name}: unknown params section {section!r}.{hint}")
-    fields = SECTIONS[section].model_fields
-    if key not in fields:
-        near = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(section + '.' + n for n in near)}?" if near else ""
-        raise SweepError(f"params.{dim.name}: {section} has no key {key!r}.{hint}")
-    ann = fields[key].annotation
+    model, where = SECTIONS[section], section
+    *path, leaf = key.split(".")
+    for part in path:  # a nested section: rl.ppo.clip
+        sub = subsection(model, part)
+        if sub is None:
+            raise SweepError(f"params.{dim.name}: {where} has no section {part!r}")
+        model, where = sub, f"{where}.{part}"
+    fields = model.model_fields
+    if leaf not in fields:
+        moved = moved_key(model, leaf)
+        if moved is not None:
+            raise SweepError(f"params.{dim.name}: moved to {where}.{moved}")
+        near = difflib.get_close_matches(leaf, list(fields), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(where + '.' + n for n in near)}?" if near else ""
+        raise SweepError(f"params.{dim.name}: {where} has no key {leaf!r}.{hint}")
+    ann = fields[leaf].annotation
     if dim.kind in ("uniform", "loguniform") and ann is not float:
         raise SweepError(f"params.{dim.name} is not a float; use a list or int(a, b)")
     if dim.kind in ("int", "logint") and ann is not int:
@@ -276,8 +294,13 @@ def override_errors(base: dict[str, Any], overrides: dict[str, Any]) -> list[str
     override touches is validated whole, so combinations are checked too."""
     sections: dict[str, dict[str, Any]] = {}
     for name, value in overrides.items():
-        section, key = name.split(".", 1)
-        sections.setdefault(section, dict(base.get(section) or {}))[key] = value
+        section, *path, key = name.split(".")
+        node = sections.setdefault(section, copy.deepcopy(base.get(section) or {}))
+        for part in path:  # a nested section: rl.ppo.clip
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[key] = value
     errors = []
     for section, raw in sorted(sections.items()):
         try:
