@@ -68,7 +68,11 @@ def main() -> None:
     base["tracking"]["enabled"] = False
     for s in args.set:
         key, _, value = s.partition("=")
-        base["rl"][key.removeprefix("rl.")] = yaml.safe_load(value)
+        *path, leaf = key.removeprefix("rl.").split(".")  # rl.ppo.clip: a nested key
+        node = base["rl"]
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
     t0 = time.time()
     table = []
     for beta in args.betas:

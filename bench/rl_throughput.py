@@ -124,7 +124,9 @@ def phase_timer(trainer: RLTrainer):
     sampler, the reward model, every log-prob pass (reference and policy, including the
     policy's forward with grad that rloo and dpg run inside their update), the update, and
     the whole step. The parts nest, so they do not add up to the step."""
+    import lmpipe.rl.learner as learner
     import lmpipe.rl.loop as loop
+    import lmpipe.rl.ppo as ppo
 
     totals: dict[str, float] = {}
 
@@ -138,20 +140,20 @@ def phase_timer(trainer: RLTrainer):
 
         return wrapper
 
-    saved = {n: getattr(loop, n) for n in ("generate", "score_generation", "response_logprobs")}
-    update = f"_update_{trainer.cfg.algo}"
-    for n, name in (("generate", "generate"), ("score_generation", "reward model"),
-                    ("response_logprobs", "log-prob passes (all)")):  # fmt: skip
-        setattr(loop, n, timed(name, saved[n]))
-    original_update, original_step = getattr(trainer, update), trainer.train_step
-    setattr(trainer, update, timed("update (incl. its log-probs)", original_update))
+    patched = [(loop, "generate", "generate"), (loop, "score_generation", "reward model")]
+    patched += [(m, "response_logprobs", "log-prob passes (all)") for m in (loop, learner, ppo)]
+    saved = [(m, n, getattr(m, n)) for m, n, _ in patched]
+    for m, n, name in patched:
+        setattr(m, n, timed(name, getattr(m, n)))
+    original_update, original_step = trainer.algo.step, trainer.train_step
+    trainer.algo.step = timed("update (incl. its log-probs)", original_update)
     trainer.train_step = timed("whole step", original_step)
     try:
         yield totals
     finally:
-        for n, fn in saved.items():
-            setattr(loop, n, fn)
-        setattr(trainer, update, original_update)
+        for m, n, fn in saved:
+            setattr(m, n, fn)
+        trainer.algo.step = original_update
         trainer.train_step = original_step
 
 

@@ -37,7 +37,7 @@ TINY = {
         "log_every": 5, "checkpoint_every": 10, "norm_samples": 32, "lr": 0.001,
     },
     "rl": {"steps": 6, "prompts_per_step": 8, "samples_per_prompt": 2, "max_new_tokens": 16,
-           "minibatch_size": 8, "ppo_epochs": 2, "eval_prompts": 4, "eval_samples": 4,
+           "minibatch_size": 8, "ppo": {"epochs": 2}, "eval_prompts": 4, "eval_samples": 4,
            "posterior_samples": 8, "checkpoint_every": 2},
     "compress": {"student_layers": 1, "student_d_ff": 32, "teacher_samples": 32, "batch_size": 8,
                  "distill_steps": 12, "recovery_steps": 6, "warmup_steps": 2, "eval_every": 6,

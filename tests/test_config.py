@@ -4,7 +4,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmpipe.config import SECTIONS, ParamsError, load_params, render_params_yaml
+from lmpipe.config import (
+    SECTIONS,
+    ParamsError,
+    RLParams,
+    load_params,
+    render_params_yaml,
+    subsection,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +32,11 @@ def test_repo_params_load_and_document_every_key():
             assert re.search(rf"^  {key}: .*# {re.escape(info.description)}$", text, re.M), (
                 f"params.yaml lacks {name}.{key} with its description"
             )
+            sub = subsection(model, key)
+            for k, i in (sub.model_fields if sub else {}).items():  # rl.ppo.clip
+                assert re.search(rf"^    {k}: .*# {re.escape(i.description)}$", text, re.M), (
+                    f"params.yaml lacks {name}.{key}.{k} with its description"
+                )
 
 
 def test_render_roundtrips_to_defaults(tmp_path):
@@ -116,3 +128,25 @@ def test_reward_and_rl_sections_validate_their_combinations(tmp_path):
             load_params(path, ["rl", "preference"])
     path.write_text(yaml.safe_dump({"rl": {"missing_eos_penalty": None}}))
     assert load_params(path, ["rl"]).rl.missing_eos_penalty is None
+
+
+def test_algorithm_settings_are_nested_and_old_flat_keys_name_their_new_place(tmp_path):
+    p = write(tmp_path, {"rl": {"ppo": {"clip": 0.3, "epochs": 4}, "dpg": {"swap_every": 2}}})
+    rl = load_params(p, ["rl"]).rl
+    assert (rl.ppo.clip, rl.ppo.epochs, rl.dpg.swap_every) == (0.3, 4, 2)
+    assert load_params(p, ["rl"]).flat()["rl.ppo.clip"] == 0.3
+    cases = [
+        ({"clip": 0.3}, "rl.clip: moved to rl.ppo.clip"),
+        ({"ppo_epochs": 4}, "rl.ppo_epochs: moved to rl.ppo.epochs"),
+        ({"dpg_swap_every": 2}, "rl.dpg_swap_every: moved to rl.dpg.swap_every"),
+        ({"ppo": {"clipp": 0.3}}, "rl.ppo.clipp: unknown key. did you mean clip"),
+        ({"ppo": {"clip": -1}}, "rl.ppo.clip = -1"),
+        ({"ppo": {"value_init": "x"}}, "one of 'reward', 'zero'"),
+    ]
+    for raw, message in cases:
+        with pytest.raises(ParamsError, match=re.escape(message)):
+            load_params(write(tmp_path, {"rl": raw}), ["rl"])
+    for old, new in RLParams.moved.items():  # every moved key's new place exists
+        section, key = new.split(".")
+        assert key in subsection(RLParams, section).model_fields, (old, new)
+        assert old not in RLParams.model_fields

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+from lmpipe import stats as S
 from lmpipe.evaluate import figures as F
 from lmpipe.evaluate import metrics as M
 from lmpipe.evaluate import report as R
@@ -53,17 +54,17 @@ def test_best_of_n_equals_the_average_over_every_subset():
                      for sub in itertools.combinations(range(6), n)])
             for p in range(3)
         ])  # fmt: skip
-        got = M.best_of_n(select, {"gold": gold}, n)
+        got = S.best_of_n(select, {"gold": gold}, n)
         assert got["gold"] == pytest.approx(want)
-    assert M.best_of_n(select, {}, 1)["select"] == pytest.approx(select.mean())
+    assert S.best_of_n(select, {}, 1)["select"] == pytest.approx(select.mean())
     with pytest.raises(ValueError, match="at least 7"):
-        M.best_of_n(select, {}, 7)
+        S.best_of_n(select, {}, 7)
 
 
 def test_best_of_n_kl_bound():
-    assert M.best_of_n_kl_bound(1) == 0.0
-    assert M.best_of_n_kl_bound(2) == pytest.approx(math.log(2) - 0.5)
-    assert M.best_of_n_kl_bound(16) == pytest.approx(math.log(16) - 15 / 16)
+    assert S.best_of_n_kl_bound(1) == 0.0
+    assert S.best_of_n_kl_bound(2) == pytest.approx(math.log(2) - 0.5)
+    assert S.best_of_n_kl_bound(16) == pytest.approx(math.log(16) - 15 / 16)
 
 
 def row(gold, proxy, eos=0.9):
@@ -136,8 +137,8 @@ def fixture_metrics():
                           "self_bleu": 0.2, "response_tokens": 30.0, "eos_rate": 0.9,
                           "tokens_per_sec": 1000.0, "latency_ms_per_token": 2.5,
                           "size_mb": 20.0 - i, "objective_j": 0.1 * i - 0.1 * i}  # fmt: skip
-    best = [{"n": n, "kl_bound": M.best_of_n_kl_bound(n), "gold": 0.1 + 0.02 * n,
-             "proxy": 0.1 * n, "objective_j_lower": 0.1 * n - 0.2 * M.best_of_n_kl_bound(n)}
+    best = [{"n": n, "kl_bound": S.best_of_n_kl_bound(n), "gold": 0.1 + 0.02 * n,
+             "proxy": 0.1 * n, "objective_j_lower": 0.1 * n - 0.2 * S.best_of_n_kl_bound(n)}
             for n in (1, 2, 4, 8, 16)]  # fmt: skip
     return {"variants": variants, "best_of_n": best, "flags": ["Entropy collapsed: test"],
             "eval": {"prompts": 4, "samples_per_prompt": 2, "seed": 1, "max_new_tokens": 8,
@@ -187,7 +188,7 @@ def test_headline_picks_the_dozen_figures_by_their_short_names():
     assert h["int8_gold"] == pytest.approx(0.7) and h["int8_size_mb"] == 13
     assert h["bon_gold"] == pytest.approx(0.1 + 0.02 * 16)  # the largest n
     assert h["rl_objective_j"] == 0.0
-    assert h["bon_n4_j_lower"] == pytest.approx(0.4 - 0.2 * M.best_of_n_kl_bound(4))
+    assert h["bon_n4_j_lower"] == pytest.approx(0.4 - 0.2 * S.best_of_n_kl_bound(4))
     assert h["flag_count"] == 1 and isinstance(h["flag_count"], int)
     assert "rl_gold_se" not in h  # not in the fixture: left out, never null
     assert all(re.fullmatch(r"(sft|rl|bon|int8|flag)_\w+", k) for k in h)

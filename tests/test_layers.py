@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lmpipe.progress",
             "lmpipe.sampling",
             "lmpipe.scoring",
+            "lmpipe.stats",
         ),
     ),
     ("training", ("lmpipe.train", "lmpipe.tracking")),

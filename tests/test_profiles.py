@@ -47,11 +47,26 @@ def test_apply_keeps_comments_and_changes_only_the_profile_keys(tmp_path):
     assert after == before
 
 
+def test_a_nested_profile_key_changes_only_that_key(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    before = yaml.safe_load(params.read_text())
+    profile = tmp_path / "p.yaml"
+    profile.write_text("rl:\n  ppo:\n    epochs: 1\n")
+    assert apply(profile, params) == ["rl.ppo.epochs"]
+    after = yaml.safe_load(params.read_text())
+    assert after["rl"]["ppo"]["epochs"] == 1
+    after["rl"]["ppo"]["epochs"] = before["rl"]["ppo"]["epochs"]
+    assert after == before
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("rl:\n  kl_cof: 0.05\n", "unknown key"),
         ("rl:\n  algo: a2c\n", "rl.algo"),
+        ("rl:\n  clip: 0.1\n", "moved to rl.ppo.clip"),
+        ("rl:\n  ppo:\n    clip: -1\n", "rl.ppo.clip"),
         ("reinforce:\n  x: 1\n", "unknown params section"),
     ],
 )

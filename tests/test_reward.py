@@ -412,7 +412,7 @@ def test_calibration_error_is_zero_when_calibrated_and_large_when_overconfident(
 
 
 def test_pair_metrics_standard_errors_are_by_prompt():
-    from lmpipe.reward.metrics import cluster_se
+    from lmpipe.stats import cluster_se
 
     x = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
     # one observation per prompt: the usual s / sqrt(n)
@@ -433,7 +433,7 @@ def test_pair_metrics_standard_errors_are_by_prompt():
 def test_cluster_standard_error_covers_the_truth_over_seeds():
     """Pairs of one prompt share its difficulty: a 95% interval from the by-prompt SE covers the
     true accuracy about 95% of the time, where the naive per-pair SE covers it far less."""
-    from lmpipe.reward.metrics import cluster_se
+    from lmpipe.stats import cluster_se
 
     covered = naive = 0
     seeds = 400
@@ -495,7 +495,7 @@ def test_critic_from_the_reward_model_scores_each_partial_response(backbone, poo
 def test_sample_gold_order_counts_pairs_within_a_prompt():
     """Pairs are formed within a prompt only; gold gaps under 0.1 and unscored (NaN) samples
     are left out."""
-    from lmpipe.reward.metrics import sample_gold_order
+    from lmpipe.stats import sample_gold_order
 
     scores = np.array([0.0, 1.0, 2.0, np.nan, 5.0, 4.0])
     gold = np.array([0.0, 0.5, 0.2, 0.9, 0.0, 0.05])

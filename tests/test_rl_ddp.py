@@ -16,7 +16,7 @@ def steps(algo: str) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
     torch.manual_seed(0)
     policy, ref = make_models()
     # 2 prompts x 4 samples; a minibatch of 8 gives each of 2 ranks one prompt group
-    t = trainer(algo, policy, ref, samples_per_prompt=4, minibatch_size=8, ppo_epochs=2)
+    t = trainer(algo, policy, ref, samples_per_prompt=4, minibatch_size=8, ppo={"epochs": 2})
     metrics = [t.train_step() for _ in range(STEPS)]
     return {k: v.detach().clone() for k, v in t.policy.state_dict().items()}, metrics
 

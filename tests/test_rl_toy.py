@@ -124,7 +124,7 @@ def test_toy_posterior_is_far_from_the_prior():
     [
         ("ppo", 250, {"lr": 3e-3}),  # the stage's GAE λ (0.95)
         ("rloo", 200, {"lr": 3e-3}),
-        ("dpg", 200, {"lr": 3e-3, "dpg_swap_every": 2}),
+        ("dpg", 200, {"lr": 3e-3, "dpg": {"swap_every": 2}}),
     ],
 )
 def test_algorithm_reaches_the_posterior(algo, steps, kw):
@@ -150,7 +150,9 @@ def test_policy_gradient_is_clipped_apart_from_the_critics():
     for vf_coef in (0.1, 1000.0):
         torch.manual_seed(0)
         policy, ref = make_models()
-        t = trainer("ppo", policy, ref, lr=1e-3, vf_coef=vf_coef, ppo_epochs=1, grad_clip=0.5)
+        t = trainer(
+            "ppo", policy, ref, lr=1e-3, grad_clip=0.5, ppo={"vf_coef": vf_coef, "epochs": 1}
+        )
         grads = []
         step = t.opt.step
 
@@ -182,13 +184,14 @@ def test_ppo_first_minibatch_has_ratio_one_and_zero_kl(precision):
     t = trainer("ppo", policy, ref, lr=1e-3, precision=precision)
     assert t.bf16 == (precision == "bf16")
     t.train_step()
-    fm = t.first_minibatch
+    fm = t.algo.first_minibatch
     assert fm["ratio"].numel() > 0
     assert torch.equal(fm["ratio"], torch.ones_like(fm["ratio"]))
     assert torch.equal(fm["k1"], torch.zeros_like(fm["k1"]))
     t.train_step()  # later steps: the policy moved, the ratio of the first minibatch is still 1
-    assert torch.equal(t.first_minibatch["ratio"], torch.ones_like(t.first_minibatch["ratio"]))
-    assert t.first_minibatch["k1"].abs().max() > 0
+    fm = t.algo.first_minibatch
+    assert torch.equal(fm["ratio"], torch.ones_like(fm["ratio"]))
+    assert fm["k1"].abs().max() > 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -229,8 +232,8 @@ def test_shared_prompt_passes_equal_the_plain_passes(arch):
 
 def test_ppo_minibatches_keep_a_prompts_samples_together():
     policy, ref = make_models()
-    t = trainer("ppo", policy, ref, samples_per_prompt=4, minibatch_size=8, ppo_epochs=2)
-    order = t._shuffled_rows(16)
+    t = trainer("ppo", policy, ref, samples_per_prompt=4, minibatch_size=8, ppo={"epochs": 2})
+    order = t.algo.row_order(16)
     assert sorted(order.tolist()) == list(range(16))
     groups = order.view(-1, 4)
     assert (groups // 4 == groups[:, :1] // 4).all() and (groups % 4 == torch.arange(4)).all()

@@ -53,6 +53,10 @@ def spec_of(**over):
         ({"params": {"rl.algo": ["ppo", "a2c"]}}, "rl.algo = 'a2c' is refused"),
         ({"params": {"rl.steps": "uniform(1, 5)"}}, "not a float"),
         ({"params": {"rl.kl_coef": "uniform(-1, 1)"}}, "rl.kl_coef = -1.0 is refused"),
+        ({"params": {"rl.clip": [0.1]}}, "moved to rl.ppo.clip"),
+        ({"params": {"rl.ppo.clipp": [0.1]}}, "Did you mean rl.ppo.clip"),
+        ({"params": {"rl.ppo.clip": [0.1, -1.0]}}, "rl.ppo.clip = -1.0 is refused"),
+        ({"params": {"rl.ppo.epochs": "uniform(1, 5)"}}, "not a float"),
         ({"params": {"evaluate.eval_prompts": [8, 16]}}, "no stage up to rl reads"),
         ({"search": "grid"}, "grid search takes lists"),
         ({"objective": {"metric": "reports/nope.json:x"}}, "no stage in dvc.yaml writes"),
@@ -144,6 +148,8 @@ def test_combinations_are_checked_before_a_trial_starts():
     bad = check_overrides(params, {"rl.algo": "rloo", "rl.samples_per_prompt": 1})
     assert bad.startswith("invalid params") and "samples_per_prompt" in bad
     assert check_overrides(params, {"rl.algo": "rloo", "rl.samples_per_prompt": 2}) is None
+    assert check_overrides(params, {"rl.ppo.clip": 0.1, "rl.dpg.swap_every": 2}) is None
+    assert "rl.ppo.epochs = 0" in check_overrides(params, {"rl.ppo.epochs": 0})
 
 
 # --- the loop, with a fake executor -----------------------------------------------------------

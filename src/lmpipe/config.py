@@ -10,7 +10,7 @@ import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -316,8 +316,40 @@ class RewardParams(TrainParams):
     )
 
 
+class PPOParams(Section):
+    """PPO's own settings: GAE advantages, the clipped surrogate and the critic (rl.algo: ppo)."""
+
+    epochs: int = Field(2, ge=1, description="passes over each rollout batch")
+    clip: float = Field(0.2, gt=0, description="policy ratio clip epsilon")
+    value_clip: float = Field(0.2, gt=0, description="value clip around the old value")
+    vf_coef: float = Field(0.1, ge=0, description="value loss coefficient")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    whiten_rewards: bool = Field(False, description="scale per-token rewards per batch")
+    whiten_advantages: bool = Field(True, description="whiten advantages per batch")
+    value_init: Literal["reward", "zero"] = Field(
+        "reward", description="critic from the reward model, or policy backbone + zero head"
+    )
+    critic_warmup_steps: int = Field(0, ge=0, description="first steps update the critic only")
+
+
+class DPGParams(Section):
+    """DPG's own settings: the proposal q that samples toward p = pi0*exp(r/beta) (rl.algo: dpg)."""
+
+    swap_every: int = Field(4, ge=1, description="steps between checks that replace q by pi")
+
+
 class RLParams(Section):
     """KL-regularised RL from the SFT model toward the normalised reward (stage: rl)."""
+
+    moved: ClassVar[dict[str, str]] = {
+        "ppo_epochs": "ppo.epochs", "clip": "ppo.clip", "value_clip": "ppo.value_clip",
+        "vf_coef": "ppo.vf_coef", "gamma": "ppo.gamma", "lam": "ppo.lam",
+        "whiten_rewards": "ppo.whiten_rewards", "whiten_advantages": "ppo.whiten_advantages",
+        "value_init": "ppo.value_init", "critic_warmup_steps": "ppo.critic_warmup_steps",
+        "dpg_swap_every": "dpg.swap_every",
+    }  # fmt: skip
+    """Keys that belong to one algorithm's subsection: the error names the new key."""
 
     algo: Literal["ppo", "rloo", "dpg"] = Field(
         "ppo", description="ppo (GAE, clipped surrogate), rloo (leave-one-out REINFORCE), dpg"
@@ -343,22 +375,9 @@ class RLParams(Section):
     )
     adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm (0 = off)")
-    ppo_epochs: int = Field(2, ge=1, description="ppo: passes over each rollout batch")
     minibatch_size: int = Field(32, ge=1, description="sequences per minibatch / forward chunk")
-    clip: float = Field(0.2, gt=0, description="ppo: policy ratio clip epsilon")
-    value_clip: float = Field(0.2, gt=0, description="ppo: value clip around the old value")
-    vf_coef: float = Field(0.1, ge=0, description="ppo: value loss coefficient")
-    gamma: float = Field(1.0, ge=0, le=1, description="ppo: discount")
-    lam: float = Field(0.95, ge=0, le=1, description="ppo: GAE lambda")
-    whiten_rewards: bool = Field(False, description="ppo: scale per-token rewards per batch")
-    whiten_advantages: bool = Field(True, description="ppo: whiten advantages per batch")
-    value_init: Literal["reward", "zero"] = Field(
-        "reward", description="ppo: critic from the reward model, or policy backbone + zero head"
-    )
-    critic_warmup_steps: int = Field(0, ge=0, description="ppo: first steps update the critic only")
-    dpg_swap_every: int = Field(
-        4, ge=1, description="dpg: steps between checks that replace q by pi"
-    )
+    ppo: PPOParams = Field(default_factory=PPOParams, description=PPOParams.__doc__)
+    dpg: DPGParams = Field(default_factory=DPGParams, description=DPGParams.__doc__)
     eval_prompts: int = Field(32, ge=1, description="held-out prompts for the final evaluation")
     eval_samples: int = Field(8, ge=1, description="policy samples per eval prompt")
     posterior_samples: int = Field(
@@ -579,15 +598,36 @@ class Params:
         raise AttributeError(f"params section {name!r} was not loaded by this stage")
 
     def flat(self) -> dict[str, Any]:
-        """`{"seed": 1, "data.source": "builtin", ...}` — what MLflow logs."""
+        """`{"seed": 1, "data.source": "builtin", "rl.ppo.clip": 0.2, ...}` — what MLflow logs."""
         out: dict[str, Any] = {"seed": self.seed}
         for name, section in self.sections.items():
-            for key, value in section.model_dump().items():
-                out[f"{name}.{key}"] = value
+            out.update(_flatten(section.model_dump(), f"{name}."))
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, **{k: v.model_dump() for k, v in self.sections.items()}}
+
+
+def _flatten(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def subsection(model: type[Section], key: str) -> type[Section] | None:
+    """The nested section model of `model.key` (`rl.ppo`), or None for a plain field."""
+    info = model.model_fields.get(key)
+    ann = info.annotation if info is not None else None
+    return ann if isinstance(ann, type) and issubclass(ann, Section) else None
+
+
+def moved_key(model: type[Section], key: str) -> str | None:
+    """Where `key` of `model` now lives, relative to `model` (`clip` → `ppo.clip`), if it moved."""
+    return getattr(model, "moved", {}).get(key)
 
 
 def _describe_allowed(section: type[Section], field: str) -> str:
@@ -607,21 +647,38 @@ def _describe_allowed(section: type[Section], field: str) -> str:
     return "; ".join(parts)
 
 
+def _owner(section: type[Section], loc: list[str]) -> tuple[type[Section], int]:
+    """The (nested) section that holds the key of an error at `loc`, and that key's index."""
+    i = 0
+    while i < len(loc) - 1 and (sub := subsection(section, loc[i])) is not None:
+        section, i = sub, i + 1
+    return section, i
+
+
 def _format_error(name: str, section: type[Section], raw: dict, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         key = ".".join([name, *loc]) if loc else name
+        owner, i = _owner(section, loc)
         if e["type"] == "extra_forbidden":
-            valid = list(section.model_fields)
-            near = difflib.get_close_matches(loc[-1], valid, n=3, cutoff=0.5)
+            where = ".".join([name, *loc[:i]])
+            moved = moved_key(owner, loc[i])
+            if moved is not None:
+                head, _, leaf = moved.rpartition(".")
+                lines.append(
+                    f"{key}: moved to {where}.{moved}; write {leaf} under {head} in {where}"
+                )
+                continue
+            valid = list(owner.model_fields)
+            near = difflib.get_close_matches(loc[i], valid, n=3, cutoff=0.5)
             hint = f"did you mean {', '.join(near)}? " if near else ""
-            lines.append(f"{key}: unknown key. {hint}Valid keys of {name}: {', '.join(valid)}")
+            lines.append(f"{key}: unknown key. {hint}Valid keys of {where}: {', '.join(valid)}")
             continue
         value = raw
         for p in e["loc"]:
             value = value.get(p) if isinstance(value, dict) else None
-        allowed = _describe_allowed(section, loc[0]) if loc else ""
+        allowed = _describe_allowed(owner, loc[i]) if loc else ""
         msg = e["msg"].removeprefix("Value error, ")
         line = f"{key} = {value!r}: {msg}" if loc else f"{key}: {msg}"
         if allowed:
@@ -704,6 +761,17 @@ def render_params_yaml(header: str = "") -> str:
     for name, model in SECTIONS.items():
         lines.append("")
         lines.append(f"{name}:  # {(model.__doc__ or '').strip().splitlines()[0]}")
-        for key, info in model.model_fields.items():
-            lines.append(f"  {key}: {_yaml_scalar(info.default)}  # {info.description}")
+        lines += _render_keys(model, "  ")
     return "\n".join(lines) + "\n"
+
+
+def _render_keys(model: type[Section], indent: str) -> list[str]:
+    lines = []
+    for key, info in model.model_fields.items():
+        sub = subsection(model, key)
+        if sub is not None:
+            lines.append(f"{indent}{key}:  # {info.description}")
+            lines += _render_keys(sub, indent + "  ")
+        else:
+            lines.append(f"{indent}{key}: {_yaml_scalar(info.default)}  # {info.description}")
+    return lines

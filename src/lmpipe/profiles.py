@@ -38,13 +38,13 @@ def read_profile(path: str | Path) -> dict[str, Any]:
 
 
 def merged(base: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
-    for section, keys in profile.items():
-        if isinstance(keys, dict):
-            out.setdefault(section, {})
-            out[section] = {**(out[section] or {}), **keys}
+    """`base` with each of `profile`'s keys set, nested sections (`rl.ppo`) key by key too."""
+    out = dict(base)
+    for key, value in profile.items():
+        if isinstance(value, dict):
+            out[key] = merged(out.get(key) or {}, value)
         else:
-            out[section] = keys
+            out[key] = value
     return out
 
 

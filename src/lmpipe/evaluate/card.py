@@ -23,6 +23,7 @@ from lmpipe.gold import gold_of
 from lmpipe.io import read_json, read_jsonl
 from lmpipe.model import read_manifest
 from lmpipe.reward.model import RewardModel
+from lmpipe.stats import best_of_n, best_of_n_kl_bound
 
 log = logging.getLogger("evaluate")
 PYTORCH_STAGES = ("pretrain", "sft", "rl")
@@ -301,8 +302,8 @@ def best_of_n_table(
     gold = s.gold.reshape(len(prompts.ids), big)
     best = []
     for k in ns:
-        got = M.best_of_n(select, {"gold": gold, "proxy": select}, k)
-        kl_bound = M.best_of_n_kl_bound(k)
+        got = best_of_n(select, {"gold": gold, "proxy": select}, k)
+        kl_bound = best_of_n_kl_bound(k)
         best.append({"n": k, "kl_bound": kl_bound, "gold": got["gold"], "proxy": got["proxy"],
                      "objective_j_lower": got["proxy"] - beta * kl_bound})  # fmt: skip
     log.info("best-of-n from SFT (%d samples per prompt, %.0f s): %s", big,

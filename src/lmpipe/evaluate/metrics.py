@@ -11,8 +11,6 @@ from lmpipe.data.stats import distinct_ngram_ratio
 
 __all__ = [
     "alignment_flags",
-    "best_of_n",
-    "best_of_n_kl_bound",
     "distinct_ngram_ratio",
     "flags",
     "nll_of_targets",
@@ -46,35 +44,6 @@ def self_bleu(texts: Sequence[str], max_texts: int = 200) -> float:
     bleu = BLEU(effective_order=True)
     scores = [bleu.sentence_score(t, texts[:i] + texts[i + 1 :]).score for i, t in enumerate(texts)]
     return float(np.mean(scores) / 100)
-
-
-def best_of_n_kl_bound(n: int) -> float:
-    """KL(best-of-n ‖ base) ≤ log n − (n − 1)/n, in nats (Beirami et al. 2024; exact for a
-    continuous score without ties)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    return math.log(n) - (n - 1) / n
-
-
-def best_of_n(select: np.ndarray, values: Mapping[str, np.ndarray], n: int) -> dict[str, float]:
-    """Expected values of the sample that best-of-n keeps, for each prompt's m ≥ n samples.
-
-    `select` (P, m) is the score best-of-n ranks by (the proxy reward); each `values[k]` (P, m)
-    is measured on the kept sample. Unbiased: over all n-subsets of a prompt's m samples, the
-    sample of rank i (ascending by `select`) is the kept one in C(i−1, n−1) of the C(m, n)
-    subsets. Averaged over prompts."""
-    m = select.shape[1]
-    if not 1 <= n <= m:
-        raise ValueError(f"best-of-{n} needs at least {n} samples per prompt, got {m}")
-    ranks = np.arange(1, m + 1)
-    weight = np.array([math.comb(i - 1, n - 1) for i in ranks], dtype=np.float64)
-    weight /= math.comb(m, n)
-    order = np.argsort(select, axis=1, kind="stable")
-    out = {}
-    for key, v in {"select": select, **values}.items():
-        ordered = np.take_along_axis(np.asarray(v, dtype=np.float64), order, 1)
-        out[key] = float((ordered * weight).sum(1).mean())
-    return out
 
 
 def _quarter_means(series: Sequence[float]) -> tuple[float, float]:

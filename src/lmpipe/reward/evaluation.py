@@ -16,10 +16,11 @@ from lmpipe.chat import ChatTemplate
 from lmpipe.model import load_model
 from lmpipe.reward.baseline import bag_of_words_baseline
 from lmpipe.reward.data import PreferenceExample
-from lmpipe.reward.metrics import cluster_se, gold_agreement, pair_metrics
+from lmpipe.reward.metrics import pair_metrics
 from lmpipe.reward.model import encode_for_reward, fit_normalisation
 from lmpipe.reward.scoring import raw_scores
 from lmpipe.sampling import sample_responses
+from lmpipe.stats import cluster_se, gold_agreement
 
 
 def held_out_metrics(

@@ -3,12 +3,13 @@ values against the params schema (a single value, or a trial's overrides togethe
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import re
 from typing import Any
 
-from lmpipe.config import SECTIONS, ParamsError, parse_section
+from lmpipe.config import SECTIONS, ParamsError, moved_key, parse_section, subsection
 from lmpipe.sweep.plan import Dim, SweepError
 
 _RANGE = re.compile(r"^\s*(uniform|loguniform|int|logint)\s*\(\s*([^,]+?)\s*,\s*([^)]+?)\s*\)\s*$")
@@ -55,12 +56,22 @@ def check_param(dim: Dim, base: dict[str, Any]) -> None:
         near = difflib.get_close_matches(section, [s for s in SECTIONS if s != "tracking"], n=2)
         hint = f" Did you mean {', '.join(near)}?" if near else ""
         raise SweepError(f"params.{dim.name}: unknown params section {section!r}.{hint}")
-    fields = SECTIONS[section].model_fields
-    if key not in fields:
-        near = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(section + '.' + n for n in near)}?" if near else ""
-        raise SweepError(f"params.{dim.name}: {section} has no key {key!r}.{hint}")
-    ann = fields[key].annotation
+    model, where = SECTIONS[section], section
+    *path, leaf = key.split(".")
+    for part in path:  # a nested section: rl.ppo.clip
+        sub = subsection(model, part)
+        if sub is None:
+            raise SweepError(f"params.{dim.name}: {where} has no section {part!r}")
+        model, where = sub, f"{where}.{part}"
+    fields = model.model_fields
+    if leaf not in fields:
+        moved = moved_key(model, leaf)
+        if moved is not None:
+            raise SweepError(f"params.{dim.name}: moved to {where}.{moved}")
+        near = difflib.get_close_matches(leaf, list(fields), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(where + '.' + n for n in near)}?" if near else ""
+        raise SweepError(f"params.{dim.name}: {where} has no key {leaf!r}.{hint}")
+    ann = fields[leaf].annotation
     if dim.kind in ("uniform", "loguniform") and ann is not float:
         raise SweepError(f"params.{dim.name} is not a float; use a list or int(a, b)")
     if dim.kind in ("int", "logint") and ann is not int:
@@ -79,8 +90,13 @@ def override_errors(base: dict[str, Any], overrides: dict[str, Any]) -> list[str
     override touches is validated whole, so combinations are checked too."""
     sections: dict[str, dict[str, Any]] = {}
     for name, value in overrides.items():
-        section, key = name.split(".", 1)
-        sections.setdefault(section, dict(base.get(section) or {}))[key] = value
+        section, *path, key = name.split(".")
+        node = sections.setdefault(section, copy.deepcopy(base.get(section) or {}))
+        for part in path:  # a nested section: rl.ppo.clip
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[key] = value
     errors = []
     for section, raw in sorted(sections.items()):
         try:

@@ -1,0 +1,175 @@
+"""What PPO, RLOO and DPG share: the rollout batch they update on, what an update returns, and
+the learner (policy, optional critic, optimiser, precision, and the split of passes across ranks).
+
+Under torchrun every rank holds the whole rollout and the same weights; the passes are split by
+prompt groups and their results (and gradients) summed across ranks, so every rank takes the
+step one process would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lmpipe.config import RLParams
+from lmpipe.logprobs import response_logprobs
+from lmpipe.precision import use_bf16
+from lmpipe.rl.rollout import ValueModel, disable_dropout
+from lmpipe.sampling import Generation
+
+
+@dataclass
+class Rollout:
+    """One batch of samples, scored, with the log-prob passes its algorithm asked for."""
+
+    gen: Generation
+    prompt_index: torch.Tensor  # (B,) into the trainer's prompt list, prompt-major (P, k)
+    scores: torch.Tensor  # (B,) reward-model score, or the missing-EOS penalty
+    proxy: torch.Tensor  # (B,) reward-model score (NaN where the response has no EOS)
+    logp: torch.Tensor | None  # (B, R) the sampler's log-probs (policy; q for dpg); rloo: None
+    ref_logp: torch.Tensor  # (B, R)
+    entropy: torch.Tensor | None  # (B, R) the sampler's entropies; rloo: None
+    values: torch.Tensor | None  # (B, R) ppo only
+    chunks: list[torch.Tensor]  # row chunks every pass used (epoch 0 minibatches for ppo)
+    gold: np.ndarray | None
+    seconds_generate: float
+    step: int  # the trainer step that drew it
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.gen.response_mask
+
+
+@dataclass
+class Update:
+    """What an algorithm's update computed, for the step's metrics."""
+
+    metrics: dict[str, float]  # its own figures, logged as they are
+    logp: torch.Tensor | None = None  # (B, R) on-policy log-probs where the rollout had none
+    entropy: torch.Tensor | None = None  # (B, R) likewise
+    # score, proxy, kl, kl_k3 and entropy of the policy where the batch describes another
+    # model (dpg's samples are q's); None: the batch's own means
+    policy_view: dict[str, float] | None = field(default=None)
+
+
+def split_rows(order: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return list(torch.split(order, size))
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world size) of the process group torchrun set up, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` across ranks in place (each rank filled its own rows, zeros elsewhere)."""
+    if world_info()[1] > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def all_sum(x: float) -> float:
+    if world_info()[1] == 1:
+        return x
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    return float(all_sum_(torch.tensor([x], dtype=torch.float64, device=device)).item())
+
+
+def all_mean(x: float) -> float:
+    """The ranks' mean of a per-rank statistic (each over its share of the minibatches)."""
+    return all_sum(x) / world_info()[1]
+
+
+class Learner:
+    """The trained models and their optimiser: the policy, PPO's critic, AdamW over both, the
+    precision of every pass, and this rank's share of the rows."""
+
+    def __init__(self, policy: torch.nn.Module, value: ValueModel | None, cfg: RLParams) -> None:
+        self.cfg = cfg
+        self.policy = disable_dropout(policy).train()
+        self.value = value.train() if value is not None else None
+        self.device = next(policy.parameters()).device
+        self.rank, self.world = world_info()
+        # every pass that yields log-probs, values or gradients runs in one precision, so the
+        # first minibatch still reproduces the rollout's log-probs exactly (ratio 1, KL 0)
+        self.bf16 = use_bf16(cfg.precision, self.device)
+        params = list(self.policy.parameters())
+        if self.value is not None:
+            params += list(self.value.parameters())
+        kw = dict(lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=0.0)
+        try:
+            self.opt = torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, TypeError):
+            self.opt = torch.optim.AdamW(params, foreach=True, **kw)
+
+    def amp(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast around the sampler and the log-prob, value and update passes when
+        `precision` asks; the logits are cast back to fp32 before any softmax (the sampler's,
+        `head_logprobs`). Sampling in the passes' precision keeps the distribution drawn from
+        the one whose log-probs they compute, and it is the faster one where bf16 is chosen
+        (`python bench/rl_passes.py`)."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def mine(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's share of `rows`: whole prompt groups (k rows each, kept together so a
+        pass runs each prompt once), dealt round-robin."""
+        if self.world == 1:
+            return rows
+        k = self.cfg.samples_per_prompt
+        if len(rows) % k:  # a minibatch that cuts a prompt group: single rows
+            return rows[self.rank :: self.world]
+        return rows.view(-1, k)[self.rank :: self.world].reshape(-1)
+
+    def policy_logprobs(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log π with grad (one graph over this rank's rows, zero elsewhere) and the
+        entropies of every row (summed across ranks)."""
+        logp = torch.zeros(ro.mask.shape, device=self.device)
+        ent = torch.zeros(ro.mask.shape, device=self.device)
+        for whole in ro.chunks:
+            r = self.mine(whole)
+            if not len(r):
+                continue
+            with self.amp():
+                lp, e = response_logprobs(self.policy, ro.gen, r, self.cfg.temperature)
+            logp = logp.index_put((r,), lp)
+            ent[r] = e
+        return logp, all_sum_(ent)
+
+    def _sync_grads(self) -> None:
+        """Sum the ranks' gradients (each rank's loss is its share of the whole minibatch's),
+        so every rank takes the step one process would."""
+        if self.world == 1:
+            return
+        params = [p for g in self.opt.param_groups for p in g["params"] if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def clip_and_step(self) -> tuple[float, float]:
+        """Clip the policy's and the critic's gradients each to `grad_clip`, then step: one
+        joint norm let the critic's larger gradient shrink the policy's step. Returns both
+        norms before clipping (the critic's NaN without one)."""
+        self._sync_grads()
+        norms = []
+        for module in (self.policy, self.value):
+            params = [p for p in module.parameters() if p.grad is not None] if module else []
+            if not params or not self.cfg.grad_clip:
+                norms.append(float("nan"))
+                continue
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return norms[0], norms[1]
