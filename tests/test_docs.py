@@ -147,3 +147,40 @@ def test_commands_exist_as_written():
             continue
         checked += 1
     assert checked >= 20, f"only {checked} commands found: is the parser still reading the pages?"
+
+
+NOT_CODE = {"lmpipe.json", "lmpipe.params.sha256", "lmpipe.pipeline.key", "lmpipe.output",
+            "lmpipe.reused"}  # fmt: skip
+"""Names in the pages that look like code but are a file and MLflow tags."""
+
+
+def resolves(dotted: str) -> bool:
+    """`lmpipe.a.b.name`: a module, or an attribute of the longest importable module prefix."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_code_the_pages_name_exists(page):
+    """Every `src/…`, `tests/…`, `bench/…` path and every `lmpipe.x.y` name a page cites exists."""
+    text = page.read_text(encoding="utf-8")
+    for path in set(re.findall(r"`((?:src|tests|bench|stages|params|sweeps)/[\w/.-]+)`", text)):
+        assert (ROOT / path).exists(), f"{page.name} cites {path}, which does not exist"
+    for dotted in set(re.findall(r"`(lmpipe(?:\.\w+)+)", text)) - NOT_CODE:
+        assert resolves(dotted), f"{page.name} cites {dotted}, which does not exist"
+    for module, names in re.findall(r"^from (lmpipe[\w.]*) import ([\w, ]+)$", text, re.M):
+        for name in names.split(","):
+            dotted = f"{module}.{name.strip()}"
+            assert resolves(dotted), f"{page.name} imports {dotted}, which does not exist"
