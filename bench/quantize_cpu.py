@@ -17,7 +17,7 @@ import torch
 
 from _results import add_json_arg, write
 from lmpipe.compress.quantize import quantize_int8
-from lmpipe.compress.score import tokens_per_sec
+from lmpipe.evaluate.engines import TorchEngine
 from lmpipe.model import load_model
 
 
@@ -70,7 +70,8 @@ def main() -> None:
         row = []
         rows.append({"model": name, "max_dlogit": diff, "weights_mb": weight_bytes(m) / 1e6})
         for b in (1, 8):
-            tps = tokens_per_sec(m, prompts, batch_size=b, new_tokens=args.new_tokens, pad_id=0)
+            engine = TorchEngine(name, args.model, eos=2, pad=0, model=m)
+            tps = engine.speed(prompts[0], b, args.new_tokens)["tokens_per_sec"]
             base.setdefault(b, tps)
             rows[-1].update({f"b{b}": tps, f"b{b}_ratio": tps / base[b]})
             row.append(f"b{b} {tps:7,.0f} tok/s ({tps / base[b]:.2f}x)")

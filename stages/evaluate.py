@@ -14,7 +14,7 @@ from pathlib import Path
 from lmpipe import dist, stage
 from lmpipe.chat import load_template
 from lmpipe.config import load_params
-from lmpipe.evaluate import card
+from lmpipe.evaluate import card, figures
 from lmpipe.evaluate import report as R
 from lmpipe.io import atomic_dir, atomic_write, write_json, write_jsonl
 from lmpipe.tracking import flatten_numeric, stage_run
@@ -43,10 +43,11 @@ def main() -> None:
 
     with stage_run("evaluate", params, params.tracking, inputs) as tracker:
         template = load_template(args.data)
-        judge, beta = card.judge_of(m, template, device)
+        judge, beta = card.judge_of(m / "reward", m / "rl", template, device)
         engines = card.load_engines(folders, bundles, template, device)
         context = min(e.context for e in engines)
-        prompts = card.prompt_set(template, args.data, context, cfg)
+        prompts = card.prompt_set(template, args.data, context, cfg.max_new_tokens,
+                                  cfg.eval_prompts, cfg.samples_per_prompt, "evaluate")  # fmt: skip
         windows = card.test_windows(args.data, context, cfg.ppl_context, cfg.ppl_windows)
         variants, scored, samples = card.evaluate_all(engines, prompts, judge, windows, cfg,
                                                       seed, beta)  # fmt: skip
@@ -58,7 +59,7 @@ def main() -> None:
         report = {"variants": variants, "best_of_n": best, "flags": flags,
                   "eval": card.settings(prompts, windows, cfg, seed, device)}  # fmt: skip
         with atomic_dir(args.figures) as fig_dir:
-            card.write_figures(curves, best, variants, scored, fig_dir)
+            figures.write_figures(curves, best, variants, scored, fig_dir)
         write_jsonl(args.samples, samples)
         side = card.side_by_side({k: s.texts for k, s in scored.items()}, prompts, cfg.side_by_side)
         with atomic_write(args.report) as f:

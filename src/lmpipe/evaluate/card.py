@@ -16,7 +16,6 @@ import numpy as np
 
 from lmpipe.data.stats import words
 from lmpipe.data.tokenizer import read_tokens
-from lmpipe.evaluate import figures as F
 from lmpipe.evaluate import metrics as M
 from lmpipe.evaluate.engines import Engine, OnnxEngine, TorchEngine
 from lmpipe.gold import gold_of
@@ -58,15 +57,15 @@ class Judge:
         return np.where(ended, proxy, self.penalty)
 
 
-def judge_of(models: Path, template: Any, device: str) -> tuple[Judge, float]:
-    """The judge of the pipeline in `models/`: the reward model's gold scorer and normalised
-    score, the RL stage's missing-EOS penalty; and the RL stage's β."""
-    rl = read_manifest(models / "rl")["params"]["rl"]
-    rm = RewardModel.load(models / "reward", device)
-    gold = gold_of(read_manifest(models / "reward"))
-    penalty = rl.get("missing_eos_penalty", -1.0)
-    judge = Judge(gold, rm.score_ids, template.decode, template.end_of_turn_id, penalty)
-    return judge, float(rl["kl_coef"])
+def judge_of(reward: Path, rl: Path, template: Any, device: str) -> tuple[Judge, float]:
+    """The pipeline's judge: the reward model's gold scorer and normalised score (folder
+    `reward`) and the RL stage's missing-EOS penalty; and the RL stage's β (folder `rl`)."""
+    rl_params = read_manifest(rl)["params"]["rl"]
+    rm = RewardModel.load(reward, device)
+    penalty = rl_params.get("missing_eos_penalty", -1.0)
+    judge = Judge(gold_of(read_manifest(reward)), rm.score_ids, template.decode,
+                  template.end_of_turn_id, penalty)  # fmt: skip
+    return judge, float(rl_params["kl_coef"])
 
 
 @dataclass
@@ -84,19 +83,20 @@ class PromptSet:
         self.rep_ids = [p for p in self.ids for _ in range(self.n)]
 
 
-def prompt_set(template: Any, data: Path, context: int, cfg: Any) -> PromptSet:
-    """The first `cfg.eval_prompts` held-out prompts that leave room for
-    `cfg.max_new_tokens` in `context`, with `cfg.samples_per_prompt` samples each."""
+def prompt_set(
+    template: Any, data: Path, context: int, max_new_tokens: int, limit: int, n: int, stage: str
+) -> PromptSet:
+    """The first `limit` held-out prompts that leave room for `max_new_tokens` in `context`,
+    with `n` samples each; none fitting is an error naming `stage`'s max_new_tokens."""
     rows = read_jsonl(data / "prompts" / "eval.jsonl")
-    texts, ids = template.fitting_prompts(
-        [r["prompt"] for r in rows], context, cfg.max_new_tokens, cfg.eval_prompts
-    )
+    texts, ids = template.fitting_prompts([r["prompt"] for r in rows], context, max_new_tokens,
+                                          limit)  # fmt: skip
     if not ids:
         raise ValueError(
             f"no eval prompt fits the context of {context} tokens with "
-            f"evaluate.max_new_tokens {cfg.max_new_tokens}; lower it"
+            f"{stage}.max_new_tokens {max_new_tokens}; lower it"
         )
-    return PromptSet(texts, ids, cfg.samples_per_prompt)
+    return PromptSet(texts, ids, n)
 
 
 def all_flags(models: Path, curves: Mapping[str, Any], variants: Mapping[str, Any]) -> list[str]:
@@ -321,22 +321,3 @@ def side_by_side(
         {"prompt": prompts.texts[i], "responses": {k: texts[k][i * prompts.n] for k in shown}}
         for i in range(min(count, len(prompts.ids)))
     ]
-
-
-def write_figures(
-    curves: Mapping[str, Mapping[str, list[float]]],
-    best: Sequence[Mapping[str, float]],
-    variants: Mapping[str, Mapping[str, Any]],
-    scores: Mapping[str, Scored],
-    out: Path,
-) -> None:
-    """The report card's four figures into `out`."""
-    F.figure_training_curves(curves, out / "training_curves.png")
-    keys = ("gold_reward", "rl_score", "kl_to_sft")
-    points = {k: {key: variants[k][key] for key in keys}
-              for k in ("sft", "rl", "distilled", "pruned") if k in variants}  # fmt: skip
-    F.figure_overoptimisation(curves.get("rl", {}), best, points, out / "overoptimisation.png")
-    dists = {k: {"gold": scores[k].gold, "proxy": scores[k].proxy}
-             for k in ("sft", "rl") if k in scores}  # fmt: skip
-    F.figure_distributions(dists, out / "score_distributions.png")
-    F.figure_size_quality(variants, out / "size_quality.png")

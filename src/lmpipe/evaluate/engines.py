@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -131,15 +132,17 @@ class TorchEngine(Engine):
 
     def __init__(
         self, name: str, folder: str | Path, eos: int, pad: int, device: str = "cpu",
-        stops: Sequence[int] = (),
+        stops: Sequence[int] = (), model: Any = None,
     ):  # fmt: skip
+        """The model saved in `folder`, or `model` when it is already loaded (its size is still
+        that of the folder's weights)."""
         from lmpipe.model import context_length, load_model
 
         super().__init__(eos, pad, stops)
         self.name, self.folder = name, Path(folder)
-        self.model = load_model(folder, device).eval()
+        self.model = (model if model is not None else load_model(folder, device)).eval()
         self.context = context_length(self.model)
-        self.device = device
+        self.device = str(device)
         self.size_mb = folder_mb(folder, "*.safetensors")
 
     def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

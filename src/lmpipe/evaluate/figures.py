@@ -267,3 +267,22 @@ def figure_size_quality(variants: Mapping[str, Mapping[str, Any]], path: Path) -
                    title="model: ○ PyTorch, □ ONNX, △ ONNX int8", title_fontsize=8)  # fmt: skip
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def write_figures(
+    curves: Mapping[str, Mapping[str, list[float]]],
+    best: Sequence[Mapping[str, float]],
+    variants: Mapping[str, Mapping[str, Any]],
+    scores: Mapping[str, Any],
+    out: Path,
+) -> None:
+    """The report card's four figures into `out`."""
+    figure_training_curves(curves, out / "training_curves.png")
+    keys = ("gold_reward", "rl_score", "kl_to_sft")
+    points = {k: {key: variants[k][key] for key in keys}
+              for k in ("sft", "rl", "distilled", "pruned") if k in variants}  # fmt: skip
+    figure_overoptimisation(curves.get("rl", {}), best, points, out / "overoptimisation.png")
+    dists = {k: {"gold": scores[k].gold, "proxy": scores[k].proxy}
+             for k in ("sft", "rl") if k in scores}  # fmt: skip
+    figure_distributions(dists, out / "score_distributions.png")
+    figure_size_quality(variants, out / "size_quality.png")
