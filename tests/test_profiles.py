@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from conftest import ROOT
-from lmpipe.config import SECTIONS, ParamsError, load_params
+from lmpipe.config import SECTIONS, ParamsError, flatten, load_params
 from lmpipe.model import build_model
-from lmpipe.profiles import apply, dvc_flags, flatten, read_profile
+from lmpipe.profiles import apply, dvc_flags, read_profile
 
 GPU = ROOT / "params" / "gpu-125m.yaml"
 

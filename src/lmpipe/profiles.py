@@ -11,18 +11,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from lmpipe.config import SECTIONS, ParamsError, read_yaml, validate_doc
-
-
-def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"model": {"d_model": 768}}` → `{"model.d_model": 768}` (lists stay values)."""
-    out: dict[str, Any] = {}
-    for k, v in doc.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+from lmpipe.config import SECTIONS, ParamsError, flatten, read_yaml, validate_doc
 
 
 def read_profile(path: str | Path) -> dict[str, Any]:

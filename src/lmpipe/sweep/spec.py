@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lmpipe.config import ParamsError, read_yaml
+from lmpipe.config import ParamsError, read_yaml, read_yaml_file
 from lmpipe.pipeline import producer, upstream
 from lmpipe.sweep.plan import Constraint, MetricRef, Plot, Spec, SweepError
 from lmpipe.sweep.space import check_param, parse_dim
@@ -95,13 +95,8 @@ def parse_constraint(text: str, default_path: str) -> Constraint:
 
 def load_spec(path: str | Path, root: str | Path = ".") -> Spec:
     """Read and validate a spec against the project at `root` (its dvc.yaml and params file)."""
-    path, root = Path(path), Path(root)
-    if not path.exists():
-        raise SweepError(f"sweep spec {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise SweepError(f"{path} is not valid YAML: {err}") from None
+    path = Path(path)
+    raw = read_yaml_file(path, SweepError, "sweep spec")
     return validate_spec(raw, root, default_name=path.stem)
 
 
