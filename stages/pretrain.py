@@ -21,7 +21,9 @@ from lmpipe.data.tokenizer import read_tokens
 from lmpipe.io import atomic_dir, read_json, write_json
 from lmpipe.model import build_model, n_params, save_model
 from lmpipe.precision import use_bf16
-from lmpipe.tracking import NullTracker, model_card, stage_run
+from lmpipe.tracking.report import model_card
+from lmpipe.tracking.run import stage_run
+from lmpipe.tracking.tracker import NullTracker
 from lmpipe.train import (
     TokenWindows,
     TrainResult,

@@ -23,7 +23,9 @@ from lmpipe.reward.metrics import label_gold_agreement
 from lmpipe.reward.model import build_reward_model
 from lmpipe.reward.preferences import collect_preferences, write_pairs
 from lmpipe.reward.training import train_reward_model
-from lmpipe.tracking import NullTracker, model_card, stage_run
+from lmpipe.tracking.report import model_card
+from lmpipe.tracking.run import stage_run
+from lmpipe.tracking.tracker import NullTracker
 from lmpipe.train import checkpoint_store
 
 log = logging.getLogger("reward")

@@ -28,7 +28,9 @@ from lmpipe.rl import report as R
 from lmpipe.rl.loop import RLTrainer, fit
 from lmpipe.rl.rollout import ValueModel
 from lmpipe.scoring import ScoreFn
-from lmpipe.tracking import NullTracker, model_card, stage_run
+from lmpipe.tracking.report import model_card
+from lmpipe.tracking.run import stage_run
+from lmpipe.tracking.tracker import NullTracker
 from lmpipe.train import checkpoint_store, write_history_csv
 
 log = logging.getLogger("rl")

@@ -20,7 +20,9 @@ from lmpipe.io import atomic_dir, write_json
 from lmpipe.model import context_length, load_model, n_params, save_model
 from lmpipe.sampling import sample_responses
 from lmpipe.sft import encode_pairs
-from lmpipe.tracking import NullTracker, model_card, stage_run
+from lmpipe.tracking.report import model_card
+from lmpipe.tracking.run import stage_run
+from lmpipe.tracking.tracker import NullTracker
 from lmpipe.train import checkpoint_store, train
 
 log = logging.getLogger("sft")

@@ -31,7 +31,7 @@ from lmpipe.io import WALL_CLOCK, hash_obj
 from lmpipe.model import attention_for, set_attention
 from lmpipe.precision import peak_flops, use_bf16
 from lmpipe.progress import Progress
-from lmpipe.tracking import NullTracker
+from lmpipe.tracking.tracker import NullTracker
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from lmpipe.config import CompressParams
 from lmpipe.data.tokenizer import read_tokens
 from lmpipe.io import read_json, read_jsonl
 from lmpipe.model import context_length
-from lmpipe.tracking import RenamingTracker
+from lmpipe.tracking.tracker import RenamingTracker
 from lmpipe.train import CheckpointStore, TokenWindows, lm_loss_sum, train
 
 KINDS = {"distilled": "distill", "pruned": "recovery"}
