@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lmpipe import dist, stage
 from lmpipe.chat import load_template
+from lmpipe.checkpoints import checkpoint_store
 from lmpipe.config import load_params
 from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, read_jsonl, write_json
@@ -26,7 +27,6 @@ from lmpipe.reward.training import train_reward_model
 from lmpipe.tracking.report import model_card
 from lmpipe.tracking.run import stage_run
 from lmpipe.tracking.tracker import NullTracker
-from lmpipe.train import checkpoint_store
 
 log = logging.getLogger("reward")
 
