@@ -15,7 +15,7 @@ import time
 import torch
 
 from _results import add_json_arg, write
-from lmpipe.batches import split_parts
+from lmpipe.batches import TokenWindows, split_parts
 from lmpipe.compress.distill import MixedBatches, teacher_examples
 from lmpipe.compress.prune import Importance, magnitude_importance, prune, taylor_importance
 from lmpipe.compress.score import val_metrics
@@ -23,7 +23,7 @@ from lmpipe.data.tokenizer import EOS, PAD, load_tokenizer, read_tokens, special
 from lmpipe.io import read_json, read_jsonl
 from lmpipe.model import context_length, load_model
 from lmpipe.sft import prompt_ids
-from lmpipe.train import TokenWindows, lm_loss_sum
+from lmpipe.train import lm_loss_sum
 
 
 def main() -> None:

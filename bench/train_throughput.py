@@ -26,11 +26,12 @@ import torch
 
 from _results import add_json_arg, write
 from lmpipe.allocator import keep_freed_memory
+from lmpipe.batches import TokenWindows
 from lmpipe.config import ModelParams, PretrainParams
 from lmpipe.model import build_model, n_params
-from lmpipe.precision import peak_flops
+from lmpipe.precision import flops_per_token, peak_flops
 from lmpipe.profiles import read_profile
-from lmpipe.train import TokenWindows, flops_per_token, lm_loss_sum, train
+from lmpipe.train import lm_loss_sum, train
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2}
 SHAPES = {

@@ -11,15 +11,17 @@ from pathlib import Path
 
 from lmpipe import dist, stage
 from lmpipe.chat import load_template
+from lmpipe.checkpoints import checkpoint_store
 from lmpipe.compress import quantize as q8
 from lmpipe.compress.run import KINDS, compress, training_data
 from lmpipe.config import load_params
 from lmpipe.evaluate import card
 from lmpipe.evaluate.compressed import score_models, side_by_side_text, summarize
-from lmpipe.io import atomic_dir, write_json
+from lmpipe.io import atomic_dir, write_history_csv, write_json
 from lmpipe.model import context_length, load_model, save_model
-from lmpipe.tracking import NullTracker, model_card, stage_run
-from lmpipe.train import checkpoint_store, write_history_csv
+from lmpipe.tracking.report import model_card
+from lmpipe.tracking.run import stage_run
+from lmpipe.tracking.tracker import NullTracker
 
 CARD_KEYS = ("val_ppl", "kl_to_teacher", "gold_reward", "proxy_reward", "size_mb")
 

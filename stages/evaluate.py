@@ -17,7 +17,8 @@ from lmpipe.config import load_params
 from lmpipe.evaluate import card, figures
 from lmpipe.evaluate import report as R
 from lmpipe.io import atomic_dir, atomic_write, write_json, write_jsonl
-from lmpipe.tracking import flatten_numeric, stage_run
+from lmpipe.tracking.report import flatten_numeric
+from lmpipe.tracking.run import stage_run
 
 CURVES = ("pretrain", "sft", "reward", "rl", "compress")
 

@@ -21,7 +21,8 @@ from lmpipe.io import atomic_dir, read_json, read_jsonl, write_json
 from lmpipe.model import context_length, load_model, read_manifest
 from lmpipe.onnx import export as ox
 from lmpipe.onnx.runtime import OnnxLM
-from lmpipe.tracking import model_card, stage_run
+from lmpipe.tracking.report import model_card
+from lmpipe.tracking.run import stage_run
 
 log = logging.getLogger("export")
 

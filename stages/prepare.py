@@ -15,7 +15,7 @@ from lmpipe import stage
 from lmpipe.config import load_params
 from lmpipe.data.prepare import prepare
 from lmpipe.io import atomic_dir, write_json
-from lmpipe.tracking import stage_run
+from lmpipe.tracking.run import stage_run
 
 log = logging.getLogger("prepare")
 

@@ -16,20 +16,17 @@ from pathlib import Path
 from lmpipe import base as base_lib
 from lmpipe import dist, stage
 from lmpipe.baselines import bigram_loss, unigram_loss
+from lmpipe.batches import TokenWindows
+from lmpipe.checkpoints import checkpoint_store
 from lmpipe.config import ParamsError, load_params
 from lmpipe.data.tokenizer import read_tokens
-from lmpipe.io import atomic_dir, read_json, write_json
+from lmpipe.io import atomic_dir, read_json, write_history_csv, write_json
 from lmpipe.model import build_model, n_params, save_model
 from lmpipe.precision import use_bf16
-from lmpipe.tracking import NullTracker, model_card, stage_run
-from lmpipe.train import (
-    TokenWindows,
-    TrainResult,
-    checkpoint_store,
-    evaluate,
-    train,
-    write_history_csv,
-)
+from lmpipe.tracking.report import model_card
+from lmpipe.tracking.run import stage_run
+from lmpipe.tracking.tracker import NullTracker
+from lmpipe.train import TrainResult, evaluate, train
 
 log = logging.getLogger("pretrain")
 

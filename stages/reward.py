@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lmpipe import dist, stage
 from lmpipe.chat import load_template
+from lmpipe.checkpoints import checkpoint_store
 from lmpipe.config import load_params
 from lmpipe.gold import make_gold
 from lmpipe.io import atomic_dir, read_jsonl, write_json
@@ -23,8 +24,9 @@ from lmpipe.reward.metrics import label_gold_agreement
 from lmpipe.reward.model import build_reward_model
 from lmpipe.reward.preferences import collect_preferences, write_pairs
 from lmpipe.reward.training import train_reward_model
-from lmpipe.tracking import NullTracker, model_card, stage_run
-from lmpipe.train import checkpoint_store
+from lmpipe.tracking.report import model_card
+from lmpipe.tracking.run import stage_run
+from lmpipe.tracking.tracker import NullTracker
 
 log = logging.getLogger("reward")
 

@@ -18,18 +18,20 @@ import torch
 
 from lmpipe import dist, stage
 from lmpipe.chat import ChatTemplate, load_template
+from lmpipe.checkpoints import checkpoint_store
 from lmpipe.config import Params, RLParams, load_params
 from lmpipe.data.sources import DataError
 from lmpipe.gold import make_gold
-from lmpipe.io import atomic_dir, write_json
+from lmpipe.io import atomic_dir, write_history_csv, write_json
 from lmpipe.model import context_length, load_model, read_manifest, save_model
 from lmpipe.reward.model import RewardModel
 from lmpipe.rl import report as R
 from lmpipe.rl.loop import RLTrainer, fit
 from lmpipe.rl.rollout import ValueModel
 from lmpipe.scoring import ScoreFn
-from lmpipe.tracking import NullTracker, model_card, stage_run
-from lmpipe.train import checkpoint_store, write_history_csv
+from lmpipe.tracking.report import model_card
+from lmpipe.tracking.run import stage_run
+from lmpipe.tracking.tracker import NullTracker
 
 log = logging.getLogger("rl")
 

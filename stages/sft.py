@@ -15,13 +15,16 @@ from pathlib import Path
 from lmpipe import dist, stage
 from lmpipe.batches import PairBatches
 from lmpipe.chat import load_template
+from lmpipe.checkpoints import checkpoint_store
 from lmpipe.config import load_params
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.model import context_length, load_model, n_params, save_model
 from lmpipe.sampling import sample_responses
 from lmpipe.sft import encode_pairs
-from lmpipe.tracking import NullTracker, model_card, stage_run
-from lmpipe.train import checkpoint_store, train
+from lmpipe.tracking.report import model_card
+from lmpipe.tracking.run import stage_run
+from lmpipe.tracking.tracker import NullTracker
+from lmpipe.train import train
 
 log = logging.getLogger("sft")
 

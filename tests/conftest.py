@@ -131,7 +131,7 @@ def writer_run(repo: Path, output: str):
     import mlflow
 
     from lmpipe.io import hash_path
-    from lmpipe.tracking import OUTPUT_TAG
+    from lmpipe.tracking.tracker import OUTPUT_TAG
 
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
     runs = mlflow.search_runs(

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from lmpipe.batches import TokenWindows
 from lmpipe.config import ModelParams, PretrainParams
 from lmpipe.model import build_model
 from lmpipe.precision import peak_flops, use_bf16
-from lmpipe.train import TokenWindows, train
+from lmpipe.train import train
 
 pytestmark = [
     pytest.mark.gpu,

@@ -48,7 +48,13 @@ NEUTRAL = {
     "lmpipe.stage": "the harness: logging, exit codes, the torchrun relaunch",
     "lmpipe.tracking": "MLflow runs and lineage, which are not the stage's outputs",
 }
-"""Modules a stage imports that cannot change what it writes: not its dependencies."""
+"""Modules a stage imports that cannot change what it writes: not its dependencies. A package
+here covers its modules."""
+
+
+def neutral(name: str) -> bool:
+    return name in NEUTRAL or ".".join(name.split(".")[:2]) in NEUTRAL
+
 
 CONDITIONAL = {
     ("lmpipe.data.sources", "lmpipe.data.builtin"): "corpus",
@@ -95,7 +101,7 @@ def code_closure(stage: str, deps: list[str]) -> set[str]:
         importer, path = todo.pop()
         for name in imported(path):
             data = CONDITIONAL.get((importer, name))
-            if name in seen or name in NEUTRAL or (data and data not in deps):
+            if name in seen or neutral(name) or (data and data not in deps):
                 continue
             seen.add(name)
             todo.append((name, module_file(name)))
@@ -126,7 +132,8 @@ def test_code_closure_follows_imports_inside_functions_and_conditional_inputs():
     assert "src/lmpipe/logprobs.py" in evaluate
     assert "src/lmpipe/data/builtin.py" in code_closure("prepare", ["corpus"])
     assert "src/lmpipe/data/builtin.py" not in code_closure("prepare", ["data/raw"])
-    assert not {"src/lmpipe/tracking.py", "src/lmpipe/allocator.py"} & evaluate
+    assert "src/lmpipe/allocator.py" not in evaluate
+    assert not [f for f in evaluate if f.startswith("src/lmpipe/tracking/")]
 
 
 def stale(repo) -> set[str]:

@@ -5,9 +5,8 @@ import csv
 import json
 
 from lmpipe.config import Params, TokenizerParams
-from lmpipe.io import without_wall_clock, write_json
+from lmpipe.io import speed_csv, without_wall_clock, write_history_csv, write_json
 from lmpipe.stage import manifest, prune_checkpoints
-from lmpipe.train import speed_csv, write_history_csv
 
 
 def history(tps: float) -> list[dict[str, float]]:

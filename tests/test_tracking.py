@@ -7,17 +7,10 @@ import pytest
 
 from lmpipe.config import Params, TokenizerParams, TrackingParams
 from lmpipe.io import write_json
-from lmpipe.tracking import (
-    PIPELINE_KEY,
-    NullTracker,
-    TrackingError,
-    _is_dvc,
-    flatten_numeric,
-    model_card,
-    pipeline_key,
-    resolve_uri,
-    stage_run,
-)
+from lmpipe.tracking.report import flatten_numeric, model_card
+from lmpipe.tracking.run import PIPELINE_KEY, _is_dvc, pipeline_key, stage_run
+from lmpipe.tracking.store import resolve_uri
+from lmpipe.tracking.tracker import NullTracker, TrackingError
 
 
 def params() -> Params:
@@ -157,7 +150,7 @@ def test_the_pipeline_key_is_the_dvc_process_that_started_the_stage(tmp_path, mo
     fake = tmp_path / "dvc"  # a process whose command line is DVC's, running a "stage"
     fake.write_text(
         "import os, subprocess, sys\n"
-        "code = 'from lmpipe.tracking import pipeline_key; print(pipeline_key())'\n"
+        "code = 'from lmpipe.tracking.run import pipeline_key; print(pipeline_key())'\n"
         "for _ in range(2):\n"
         "    subprocess.run(['sh', '-c', f'{sys.executable} -c \"{code}\"'], check=True)\n"
         "print(os.getpid())\n"

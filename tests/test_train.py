@@ -7,19 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from lmpipe.batches import IGNORE, Batch, Parts
+from lmpipe.batches import IGNORE, Batch, Parts, TokenWindows
+from lmpipe.checkpoints import CheckpointStore
 from lmpipe.config import ModelParams, PretrainParams
 from lmpipe.model import build_model
+from lmpipe.optim import lr_at, param_groups
 from lmpipe.precision import use_bf16
-from lmpipe.train import (
-    CheckpointStore,
-    TokenWindows,
-    TrainingDiverged,
-    lm_loss_sum,
-    lr_at,
-    param_groups,
-    train,
-)
+from lmpipe.train import TrainingDiverged, lm_loss_sum, train
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2}
 TINY = ModelParams(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, context=16)
@@ -276,8 +270,8 @@ def test_token_windows_ranks_partition_the_global_batch():
 
 def test_checkpoint_key_changes_with_params_and_input_content(tmp_path):
     from lmpipe import stage
+    from lmpipe.checkpoints import checkpoint_store
     from lmpipe.config import Params, TrackingParams
-    from lmpipe.train import checkpoint_store
 
     data = tmp_path / "data"
     data.mkdir()

@@ -3,7 +3,8 @@
 A `Batch` holds input ids and labels already shifted (labels[:, t] is the target after token t),
 IGNORE where no loss is taken (prompt tokens, template markers, padding). `Example`s are single
 sequences; `collate` right-pads them into a `Batch`; `PairBatches` draws them in seeded epochs,
-each process taking its slice of the global batch.
+each process taking its slice of the global batch; `TokenWindows` draws random windows of a
+token stream (pretraining, distillation).
 """
 
 from __future__ import annotations
@@ -134,3 +135,52 @@ class PairBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]
         self.order, self.pos, self.epoch = list(state["order"]), state["pos"], state["epoch"]
+
+
+class TokenWindows:
+    """Random windows of a token stream. Every process draws the same global batch from one
+    seeded generator and keeps its own slice, so N processes × B = one process × N·B."""
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        context: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        if len(tokens) <= context + 1:
+            raise ValueError(
+                f"the token file has {len(tokens)} tokens, fewer than one window of "
+                f"context + 1 = {context + 1}: lower model.context or add data"
+            )
+        self.tokens, self.context, self.batch_size = tokens, context, batch_size
+        self.rank, self.world = rank, world
+        self.rng = np.random.default_rng(seed)
+        self.pin = torch.cuda.is_available()
+
+    def windows(self, starts: np.ndarray) -> Batch:
+        idx = starts[:, None] + np.arange(self.context + 1)[None, :]  # (B, T+1)
+        block = torch.from_numpy(self.tokens[idx].astype(np.int64))
+        if self.pin:
+            block = block.pin_memory()
+        return Batch(block[:, :-1], block[:, 1:])
+
+    def next_batch(self) -> Batch:
+        high = len(self.tokens) - self.context - 1
+        starts = self.rng.integers(0, high, size=self.batch_size * self.world)
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return self.windows(mine)
+
+    def fixed_batches(self, n: int) -> list[Batch]:
+        """`n` evenly spaced, deterministic batches (the val set evaluated every time)."""
+        high = len(self.tokens) - self.context - 1
+        starts = np.linspace(0, high, num=n * self.batch_size, dtype=np.int64)
+        return [self.windows(s) for s in starts.reshape(n, self.batch_size)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]

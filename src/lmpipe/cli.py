@@ -302,7 +302,7 @@ def relocate_mlflow(
     was copied, cloned with its store, or mounted elsewhere (every stage does this too; run it
     before `mlflow ui` or `mlflow.pyfunc.load_model` in a copy). A server store is left alone."""
     from lmpipe.config import ParamsError, TrackingParams, parse_section, read_yaml
-    from lmpipe.tracking import relocate_store, resolve_uri
+    from lmpipe.tracking.store import relocate_store, resolve_uri
 
     with _user_errors(ParamsError):
         raw = read_yaml(params_file).get("tracking") if params_file.exists() else None

@@ -1,8 +1,10 @@
-"""Filesystem helpers every stage uses: atomic outputs, content hashes, git state."""
+"""Filesystem helpers every stage uses: atomic outputs, content hashes, git state, training-curve
+CSVs."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
@@ -10,7 +12,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +143,31 @@ def without_wall_clock(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: without_wall_clock(v) for k, v in obj.items() if not WALL_CLOCK.search(k)}
     return obj
+
+
+def speed_csv(path: Path) -> Path:
+    """Where write_history_csv puts a curve file's wall-clock columns: `<name>_speed.csv`."""
+    return path.with_name(f"{path.stem}_speed{path.suffix}")
+
+
+def write_history_csv(path: Path, history: Sequence[dict[str, float]]) -> None:
+    """One row per logged step, every column that ever appeared (empty where absent).
+
+    Wall-clock columns (throughput, time shares) go to `speed_csv(path)`, so the curves that
+    later stages read are the same bytes for the same training, resumed or not."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols: list[str] = []
+    for row in history:
+        cols.extend(k for k in row if k not in cols)
+    for target, keep in ((path, False), (speed_csv(path), True)):
+        fields = [c for c in cols if c == "step" or bool(WALL_CLOCK.search(c)) == keep]
+        with target.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            for row in history:
+                if keep and not any(WALL_CLOCK.search(k) for k in row):
+                    continue
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def hash_obj(obj: Any) -> str:

@@ -1,4 +1,5 @@
-"""Which float precision a device trains in, and the device's peak throughput.
+"""Which float precision a device trains in, the device's peak throughput, and a model's FLOPs
+per token (with the peak, what the loop's train/mfu is computed from).
 
 `precision: auto` resolves per machine: bf16 autocast where the hardware runs it natively (CUDA
 with bf16 support, CPUs with AMX or AVX-512 BF16), fp32 elsewhere.
@@ -58,3 +59,13 @@ def peak_flops(cfg: TrainParams, device: torch.device) -> float | None:
             if key in name:
                 return tflops * 1e12
     return None
+
+
+def flops_per_token(model: torch.nn.Module) -> float:
+    """6·N for the matmuls (forward + backward) + attention scores, as in the PaLM appendix."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    layers = getattr(c, "num_hidden_layers", None) or c.n_layer
+    d = getattr(c, "hidden_size", None) or c.n_embd
+    ctx = getattr(c, "max_position_embeddings", None) or c.n_positions
+    return 6 * n + 12 * layers * d * ctx

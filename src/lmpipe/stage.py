@@ -21,7 +21,7 @@ from lmpipe.config import ParamsError
 from lmpipe.data.sources import DataError
 from lmpipe.io import hash_path, without_wall_clock
 from lmpipe.onnx.bundle import BundleError
-from lmpipe.tracking import NullTracker, TrackingError
+from lmpipe.tracking.tracker import NullTracker, TrackingError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ParamsError,
@@ -266,7 +266,7 @@ def manifest(
 
     Only what the result depends on: the same inputs and params give the same manifest, so a
     resumed or repeated run writes the same bytes and DVC reruns nothing after it. The MLflow
-    run and the timings are in the run and the report (`tracking.lineage_tags` finds the run by
+    run and the timings are in the run and the report (`tracking.run.lineage_tags` finds the run by
     the folder's content). `run_key` names the run's checkpoint folder, which
     `prune_checkpoints` removes once the output exists.
     """

@@ -4,34 +4,33 @@ AdamW without decay on norms and biases, linear warmup then cosine decay to a fl
 clipping, exact gradient accumulation (token-weighted), bf16 autocast, optional torch.compile,
 DDP when launched by torchrun, periodic eval on fixed batches, resumable checkpoints whose batch
 sampler position is part of the state, so a resumed run sees exactly the batches an uninterrupted
-one would.
+one would. The optimizer and schedule are in `lmpipe.optim`, the checkpoint files in
+`lmpipe.checkpoints`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lmpipe.batches import IGNORE, Batch, Parts, split_parts
+from lmpipe.checkpoints import CheckpointStore
 from lmpipe.config import TrainParams
-from lmpipe.io import WALL_CLOCK, hash_obj
+from lmpipe.io import write_history_csv
 from lmpipe.model import attention_for, set_attention
-from lmpipe.precision import peak_flops, use_bf16
+from lmpipe.optim import lr_at, make_optimizer
+from lmpipe.precision import flops_per_token, peak_flops, use_bf16
 from lmpipe.progress import Progress
-from lmpipe.tracking import NullTracker
+from lmpipe.tracking.tracker import NullTracker
 
 log = logging.getLogger(__name__)
 
@@ -46,103 +45,6 @@ class BatchSource(Protocol):
     def next_batch(self) -> Batch | Parts: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    return rng.bit_generator.state
-
-
-class TokenWindows:
-    """Random windows of a token stream. Every process draws the same global batch from one
-    seeded generator and keeps its own slice, so N processes × B = one process × N·B."""
-
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        context: int,
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world: int = 1,
-    ) -> None:
-        if len(tokens) <= context + 1:
-            raise ValueError(
-                f"the token file has {len(tokens)} tokens, fewer than one window of "
-                f"context + 1 = {context + 1}: lower model.context or add data"
-            )
-        self.tokens, self.context, self.batch_size = tokens, context, batch_size
-        self.rank, self.world = rank, world
-        self.rng = np.random.default_rng(seed)
-        self.pin = torch.cuda.is_available()
-
-    def windows(self, starts: np.ndarray) -> Batch:
-        idx = starts[:, None] + np.arange(self.context + 1)[None, :]  # (B, T+1)
-        block = torch.from_numpy(self.tokens[idx].astype(np.int64))
-        if self.pin:
-            block = block.pin_memory()
-        return Batch(block[:, :-1], block[:, 1:])
-
-    def next_batch(self) -> Batch:
-        high = len(self.tokens) - self.context - 1
-        starts = self.rng.integers(0, high, size=self.batch_size * self.world)
-        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return self.windows(mine)
-
-    def fixed_batches(self, n: int) -> list[Batch]:
-        """`n` evenly spaced, deterministic batches (the val set evaluated every time)."""
-        high = len(self.tokens) - self.context - 1
-        starts = np.linspace(0, high, num=n * self.batch_size, dtype=np.int64)
-        return [self.windows(s) for s in starts.reshape(n, self.batch_size)]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": _rng_state(self.rng)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["rng"]
-
-
-# --------------------------------------------------------------------------- schedule / optim
-
-
-def lr_at(step: int, cfg: TrainParams) -> float:
-    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr_ratio·lr at max_steps."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.max_steps - cfg.warmup_steps, 1)
-    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (linear and embedding weights); never norms or biases."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainParams) -> torch.optim.AdamW:
-    """AdamW, fused kernel where the device has one (CUDA and CPU in torch ≥ 2.4)."""
-    groups = param_groups(model, cfg.weight_decay)
-    try:
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
-
-
-def flops_per_token(model: torch.nn.Module) -> float:
-    """6·N for the matmuls (forward + backward) + attention scores, as in the PaLM appendix."""
-    c = model.config
-    n = sum(p.numel() for p in model.parameters())
-    layers = getattr(c, "num_hidden_layers", None) or c.n_layer
-    d = getattr(c, "hidden_size", None) or c.n_embd
-    ctx = getattr(c, "max_position_embeddings", None) or c.n_positions
-    return 6 * n + 12 * layers * d * ctx
 
 
 # --------------------------------------------------------------------------- loss / eval
@@ -177,39 +79,6 @@ def evaluate(
     return total / max(n, 1)
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class CheckpointStore:
-    """One checkpoint file per training run, in a folder keyed by the hash of params + inputs:
-    a run with other params or inputs looks in another folder and never resumes this one."""
-
-    directory: Path
-
-    @property
-    def path(self) -> Path:
-        return self.directory / "checkpoint.pt"
-
-    def save(self, state: dict[str, Any]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
-
-    def load(self) -> dict[str, Any] | None:
-        if not self.path.exists():
-            return None
-        try:
-            return torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a corrupt checkpoint is discarded, never half-used
-            log.warning("ignoring unreadable checkpoint %s (%s)", self.path, err)
-            return None
-
-    def clear(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -222,11 +91,6 @@ class TrainResult:
     resumed_from: int
     history: list[dict[str, float]] = field(default_factory=list)
     kept_step: int | None = None  # keep_best: the step whose weights the model ends with
-
-
-def checkpoint_store(root: str | Path, stage: str, key: dict[str, Any]) -> CheckpointStore:
-    """`<root>/<stage>-<hash>`: the hash covers params and input hashes (see CheckpointStore)."""
-    return CheckpointStore(Path(root) / f"{stage}-{hash_obj(key)[:16]}")
 
 
 def _dist() -> tuple[int, int]:
@@ -431,28 +295,3 @@ def train(
 
 def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def speed_csv(path: Path) -> Path:
-    """Where write_history_csv puts a curve file's wall-clock columns: `<name>_speed.csv`."""
-    return path.with_name(f"{path.stem}_speed{path.suffix}")
-
-
-def write_history_csv(path: Path, history: Sequence[dict[str, float]]) -> None:
-    """One row per logged step, every column that ever appeared (empty where absent).
-
-    Wall-clock columns (throughput, time shares) go to `speed_csv(path)`, so the curves that
-    later stages read are the same bytes for the same training, resumed or not."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cols: list[str] = []
-    for row in history:
-        cols.extend(k for k in row if k not in cols)
-    for target, keep in ((path, False), (speed_csv(path), True)):
-        fields = [c for c in cols if c == "step" or bool(WALL_CLOCK.search(c)) == keep]
-        with target.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            for row in history:
-                if keep and not any(WALL_CLOCK.search(k) for k in row):
-                    continue
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -17,7 +17,8 @@ from urllib.parse import unquote, urlparse
 
 from lmpipe.compare.runs import CompareError, RunRecord, newest_first, record_of, with_upstream
 from lmpipe.config import ParamsError, TrackingParams, parse_section, read_yaml
-from lmpipe.tracking import TrackingError, absolute_uri, check_reachable
+from lmpipe.tracking.store import absolute_uri, check_reachable
+from lmpipe.tracking.tracker import TrackingError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "lmpipe"

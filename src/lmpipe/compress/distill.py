@@ -17,12 +17,11 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from lmpipe.batches import IGNORE, Batch, Example, PairBatches, Parts
+from lmpipe.batches import IGNORE, Batch, Example, PairBatches, Parts, TokenWindows
 from lmpipe.compress.prune import Importance, shrink, spread_layers, top_k
 from lmpipe.config import CompressParams, ModelParams, ParamsError
 from lmpipe.model import build_model, ff_width
 from lmpipe.sampling import generate
-from lmpipe.train import TokenWindows
 
 
 def kd_loss_sum(

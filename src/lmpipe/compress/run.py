@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmpipe.batches import Batch, Example, split_parts
+from lmpipe.batches import Batch, Example, TokenWindows, split_parts
+from lmpipe.checkpoints import CheckpointStore
 from lmpipe.compress import quantize as q8
 from lmpipe.compress.distill import DistillLoss, MixedBatches, build_student, teacher_examples
 from lmpipe.compress.prune import Importance, magnitude_importance, prune, taylor_importance
@@ -22,8 +23,8 @@ from lmpipe.config import CompressParams
 from lmpipe.data.tokenizer import read_tokens
 from lmpipe.io import read_json, read_jsonl
 from lmpipe.model import context_length
-from lmpipe.tracking import RenamingTracker
-from lmpipe.train import CheckpointStore, TokenWindows, lm_loss_sum, train
+from lmpipe.tracking.tracker import RenamingTracker
+from lmpipe.train import lm_loss_sum, train
 
 KINDS = {"distilled": "distill", "pruned": "recovery"}
 """The variants the loop trains, and the name of their training run (checkpoints, curves)."""

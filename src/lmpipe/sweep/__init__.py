@@ -23,7 +23,7 @@ def _tracking(root: Path, spec: Spec):
     """The sweep's MLflow parent run, in the store and experiment the stages use (or None)."""
     from lmpipe.config import ParamsError, load_params
     from lmpipe.sweep.report import SweepTracking
-    from lmpipe.tracking import check_reachable, resolve_uri
+    from lmpipe.tracking.store import check_reachable, resolve_uri
 
     try:
         cfg = load_params(root / spec.params_file, ["tracking"]).tracking

@@ -179,7 +179,7 @@ class SweepTracking:
         for noisy in ("alembic", "mlflow.store.db.utils"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=uri)
-        from lmpipe.tracking import artifact_location
+        from lmpipe.tracking.store import artifact_location
 
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
