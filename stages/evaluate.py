@@ -23,7 +23,7 @@ from lmpipe.tracking.run import stage_run
 CURVES = ("pretrain", "sft", "reward", "rl", "compress")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", type=Path, required=True)
@@ -34,8 +34,11 @@ def main() -> None:
     ap.add_argument("--samples", type=Path, required=True)
     ap.add_argument("--report", type=Path, required=True)
     ap.add_argument("--figures", type=Path, required=True)
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     params = load_params(args.params, ["evaluate", "tracking"])
     cfg, seed, m = params.evaluate, params.seed, args.models
     device = str(dist.setup(cfg.device)[1])

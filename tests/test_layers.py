@@ -277,3 +277,29 @@ def test_the_checks_catch_what_they_should(tmp_path):
         "rl.py:5: `from sft import x`: a stage imports another stage; move what they share "
         "into lmpipe"
     ), got
+
+
+MAX_MODULE_LINES = 350
+MAX_MAIN_STATEMENTS = 40
+
+
+def test_library_modules_stay_small():
+    """A module a newcomer can read in one sitting: split by concern beyond ~350 lines."""
+    big = {
+        str(p.relative_to(SRC)): n
+        for p in SRC.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not big, f"modules over {MAX_MODULE_LINES} lines: {big}"
+
+
+def test_stage_mains_are_thin():
+    """A stage's main() parses args, loads params, calls the library and writes outputs."""
+    fat = {}
+    for path in sorted(STAGES.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name == "main":
+                count = sum(isinstance(n, ast.stmt) for n in ast.walk(node)) - 1
+                if count > MAX_MAIN_STATEMENTS:
+                    fat[path.name] = count
+    assert not fat, f"main() over {MAX_MAIN_STATEMENTS} statements: {fat}"
