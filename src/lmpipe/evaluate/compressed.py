@@ -61,7 +61,7 @@ def score_models(
         log.info(
             "%-9s %8d params %6.2f MB  ppl %.2f  KL %.4f  gold %.3f  proxy %.2f  %.0f tok/s",
             name, row["params"], row["size_mb"], row["val_ppl"], row["kl_to_teacher"],
-            row["gold_reward"], row["proxy_reward"], row["tokens_per_sec_b8"],
+            row["gold_reward"], row["proxy_reward"] or math.nan, row["tokens_per_sec_b8"],
         )  # fmt: skip
     return rows, texts
 
