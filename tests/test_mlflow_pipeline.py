@@ -82,7 +82,11 @@ def test_a_copied_project_finds_every_runs_artifacts_in_the_copy(tiny_repo, tmp_
     client = mlflow.MlflowClient()
     for r in runs:
         assert r.info.artifact_uri.startswith(moved.as_uri()), r.info.artifact_uri
-        if r.data.tags.get("lmpipe.stage") not in (None, "pipeline"):
+        # a stage run another test made fail on purpose has nothing to find
+        if (
+            r.data.tags.get("lmpipe.stage") not in (None, "pipeline")
+            and r.info.status == "FINISHED"
+        ):
             assert client.list_artifacts(r.info.run_id), r.data.tags["lmpipe.stage"]
     for m in client.search_model_versions():
         where = client.get_model_version_download_uri(m.name, m.version)
