@@ -98,7 +98,7 @@ def write_outputs(
     if params.tracking.log_models:
         keys = ("gold_reward.final", "proxy_reward.final", "kl_to_ref", "posterior_kl")
         card = model_card(f"rl ({params.rl.algo})", report, keys)
-        tracker.log_model(args.out, "model", "policy", "lmpipe-rl-torch", card)
+        stage.log_model(tracker, args.out, "model", "policy", "lmpipe-rl-torch", card)
     tracker.log_report(report, "reports/rl.json")
     write_json(args.report, report)
 
