@@ -10,28 +10,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 from pathlib import Path
 
-from lmpipe import base as base_lib
 from lmpipe import dist, stage
-from lmpipe.baselines import bigram_loss, unigram_loss
+from lmpipe import pretrain as pt
 from lmpipe.batches import TokenWindows
 from lmpipe.checkpoints import checkpoint_store
-from lmpipe.config import ParamsError, load_params
+from lmpipe.config import load_params
 from lmpipe.data.tokenizer import read_tokens
-from lmpipe.io import atomic_dir, read_json, write_history_csv, write_json
-from lmpipe.model import build_model, n_params, save_model
-from lmpipe.precision import use_bf16
+from lmpipe.io import atomic_dir, read_json, write_json
+from lmpipe.model import n_params, save_model
 from lmpipe.tracking.report import model_card
 from lmpipe.tracking.run import stage_run
 from lmpipe.tracking.tracker import NullTracker
-from lmpipe.train import TrainResult, evaluate, train
 
 log = logging.getLogger("pretrain")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", type=Path, required=True, help="prepared data (data/prepared)")
@@ -39,16 +35,14 @@ def main() -> None:
     ap.add_argument("--report", type=Path, required=True, help="metrics JSON")
     ap.add_argument("--plots", type=Path, required=True, help="per-step CSV")
     ap.add_argument("--cache", type=Path, default=Path(".cache/checkpoints"))
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     params = load_params(args.params, ["base", "model", "pretrain", "tracking"])
     cfg, mcfg = params.pretrain, params.model
-    base = base_lib.resolve(params.base)
-    if base is None and cfg.max_steps == 0:
-        raise ParamsError(
-            "pretrain.max_steps = 0 passes a base model through, but base.model is '' (from "
-            "scratch): set pretrain.max_steps > 0 or name a base model"
-        )
+    base = pt.resolve_base(params.base, cfg)
     info, device = dist.setup(cfg.device)
     meta = read_json(args.data / "meta.json")
     train_tokens = read_tokens(args.data / "train.bin", meta["dtype"])
@@ -56,16 +50,7 @@ def main() -> None:
 
     run = stage_run("pretrain", params, params.tracking, {"data": args.data})
     with run if info.is_main else contextlib.nullcontext(NullTracker()) as tracker:
-        if base is None:
-            model = build_model(mcfg, meta["vocab_size"], meta["special_tokens"], params.seed)
-        else:
-            model = base_lib.load_model(base)
-            if model.get_input_embeddings().num_embeddings < meta["vocab_size"]:
-                raise base_lib.BaseError(
-                    f"base.model has {model.get_input_embeddings().num_embeddings} embeddings for "
-                    f"a tokenizer of {meta['vocab_size']} tokens: the tokenizer is not the model's"
-                )
-        model.to(device)
+        model = pt.start_model(base, mcfg, meta, params.seed).to(device)
         tracker.log_params({"model.n_params": n_params(model), "world_size": info.world})
         source = TokenWindows(
             train_tokens, mcfg.context, cfg.batch_size, params.seed, info.rank, info.world
@@ -76,28 +61,10 @@ def main() -> None:
         )
         key = stage.checkpoint_key(params, {"data": args.data})
         store = checkpoint_store(args.cache, "pretrain", key)  # every rank resumes; rank 0 saves
-        if cfg.max_steps:
-            result = train(
-                model, source, cfg, val_batches=val, tracker=tracker, checkpoints=store,
-                plot_csv=args.plots, prefix="train",
-            )  # fmt: skip
-        else:  # the base as it is: its val loss, and the same tensors saved
-            loss = evaluate(model, val, device, use_bf16(cfg.precision, device))
-            result = TrainResult(loss, 0.0, 0.0, 0, 0)
-            write_history_csv(args.plots, [{"step": 0, "eval/loss": loss}])
+        result = pt.fit(model, source, val, cfg, tracker, store, args.plots, device)
         if info.is_main:
-            report = {
-                "val_loss": result.val_loss,
-                "val_ppl": math.exp(result.val_loss),
-                "baseline_unigram_loss": unigram_loss(train_tokens, val_tokens, meta["vocab_size"]),
-                "baseline_bigram_loss": bigram_loss(train_tokens, val_tokens, meta["vocab_size"]),
-                "tokens_per_sec": result.tokens_per_sec,
-                "train_seconds": result.train_seconds,
-                "steps": result.steps,
-                "params": n_params(model),
-                "world_size": info.world,
-                **({"base": params.base.model} if base else {}),
-            }
+            report = pt.report(result, model, (train_tokens, val_tokens), meta["vocab_size"],
+                               info.world, params.base.model if base else None)  # fmt: skip
             with atomic_dir(args.out) as tmp:
                 save_model(
                     model,

@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
-import math
 from pathlib import Path
 
 from lmpipe import dist, stage
+from lmpipe import sft as S
 from lmpipe.batches import PairBatches
 from lmpipe.chat import load_template
 from lmpipe.checkpoints import checkpoint_store
 from lmpipe.config import load_params
 from lmpipe.io import atomic_dir, write_json
-from lmpipe.model import context_length, load_model, n_params, save_model
-from lmpipe.sampling import sample_responses
-from lmpipe.sft import encode_pairs
+from lmpipe.model import context_length, load_model, save_model
 from lmpipe.tracking.report import model_card
 from lmpipe.tracking.run import stage_run
 from lmpipe.tracking.tracker import NullTracker
@@ -29,11 +26,7 @@ from lmpipe.train import train
 log = logging.getLogger("sft")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--model", type=Path, required=True, help="pretrained model (models/pretrain)")
@@ -42,8 +35,11 @@ def main() -> None:
     ap.add_argument("--report", type=Path, required=True, help="metrics JSON")
     ap.add_argument("--plots", type=Path, required=True, help="per-step CSV")
     ap.add_argument("--cache", type=Path, default=Path(".cache/checkpoints"))
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     params = load_params(args.params, ["sft", "tracking"])
     cfg = params.sft
     info, device = dist.setup(cfg.device)
@@ -54,9 +50,7 @@ def main() -> None:
     run = stage_run("sft", params, params.tracking, inputs)
     with run if info.is_main else contextlib.nullcontext(NullTracker()) as tracker:
         model = load_model(args.model, device)
-        context = context_length(model)
-        train_ex = encode_pairs(template, read_jsonl(args.data / "sft" / "train.jsonl"), context)
-        val_ex = encode_pairs(template, read_jsonl(args.data / "sft" / "val.jsonl"), context)
+        train_ex, val_ex = S.read_examples(template, args.data, context_length(model))
         source = PairBatches(train_ex, cfg.batch_size, params.seed, pad, info.rank, info.world)
         # every rank evaluates the whole global batch's worth: the val set of one process
         val = PairBatches(val_ex, cfg.batch_size * info.world, 0, pad).fixed_batches(
@@ -69,27 +63,9 @@ def main() -> None:
             plot_csv=args.plots, prefix="train",
         )  # fmt: skip
         if info.is_main:
-            prompts = [r["prompt"] for r in read_jsonl(args.data / "prompts" / "eval.jsonl")]
-            samples = sample_responses(
-                model, template, prompts[: cfg.samples], cfg.max_new_tokens, cfg.temperature,
-                seed=params.seed,
-            )  # fmt: skip
-            report = {
-                "val_loss": result.val_loss,
-                "val_ppl": math.exp(result.val_loss),
-                "tokens_per_sec": result.tokens_per_sec,
-                "train_seconds": result.train_seconds,
-                "steps": result.steps,
-                "params": n_params(model),
-                "train_pairs": len(train_ex),
-                "eos_rate": sum(s["ended_with_eos"] for s in samples) / len(samples),
-                "mean_response_tokens": sum(s["n_tokens"] for s in samples) / len(samples),
-                "world_size": info.world,
-            }
-            tracker.log_text(
-                "\n\n".join(f"PROMPT: {s['prompt']}\nRESPONSE: {s['response']}" for s in samples),
-                "samples.txt",
-            )
+            samples = S.eval_samples(model, template, args.data, cfg, params.seed)
+            report = S.report(result, model, len(train_ex), samples, info.world)
+            tracker.log_text(S.samples_text(samples), "samples.txt")
             with atomic_dir(args.out) as tmp:
                 save_model(
                     model, tmp, args.data,

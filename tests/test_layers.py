@@ -42,7 +42,17 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("training", ("lmpipe.train", "lmpipe.tracking")),
-    ("libraries", ("lmpipe.sft", "lmpipe.reward", "lmpipe.rl", "lmpipe.compress", "lmpipe.onnx")),
+    (
+        "libraries",
+        (
+            "lmpipe.pretrain",
+            "lmpipe.sft",
+            "lmpipe.reward",
+            "lmpipe.rl",
+            "lmpipe.compress",
+            "lmpipe.onnx",
+        ),
+    ),
     ("evaluation", ("lmpipe.evaluate",)),
     (
         "apps",

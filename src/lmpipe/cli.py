@@ -240,35 +240,30 @@ app.add_typer(params_app, name="params")
 
 Profile = Annotated[Path, typer.Argument(help="profile, e.g. params/gpu-125m.yaml")]
 ParamsFile = Annotated[Path, typer.Option("--params", help="the params file it applies to")]
+PARAMS = Path("params.yaml")
+
+
+def _profile(action: str, profile: Path, params_file: Path) -> list[str]:
+    """`lmpipe.profiles.<action>(profile, params_file)`; a params error ends the command."""
+    from lmpipe import profiles
+    from lmpipe.config import ParamsError
+
+    with _user_errors(ParamsError):
+        return getattr(profiles, action)(profile, params_file)
 
 
 @params_app.command("apply")
-def params_apply(
-    profile: Profile,
-    params_file: ParamsFile = Path("params.yaml"),
-) -> None:
+def params_apply(profile: Profile, params_file: ParamsFile = PARAMS) -> None:
     """Write a profile's values into params.yaml (comments kept; validated first)."""
-    from lmpipe.config import ParamsError
-    from lmpipe.profiles import apply
-
-    with _user_errors(ParamsError):
-        changed = apply(profile, params_file)
+    changed = _profile("apply", profile, params_file)
     typer.echo(f"{params_file}: {len(changed)} value(s) changed" + (": " if changed else "")
                + ", ".join(changed))  # fmt: skip
 
 
 @params_app.command("flags")
-def params_flags(
-    profile: Profile,
-    params_file: ParamsFile = Path("params.yaml"),
-) -> None:
+def params_flags(profile: Profile, params_file: ParamsFile = PARAMS) -> None:
     """Print `-S key=value` flags: dvc exp run $(lmpipe params flags params/gpu-125m.yaml)."""
-    from lmpipe.config import ParamsError
-    from lmpipe.profiles import dvc_flags
-
-    with _user_errors(ParamsError):
-        flags = dvc_flags(profile, params_file)
-    sys.stdout.write(" ".join(flags) + "\n")
+    sys.stdout.write(" ".join(_profile("dvc_flags", profile, params_file)) + "\n")
 
 
 @app.command("prune-checkpoints")

@@ -94,17 +94,12 @@ def labelled_samples(
     prompts: Sequence[str],
     pcfg: PreferenceParams,
     gold: Callable,
-    *,
     seed: int,
-    precision: str,
-    device: torch.device,
+    bf16: bool,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """`sample_and_label` on the first `preference.prompts` prompts, in bf16 where `precision`
-    (`preference.precision`, or the reward model's when auto) says so; the pairs and how the
-    samples came out. Every process draws the same samples (same seed): the pairs, and so the
-    training data, are those of one process."""
-    # bf16 weights: 1.6x the tokens/s on an AVX512-BF16 CPU (bench/sampling_throughput.py)
-    bf16 = use_bf16(pcfg.precision if pcfg.precision != "auto" else precision, device)
+    """`sample_and_label` on the first `preference.prompts` prompts, in bf16 if `bf16`; the
+    pairs and how the samples came out. Every process draws the same samples (same seed): the
+    pairs, and so the training data, are those of one process."""
     samples, pairs = sample_and_label(
         sft.to(torch.bfloat16) if bf16 else sft, template, prompts[: pcfg.prompts],
         k=pcfg.samples_per_prompt, max_new_tokens=pcfg.max_new_tokens,
@@ -152,9 +147,10 @@ def collect_preferences(
     sft = load_model(sft_dir, device)
     t0 = time.perf_counter()
     if pcfg.source == "gold":
-        pairs, stats = labelled_samples(
-            sft, template, prompts, pcfg, gold, seed=seed, precision=precision, device=device
-        )
+        # the reward model's precision when preference.precision is auto; bf16 weights sample
+        # faster on a CPU with AVX512-BF16 (bench/sampling_throughput.py)
+        bf16 = use_bf16(pcfg.precision if pcfg.precision != "auto" else precision, device)
+        pairs, stats = labelled_samples(sft, template, prompts, pcfg, gold, seed, bf16)
     else:
         pairs, stats = file_pairs(pcfg.path, gold), {}
     seconds = time.perf_counter() - t0

@@ -11,6 +11,7 @@ penalty.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,17 +29,14 @@ def draw(
     n: int,
     score_fn: ScoreFn,
     *,
-    max_new_tokens: int,
     temperature: float,
-    eos_id: int | Sequence[int],
-    pad_id: int,
-    penalty: float | None,
-    generator: torch.Generator,
-    batch_size: int = 256,
     logprobs: bool = True,
+    **sampling: Any,
 ) -> Samples:
     """n samples of `model` per prompt, scored, with Σ k1/k3 against `ref` (0 when model is ref)
-    and entropies; with `logprobs` False those three are NaN and no log-prob pass runs."""
+    and entropies; with `logprobs` False those three are NaN and no log-prob pass runs.
+    `sampling`: `sample_scored`'s other keywords (max_new_tokens, eos_id, pad_id, penalty,
+    generator, batch_size)."""
 
     def measure(gen: Generation) -> dict[str, list[float]]:
         everything = slice(None)
@@ -55,9 +53,8 @@ def draw(
         }
 
     return sample_scored(
-        model, prompts, n, score_fn, max_new_tokens=max_new_tokens, temperature=temperature,
-        eos_id=eos_id, pad_id=pad_id, penalty=penalty, generator=generator,
-        batch_size=batch_size, measure=measure if logprobs else None,
+        model, prompts, n, score_fn, temperature=temperature,
+        measure=measure if logprobs else None, **sampling,
     )  # fmt: skip
 
 
