@@ -68,8 +68,12 @@ def reports_date(reports: Path) -> str:
     """The date of the last commit of `reports` (today's where git has none)."""
     import subprocess
 
-    out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", str(reports)],
-                         capture_output=True, text=True, cwd=reports.parent)  # fmt: skip
+    out = subprocess.run(
+        ["git", "log", "-1", "--format=%cs", "--", str(reports)],
+        capture_output=True,
+        text=True,
+        cwd=reports.parent,
+    )
     return out.stdout.strip() or time.strftime("%Y-%m-%d")
 
 

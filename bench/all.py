@@ -379,13 +379,14 @@ def table(columns: list[Column], rows: list) -> str:
     ]
     for row in rows:
         lines.append("| " + " | ".join(cell(row[k], f) for _, k, f in columns) + " |")
-    return "\n".join(lines)  # fmt: skip
+    return "\n".join(lines)
 
 
 def machine_line(m: dict) -> str:
     gpu = m.get("gpu") or "no GPU"
-    return (f"{m['cpu']}, {m['cores']} cores, torch CPU capability {m['capability']}, {gpu}"
-            + (f", torch {m['torch']}" if m.get("torch") else ""))  # fmt: skip
+    return f"{m['cpu']}, {m['cores']} cores, torch CPU capability {m['capability']}, {gpu}" + (
+        f", torch {m['torch']}" if m.get("torch") else ""
+    )
 
 
 def render_section(s: Section, results: Path = RESULTS) -> str:
@@ -395,8 +396,11 @@ def render_section(s: Section, results: Path = RESULTS) -> str:
         return f"{head}\nNot run yet: `python bench/all.py --run --only {s.name}`.\n"
     doc = json.loads(path.read_text(encoding="utf-8"))
     fig = doc["figures"]
-    parts = [head, f"```bash\n{doc['command']}\n```\n",
-             f"{doc['date']}; {machine_line(doc['machine'])}.\n"]  # fmt: skip
+    parts = [
+        head,
+        f"```bash\n{doc['command']}\n```\n",
+        f"{doc['date']}; {machine_line(doc['machine'])}.\n",
+    ]
     caption = s.caption(fig)
     if caption:
         parts.append(fill(caption) + "\n")

@@ -85,8 +85,14 @@ def main() -> None:
             f"{name:26s} sdpa {rate['sdpa']:8,.0f} tokens/s  eager {rate['eager']:8,.0f}"
             f" tokens/s  eager/sdpa {rate['eager'] / rate['sdpa']:.2f}x"
         )
-        rows.append({"case": name, "sdpa": rate["sdpa"], "eager": rate["eager"],
-                     "eager_over_sdpa": rate["eager"] / rate["sdpa"]})  # fmt: skip
+        rows.append(
+            {
+                "case": name,
+                "sdpa": rate["sdpa"],
+                "eager": rate["eager"],
+                "eager_over_sdpa": rate["eager"] / rate["sdpa"],
+            }
+        )
     write(args.json, {"device": str(device), "rows": rows})
 
 

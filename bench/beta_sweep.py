@@ -35,13 +35,35 @@ def run_rl(workdir: Path, params: dict, name: str) -> dict:
     out = workdir / name
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, "stages/rl.py", "--params", str(out / "params.yaml"),
-           "--sft", "models/sft", "--reward", "models/reward", "--data", "data/prepared",
-           "--out", str(out / "model"), "--report", str(out / "rl.json"),
-           "--plots", str(out / "rl.csv"), "--cache", str(out / "cache")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "stages/rl.py",
+        "--params",
+        str(out / "params.yaml"),
+        "--sft",
+        "models/sft",
+        "--reward",
+        "models/reward",
+        "--data",
+        "data/prepared",
+        "--out",
+        str(out / "model"),
+        "--report",
+        str(out / "rl.json"),
+        "--plots",
+        str(out / "rl.csv"),
+        "--cache",
+        str(out / "cache"),
+    ]
     with (out / "log").open("w") as log:
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT,
-                       env={**os.environ, "LMPIPE_PROGRESS_S": "60"})  # fmt: skip
+        subprocess.run(
+            cmd,
+            cwd=ROOT,
+            check=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "LMPIPE_PROGRESS_S": "60"},
+        )
     return json.loads((out / "rl.json").read_text())
 
 
@@ -78,18 +100,23 @@ def main() -> None:
     for beta in args.betas:
         runs = []
         for seed in range(args.seeds):
-            params = {**base, "seed": base["seed"] + seed,
-                      "rl": {**base["rl"], "kl_coef": beta}}  # fmt: skip
+            params = {**base, "seed": base["seed"] + seed, "rl": {**base["rl"], "kl_coef": beta}}
             rep = run_rl(args.workdir, params, f"beta{beta}-seed{seed}")
             best = rep["best_of_n"]
             kl = rep["kl_to_ref"]
             j = rep["objective_j"]["final"]
-            runs.append({
-                "score": j + beta * kl, "gold": rep["gold_reward"]["final"], "kl": kl, "j": j,
-                "bon_score": at_kl(best, "score", kl), "bon_gold": at_kl(best, "gold", kl),
-                "bon_j": max(b["objective_j_lower"] for b in best),
-                "posterior_kl": rep["posterior_kl"],
-            })  # fmt: skip
+            runs.append(
+                {
+                    "score": j + beta * kl,
+                    "gold": rep["gold_reward"]["final"],
+                    "kl": kl,
+                    "j": j,
+                    "bon_score": at_kl(best, "score", kl),
+                    "bon_gold": at_kl(best, "gold", kl),
+                    "bon_j": max(b["objective_j_lower"] for b in best),
+                    "posterior_kl": rep["posterior_kl"],
+                }
+            )
             print(f"β {beta} seed {seed}: {json.dumps(runs[-1])}", flush=True)
         row = {"beta": beta}
         for key in runs[0]:
@@ -99,8 +126,10 @@ def main() -> None:
             row[f"{key}_gap"] = d
         table.append(row)
     cpu = platform.processor() or platform.machine()
-    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}), "
-          f"{args.seeds} seeds a β, {time.time() - t0:.0f} s\n")  # fmt: skip
+    print(
+        f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}), "
+        f"{args.seeds} seeds a β, {time.time() - t0:.0f} s\n"
+    )
     print(
         "| β | RL reward | best-of-n at RL's KL | gold | best-of-n gold | gold − bon (SE) "
         "| KL | J | best J bound of best-of-n | KL(π‖π*) |"
@@ -124,14 +153,14 @@ def main() -> None:
                 "posterior_kl": f"{r['posterior_kl'][0]:.2f} ± {r['posterior_kl'][1]:.2f}",
             }
         )
-        print(f"| {r['beta']} | {f(r['score'])} | {r['bon_score'][0]:.3f} | {f(r['gold'])} | "
-              f"{r['bon_gold'][0]:.3f} | {gap:+.3f} ({gap / se if se else float('nan'):+.1f}) | "
-              f"{f(r['kl'])} | {f(r['j'])} | {r['bon_j'][0]:.3f} | "
-              f"{f(r['posterior_kl'])} |")  # fmt: skip
-    caption = (f"Mean ± SE over {args.seeds} seeds a β; overrides: "
-               f"{', '.join(args.set) or 'none'}.")  # fmt: skip
-    write(args.json, {"seeds": args.seeds, "overrides": args.set, "caption": caption,
-                      "rows": rows})  # fmt: skip
+        print(
+            f"| {r['beta']} | {f(r['score'])} | {r['bon_score'][0]:.3f} | {f(r['gold'])} | "
+            f"{r['bon_gold'][0]:.3f} | {gap:+.3f} ({gap / se if se else float('nan'):+.1f}) | "
+            f"{f(r['kl'])} | {f(r['j'])} | {r['bon_j'][0]:.3f} | "
+            f"{f(r['posterior_kl'])} |"
+        )
+    caption = f"Mean ± SE over {args.seeds} seeds a β; overrides: {', '.join(args.set) or 'none'}."
+    write(args.json, {"seeds": args.seeds, "overrides": args.set, "caption": caption, "rows": rows})
 
 
 if __name__ == "__main__":

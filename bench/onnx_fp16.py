@@ -40,9 +40,16 @@ def main() -> None:
     table = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "b"
-        build_bundle(model, out, tokenizer_file=src / "tokenizer.json",
-                     special_tokens=meta["special_tokens"], generation={},
-                     source={"variant": "bench"}, int8=False, fp16=True)  # fmt: skip
+        build_bundle(
+            model,
+            out,
+            tokenizer_file=src / "tokenizer.json",
+            special_tokens=meta["special_tokens"],
+            generation={},
+            source={"variant": "bench"},
+            int8=False,
+            fp16=True,
+        )
         for precision in ("fp32", "fp16"):
             lm = OnnxLM(out, precision=precision)
             eos, forward = lm.special["eos"], lm.forward
@@ -56,8 +63,9 @@ def main() -> None:
             prompt = lm.prompt_ids("Tom found a small shell on the beach and")
             size = (out / lm.meta["files"][precision]).stat().st_size / 1e6
             line = [f"{precision}  {size:6.2f} MB  {lm.session.get_providers()[0]}"]
-            table.append({"precision": precision, "mb": size,
-                          "provider": lm.session.get_providers()[0]})  # fmt: skip
+            table.append(
+                {"precision": precision, "mb": size, "provider": lm.session.get_providers()[0]}
+            )
             for batch in (1, 8):
                 rows = [prompt] * batch
                 lm.generate_ids(rows, max_new_tokens=args.new_tokens, temperature=0)
@@ -70,14 +78,23 @@ def main() -> None:
                 line.append(f"b{batch} {tps:7,.0f} tokens/s")
                 table[-1][f"b{batch}"] = tps
             lm.forward = forward
-            prompts = [lm.prompt_ids(t) for t in ("Tom found a shell.", "Mia was sad because "
-                       "the rain came.", "A baker named Olu")]  # fmt: skip
+            prompts = [
+                lm.prompt_ids(t)
+                for t in (
+                    "Tom found a shell.",
+                    "Mia was sad because the rain came.",
+                    "A baker named Olu",
+                )
+            ]
             row = parity(model, lm, prompts, 16, meta["special_tokens"]["pad"])
-            line.append(f"max|dlogit| {row['max_abs_logit_diff']:.2e}  greedy match "
-                        f"{row['greedy_token_match']:.3f}")  # fmt: skip
+            line.append(
+                f"max|dlogit| {row['max_abs_logit_diff']:.2e}  greedy match "
+                f"{row['greedy_token_match']:.3f}"
+            )
             print("  ".join(line))
-            table[-1].update({"max_dlogit": row["max_abs_logit_diff"],
-                              "greedy_match": row["greedy_token_match"]})  # fmt: skip
+            table[-1].update(
+                {"max_dlogit": row["max_abs_logit_diff"], "greedy_match": row["greedy_token_match"]}
+            )
     write(args.json, {"model": args.model, "new_tokens": args.new_tokens, "rows": table})
 
 

@@ -43,10 +43,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(
-        "--keep-freed-memory", action="store_true",
+        "--keep-freed-memory",
+        action="store_true",
         help="glibc keeps freed blocks, as the training stages run (lmpipe.allocator); "
         "export and evaluate do not",
-    )  # fmt: skip
+    )
     add_json_arg(ap)
     args = ap.parse_args()
     if args.keep_freed_memory and not keep_freed_memory():
@@ -57,9 +58,11 @@ def main() -> None:
     eos, pad = fp32.special["eos"], fp32.special["pad"]
     prompt = fp32.prompt_ids("Tom found a small shell on the beach and")
     n = args.new_tokens
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), {args.bundle}, "
-          f"{n} new tokens, greedy, median of {args.repeats}"
-          f"{', freed host memory kept' if args.keep_freed_memory else ''}")  # fmt: skip
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), {args.bundle}, "
+        f"{n} new tokens, greedy, median of {args.repeats}"
+        f"{', freed host memory kept' if args.keep_freed_memory else ''}"
+    )
 
     class NoEos(torch.nn.Module):  # every engine masks EOS so every row makes n tokens
         def __init__(self, m):
@@ -82,10 +85,14 @@ def main() -> None:
 
             with torch.no_grad():
                 model.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                    min_new_tokens=n, do_sample=False, pad_token_id=pad,
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=pad,
                     logits_processor=LogitsProcessorList([SuppressTokensLogitsProcessor([eos])]),
-                )  # fmt: skip
+                )
 
         results["transformers generate (eager, KV cache)"] = timed(hf, args.repeats)
         wrapped = NoEos(model)
@@ -111,8 +118,10 @@ def main() -> None:
         base = results["transformers generate (eager, KV cache)"]
         print(f"batch {batch}")
         for name, sec in results.items():
-            print(f"  {name:42s} {batch * n / sec:8,.0f} tokens/s  {1000 * sec / n:6.2f} ms/token"
-                  f"  {base / sec:5.2f}x")  # fmt: skip
+            print(
+                f"  {name:42s} {batch * n / sec:8,.0f} tokens/s  {1000 * sec / n:6.2f} ms/token"
+                f"  {base / sec:5.2f}x"
+            )
             table.append(
                 {
                     "batch": batch,

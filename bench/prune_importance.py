@@ -46,13 +46,23 @@ def main() -> None:
     prompts = [p for p in prompts if len(p) + 48 <= ctx][:256]
     gen = torch.Generator().manual_seed(0)
     examples = teacher_examples(
-        model, prompts, max_new_tokens=48, eos_id=ids[EOS], pad_id=ids[PAD], temperature=1.0,
+        model,
+        prompts,
+        max_new_tokens=48,
+        eos_id=ids[EOS],
+        pad_id=ids[PAD],
+        temperature=1.0,
         generator=gen,
-    )  # fmt: skip
+    )
     src = MixedBatches(
-        read_tokens(f"{args.data}/train.bin", meta["dtype"]), ctx, examples, args.batch_size,
-        0.5, 7, ids[PAD],
-    )  # fmt: skip
+        read_tokens(f"{args.data}/train.bin", meta["dtype"]),
+        ctx,
+        examples,
+        args.batch_size,
+        0.5,
+        7,
+        ids[PAD],
+    )
     calib = [b for _ in range(args.calibration_batches) for b in split_parts(src.next_batch())]
     t0 = time.perf_counter()
     scores = {"taylor": taylor_importance(model, calib, lm_loss_sum)}

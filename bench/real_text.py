@@ -55,8 +55,10 @@ def main() -> None:
     if not args.corpus.is_file():
         sys.exit(f"{args.corpus} is missing: this check reads ../shared/corpora beside the repo")
 
-    params = {"data": {"source": "text", "path": str(args.corpus.resolve())},
-              "tracking": {"enabled": False}}  # fmt: skip
+    params = {
+        "data": {"source": "text", "path": str(args.corpus.resolve())},
+        "tracking": {"enabled": False},
+    }
     for s in args.set:
         params = merge(params, override(s))
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -77,31 +79,43 @@ def main() -> None:
     prep, rm, rl, card = report("prepare"), report("reward"), report("rl"), report("metrics")
     import torch
 
-    print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; `dvc repro` {minutes:.1f} min; "
-          f"overrides: {', '.join(args.set) or 'none'}\n")  # fmt: skip
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}; `dvc repro` {minutes:.1f} min; "
+        f"overrides: {', '.join(args.set) or 'none'}\n"
+    )
     docs, tokens = prep["documents"]["train"], prep["tokens"]["train"]
-    print(f"Corpus: {docs:,} train documents, {tokens:,} train tokens, "
-          f"{prep['prompts']['rl']} RL prompts.\n")  # fmt: skip
+    print(
+        f"Corpus: {docs:,} train documents, {tokens:,} train tokens, "
+        f"{prep['prompts']['rl']} RL prompts.\n"
+    )
     print("| figure | value |\n|---|---|")
     rows = [
         ("reward: val accuracy", f"{rm['val_accuracy']:.3f} ± {rm.get('val_accuracy_se', 0):.3f}"),
-        ("reward: gold-order accuracy",
-         f"{rm['gold_order_accuracy']:.3f} ± {rm.get('gold_order_accuracy_se', 0):.3f}"),
+        (
+            "reward: gold-order accuracy",
+            f"{rm['gold_order_accuracy']:.3f} ± {rm.get('gold_order_accuracy_se', 0):.3f}",
+        ),
         ("bag-of-words: gold-order accuracy", f"{rm['baseline_bow_gold_order_accuracy']:.3f}"),
-        ("reward − bag-of-words (paired)",
-         f"{rm.get('gold_order_gap_to_baseline', float('nan')):+.3f} ± "
-         f"{rm.get('gold_order_gap_to_baseline_se', float('nan')):.3f}"),
-        ("reward: pairs (train / val), val prompts",
-         f"{rm['pairs']['train']} / {rm['pairs']['val']}, {rm.get('val_prompts', '?')}"),
+        (
+            "reward − bag-of-words (paired)",
+            f"{rm.get('gold_order_gap_to_baseline', float('nan')):+.3f} ± "
+            f"{rm.get('gold_order_gap_to_baseline_se', float('nan')):.3f}",
+        ),
+        (
+            "reward: pairs (train / val), val prompts",
+            f"{rm['pairs']['train']} / {rm['pairs']['val']}, {rm.get('val_prompts', '?')}",
+        ),
         ("reward: kept step", str(rm.get("kept_step"))),
         ("RL gold gain", f"{rl['gold_gain']:+.3f} ± {rl['gold_gain_se']:.3f}"),
         ("RL proxy gain", f"{rl['proxy_gain']:+.3f} ± {rl['proxy_gain_se']:.3f}"),
         ("RL KL to SFT (nats)", f"{rl['kl_to_ref']:.2f}"),
-        ("RL objective J (init → final)",
-         f"{rl['objective_j']['init']:.3f} → {rl['objective_j']['final']:.3f}"),
-    ]  # fmt: skip
+        (
+            "RL objective J (init → final)",
+            f"{rl['objective_j']['init']:.3f} → {rl['objective_j']['final']:.3f}",
+        ),
+    ]
     for name, value in rows:
         print(f"| {name} | {value} |")
     times = re.findall(r"Running stage '(\w+)'", log.stdout)
@@ -112,7 +126,7 @@ def main() -> None:
         f"Corpus: {docs:,} train documents ({tokens:,} tokens), "
         f"{prep['prompts']['rl']} RL prompts; overrides: {', '.join(args.set) or 'none'}."
     )
-    write(args.json, {"caption": caption, "rows": table(repo / "reports")})  # fmt: skip
+    write(args.json, {"caption": caption, "rows": table(repo / "reports")})
 
 
 if __name__ == "__main__":

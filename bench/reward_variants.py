@@ -90,9 +90,16 @@ def main() -> None:
                 f"{time.perf_counter() - t0:.0f} s in all"
             )
             se = {k: m.get(f"{k}_se") for k in ("val_accuracy", "gold_order_accuracy")}
-            rows.append({"batching": batching, "pooling": pooling, **{
-                k: f"{m[k]:.3f}" + (f" ± {se[k]:.3f}" if se[k] is not None else "")
-                for k in se}})  # fmt: skip
+            rows.append(
+                {
+                    "batching": batching,
+                    "pooling": pooling,
+                    **{
+                        k: f"{m[k]:.3f}" + (f" ± {se[k]:.3f}" if se[k] is not None else "")
+                        for k in se
+                    },
+                }
+            )
     write(args.json, {"lr": cfg.lr, "steps": cfg.max_steps, "rows": rows})
 
 

@@ -112,8 +112,10 @@ def main() -> None:
             sync()
             times.setdefault(key, []).append(time.perf_counter() - t0)
             hidden.grad = head.weight.grad = None
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}; "
-          f"{args.positions} positions, vocabulary {args.vocab}, width {args.width}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}; "
+        f"{args.positions} positions, vocabulary {args.vocab}, width {args.width}"
+    )
     base: dict[str, float] = {}
     rows = []
     for (part, variant), ts in times.items():
@@ -121,8 +123,16 @@ def main() -> None:
         base.setdefault(part, ms)
         print(f"{part:42s} {variant:21s} {ms:8.1f} ms  x{base[part] / ms:.2f}")
         rows.append({"part": part, "variant": variant, "ms": ms, "speedup": base[part] / ms})
-    write(args.json, {"device": str(device), "positions": args.positions, "vocab": args.vocab,
-                      "width": args.width, "rows": rows})  # fmt: skip
+    write(
+        args.json,
+        {
+            "device": str(device),
+            "positions": args.positions,
+            "vocab": args.vocab,
+            "width": args.width,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -42,17 +42,27 @@ def table(reports: Path) -> list[list[str]]:
     j = rl["objective_j"]
     order = rl.get("reward_gold_order", {})
     out = [
-        ("reward model, val accuracy (± SE by prompt)",
-         f"{rm['val_accuracy']:.3f} ± {rm['val_accuracy_se']:.3f}"),
-        ("reward model, gold-order accuracy (± SE by prompt)",
-         f"{rm['gold_order_accuracy']:.3f} ± {rm['gold_order_accuracy_se']:.3f}"),
-        ("bag-of-words baseline, gold-order accuracy",
-         f"{rm['baseline_bow_gold_order_accuracy']:.3f}"),
-        ("reward model − baseline, paired (± SE)",
-         f"{rm['gold_order_gap_to_baseline']:+.3f} ± {rm['gold_order_gap_to_baseline_se']:.3f}"),
-        ("reward model, calibration error against labels / gold",
-         f"{rm['calibration_error_labels']:.3f} / {rm['calibration_error_gold']:.3f}"),
-    ]  # fmt: skip
+        (
+            "reward model, val accuracy (± SE by prompt)",
+            f"{rm['val_accuracy']:.3f} ± {rm['val_accuracy_se']:.3f}",
+        ),
+        (
+            "reward model, gold-order accuracy (± SE by prompt)",
+            f"{rm['gold_order_accuracy']:.3f} ± {rm['gold_order_accuracy_se']:.3f}",
+        ),
+        (
+            "bag-of-words baseline, gold-order accuracy",
+            f"{rm['baseline_bow_gold_order_accuracy']:.3f}",
+        ),
+        (
+            "reward model − baseline, paired (± SE)",
+            f"{rm['gold_order_gap_to_baseline']:+.3f} ± {rm['gold_order_gap_to_baseline_se']:.3f}",
+        ),
+        (
+            "reward model, calibration error against labels / gold",
+            f"{rm['calibration_error_labels']:.3f} / {rm['calibration_error_gold']:.3f}",
+        ),
+    ]
     if "sft" in order and "policy" in order:
         out.append(
             (
@@ -62,23 +72,37 @@ def table(reports: Path) -> list[list[str]]:
             )
         )
     out += [
-        (f"RL ({rl['algo']}) gold gain (± SE over {rl['eval_prompts']} eval prompts)",
-         f"{rl['gold_gain']:+.3f} ± {rl['gold_gain_se']:.3f}"),
+        (
+            f"RL ({rl['algo']}) gold gain (± SE over {rl['eval_prompts']} eval prompts)",
+            f"{rl['gold_gain']:+.3f} ± {rl['gold_gain_se']:.3f}",
+        ),
         ("RL proxy gain", f"{rl['proxy_gain']:+.3f} ± {rl['proxy_gain_se']:.3f}"),
         ("RL KL to SFT (nats per sequence)", f"{rl['kl_to_ref']:.2f}"),
-        (f"objective J = RL reward − {rl['beta']}·KL, SFT → policy (± SE)",
-         f"{j['init']:.3f} → {j['final']:.3f} ± {rl['objective_j_se']:.3f}"),
-        ("best-of-4 / best-of-16 from SFT, same prompts: J lower bound",
-         f"{best[4]['objective_j_lower']:.3f} / {best[16]['objective_j_lower']:.3f}"),
-        ("KL(π‖π*): SFT → policy (policy's 95% interval)",
-         f"{rl['posterior_kl_init']:.2f} → {rl['posterior_kl']:.2f} [{lo:.2f}, {hi:.2f}]"),
-        ("training J's slope over the last 20% of steps ÷ its mean slope",
-         f"{rl['j_slope_ratio']:.2f}"),
-        ("critic: explained variance at step 1; lowest from step 10; median",
-         f"{ev[0]:.2f}; {np.nanmin(ev[steps >= 10]):.2f}; {np.nanmedian(ev):.2f}"),
-        ("critic's share of the clipped gradient (median, max over steps)",
-         f"{np.nanmedian(share):.2f}, {np.nanmax(share):.2f}"),
-    ]  # fmt: skip
+        (
+            f"objective J = RL reward − {rl['beta']}·KL, SFT → policy (± SE)",
+            f"{j['init']:.3f} → {j['final']:.3f} ± {rl['objective_j_se']:.3f}",
+        ),
+        (
+            "best-of-4 / best-of-16 from SFT, same prompts: J lower bound",
+            f"{best[4]['objective_j_lower']:.3f} / {best[16]['objective_j_lower']:.3f}",
+        ),
+        (
+            "KL(π‖π*): SFT → policy (policy's 95% interval)",
+            f"{rl['posterior_kl_init']:.2f} → {rl['posterior_kl']:.2f} [{lo:.2f}, {hi:.2f}]",
+        ),
+        (
+            "training J's slope over the last 20% of steps ÷ its mean slope",
+            f"{rl['j_slope_ratio']:.2f}",
+        ),
+        (
+            "critic: explained variance at step 1; lowest from step 10; median",
+            f"{ev[0]:.2f}; {np.nanmin(ev[steps >= 10]):.2f}; {np.nanmedian(ev):.2f}",
+        ),
+        (
+            "critic's share of the clipped gradient (median, max over steps)",
+            f"{np.nanmedian(share):.2f}, {np.nanmax(share):.2f}",
+        ),
+    ]
     return [list(r) for r in out]
 
 

@@ -36,8 +36,7 @@ def worker(rank: int, world: int, init: str, args: argparse.Namespace, out: str)
     torch.set_num_threads(max(1, args.threads // world))
     backend = "nccl" if args.device == "cuda" else "gloo"
     if world > 1:
-        torch.distributed.init_process_group(backend, init_method=init, rank=rank,
-                                             world_size=world)  # fmt: skip
+        torch.distributed.init_process_group(backend, init_method=init, rank=rank, world_size=world)
     if args.device == "cuda":
         torch.cuda.set_device(rank)
         torch.set_default_device(f"cuda:{rank}")
@@ -53,8 +52,13 @@ def worker(rank: int, world: int, init: str, args: argparse.Namespace, out: str)
             shares.append(m["rl/generate_share"])
         if rank == 0:
             episodes = args.prompts * 2  # the global batch: prompts x 2 samples
-            torch.save({"eps": episodes / statistics.median(times),
-                        "generate_share": statistics.mean(shares)}, out)  # fmt: skip
+            torch.save(
+                {
+                    "eps": episodes / statistics.median(times),
+                    "generate_share": statistics.mean(shares),
+                },
+                out,
+            )
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
@@ -77,8 +81,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                    help="CPU threads shared by the processes (cores/N each)")  # fmt: skip
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="CPU threads shared by the processes (cores/N each)",
+    )
     add_json_arg(ap)
     args = ap.parse_args()
     args.profile = False
@@ -88,21 +96,29 @@ def main() -> None:
             runs[n].append(measure(n, args))
     base = statistics.median(r["eps"] for r in runs[args.nproc[0]])
     cpu = torch.backends.cpu.get_cpu_capability()
-    print(f"{args.algo}, {args.prompts} prompts x 2 samples, {args.new_tokens} new tokens, "
-          f"{args.device}, {args.threads} threads, {cpu}")  # fmt: skip
-    print(f"{'processes':>9}  {'episodes/s':>10}  {'speedup':>7}  {'efficiency':>10}  "
-          f"{'generate share':>14}")  # fmt: skip
+    print(
+        f"{args.algo}, {args.prompts} prompts x 2 samples, {args.new_tokens} new tokens, "
+        f"{args.device}, {args.threads} threads, {cpu}"
+    )
+    print(
+        f"{'processes':>9}  {'episodes/s':>10}  {'speedup':>7}  {'efficiency':>10}  "
+        f"{'generate share':>14}"
+    )
     rows = []
     for n, rs in runs.items():
         eps = statistics.median(r["eps"] for r in rs)
         share = statistics.mean(r["generate_share"] for r in rs)
         speedup = eps / base
-        print(f"{n:>9}  {eps:>10.1f}  {speedup:>7.2f}  {speedup / (n / args.nproc[0]):>10.2f}  "
-              f"{share:>14.2f}")  # fmt: skip
-        rows.append({"processes": n, "episodes_per_sec": eps, "speedup": speedup,
-                     "generate_share": share})  # fmt: skip
-    write(args.json, {"algo": args.algo, "device": args.device, "threads": args.threads,
-                      "rows": rows})  # fmt: skip
+        print(
+            f"{n:>9}  {eps:>10.1f}  {speedup:>7.2f}  {speedup / (n / args.nproc[0]):>10.2f}  "
+            f"{share:>14.2f}"
+        )
+        rows.append(
+            {"processes": n, "episodes_per_sec": eps, "speedup": speedup, "generate_share": share}
+        )
+    write(
+        args.json, {"algo": args.algo, "device": args.device, "threads": args.threads, "rows": rows}
+    )
 
 
 if __name__ == "__main__":

@@ -82,15 +82,28 @@ def lmpipe_trainer(algo: str, steps: int, args) -> RLTrainer:
         return raw_scores(rm, [[*a, *b] for a, b in zip(p, r, strict=True)], SPECIAL["<|pad|>"])
 
     cfg = RLParams(
-        algo=algo, prompts_per_step=args.prompts, samples_per_prompt=2,
+        algo=algo,
+        prompts_per_step=args.prompts,
+        samples_per_prompt=2,
         # warm-up, the step after TRL's warm-up, the timed steps: the lr never decays to 0
-        max_new_tokens=args.new_tokens, missing_eos_penalty=None, steps=steps + 2,
+        max_new_tokens=args.new_tokens,
+        missing_eos_penalty=None,
+        steps=steps + 2,
         precision=args.precision,
         minibatch_size=args.prompts * 2 if algo != "ppo" else 32,
-    )  # fmt: skip
+    )
     value = ValueModel.zero_head(policy) if algo == "ppo" else None
-    t = RLTrainer(policy, ref, cfg, prompts(args.prompts * 4), score_fn, eos_id=2, pad_id=0,
-                  seed=0, value_model=value)  # fmt: skip
+    t = RLTrainer(
+        policy,
+        ref,
+        cfg,
+        prompts(args.prompts * 4),
+        score_fn,
+        eos_id=2,
+        pad_id=0,
+        seed=0,
+        value_model=value,
+    )
     t.train_step()  # warm-up
     return t
 
@@ -170,8 +183,10 @@ def bench_trl(steps: int, args, bf16: bool, between: Callable[[], None]) -> dict
     vocab = {**SPECIAL, **{f"t{i}": i for i in range(len(SPECIAL), VOCAB)}}
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="t5")),
-        pad_token="<|pad|>", eos_token="<|eos|>", bos_token="<|bos|>",
-    )  # fmt: skip
+        pad_token="<|pad|>",
+        eos_token="<|eos|>",
+        bos_token="<|bos|>",
+    )
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # the same token ids as lmpipe's prompts, template tokens included (TRL encodes prompts
     # without adding special tokens)
@@ -181,14 +196,24 @@ def bench_trl(steps: int, args, bf16: bool, between: Callable[[], None]) -> dict
     if tok(texts[0], add_special_tokens=False)["input_ids"] != ids[0]:
         raise RuntimeError("TRL's prompts would not be lmpipe's token ids")
     config = trl.RLOOConfig(
-        output_dir="/tmp/lmpipe-bench-trl", per_device_train_batch_size=args.prompts * 2,
-        num_generations=2, max_completion_length=args.new_tokens, steps_per_generation=1,
-        num_iterations=1, max_steps=steps + 1, use_cpu=True, report_to="none",
-        save_strategy="no", logging_steps=1, temperature=1.0, beta=0.05, bf16=bf16,
+        output_dir="/tmp/lmpipe-bench-trl",
+        per_device_train_batch_size=args.prompts * 2,
+        num_generations=2,
+        max_completion_length=args.new_tokens,
+        steps_per_generation=1,
+        num_iterations=1,
+        max_steps=steps + 1,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        temperature=1.0,
+        beta=0.05,
+        bf16=bf16,
         disable_tqdm=True,
         # the same attention kernel as lmpipe's models on this device (eager on CPU)
         model_init_kwargs={"dtype": torch.float32, "attn_implementation": attention_for()},
-    )  # fmt: skip
+    )
     times: list[float] = []
 
     class Timer(TrainerCallback):
@@ -202,10 +227,14 @@ def bench_trl(steps: int, args, bf16: bool, between: Callable[[], None]) -> dict
     path = "/tmp/lmpipe-bench-trl/policy"
     policy.save_pretrained(path)  # TRL builds its reference copy from a path
     trainer = trl.RLOOTrainer(
-        model=path, reward_funcs=rm, args=config, processing_class=tok,
-        reward_processing_classes=tok, train_dataset=Dataset.from_dict({"prompt": texts}),
+        model=path,
+        reward_funcs=rm,
+        args=config,
+        processing_class=tok,
+        reward_processing_classes=tok,
+        train_dataset=Dataset.from_dict({"prompt": texts}),
         callbacks=[Timer()],
-    )  # fmt: skip
+    )
     trainer.train()
     per_step = statistics.median(times[1:])
     return {"episodes_per_sec": args.prompts * 2 / per_step, "version": trl.__version__}
@@ -260,24 +289,30 @@ def main() -> None:
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-part seconds and top aten ops")
     ap.add_argument(
-        "--trl-malloc", default="default", choices=["default", "keep"],
+        "--trl-malloc",
+        default="default",
+        choices=["default", "keep"],
         help="C allocator of TRL's process: as TRL ships (default), or lmpipe's setting (keep)",
-    )  # fmt: skip
+    )
     ap.add_argument(
-        "--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "auto"],
         help="lmpipe's rl.precision; TRL runs in bf16 autocast too where it resolves to bf16 "
         "(fp32, the default, is the issue's setting)",
-    )  # fmt: skip
+    )
     add_json_arg(ap)
     args = ap.parse_args()
     # as the training stages run (lmpipe.stage.run); TRL's process chooses its own
     kept = keep_freed_memory()
     bf16 = use_bf16(args.precision, torch.device("cpu"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"precision {'bf16' if bf16 else 'fp32'} ({args.precision}), "
-          f"attention {attention_for()}, "
-          f"freed host memory {'kept' if kept else 'returned'} in lmpipe's loop "
-          f"(LMPIPE_MALLOC)")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"precision {'bf16' if bf16 else 'fp32'} ({args.precision}), "
+        f"attention {attention_for()}, "
+        f"freed host memory {'kept' if kept else 'returned'} in lmpipe's loop "
+        f"(LMPIPE_MALLOC)"
+    )
     # with TRL to compare against, lmpipe's rloo steps alternate with TRL's steps, so that
     # this machine's drift over minutes (5-10%) falls on both sides of the ratio
     has_trl = not args.no_trl and importlib.util.find_spec("trl") is not None
@@ -326,8 +361,10 @@ def save(args, figures: dict, rows: dict[str, dict[str, float]]) -> None:
 
 
 def show(algo: str, r: dict[str, float], note: str = "") -> None:
-    print(f"lmpipe {algo:5s} {r['episodes_per_sec']:7.1f} episodes/s  "
-          f"generation {100 * r['generate_share']:.0f}% of the step{note}")  # fmt: skip
+    print(
+        f"lmpipe {algo:5s} {r['episodes_per_sec']:7.1f} episodes/s  "
+        f"generation {100 * r['generate_share']:.0f}% of the step{note}"
+    )
 
 
 if __name__ == "__main__":

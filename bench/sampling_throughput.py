@@ -54,16 +54,29 @@ def main() -> None:
     ids, mask = left_pad(prompts, 0)
 
     def ours() -> None:
-        generate(model, prompts, max_new_tokens=args.new_tokens, eos_id=2, pad_id=0,
-                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+        generate(
+            model,
+            prompts,
+            max_new_tokens=args.new_tokens,
+            eos_id=2,
+            pad_id=0,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     @torch.no_grad()
     def hf() -> None:
         model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
-            temperature=1.0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-            eos_token_id=2, pad_token_id=0,
-        )  # fmt: skip
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
 
     times: dict[str, list[float]] = {"lmpipe generate": [], "transformers generate": []}
     ours(), hf()  # warm-up
@@ -72,8 +85,10 @@ def main() -> None:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, "
-          f"{args.new_tokens} new tokens")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, "
+        f"{args.new_tokens} new tokens"
+    )
     med = {k: statistics.median(v) for k, v in times.items()}
     for name, t in med.items():
         print(f"{name:22s} {args.batch * args.new_tokens / t:8,.0f} tokens/s  ({t:.2f} s)")
@@ -82,8 +97,15 @@ def main() -> None:
     rows = [
         {"sampler": k, "tokens_per_sec": args.batch * args.new_tokens / t} for k, t in med.items()
     ]
-    write(args.json, {"batch": args.batch, "new_tokens": args.new_tokens, "rows": rows,
-                      "lmpipe_over_transformers": ratio})  # fmt: skip
+    write(
+        args.json,
+        {
+            "batch": args.batch,
+            "new_tokens": args.new_tokens,
+            "rows": rows,
+            "lmpipe_over_transformers": ratio,
+        },
+    )
 
 
 def trained(args) -> None:
@@ -112,13 +134,22 @@ def trained(args) -> None:
         for name, (model, kw) in runs.items():
             t0 = time.perf_counter()
             gen = torch.Generator().manual_seed(r)
-            g = generate(model, prompts, max_new_tokens=args.new_tokens, eos_id=ids[EOS],
-                         pad_id=ids[PAD], generator=gen, **kw)  # fmt: skip
+            g = generate(
+                model,
+                prompts,
+                max_new_tokens=args.new_tokens,
+                eos_id=ids[EOS],
+                pad_id=ids[PAD],
+                generator=gen,
+                **kw,
+            )
             if r:
                 times[name].append(time.perf_counter() - t0)
                 tokens[name] = tokens.get(name, 0) + int(g.lengths.sum())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model}: "
-          f"{len(texts)} prompts x {args.k} samples, <= {args.new_tokens} new tokens")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model}: "
+        f"{len(texts)} prompts x {args.k} samples, <= {args.new_tokens} new tokens"
+    )
     base = statistics.median(times["without the savings"])
     rows = []
     for name, t in times.items():
@@ -126,8 +157,16 @@ def trained(args) -> None:
         rate = tokens[name] / sum(t)
         print(f"{name:24s} {rate:8,.0f} tokens/s  ({med:.2f} s, {base / med:.2f}x)")
         rows.append({"sampler": name, "tokens_per_sec": rate, "speedup": base / med})
-    write(args.json, {"model": args.model, "prompts": len(texts), "k": args.k,
-                      "new_tokens": args.new_tokens, "rows": rows})  # fmt: skip
+    write(
+        args.json,
+        {
+            "model": args.model,
+            "prompts": len(texts),
+            "k": args.k,
+            "new_tokens": args.new_tokens,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

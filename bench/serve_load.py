@@ -48,8 +48,18 @@ def free_port() -> int:
 
 def start(bundle: str, precision: str, *flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "lmpipe.cli", "serve", bundle, "--port", str(port),
-           "--precision", precision, *flags]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmpipe.cli",
+        "serve",
+        bundle,
+        "--port",
+        str(port),
+        "--precision",
+        precision,
+        *flags,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -77,9 +87,15 @@ def random_bundle(folder: Path) -> tuple[str, list[str]]:
     ids = special_ids(tok)
     model = build_model(ModelParams(), tok.get_vocab_size(), ids, seed=0).eval()
     short = {k.strip("<|>"): v for k, v in ids.items()}
-    build_bundle(model, folder / "random", tokenizer_file=folder / "tokenizer.json",
-                 special_tokens=short, generation={"max_new_tokens": 32},
-                 source={"variant": "random"}, int8=True)  # fmt: skip
+    build_bundle(
+        model,
+        folder / "random",
+        tokenizer_file=folder / "tokenizer.json",
+        special_tokens=short,
+        generation={"max_new_tokens": 32},
+        source={"variant": "random"},
+        int8=True,
+    )
     return str(folder / "random"), [st.split(". ")[0] + "." for st in stories[:64]]
 
 
@@ -96,8 +112,12 @@ def load(url: str, prompts: list[str], clients: int, total: int, max_tokens: int
                     i = next(counter, None)
                 if i is None:
                     return
-                body = {"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
-                        "temperature": 1.0, "seed": i}  # fmt: skip
+                body = {
+                    "prompt": prompts[i % len(prompts)],
+                    "max_tokens": max_tokens,
+                    "temperature": 1.0,
+                    "seed": i,
+                }
                 t0 = time.perf_counter()
                 r = http.post(f"{url}/v1/completions", json=body)
                 dt = time.perf_counter() - t0
@@ -114,8 +134,12 @@ def load(url: str, prompts: list[str], clients: int, total: int, max_tokens: int
         t.join()
     wall = time.perf_counter() - t0
     q = statistics.quantiles(latencies, n=20)
-    return {"rps": total / wall, "tps": tokens[0] / wall, "p50": statistics.median(latencies),
-            "p95": q[18]}  # fmt: skip
+    return {
+        "rps": total / wall,
+        "tps": tokens[0] / wall,
+        "p50": statistics.median(latencies),
+        "p95": q[18],
+    }
 
 
 class Statuses:
@@ -138,8 +162,10 @@ class Statuses:
 
 
 def raw_request(port: int, body: bytes, send: int | None = None) -> socket.socket:
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-            f"application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+        f"application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
     s.sendall(head + body[: len(body) if send is None else send])
     return s
@@ -180,8 +206,11 @@ def oversized(url: str, bodies: list[bytes], seen: Statuses) -> None:
     with httpx.Client(timeout=120) as http:
         for body in bodies:
             try:
-                r = http.post(f"{url}/v1/completions", content=body,
-                              headers={"content-type": "application/json"})  # fmt: skip
+                r = http.post(
+                    f"{url}/v1/completions",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                )
                 seen.add("storm", r.status_code)
             except httpx.TransportError as err:
                 seen.add("storm", type(err).__name__)
@@ -205,14 +234,17 @@ def probe_health(url: str, most: int, while_=None, seen: Statuses | None = None)
 def hostile(url: str, prompts: list[str]) -> None:
     port = int(url.rsplit(":", 1)[1])
     seen, stop, phase = Statuses(), threading.Event(), ["aborts"]
-    valid = [threading.Thread(target=steady, args=(url, prompts, stop, seen, phase))
-             for _ in range(8)]  # fmt: skip
+    valid = [
+        threading.Thread(target=steady, args=(url, prompts, stop, seen, phase)) for _ in range(8)
+    ]
     for t in valid:
         t.start()
     # (1) abandoned streams, 96 of them, 16 at a time
     for wave in range(6):
-        threads = [threading.Thread(target=abandon, args=(port, 16 * wave + k, prompts[k]))
-                   for k in range(16)]  # fmt: skip
+        threads = [
+            threading.Thread(target=abandon, args=(port, 16 * wave + k, prompts[k]))
+            for k in range(16)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -222,8 +254,10 @@ def hostile(url: str, prompts: list[str]) -> None:
     # (2) the storm: 2 MB bodies (413) and 900 KB prompts with n = 8 (400), 8 senders each
     big = json.dumps({"prompt": "a" * 2_000_000, "max_tokens": 16}).encode()
     long = json.dumps({"prompt": "word " * 180_000, "n": 8, "max_tokens": 16}).encode()
-    senders = [threading.Thread(target=oversized, args=(url, [big if k % 2 else long] * 12, seen))
-               for k in range(16)]  # fmt: skip
+    senders = [
+        threading.Thread(target=oversized, args=(url, [big if k % 2 else long] * 12, seen))
+        for k in range(16)
+    ]
     t0 = time.perf_counter()
     for t in senders:
         t.start()
@@ -242,39 +276,56 @@ def hostile(url: str, prompts: list[str]) -> None:
         time.sleep(0.05)
     q = statistics.quantiles(latencies, n=100, method="inclusive")
     base = statistics.quantiles(quiet, n=100, method="inclusive")
-    print(f"capacity after 96 abandoned streams: {health['free']}/{health['capacity']} free "
-          f"(status {health['status']})")  # fmt: skip
-    print(f"storm: 96 × 2 MB bodies + 96 × 900 KB prompts (n = 8) in {storm_s:.1f} s: "
-          f"{seen.line('storm')}")  # fmt: skip
-    print(f"/health with the 8 valid clients only ({len(quiet)} probes): p50 "
-          f"{1000 * base[49]:.1f} ms, p99 {1000 * base[98]:.1f} ms")  # fmt: skip
-    print(f"/health during the storm ({len(latencies)} probes): p50 {1000 * q[49]:.1f} ms, "
-          f"p99 {1000 * q[98]:.1f} ms, max {1000 * max(latencies):.1f} ms; "
-          f"{seen.line('health')}")  # fmt: skip
-    print(f"valid requests (8 clients): during the aborts {seen.line('valid-aborts')}; during "
-          f"the storm {seen.line('valid-storm')}")  # fmt: skip
+    print(
+        f"capacity after 96 abandoned streams: {health['free']}/{health['capacity']} free "
+        f"(status {health['status']})"
+    )
+    print(
+        f"storm: 96 × 2 MB bodies + 96 × 900 KB prompts (n = 8) in {storm_s:.1f} s: "
+        f"{seen.line('storm')}"
+    )
+    print(
+        f"/health with the 8 valid clients only ({len(quiet)} probes): p50 "
+        f"{1000 * base[49]:.1f} ms, p99 {1000 * base[98]:.1f} ms"
+    )
+    print(
+        f"/health during the storm ({len(latencies)} probes): p50 {1000 * q[49]:.1f} ms, "
+        f"p99 {1000 * q[98]:.1f} ms, max {1000 * max(latencies):.1f} ms; "
+        f"{seen.line('health')}"
+    )
+    print(
+        f"valid requests (8 clients): during the aborts {seen.line('valid-aborts')}; during "
+        f"the storm {seen.line('valid-storm')}"
+    )
     print(f"5xx responses: {seen.server_errors()}")
 
 
 def throughput(args, prompts: list[str]) -> None:
-    print(f"{args.bundle} {args.precision}: {args.requests} requests per row, "
-          f"max_tokens {args.max_tokens}, temperature 1, closed-loop clients")  # fmt: skip
-    print(f"{'server':16s} {'clients':>7s} {'req/s':>7s} {'tokens/s':>9s} {'p50 ms':>8s} "
-          f"{'p95 ms':>8s}")  # fmt: skip
+    print(
+        f"{args.bundle} {args.precision}: {args.requests} requests per row, "
+        f"max_tokens {args.max_tokens}, temperature 1, closed-loop clients"
+    )
+    print(
+        f"{'server':16s} {'clients':>7s} {'req/s':>7s} {'tokens/s':>9s} {'p50 ms':>8s} "
+        f"{'p95 ms':>8s}"
+    )
     base: dict[int, float] = {}
     rows = []
     for max_batch in (1, 32):
-        proc, url = start(args.bundle, args.precision, "--max-batch", str(max_batch),
-                          "--queue-limit", "64")  # fmt: skip
+        proc, url = start(
+            args.bundle, args.precision, "--max-batch", str(max_batch), "--queue-limit", "64"
+        )
         try:
             load(url, prompts, 1, 4, args.max_tokens)  # warm-up
             for clients in (1, 16):
                 m = load(url, prompts, clients, args.requests, args.max_tokens)
                 base.setdefault(clients, m["rps"])
                 name = "one at a time" if max_batch == 1 else f"batching ({max_batch})"
-                print(f"{name:16s} {clients:7d} {m['rps']:7.1f} {m['tps']:9,.0f} "
-                      f"{1000 * m['p50']:8.1f} {1000 * m['p95']:8.1f}   "
-                      f"{m['rps'] / base[clients]:.2f}x req/s")  # fmt: skip
+                print(
+                    f"{name:16s} {clients:7d} {m['rps']:7.1f} {m['tps']:9,.0f} "
+                    f"{1000 * m['p50']:8.1f} {1000 * m['p95']:8.1f}   "
+                    f"{m['rps'] / base[clients]:.2f}x req/s"
+                )
                 rows.append(
                     {
                         "server": name,
@@ -315,9 +366,16 @@ def main() -> None:
             prompts = [r["prompt"] for r in rows]
         if args.part in ("all", "throughput"):
             rows = throughput(args, prompts)
-            write(args.json, {"bundle": "random" if args.random_bundle else args.bundle,
-                              "precision": args.precision, "requests": args.requests,
-                              "max_tokens": args.max_tokens, "rows": rows})  # fmt: skip
+            write(
+                args.json,
+                {
+                    "bundle": "random" if args.random_bundle else args.bundle,
+                    "precision": args.precision,
+                    "requests": args.requests,
+                    "max_tokens": args.max_tokens,
+                    "rows": rows,
+                },
+            )
         if args.part in ("all", "hostile"):
             proc, url = start(args.bundle, args.precision)
             try:

@@ -47,17 +47,31 @@ def main() -> None:
 
     gguf = fetch_smollm2(args.cache / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
     profile = yaml.safe_load((ROOT / "params" / "smollm2-cpu.yaml").read_text())
-    profile = merge(profile, {
-        "data": {"rl_prompts": max(args.steps * args.prompts_per_step, args.pref_prompts)},
-        "preference": {"prompts": args.pref_prompts, "max_new_tokens": args.max_new_tokens},
-        "reward": {"max_steps": args.reward_steps, "batch_size": 8, "eval_every": 20,
-                   "norm_samples": 64},
-        "rl": {"steps": args.steps, "prompts_per_step": args.prompts_per_step,
-               "samples_per_prompt": args.samples_per_prompt, "algo": args.algo,
-               "max_new_tokens": args.max_new_tokens, "lr": args.lr, "eval_prompts": 8,
-               "eval_samples": 4, "minibatch_size": 8},
-        "tracking": {"enabled": False},
-    })  # fmt: skip
+    profile = merge(
+        profile,
+        {
+            "data": {"rl_prompts": max(args.steps * args.prompts_per_step, args.pref_prompts)},
+            "preference": {"prompts": args.pref_prompts, "max_new_tokens": args.max_new_tokens},
+            "reward": {
+                "max_steps": args.reward_steps,
+                "batch_size": 8,
+                "eval_every": 20,
+                "norm_samples": 64,
+            },
+            "rl": {
+                "steps": args.steps,
+                "prompts_per_step": args.prompts_per_step,
+                "samples_per_prompt": args.samples_per_prompt,
+                "algo": args.algo,
+                "max_new_tokens": args.max_new_tokens,
+                "lr": args.lr,
+                "eval_prompts": 8,
+                "eval_samples": 4,
+                "minibatch_size": 8,
+            },
+            "tracking": {"enabled": False},
+        },
+    )
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
     repo = copy_repo(args.workdir, profile)
@@ -101,8 +115,15 @@ def main() -> None:
         f"{j['final']:.3f}; KL to SFT {rep['kl_to_ref']:.3f} nats. `dvc repro rl` took "
         f"{seconds / 60:.1f} min."
     )
-    steps = [{"step": int(r["step"]), "gold": float(r["rl/gold"]), "proxy": float(r["rl/proxy"]),
-              "kl": float(r["rl/kl"])} for r in rows]  # fmt: skip
+    steps = [
+        {
+            "step": int(r["step"]),
+            "gold": float(r["rl/gold"]),
+            "proxy": float(r["rl/proxy"]),
+            "kl": float(r["rl/kl"]),
+        }
+        for r in rows
+    ]
     write(args.json, {"caption": caption, "rows": steps})
 
 

@@ -67,20 +67,31 @@ def main() -> None:
     )
     print(f"encode one by one: {t_single:.2f}s  {mb / t_single:.1f} MB/s  (baseline)")
     print(f"batched / one-by-one: {t_single / t_batch:.2f}x; bytes/token {mb * 1e6 / n_tokens:.2f}")
-    write(args.json, {
-        "corpus": name, "documents": len(docs), "mb": mb, "vocab": args.vocab,
-        "train_mb_s": mb / t_train, "batched_mb_s": mb / t_batch,
-        "batched_mtokens_s": n_tokens / t_batch / 1e6, "single_mb_s": mb / t_single,
-        "batched_over_single": t_single / t_batch, "bytes_per_token": mb * 1e6 / n_tokens,
-        "table": [
-            ["BPE training, MB/s", f"{mb / t_train:.1f}"],
-            ["batched encoding, MB/s (M tokens/s)",
-             f"{mb / t_batch:.1f} ({n_tokens / t_batch / 1e6:.2f})"],
-            ["one document at a time, MB/s", f"{mb / t_single:.1f}"],
-            ["batched / one at a time", f"{t_single / t_batch:.2f}x"],
-            ["bytes per token", f"{mb * 1e6 / n_tokens:.2f}"],
-        ],
-    })  # fmt: skip
+    write(
+        args.json,
+        {
+            "corpus": name,
+            "documents": len(docs),
+            "mb": mb,
+            "vocab": args.vocab,
+            "train_mb_s": mb / t_train,
+            "batched_mb_s": mb / t_batch,
+            "batched_mtokens_s": n_tokens / t_batch / 1e6,
+            "single_mb_s": mb / t_single,
+            "batched_over_single": t_single / t_batch,
+            "bytes_per_token": mb * 1e6 / n_tokens,
+            "table": [
+                ["BPE training, MB/s", f"{mb / t_train:.1f}"],
+                [
+                    "batched encoding, MB/s (M tokens/s)",
+                    f"{mb / t_batch:.1f} ({n_tokens / t_batch / 1e6:.2f})",
+                ],
+                ["one document at a time, MB/s", f"{mb / t_single:.1f}"],
+                ["batched / one at a time", f"{t_single / t_batch:.2f}x"],
+                ["bytes per token", f"{mb * 1e6 / n_tokens:.2f}"],
+            ],
+        },
+    )
 
 
 if __name__ == "__main__":

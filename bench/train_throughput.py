@@ -68,10 +68,17 @@ def run_once(shape: str, precision: str, steps: int, compile_: bool, device: str
     src = TokenWindows(tokens, mcfg.context, batch, seed=0)
     warm = 5 + (10 if compile_ else 0)
     cfg = PretrainParams(
-        max_steps=steps + warm, warmup_steps=5, batch_size=batch, eval_every=10**9,
-        log_every=1, checkpoint_every=0, precision=precision, compile=compile_, device=device,
+        max_steps=steps + warm,
+        warmup_steps=5,
+        batch_size=batch,
+        eval_every=10**9,
+        log_every=1,
+        checkpoint_every=0,
+        precision=precision,
+        compile=compile_,
+        device=device,
         peak_tflops=peak,
-    )  # fmt: skip
+    )
     res = train(model, src, cfg, val_batches=[])
     tps = [r["train/tokens_per_sec"] for r in res.history[warm:]]
     return statistics.median(tps), n_params(model), flops_per_token(model)
@@ -84,8 +91,9 @@ def nanogpt_model(path: str, device: str) -> torch.nn.Module:
     spec = importlib.util.spec_from_file_location("nanogpt_model", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    conf = mod.GPTConfig(block_size=128, vocab_size=65, n_layer=4, n_head=4, n_embd=256,
-                         dropout=0.0, bias=False)  # fmt: skip
+    conf = mod.GPTConfig(
+        block_size=128, vocab_size=65, n_layer=4, n_head=4, n_embd=256, dropout=0.0, bias=False
+    )
     torch.manual_seed(0)
     return mod.GPT(conf).to(device)
 
@@ -172,8 +180,10 @@ def main() -> None:
             profile(shape, args.nanogpt, args.device)
         return
     dev = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, "
-          f"freed host memory {'kept' if kept else 'returned'} (LMPIPE_MALLOC)")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, "
+        f"freed host memory {'kept' if kept else 'returned'} (LMPIPE_MALLOC)"
+    )
     rows = []
     for shape in args.shapes:
         results: dict[str, list[float]] = {p: [] for p in args.precisions}
@@ -192,9 +202,16 @@ def main() -> None:
             med = statistics.median(results[p])
             peak = peak_flops(PretrainParams(peak_tflops=args.peak_tflops), dev)
             mfu = f"  MFU {med * fpt / peak:.1%}" if peak else ""
-            row = {"shape": shape, "precision": p, "params_m": n / 1e6, "tokens_per_sec": med,
-                   "vs_first": med / base, "mfu": med * fpt / peak if peak else None,
-                   "compiled": args.compile, "nanogpt_ratio": None}  # fmt: skip
+            row = {
+                "shape": shape,
+                "precision": p,
+                "params_m": n / 1e6,
+                "tokens_per_sec": med,
+                "vs_first": med / base,
+                "mfu": med * fpt / peak if peak else None,
+                "compiled": args.compile,
+                "nanogpt_ratio": None,
+            }
             rows.append(row)
             print(
                 f"{shape:14s} {p:5s} params {n / 1e6:6.2f}M  {med:10,.0f} tokens/s  "
@@ -208,8 +225,9 @@ def main() -> None:
                     f"{'  nanoGPT':14s} {p:5s} {'':16s}{r:10,.0f} tokens/s  "
                     f"ours/nanoGPT {med / r:.2f}"
                 )
-    write(args.json, {"device": str(dev), "steps": args.steps, "repeats": args.repeats,
-                      "rows": rows})  # fmt: skip
+    write(
+        args.json, {"device": str(dev), "steps": args.steps, "repeats": args.repeats, "rows": rows}
+    )
 
 
 if __name__ == "__main__":

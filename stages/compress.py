@@ -70,8 +70,9 @@ def main() -> None:
     with run if info.is_main else contextlib.nullcontext(NullTracker()) as tracker:
         template = load_template(args.data)
         teacher = load_model(args.teacher, device).requires_grad_(False)
-        corpus, val, sample_seconds = training_data(teacher, template, args.data, cfg, seed,
-                                                    info.rank, info.world)  # fmt: skip
+        corpus, val, sample_seconds = training_data(
+            teacher, template, args.data, cfg, seed, info.rank, info.world
+        )
         done = compress(teacher, corpus, val, cfg, seed, tracker, store)
         if not info.is_main:  # saving, scoring and outputs are rank 0's
             dist.teardown()
@@ -80,13 +81,20 @@ def main() -> None:
         save_variants(done.variants, args, params, tracker.tags, store)
 
         judge, _ = card.judge_of(args.reward, args.teacher, template, str(device))
-        prompts = card.prompt_set(template, args.data, context_length(teacher),
-                                  cfg.max_new_tokens, cfg.eval_prompts, cfg.eval_samples,
-                                  "compress")  # fmt: skip
+        prompts = card.prompt_set(
+            template,
+            args.data,
+            context_length(teacher),
+            cfg.max_new_tokens,
+            cfg.eval_prompts,
+            cfg.eval_samples,
+            "compress",
+        )
         folders = {"teacher": args.teacher, "sft": args.sft}
         folders.update({name: args.out / name for name in done.variants})
-        rows, texts = score_models(folders, teacher, val, prompts, judge, cfg, seed + 3,
-                                   str(device), template)  # fmt: skip
+        rows, texts = score_models(
+            folders, teacher, val, prompts, judge, cfg, seed + 3, str(device), template
+        )
         for name, extra in done.extra.items():
             rows[name].update(extra)
         report = summarize(rows, sample_seconds, len(corpus.examples), str(device))
@@ -95,8 +103,9 @@ def main() -> None:
         tracker.log_outputs({"models": args.out})
         for name in done.variants if params.tracking.log_models else ():
             card_text = model_card(f"compress ({name})", rows[name], CARD_KEYS)
-            stage.log_model(tracker, args.out / name, name, "policy", f"lmpipe-{name}-torch",
-                            card_text)  # fmt: skip
+            stage.log_model(
+                tracker, args.out / name, name, "policy", f"lmpipe-{name}-torch", card_text
+            )
         tracker.log_report(report, "reports/compress.json")
         write_json(args.report, report)
         for kind in KINDS.values():

@@ -14,7 +14,7 @@ from pathlib import Path
 from lmpipe import dist, stage
 from lmpipe.chat import load_template
 from lmpipe.config import load_params
-from lmpipe.evaluate import card, figures
+from lmpipe.evaluate import card
 from lmpipe.evaluate import report as R
 from lmpipe.io import atomic_dir, atomic_write, write_json, write_jsonl
 from lmpipe.tracking.report import flatten_numeric
@@ -50,22 +50,35 @@ def main() -> None:
         judge, beta = card.judge_of(m / "reward", m / "rl", template, device)
         engines = card.load_engines(folders, bundles, template, device)
         context = min(e.context for e in engines)
-        prompts = card.prompt_set(template, args.data, context, cfg.max_new_tokens,
-                                  cfg.eval_prompts, cfg.samples_per_prompt, "evaluate")  # fmt: skip
+        prompts = card.prompt_set(
+            template,
+            args.data,
+            context,
+            cfg.max_new_tokens,
+            cfg.eval_prompts,
+            cfg.samples_per_prompt,
+            "evaluate",
+        )
         windows = card.test_windows(args.data, context, cfg.ppl_context, cfg.ppl_windows)
-        variants, scored, samples = card.evaluate_all(engines, prompts, judge, windows, cfg,
-                                                      seed, beta)  # fmt: skip
+        variants, scored, samples = card.evaluate_all(
+            engines, prompts, judge, windows, cfg, seed, beta
+        )
         sft = next(e for e in engines if e.name == "sft")
-        best = card.best_of_n_table(sft, prompts, judge, cfg.best_of_n, cfg.max_new_tokens,
-                                    seed + 1, beta)  # fmt: skip
+        best = card.best_of_n_table(
+            sft, prompts, judge, cfg.best_of_n, cfg.max_new_tokens, seed + 1, beta
+        )
         curves = {name: R.read_curves(args.plots / f"{name}.csv") for name in CURVES}
         flags = card.all_flags(m, curves, variants)
-        report = {"variants": variants, "best_of_n": best, "flags": flags,
-                  "eval": card.settings(prompts, windows, cfg, seed, device)}  # fmt: skip
+        report = {
+            "variants": variants,
+            "best_of_n": best,
+            "flags": flags,
+            "eval": R.settings(prompts, windows, cfg, seed, device),
+        }
         with atomic_dir(args.figures) as fig_dir:
-            figures.write_figures(curves, best, variants, scored, fig_dir)
+            R.write_figures(curves, best, variants, scored, fig_dir)
         write_jsonl(args.samples, samples)
-        side = card.side_by_side({k: s.texts for k, s in scored.items()}, prompts, cfg.side_by_side)
+        side = R.side_by_side({k: s.texts for k, s in scored.items()}, prompts, cfg.side_by_side)
         with atomic_write(args.report) as f:
             f.write(R.markdown(report, side))
         tracker.log_report(report, "reports/metrics.json")

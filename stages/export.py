@@ -16,8 +16,13 @@ from lmpipe.onnx.gate import Prepared, export_variant, variant_sources
 from lmpipe.tracking.report import model_card
 from lmpipe.tracking.run import stage_run
 
-CARD_KEYS = ("max_abs_logit_diff", "greedy_token_match", "size_mb", "int8.size_mb",
-             "int8.greedy_token_match")  # fmt: skip
+CARD_KEYS = (
+    "max_abs_logit_diff",
+    "greedy_token_match",
+    "size_mb",
+    "int8.size_mb",
+    "int8.greedy_token_match",
+)
 """The figures a registered bundle's description gives."""
 
 
@@ -38,8 +43,15 @@ def log_bundles(tracker: Any, out: Path, report: dict[str, dict], register: bool
     for name in report:
         registered = f"lmpipe-{name}" if register else None
         card = model_card(f"{name} ONNX", report[name], CARD_KEYS)
-        version = stage.log_model(tracker, out / name, f"onnx-{name}", "bundle", registered,
-                                  card, {"lmpipe.variant": name})  # fmt: skip
+        version = stage.log_model(
+            tracker,
+            out / name,
+            f"onnx-{name}",
+            "bundle",
+            registered,
+            card,
+            {"lmpipe.variant": name},
+        )
         if registered:
             report[name]["registry_version"] = version
 

@@ -34,9 +34,13 @@ def main() -> None:
         t0 = time.perf_counter()
         with atomic_dir(args.out) as tmp:
             report, timings = prepare(
-                params.data, params.tokenizer, params.seed, tmp,
-                provenance={"params": params.to_dict()}, base_cfg=params.base,
-            )  # fmt: skip
+                params.data,
+                params.tokenizer,
+                params.seed,
+                tmp,
+                provenance={"params": params.to_dict()},
+                base_cfg=params.base,
+            )
         timings["total_s"] = time.perf_counter() - t0
         tracker.log_outputs({"data": args.out})
         tracker.log_metrics({f"prepare/{k}": v for k, v in timings.items()})

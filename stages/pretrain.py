@@ -63,8 +63,14 @@ def main() -> None:
         store = checkpoint_store(args.cache, "pretrain", key)  # every rank resumes; rank 0 saves
         result = pt.fit(model, source, val, cfg, tracker, store, args.plots, device)
         if info.is_main:
-            report = pt.report(result, model, (train_tokens, val_tokens), meta["vocab_size"],
-                               info.world, params.base.model if base else None)  # fmt: skip
+            report = pt.report(
+                result,
+                model,
+                (train_tokens, val_tokens),
+                meta["vocab_size"],
+                info.world,
+                params.base.model if base else None,
+            )
             with atomic_dir(args.out) as tmp:
                 save_model(
                     model,

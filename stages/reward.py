@@ -63,9 +63,15 @@ def main() -> None:
         template = load_template(args.data)
         rl_prompts = [r["prompt"] for r in read_jsonl(args.data / "prompts" / "rl.jsonl")]
         prefs = collect_preferences(
-            args.model, template, rl_prompts, pcfg, gold, seed=params.seed,
-            precision=cfg.precision, device=device,
-        )  # fmt: skip
+            args.model,
+            template,
+            rl_prompts,
+            pcfg,
+            gold,
+            seed=params.seed,
+            precision=cfg.precision,
+            device=device,
+        )
         if info.is_main:
             write_pairs(args.pairs, prefs, pcfg)
 
@@ -74,9 +80,18 @@ def main() -> None:
         model = build_reward_model(args.model, params.seed, cfg.pooling, marker, last).to(device)
         store = checkpoint_store(args.cache, "reward", stage.checkpoint_key(params, inputs))
         result = train_reward_model(
-            model, prefs.encoded, cfg, params.seed, template.pad_id, info.rank, info.world,
-            tracker=tracker, checkpoints=store, plot_csv=args.plots, prefix="train",
-        )  # fmt: skip
+            model,
+            prefs.encoded,
+            cfg,
+            params.seed,
+            template.pad_id,
+            info.rank,
+            info.world,
+            tracker=tracker,
+            checkpoints=store,
+            plot_csv=args.plots,
+            prefix="train",
+        )
         model.eval()
         if not info.is_main:  # evaluation, normalisation and outputs are rank 0's
             dist.teardown()
@@ -85,10 +100,17 @@ def main() -> None:
         metrics = held_out_metrics(model, template, prefs.encoded, prefs.context)
         t0 = time.perf_counter()
         norm, norm_samples = normalise_on_policy(
-            model, args.model, template, rl_prompts, cfg.norm_samples,
-            max_new_tokens=pcfg.max_new_tokens, temperature=pcfg.temperature,
-            seed=params.seed + 1, context=prefs.context, device=device,
-        )  # fmt: skip
+            model,
+            args.model,
+            template,
+            rl_prompts,
+            cfg.norm_samples,
+            max_new_tokens=pcfg.max_new_tokens,
+            temperature=pcfg.temperature,
+            seed=params.seed + 1,
+            context=prefs.context,
+            device=device,
+        )
         report = {
             **metrics,
             "val_loss": result.val_loss,
@@ -119,9 +141,13 @@ def main() -> None:
         log.info(
             "gold-order accuracy %.3f (%d pairs), val accuracy %.3f, Spearman %.3f; "
             "sampling %.0fs, training %.0fs",
-            report["gold_order_accuracy"], report["gold_order_pairs"], report["val_accuracy"],
-            report["val_gold_spearman"], prefs.seconds, result.train_seconds,
-        )  # fmt: skip
+            report["gold_order_accuracy"],
+            report["gold_order_pairs"],
+            report["val_accuracy"],
+            report["val_gold_spearman"],
+            prefs.seconds,
+            result.train_seconds,
+        )
     dist.teardown()
 
 

@@ -87,15 +87,21 @@ def scorers(
 
 
 def write_outputs(
-    args: argparse.Namespace, params: Params, tracker: Any, policy: torch.nn.Module,
-    report: dict, checkpoint_dir: str,
-) -> None:  # fmt: skip
+    args: argparse.Namespace,
+    params: Params,
+    tracker: Any,
+    policy: torch.nn.Module,
+    report: dict,
+    checkpoint_dir: str,
+) -> None:
     """The policy with its manifest, logged (and registered) in MLflow; the report JSON."""
     with atomic_dir(args.out) as tmp:
         save_model(
-            policy, tmp, args.data,
+            policy,
+            tmp,
+            args.data,
             stage.manifest("rl", params, tracker.tags, report, checkpoint_dir),
-        )  # fmt: skip
+        )
     tracker.log_outputs({"model": args.out})
     if params.tracking.log_models:
         keys = ("gold_reward.final", "proxy_reward.final", "kl_to_ref", "posterior_kl")
@@ -143,19 +149,34 @@ def main() -> None:
 
         score_fn, gold_fn = scorers(rm, gold, template, train_text)
         trainer = RLTrainer(
-            policy, ref, cfg, train_ids, score_fn, eos_id=template.stop_ids,
-            pad_id=template.pad_id, seed=params.seed,
-            value_model=value_model(cfg, rm, policy, device), gold_fn=gold_fn,
-        )  # fmt: skip
+            policy,
+            ref,
+            cfg,
+            train_ids,
+            score_fn,
+            eos_id=template.stop_ids,
+            pad_id=template.pad_id,
+            seed=params.seed,
+            value_model=value_model(cfg, rm, policy, device),
+            gold_fn=gold_fn,
+        )
         precision = "bf16" if trainer.bf16 else "fp32"
         tracker.set_tags({"rl/precision": precision})
         log.info("sampling, log-prob, value and update passes in %s (%s)", precision, cfg.precision)
         ev = R.EvalSet(
-            eval_text, eval_ids, score_fn, template.decode, gold,
-            dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                 eos_id=template.stop_ids, pad_id=template.pad_id,
-                 penalty=cfg.missing_eos_penalty),
-        )  # fmt: skip
+            eval_text,
+            eval_ids,
+            score_fn,
+            template.decode,
+            gold,
+            dict(
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                eos_id=template.stop_ids,
+                pad_id=template.pad_id,
+                penalty=cfg.missing_eos_penalty,
+            ),
+        )
         # π₀ on the eval prompts: log Z (N per prompt) and the "init" row; rank 0's job
         if info.is_main:
             gen = torch.Generator(device=device).manual_seed(params.seed + 1)
@@ -168,18 +189,30 @@ def main() -> None:
             return
         write_history_csv(args.plots, history)
         final = R.evaluate_policy(policy, ref, ev, cfg, init, gen)
-        done = R.Run(history, trainer.kl_ctl.beta, elapsed, gen_seconds, len(train_ids),
-                     info.world, precision)  # fmt: skip
+        done = R.Run(
+            history,
+            trainer.kl_ctl.beta,
+            elapsed,
+            gen_seconds,
+            len(train_ids),
+            info.world,
+            precision,
+        )
         report = R.rl_report(cfg, init, final, best_of, done)
         tracker.log_text(R.side_by_side(ev, init, final, cfg), "samples.txt")
         write_outputs(args, params, tracker, policy, report, store.directory.name)
         store.clear()
         log.info(
             "%s: gold %.3f → %.3f, proxy %.2f → %.2f, KL %.2f nats, KL(π‖π*) %.2f, %.1f episodes/s",
-            cfg.algo, init.figures["gold"], final.figures["gold"], init.figures["proxy"],
-            final.figures["proxy"], final.figures["kl"], final.figures["posterior_kl"],
+            cfg.algo,
+            init.figures["gold"],
+            final.figures["gold"],
+            init.figures["proxy"],
+            final.figures["proxy"],
+            final.figures["kl"],
+            final.figures["posterior_kl"],
             report["episodes_per_sec"],
-        )  # fmt: skip
+        )
 
     dist.teardown()
 

@@ -59,18 +59,26 @@ def main() -> None:
         key = stage.checkpoint_key(params, inputs)
         store = checkpoint_store(args.cache, "sft", key)  # every rank resumes; rank 0 saves
         result = train(
-            model, source, cfg, val_batches=val, tracker=tracker, checkpoints=store,
-            plot_csv=args.plots, prefix="train",
-        )  # fmt: skip
+            model,
+            source,
+            cfg,
+            val_batches=val,
+            tracker=tracker,
+            checkpoints=store,
+            plot_csv=args.plots,
+            prefix="train",
+        )
         if info.is_main:
             samples = S.eval_samples(model, template, args.data, cfg, params.seed)
             report = S.report(result, model, len(train_ex), samples, info.world)
             tracker.log_text(S.samples_text(samples), "samples.txt")
             with atomic_dir(args.out) as tmp:
                 save_model(
-                    model, tmp, args.data,
+                    model,
+                    tmp,
+                    args.data,
                     stage.manifest("sft", params, tracker.tags, report, store.directory.name),
-                )  # fmt: skip
+                )
             tracker.log_outputs({"model": args.out})
             if params.tracking.log_models:
                 card = model_card("sft", report, ("val_loss", "val_ppl", "eos_rate"))

@@ -72,23 +72,39 @@ def derive(
 def chatml(src: Path, dest: Path) -> Path:
     """A ChatML template: EOS `<|endoftext|>` (3), end of turn `<|im_end|>` (2)."""
     config = {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
-    return derive(src, dest, CHATML_SPECIALS, ["user", "assistant", "system"],
-                  {"bos": 1, "eos": 3, "pad": 0}, CHATML, config, [3, 2])  # fmt: skip
+    return derive(
+        src,
+        dest,
+        CHATML_SPECIALS,
+        ["user", "assistant", "system"],
+        {"bos": 1, "eos": 3, "pad": 0},
+        CHATML,
+        config,
+        [3, 2],
+    )
 
 
 def plain(src: Path, dest: Path) -> Path:
     """lmpipe's from-scratch format as its chat template (one user turn)."""
     config = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
-    return derive(src, dest, PLAIN_SPECIALS, [],
-                  {"pad": 0, "bos": 1, "eos": 2, "prompt": 3, "response": 4},
-                  PLAIN_TEMPLATE, config, [2])  # fmt: skip
+    return derive(
+        src,
+        dest,
+        PLAIN_SPECIALS,
+        [],
+        {"pad": 0, "bos": 1, "eos": 2, "prompt": 3, "response": 4},
+        PLAIN_TEMPLATE,
+        config,
+        [2],
+    )
 
 
 def legacy(src: Path, dest: Path) -> Path:
     """A bundle exported before chat templates: plain format from `special_tokens`, no
     template files, no stop ids."""
-    return derive(src, dest, PLAIN_SPECIALS, [],
-                  {"pad": 0, "bos": 1, "eos": 2, "prompt": 3, "response": 4})  # fmt: skip
+    return derive(
+        src, dest, PLAIN_SPECIALS, [], {"pad": 0, "bos": 1, "eos": 2, "prompt": 3, "response": 4}
+    )
 
 
 class LiveServer:
@@ -142,8 +158,10 @@ def serve_process(folder: Path, *flags: str, env: dict | None = None, timeout: f
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmpipe.cli", "serve", str(folder), "--port", str(port), *flags],
         env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:

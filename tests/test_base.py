@@ -39,20 +39,33 @@ def make_base(folder: Path, template: str | None = CHATML) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(generate_stories(200, seed=0), trainer=trainer)
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-        pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=template,
-    )  # fmt: skip
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        chat_template=template,
+    )
     cfg = LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
         pad_token_id=2,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder))
     hf.save_pretrained(str(folder))
@@ -114,15 +127,17 @@ def test_load_model_and_tokenizer_errors(base_dir, tmp_path):
 
 
 def small_data() -> DataParams:
-    return DataParams(builtin_stories=60, rl_prompts=8, eval_prompts=4, val_fraction=0.2,
-                      test_fraction=0.2)  # fmt: skip
+    return DataParams(
+        builtin_stories=60, rl_prompts=8, eval_prompts=4, val_fraction=0.2, test_fraction=0.2
+    )
 
 
 def test_prepare_on_a_base_uses_its_tokenizer_and_template(base_dir, tmp_path):
     out = tmp_path / "prepared"
     out.mkdir()
-    report, _ = prepare(small_data(), TokenizerParams(), 0, out,
-                        base_cfg=BaseParams(model=str(base_dir)))  # fmt: skip
+    report, _ = prepare(
+        small_data(), TokenizerParams(), 0, out, base_cfg=BaseParams(model=str(base_dir))
+    )
     t = load_template(out)
     assert t.kind == "chat" and report["template"]["stop_ids"] == [t.eos_id]
     assert (out / "chat_template.jinja").read_text() == CHATML
@@ -144,8 +159,13 @@ def test_base_without_template(tmp_path):
     out = tmp_path / "prepared"
     out.mkdir()
     with pytest.raises(base_lib.BaseError, match="no chat template"):
-        prepare(small_data(), TokenizerParams(), 0, out,
-                base_cfg=BaseParams(model=str(folder), template="chat"))  # fmt: skip
+        prepare(
+            small_data(),
+            TokenizerParams(),
+            0,
+            out,
+            base_cfg=BaseParams(model=str(folder), template="chat"),
+        )
     prepare(small_data(), TokenizerParams(), 0, out, base_cfg=BaseParams(model=str(folder)))
     t = load_template(out)
     assert t.render([{"role": "user", "content": "Hi"}], True) == "Hi\n\n"
@@ -154,10 +174,16 @@ def test_base_without_template(tmp_path):
 def run_stage(repo: Path, script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "stages" / script), "--params", "params.yaml", *args],
-        cwd=repo, capture_output=True, text=True,
-        env={"PATH": str(Path(sys.executable).parent), "LMPIPE_LOG_LEVEL": "WARNING",
-             "HOME": str(repo), "PYTHONPATH": str(ROOT / "src")},
-    )  # fmt: skip
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={
+            "PATH": str(Path(sys.executable).parent),
+            "LMPIPE_LOG_LEVEL": "WARNING",
+            "HOME": str(repo),
+            "PYTHONPATH": str(ROOT / "src"),
+        },
+    )
 
 
 @pytest.mark.parametrize(
@@ -169,8 +195,11 @@ def run_stage(repo: Path, script: str, *args: str) -> subprocess.CompletedProces
     ],
 )
 def test_bad_base_stops_the_stage_with_exit_2(tmp_path, base, template, message):
-    params = {"base": {"model": base, "template": template}, "tracking": {"enabled": False},
-              "data": {"builtin_stories": 20}}  # fmt: skip
+    params = {
+        "base": {"model": base, "template": template},
+        "tracking": {"enabled": False},
+        "data": {"builtin_stories": 20},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     res = run_stage(tmp_path, "prepare.py", "--out", "prepared", "--report", "r.json")
     assert res.returncode == 2, res.stderr[-2000:]

@@ -45,9 +45,11 @@ def byte_level(specials: list[str]) -> Tokenizer:
 
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, show_progress=False,
+        vocab_size=400,
+        special_tokens=specials,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
+    )
     tok.train_from_iterator(TEXTS * 20, trainer=trainer)
     return tok
 
@@ -56,9 +58,12 @@ def byte_level(specials: list[str]) -> Tokenizer:
 def chatml(tmp_path_factory) -> tuple[ChatTemplate, PreTrainedTokenizerFast]:
     tok = byte_level(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-        pad_token="<|im_end|>", chat_template=CHATML,
-    )  # fmt: skip
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        chat_template=CHATML,
+    )
     folder = tmp_path_factory.mktemp("chatml")
     hf.save_pretrained(str(folder))
     return load_template(folder), hf
@@ -70,8 +75,12 @@ def test_plain_template_gives_lmpipes_own_token_layout(bpe):
     body = bpe.encode("The cat sat", add_special_tokens=False).ids
     answer = bpe.encode("on the mat.", add_special_tokens=False).ids
     assert t.kind == "plain"
-    assert t.prompt_ids("The cat sat") == [ids["<|bos|>"], ids["<|prompt|>"], *body,
-                                           ids["<|response|>"]]  # fmt: skip
+    assert t.prompt_ids("The cat sat") == [
+        ids["<|bos|>"],
+        ids["<|prompt|>"],
+        *body,
+        ids["<|response|>"],
+    ]
     seq, loss = t.pair("The cat sat", "on the mat.")
     assert seq == [*t.prompt_ids("The cat sat"), *answer, ids["<|eos|>"]]
     assert loss == [False] * (len(body) + 3) + [True] * (len(answer) + 1)
@@ -111,17 +120,22 @@ def test_folder_without_template_files_falls_back_or_errors(bpe, tmp_path):
     [
         [{"role": "user", "content": "The cat sat on the mat."}],
         [{"role": "system", "content": " Be brief."}, {"role": "user", "content": "hi\n there "}],
-        [{"role": "user", "content": "x"}, {"role": "assistant", "content": " A happy baker."},
-         {"role": "user", "content": "It was a sad day"}],
+        [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": " A happy baker."},
+            {"role": "user", "content": "It was a sad day"},
+        ],
     ],
-)  # fmt: skip
+)
 def test_chat_template_encodes_as_transformers_does(chatml, msgs):
     t, hf = chatml
     for gen in (False, True):
-        want = hf.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True,
-                                      return_dict=True)["input_ids"]  # fmt: skip
-        assert t.render(msgs, gen) == hf.apply_chat_template(msgs, add_generation_prompt=gen,
-                                                             tokenize=False)  # fmt: skip
+        want = hf.apply_chat_template(
+            msgs, add_generation_prompt=gen, tokenize=True, return_dict=True
+        )["input_ids"]
+        assert t.render(msgs, gen) == hf.apply_chat_template(
+            msgs, add_generation_prompt=gen, tokenize=False
+        )
         assert t.encode(msgs, gen).ids == want
 
 
@@ -166,8 +180,15 @@ def test_chat_pair_and_conversation_masks(chatml):
 
 
 def test_end_of_turn_differs_from_eos_where_the_template_says_so(tmp_path):
-    tok = byte_level(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                      "<|end_header_id|>", "<|eot_id|>"])  # fmt: skip
+    tok = byte_level(
+        [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ]
+    )
     t = ChatTemplate(tok, LLAMA3, "<|begin_of_text|>", "<|end_of_text|>", None)
     eot, eos = tok.token_to_id("<|eot_id|>"), tok.token_to_id("<|end_of_text|>")
     assert t.end_of_turn_id == eot and set(t.stop_ids) == {eos, eot}

@@ -66,18 +66,28 @@ def store(tmp_path_factory) -> dict:
     exp_id = client.create_experiment("lmpipe")
     ids = {
         "sft": _log_run(
-            client, exp_id, "sft", BASE_MS - 60_000,
+            client,
+            exp_id,
+            "sft",
+            BASE_MS - 60_000,
             {"seed": "7", "sft.lr": "0.003"},
             {"report/val_loss": 2.5, "report/val_ppl": 12.18249, "train/loss": 2.4},
         )
-    }  # fmt: skip
+    }
     for i, (kl, gold) in enumerate(RL_RUNS):
         ids[f"rl{i}"] = _log_run(
-            client, exp_id, "rl", BASE_MS + i * 60_000,
+            client,
+            exp_id,
+            "rl",
+            BASE_MS + i * 60_000,
             {"seed": "7", "rl.algo": "ppo", "rl.kl_coef": kl},
-            {"report/gold_reward.final": gold, "report/kl_to_ref": 0.1 * (i + 1),
-             "report/proxy_reward.final": 1.0 + i, "rl/kl": 0.01},
-        )  # fmt: skip
+            {
+                "report/gold_reward.final": gold,
+                "report/kl_to_ref": 0.1 * (i + 1),
+                "report/proxy_reward.final": 1.0 + i,
+                "rl/kl": 0.01,
+            },
+        )
     return {"uri": uri, "root": root, "ids": ids}
 
 
@@ -91,21 +101,35 @@ def pipeline_store(tmp_path_factory) -> dict:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.create_experiment("lmpipe")
-    sft = _log_run(client, exp_id, "sft", BASE_MS, {"seed": "7", "sft.lr": "0.003"},
-                   {"report/val_loss": 2.5})  # fmt: skip
+    sft = _log_run(
+        client, exp_id, "sft", BASE_MS, {"seed": "7", "sft.lr": "0.003"}, {"report/val_loss": 2.5}
+    )
     ids = {}
     for i, kl in enumerate(("0.1", "0.2")):
         start = BASE_MS + (i + 1) * 60_000
-        rl = _log_run(client, exp_id, "rl", start, {"seed": "7", "rl.kl_coef": kl},
-                      {"report/gold_reward.final": 0.5 + i},
-                      tags={"lineage.sft.run_id": sft})  # fmt: skip
+        rl = _log_run(
+            client,
+            exp_id,
+            "rl",
+            start,
+            {"seed": "7", "rl.kl_coef": kl},
+            {"report/gold_reward.final": 0.5 + i},
+            tags={"lineage.sft.run_id": sft},
+        )
         ids[kl] = _log_run(
-            client, exp_id, "evaluate", start + 30_000,
+            client,
+            exp_id,
+            "evaluate",
+            start + 30_000,
             {"seed": "7", "evaluate.samples_per_prompt": "8"},
-            {"report/variants.rl.gold_reward": 0.4 + i / 10, "report/variants.rl.ppl": 40.0,
-             "report/variants.rl.kl_to_sft": 2.0 + i, "report/variants.sft.gold_reward": 0.15},
+            {
+                "report/variants.rl.gold_reward": 0.4 + i / 10,
+                "report/variants.rl.ppl": 40.0,
+                "report/variants.rl.kl_to_sft": 2.0 + i,
+                "report/variants.sft.gold_reward": 0.15,
+            },
             tags={"lineage.rl.run_id": rl, "lineage.sft.run_id": sft},
-        )  # fmt: skip
+        )
     return {"uri": uri, "ids": ids, "sft": sft}
 
 
@@ -271,8 +295,13 @@ def test_a_file_that_is_not_an_mlflow_database_is_left_alone(tmp_path, content):
 
 def test_float_formatting():
     assert [format_float(x) for x in (0.634567, 3.0, 12.18249, 50123.4, 9999.5, 1e-5)] == [
-        "0.6346", "3", "12.18", "50120", "10000", "1e-05",
-    ]  # fmt: skip
+        "0.6346",
+        "3",
+        "12.18",
+        "50120",
+        "10000",
+        "1e-05",
+    ]
 
 
 def test_default_store_and_experiment_come_from_the_current_folder(store, monkeypatch):

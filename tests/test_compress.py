@@ -77,9 +77,11 @@ def test_kd_loss_gradient_matches_the_kl_of_two_log_softmaxes(temperature):
     s2 = s.detach().clone().requires_grad_(True)
     sel = labels != IGNORE
     ref = temperature**2 * torch.nn.functional.kl_div(
-        torch.log_softmax(s2[sel] / temperature, -1), torch.log_softmax(t[sel] / temperature, -1),
-        log_target=True, reduction="sum",
-    )  # fmt: skip
+        torch.log_softmax(s2[sel] / temperature, -1),
+        torch.log_softmax(t[sel] / temperature, -1),
+        log_target=True,
+        reduction="sum",
+    )
     ref.backward()
     assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     assert torch.allclose(grad, s2.grad, atol=1e-6)

@@ -12,8 +12,17 @@ from conftest import curve_values, run_in_own_store, writer_run
 
 pytestmark = pytest.mark.e2e
 
-ROW_KEYS = {"params", "size_mb", "val_ppl", "kl_to_teacher", "gold_reward", "proxy_reward",
-            "tokens_per_sec_b1", "tokens_per_sec_b8", "eos_rate"}  # fmt: skip
+ROW_KEYS = {
+    "params",
+    "size_mb",
+    "val_ppl",
+    "kl_to_teacher",
+    "gold_reward",
+    "proxy_reward",
+    "tokens_per_sec_b1",
+    "tokens_per_sec_b8",
+    "eos_rate",
+}
 
 
 def test_compress_report_scores_every_variant_next_to_the_teacher(tiny_repo):
@@ -65,20 +74,44 @@ def test_every_variant_loads_with_the_common_loader_and_generates(tiny_repo):
 def test_distillation_under_torchrun_matches_one_process(tiny_repo, tmp_path):
 
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
-    params["compress"].update({"batch_size": 4, "distill_steps": 6, "recovery_steps": 4,
-                               "eval_every": 6, "checkpoint_every": 0,
-                               "precision": "fp32"})  # fmt: skip
+    params["compress"].update(
+        {
+            "batch_size": 4,
+            "distill_steps": 6,
+            "recovery_steps": 4,
+            "eval_every": 6,
+            "checkpoint_every": 0,
+            "precision": "fp32",
+        }
+    )
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(params))
     params["compress"]["batch_size"] = 8
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(params))
 
     def compress(name, **env):
         out = tmp_path / name
-        cmd = ["python", "stages/compress.py", "--params", str(tmp_path / f"{name}.yaml"),
-               "--teacher", "models/rl", "--sft", "models/sft", "--reward", "models/reward",
-               "--data", "data/prepared", "--out", str(out / "models"),
-               "--report", str(out / "compress.json"), "--plots", str(out / "compress.csv"),
-               "--cache", str(out / "cache")]  # fmt: skip
+        cmd = [
+            "python",
+            "stages/compress.py",
+            "--params",
+            str(tmp_path / f"{name}.yaml"),
+            "--teacher",
+            "models/rl",
+            "--sft",
+            "models/sft",
+            "--reward",
+            "models/reward",
+            "--data",
+            "data/prepared",
+            "--out",
+            str(out / "models"),
+            "--report",
+            str(out / "compress.json"),
+            "--plots",
+            str(out / "compress.csv"),
+            "--cache",
+            str(out / "cache"),
+        ]
         res, runs = run_in_own_store(cmd, tiny_repo, tmp_path / f"{name}.db", **env)
         keys = ("distill/loss", "recovery/loss")
         curves = {k: curve_values(out / "compress.csv", k) for k in keys}

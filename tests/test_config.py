@@ -115,12 +115,14 @@ def test_flat_params_for_mlflow(tmp_path):
 
 def test_reward_and_rl_sections_validate_their_combinations(tmp_path):
     cases = [
-        ({"rl": {"algo": "rloo", "samples_per_prompt": 1}},
-         "rl.algo 'rloo' needs rl.samples_per_prompt >= 2"),
+        (
+            {"rl": {"algo": "rloo", "samples_per_prompt": 1}},
+            "rl.algo 'rloo' needs rl.samples_per_prompt >= 2",
+        ),
         ({"preference": {"source": "file"}}, "set preference.path"),
         ({"preference": {"tau": -1}}, "preference.tau = -1"),
         ({"rl": {"algo": "a2c"}}, "one of 'ppo', 'rloo', 'dpg'"),
-    ]  # fmt: skip
+    ]
     for params, message in cases:
         path = tmp_path / "params.yaml"
         path.write_text(yaml.safe_dump(params))

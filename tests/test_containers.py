@@ -53,8 +53,11 @@ def test_dockerfile_installs_only_from_pyproject_and_the_pinned_torch():
     torch_pin = re.search(r"TORCH_SPEC \?= torch==(\S+)", (ROOT / "Makefile").read_text())[1]
     arg = re.search(r"ARG TORCH_VERSION=(\S+)", DOCKERFILE)[1]
     assert arg == torch_pin, "Dockerfile and Makefile pin different torch versions"
-    torch_req = next(Requirement(r) for r in PYPROJECT["project"]["dependencies"]
-                     if Requirement(r).name == "torch")  # fmt: skip
+    torch_req = next(
+        Requirement(r)
+        for r in PYPROJECT["project"]["dependencies"]
+        if Requirement(r).name == "torch"
+    )
     assert Version(arg) in torch_req.specifier
     for args in installs:
         packages = [a for a in args if not a.startswith("-") and a not in ("-r",)]

@@ -149,8 +149,13 @@ def test_commands_exist_as_written():
     assert checked >= 20, f"only {checked} commands found: is the parser still reading the pages?"
 
 
-NOT_CODE = {"lmpipe.json", "lmpipe.params.sha256", "lmpipe.pipeline.key", "lmpipe.output",
-            "lmpipe.reused"}  # fmt: skip
+NOT_CODE = {
+    "lmpipe.json",
+    "lmpipe.params.sha256",
+    "lmpipe.pipeline.key",
+    "lmpipe.output",
+    "lmpipe.reused",
+}
 """Names in the pages that look like code but are a file and MLflow tags."""
 
 

@@ -49,11 +49,17 @@ def test_best_of_n_equals_the_average_over_every_subset():
     select = rng.normal(size=(3, 6))
     gold = rng.normal(size=(3, 6))
     for n in (1, 2, 3, 6):
-        want = np.mean([
-            np.mean([gold[p, max(sub, key=lambda j: select[p, j])]
-                     for sub in itertools.combinations(range(6), n)])
-            for p in range(3)
-        ])  # fmt: skip
+        want = np.mean(
+            [
+                np.mean(
+                    [
+                        gold[p, max(sub, key=lambda j: select[p, j])]
+                        for sub in itertools.combinations(range(6), n)
+                    ]
+                )
+                for p in range(3)
+            ]
+        )
         got = S.best_of_n(select, {"gold": gold}, n)
         assert got["gold"] == pytest.approx(want)
     assert S.best_of_n(select, {}, 1)["select"] == pytest.approx(select.mean())
@@ -72,9 +78,11 @@ def row(gold, proxy, eos=0.9):
 
 
 def test_flags_name_reward_hacking_entropy_collapse_and_eos_drop():
-    healthy = {"rl/proxy": [0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4],
-               "rl/gold": [0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.5],
-               "rl/entropy": [4.0, 3.9, 3.9, 3.8, 3.8, 3.7, 3.7, 3.6]}  # fmt: skip
+    healthy = {
+        "rl/proxy": [0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4],
+        "rl/gold": [0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.5],
+        "rl/entropy": [4.0, 3.9, 3.9, 3.8, 3.8, 3.7, 3.7, 3.6],
+    }
     assert M.flags(healthy, {"sft": row(0.2, 0.0), "rl": row(0.5, 1.0)}) == []
     hacked = {**healthy, "rl/gold": [0.3, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05, 0.0]}
     (f,) = M.flags(hacked, {})
@@ -89,36 +97,60 @@ def test_flags_name_reward_hacking_entropy_collapse_and_eos_drop():
     assert not any("exploited" in f for f in fs) and any("EOS rate dropped" in f for f in fs)
 
 
-GOOD_RM = {"gold_order_accuracy": 0.90, "baseline_bow_gold_order_accuracy": 0.85,
-           "gold_order_gap_to_baseline": 0.05, "gold_order_gap_to_baseline_se": 0.01,
-           "val_accuracy": 0.85, "val_accuracy_se": 0.02}  # fmt: skip
-GOOD_RL = {"gold_gain": 0.30, "gold_gain_se": 0.05, "proxy_gain": 0.8, "proxy_gain_se": 0.1,
-           "eval_prompts": 32, "kl_to_ref": 4.0}  # fmt: skip
+GOOD_RM = {
+    "gold_order_accuracy": 0.90,
+    "baseline_bow_gold_order_accuracy": 0.85,
+    "gold_order_gap_to_baseline": 0.05,
+    "gold_order_gap_to_baseline_se": 0.01,
+    "val_accuracy": 0.85,
+    "val_accuracy_se": 0.02,
+}
+GOOD_RL = {
+    "gold_gain": 0.30,
+    "gold_gain_se": 0.05,
+    "proxy_gain": 0.8,
+    "proxy_gain_se": 0.1,
+    "eval_prompts": 32,
+    "kl_to_ref": 4.0,
+}
 FALLING = {"step": [50, 100, 150, 200], "eval/loss": [0.6, 0.5, 0.45, 0.44]}
 
 
 def test_alignment_flags_name_a_weak_reward_model_and_rl_that_did_not_move():
     assert M.alignment_flags(GOOD_RM, GOOD_RL, FALLING) == []
     # below the baseline beyond noise (the real-corpus run of the issue), and near chance
-    weak = {**GOOD_RM, "gold_order_accuracy": 0.699, "gold_order_gap_to_baseline": -0.154,
-            "gold_order_gap_to_baseline_se": 0.03, "val_accuracy": 0.575}  # fmt: skip
+    weak = {
+        **GOOD_RM,
+        "gold_order_accuracy": 0.699,
+        "gold_order_gap_to_baseline": -0.154,
+        "gold_order_gap_to_baseline_se": 0.03,
+        "val_accuracy": 0.575,
+    }
     below, chance = M.alignment_flags(weak, GOOD_RL, FALLING)
     assert "below its baseline" in below and "0.699" in below and "beyond noise" in below
     assert "near chance" in chance and "0.575" in chance
     # below, within noise; and accuracy 0.65 but with a wide SE is still near chance
-    close = {**GOOD_RM, "gold_order_accuracy": 0.84, "gold_order_gap_to_baseline": -0.01,
-             "gold_order_gap_to_baseline_se": 0.02, "val_accuracy": 0.65,
-             "val_accuracy_se": 0.1}  # fmt: skip
+    close = {
+        **GOOD_RM,
+        "gold_order_accuracy": 0.84,
+        "gold_order_gap_to_baseline": -0.01,
+        "gold_order_gap_to_baseline_se": 0.02,
+        "val_accuracy": 0.65,
+        "val_accuracy_se": 0.1,
+    }
     below, chance = M.alignment_flags(close, GOOD_RL, FALLING)
     assert "within noise" in below and "near chance" in chance
     # val loss rose after its best evaluation: over-fit, and the kept step is said
-    rising = {"step": [50, 100, 150, 200, 250, 300], "eval/loss": [0.69, 0.62, 0.6, 0.64, 0.7,
-                                                                   0.75]}  # fmt: skip
+    rising = {
+        "step": [50, 100, 150, 200, 250, 300],
+        "eval/loss": [0.69, 0.62, 0.6, 0.64, 0.7, 0.75],
+    }
     (f,) = M.alignment_flags({**GOOD_RM, "kept_step": 150}, GOOD_RL, rising)
     assert "over-fit" in f and "step 150" in f and "reward.keep_best" in f
     # RL: a gold gain within two SE of zero; a proxy that did not move
-    (f,) = M.alignment_flags(GOOD_RM, {**GOOD_RL, "gold_gain": 0.023, "gold_gain_se": 0.03},
-                             FALLING)  # fmt: skip
+    (f,) = M.alignment_flags(
+        GOOD_RM, {**GOOD_RL, "gold_gain": 0.023, "gold_gain_se": 0.03}, FALLING
+    )
     assert "did not move the gold score" in f and "+0.023 ± 0.030" in f
     fs = M.alignment_flags(GOOD_RM, {**GOOD_RL, "proxy_gain": -0.1}, FALLING)
     assert len(fs) == 1 and "did not move the proxy score" in fs[0]
@@ -127,39 +159,77 @@ def test_alignment_flags_name_a_weak_reward_model_and_rl_that_did_not_move():
 
 
 def fixture_metrics():
-    names = ["pretrain", "sft", "rl", "distilled", "pruned", "quantized", "onnx-rl",
-             "onnx-rl-int8"]  # fmt: skip
+    names = ["pretrain", "sft", "rl", "distilled", "pruned", "quantized", "onnx-rl", "onnx-rl-int8"]
     variants = {}
     for i, name in enumerate(names):
-        variants[name] = {"ppl": 30 + i, "gold_reward": 0.1 * i, "proxy_reward": 0.2 * i,
-                          "kl_to_sft": 0.5 * i, "rl_score": 0.1 * i, "distinct_1": 0.5,
-                          "distinct_2": 0.7,
-                          "self_bleu": 0.2, "response_tokens": 30.0, "eos_rate": 0.9,
-                          "tokens_per_sec": 1000.0, "latency_ms_per_token": 2.5,
-                          "size_mb": 20.0 - i, "objective_j": 0.1 * i - 0.1 * i}  # fmt: skip
-    best = [{"n": n, "kl_bound": S.best_of_n_kl_bound(n), "gold": 0.1 + 0.02 * n,
-             "proxy": 0.1 * n, "objective_j_lower": 0.1 * n - 0.2 * S.best_of_n_kl_bound(n)}
-            for n in (1, 2, 4, 8, 16)]  # fmt: skip
-    return {"variants": variants, "best_of_n": best, "flags": ["Entropy collapsed: test"],
-            "eval": {"prompts": 4, "samples_per_prompt": 2, "seed": 1, "max_new_tokens": 8,
-                     "ppl_tokens": 100, "speed_batch": 8, "speed_new_tokens": 8}}  # fmt: skip
+        variants[name] = {
+            "ppl": 30 + i,
+            "gold_reward": 0.1 * i,
+            "proxy_reward": 0.2 * i,
+            "kl_to_sft": 0.5 * i,
+            "rl_score": 0.1 * i,
+            "distinct_1": 0.5,
+            "distinct_2": 0.7,
+            "self_bleu": 0.2,
+            "response_tokens": 30.0,
+            "eos_rate": 0.9,
+            "tokens_per_sec": 1000.0,
+            "latency_ms_per_token": 2.5,
+            "size_mb": 20.0 - i,
+            "objective_j": 0.1 * i - 0.1 * i,
+        }
+    best = [
+        {
+            "n": n,
+            "kl_bound": S.best_of_n_kl_bound(n),
+            "gold": 0.1 + 0.02 * n,
+            "proxy": 0.1 * n,
+            "objective_j_lower": 0.1 * n - 0.2 * S.best_of_n_kl_bound(n),
+        }
+        for n in (1, 2, 4, 8, 16)
+    ]
+    return {
+        "variants": variants,
+        "best_of_n": best,
+        "flags": ["Entropy collapsed: test"],
+        "eval": {
+            "prompts": 4,
+            "samples_per_prompt": 2,
+            "seed": 1,
+            "max_new_tokens": 8,
+            "ppl_tokens": 100,
+            "speed_batch": 8,
+            "speed_new_tokens": 8,
+        },
+    }
 
 
 def test_report_contains_every_model_flags_and_figures(tmp_path):
     metrics = fixture_metrics()
-    side = [{"prompt": "Tom saw a dog.", "responses": {"sft": "It ran.", "rl": "It was happy!",
-                                                      "onnx-rl-int8": "It was glad."}}]  # fmt: skip
+    side = [
+        {
+            "prompt": "Tom saw a dog.",
+            "responses": {"sft": "It ran.", "rl": "It was happy!", "onnx-rl-int8": "It was glad."},
+        }
+    ]
     md = R.markdown(metrics, side)
     for name in metrics["variants"]:
         assert f"| {name} |" in md
     assert "Entropy collapsed: test" in md and "| 16 |" in md and "It was glad." in md
-    curves = {"pretrain": {"step": [1, 2, 3], "train/loss": [3, 2, 1], "eval/loss": [3.1, 2.1,
-                                                                                    1.2]},
-              "rl": {"step": [1, 2, 3], "rl/score": [0, 1, 2], "rl/gold": [0.1, 0.2, 0.3],
-                     "rl/proxy": [0, 1, 2], "rl/kl": [0, 1, math.nan]}}  # fmt: skip
+    curves = {
+        "pretrain": {"step": [1, 2, 3], "train/loss": [3, 2, 1], "eval/loss": [3.1, 2.1, 1.2]},
+        "rl": {
+            "step": [1, 2, 3],
+            "rl/score": [0, 1, 2],
+            "rl/gold": [0.1, 0.2, 0.3],
+            "rl/proxy": [0, 1, 2],
+            "rl/kl": [0, 1, math.nan],
+        },
+    }
     F.figure_training_curves(curves, tmp_path / "a.png")
-    F.figure_overoptimisation(curves["rl"], metrics["best_of_n"],
-                              {"rl": metrics["variants"]["rl"]}, tmp_path / "b.png")  # fmt: skip
+    F.figure_overoptimisation(
+        curves["rl"], metrics["best_of_n"], {"rl": metrics["variants"]["rl"]}, tmp_path / "b.png"
+    )
     F.figure_distributions({"sft": {"gold": np.zeros(5), "proxy": np.ones(5)}}, tmp_path / "c.png")
     F.figure_size_quality(metrics["variants"], tmp_path / "d.png")
     for f in "abcd":
@@ -167,10 +237,17 @@ def test_report_contains_every_model_flags_and_figures(tmp_path):
 
 
 def test_training_curves_one_panel_per_concern_with_rl_kl_apart_from_reward():
-    curves = {"pretrain": {"step": [1, 2], "train/loss": [3, 2], "eval/loss": [math.nan, 2.1]},
-              "sft": {},
-              "rl": {"step": [1, 2], "rl/score": [0, 1], "rl/gold": [0.1, 0.2], "rl/kl": [0, 5],
-                     "rl/policy_loss": [1, 1]}}  # fmt: skip
+    curves = {
+        "pretrain": {"step": [1, 2], "train/loss": [3, 2], "eval/loss": [math.nan, 2.1]},
+        "sft": {},
+        "rl": {
+            "step": [1, 2],
+            "rl/score": [0, 1],
+            "rl/gold": [0.1, 0.2],
+            "rl/kl": [0, 5],
+            "rl/policy_loss": [1, 1],
+        },
+    }
     panels = F._curve_panels(curves)
     assert [(p[0], [k for k, _ in p[4]]) for p in panels] == [
         ("pretrain", ["train/loss", "eval/loss"]),

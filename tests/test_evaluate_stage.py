@@ -9,10 +9,30 @@ from conftest import run
 
 pytestmark = pytest.mark.e2e
 
-MODELS = {"pretrain", "sft", "rl", "distilled", "pruned", "quantized", "onnx-rl", "onnx-rl-int8",
-          "onnx-distilled", "onnx-distilled-int8", "onnx-pruned", "onnx-pruned-int8"}  # fmt: skip
-DESIGN_KEYS = {"ppl", "gold_reward", "proxy_reward", "kl_to_sft", "distinct_2", "tokens_per_sec",
-               "latency_ms_per_token", "size_mb"}  # fmt: skip
+MODELS = {
+    "pretrain",
+    "sft",
+    "rl",
+    "distilled",
+    "pruned",
+    "quantized",
+    "onnx-rl",
+    "onnx-rl-int8",
+    "onnx-distilled",
+    "onnx-distilled-int8",
+    "onnx-pruned",
+    "onnx-pruned-int8",
+}
+DESIGN_KEYS = {
+    "ppl",
+    "gold_reward",
+    "proxy_reward",
+    "kl_to_sft",
+    "distinct_2",
+    "tokens_per_sec",
+    "latency_ms_per_token",
+    "size_mb",
+}
 
 
 def test_metrics_cover_every_model_with_the_design_keys(tiny_repo):
@@ -63,8 +83,13 @@ def test_the_report_card_carries_the_alignment_flags_of_the_stages_reports(tiny_
 
     rm = json.loads((tiny_repo / "reports" / "reward.json").read_text())
     rl = json.loads((tiny_repo / "reports" / "rl.json").read_text())
-    for key in ("val_accuracy_se", "gold_order_accuracy_se", "gold_order_gap_to_baseline",
-                "gold_order_gap_to_baseline_se", "kept_step"):  # fmt: skip
+    for key in (
+        "val_accuracy_se",
+        "gold_order_accuracy_se",
+        "gold_order_gap_to_baseline",
+        "gold_order_gap_to_baseline_se",
+        "kept_step",
+    ):
         assert key in rm, key
     assert rm["kept_step"] in {10, 20}  # tiny: eval_every 10, max_steps 20
     assert math.isfinite(rl["gold_gain"]) and rl["gold_gain_se"] > 0

@@ -46,14 +46,29 @@ def test_bundles_run_without_torch_and_carry_lineage(tiny_repo):
             assert meta["source"]["git_commit"] == rl_manifest["git_commit"]
         for precision in ("fp32", "int8"):
             lm = OnnxLM(folder, precision=precision)
-            out = lm.generate_ids([lm.prompt_ids("Tom went to the sea.")], max_new_tokens=6,
-                                  temperature=0)  # fmt: skip
+            out = lm.generate_ids(
+                [lm.prompt_ids("Tom went to the sea.")], max_new_tokens=6, temperature=0
+            )
             assert len(out.tokens[0]) <= 6
     res = subprocess.run(
-        [sys.executable, "-m", "lmpipe.cli", "generate", str(tiny_repo / "models/onnx/rl"),
-         "-p", "Tom went to the sea.", "--max-tokens", "6", "--seed", "0", "--precision", "int8"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lmpipe.cli",
+            "generate",
+            str(tiny_repo / "models/onnx/rl"),
+            "-p",
+            "Tom went to the sea.",
+            "--max-tokens",
+            "6",
+            "--seed",
+            "0",
+            "--precision",
+            "int8",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0 and len(res.stdout.splitlines()) == 1, res.stderr[-2000:]
 
 

@@ -21,12 +21,21 @@ SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2}
 def test_cuda_training_bf16_learns_and_reports_mfu(compile_):
     device = torch.device("cuda")
     assert use_bf16("auto", device) == torch.cuda.is_bf16_supported()
-    model = build_model(ModelParams(d_model=128, n_layers=2, n_heads=4, context=64), 100,
-                        SPECIAL, seed=0).to(device)  # fmt: skip
+    model = build_model(
+        ModelParams(d_model=128, n_layers=2, n_heads=4, context=64), 100, SPECIAL, seed=0
+    ).to(device)
     tokens = np.tile(np.arange(3, 60, dtype=np.uint16), 200)
     src = TokenWindows(tokens, 64, 16, seed=0)
-    cfg = PretrainParams(max_steps=60, warmup_steps=5, lr=3e-3, log_every=5, eval_every=30,
-                         checkpoint_every=0, compile=compile_, peak_tflops=100.0)  # fmt: skip
+    cfg = PretrainParams(
+        max_steps=60,
+        warmup_steps=5,
+        lr=3e-3,
+        log_every=5,
+        eval_every=30,
+        checkpoint_every=0,
+        compile=compile_,
+        peak_tflops=100.0,
+    )
     res = train(model, src, cfg, val_batches=src.fixed_batches(1))
     losses = [r["train/loss"] for r in res.history]
     assert losses[-1] < 0.3 * losses[0]

@@ -120,8 +120,10 @@ def imports(path: Path, src: Path = SRC) -> Iterator[Import]:
             if node.level:
                 anchor = package[: len(package) - node.level + 1]
                 base = ".".join(anchor + ([node.module] if node.module else []))
-            targets = [f"{base}.{a.name}" if is_module(f"{base}.{a.name}", src) else base
-                       for a in node.names]  # fmt: skip
+            targets = [
+                f"{base}.{a.name}" if is_module(f"{base}.{a.name}", src) else base
+                for a in node.names
+            ]
         else:
             continue
         for target in dict.fromkeys(targets):
@@ -145,8 +147,9 @@ def layer_errors(src: Path = SRC) -> list[str]:
         module = module_name(path, src)
         own = layer_of(module)
         if own is None:
-            errors.append(f"{shown(path)}: {module} is in no layer; declare it in "
-                          "tests/test_layers.py LAYERS")  # fmt: skip
+            errors.append(
+                f"{shown(path)}: {module} is in no layer; declare it in tests/test_layers.py LAYERS"
+            )
             continue
         for imp in imports(path, src):
             theirs = layer_of(imp.target)
@@ -180,8 +183,10 @@ def stage_errors(stages: Path = STAGES, src: Path = SRC) -> list[str]:
                 continue
             if any(top == "." or top in names for top in tops):
                 source = ast.get_source_segment(text, node)
-                errors.append(f"{shown(path)}:{node.lineno}: `{source}`: a stage imports another "
-                              "stage; move what they share into lmpipe")  # fmt: skip
+                errors.append(
+                    f"{shown(path)}:{node.lineno}: `{source}`: a stage imports another "
+                    "stage; move what they share into lmpipe"
+                )
         for imp in imports(path, src):
             if layer_of(imp.target) is None:
                 errors.append(f"{where(imp)} imports {imp.target}, which is in no layer")
@@ -264,8 +269,11 @@ def test_the_checks_catch_what_they_should(tmp_path):
     errors = layer_errors(src)
     lines = {e.split(": ", 1)[0].removeprefix(str(src) + "/"): e for e in errors}
     assert set(lines) == {
-        "lmpipe/model.py:1", "lmpipe/nowhere.py", "lmpipe/rl/loop.py:2", "lmpipe/sampling.py:2"
-    }, errors  # fmt: skip
+        "lmpipe/model.py:1",
+        "lmpipe/nowhere.py",
+        "lmpipe/rl/loop.py:2",
+        "lmpipe/sampling.py:2",
+    }, errors
     assert (
         "`import lmpipe.train`: lmpipe.model (basics) imports lmpipe.train (training)"
         in (lines["lmpipe/model.py:1"])

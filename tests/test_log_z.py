@@ -57,15 +57,19 @@ def test_mixture_estimate_is_unbiased_and_the_plain_one_without_policy_samples()
     zs = []
     for _ in range(400):
         x0, xp = draw(log_p0, 4, g), draw(log_pi, 4, g)
-        zs.append(core.mixture_log_z(r.gather(1, x0), d.gather(1, x0), r.gather(1, xp),
-                                     d.gather(1, xp), 0.5).exp())  # fmt: skip
+        zs.append(
+            core.mixture_log_z(
+                r.gather(1, x0), d.gather(1, x0), r.gather(1, xp), d.gather(1, xp), 0.5
+            ).exp()
+        )
     z_hat = torch.stack(zs).mean(0)  # E[Ẑ] = Z prompt by prompt
     torch.testing.assert_close(z_hat.log(), log_z, atol=0.08, rtol=0)
     x0 = draw(log_p0, 8, g)
     plain = torch.logsumexp(r.gather(1, x0) / 0.5, 1) - math.log(8)
     empty = torch.zeros(P, 0, dtype=torch.float64)
-    torch.testing.assert_close(core.mixture_log_z(r.gather(1, x0), d.gather(1, x0), empty,
-                                                  empty, 0.5), plain)  # fmt: skip
+    torch.testing.assert_close(
+        core.mixture_log_z(r.gather(1, x0), d.gather(1, x0), empty, empty, 0.5), plain
+    )
 
 
 @pytest.mark.parametrize("beta", [0.05, 0.1, 0.2, 0.5, 1.0])
@@ -94,8 +98,9 @@ def test_policy_samples_find_the_tail_that_pi0_misses():
         d = log_pi - log_p0
         empty = torch.zeros(P, 0, dtype=torch.float64)
         plain = core.mixture_log_z(r.gather(1, x0), d.gather(1, x0), empty, empty, 0.1)
-        mix = core.mixture_log_z(r.gather(1, x0), d.gather(1, x0), r.gather(1, xp),
-                                 d.gather(1, xp), 0.1)  # fmt: skip
+        mix = core.mixture_log_z(
+            r.gather(1, x0), d.gather(1, x0), r.gather(1, xp), d.gather(1, xp), 0.1
+        )
         errs_plain.append(float((log_z - plain).mean()))
         errs_mix.append(float((log_z - mix).abs().mean()))
     assert np.mean(errs_plain) > 5 * np.mean(errs_mix)

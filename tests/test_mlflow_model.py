@@ -31,12 +31,15 @@ def test_a_registered_bundle_loads_by_uri_and_generates(registered):
     uri, _ = registered
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/lmpipe-test/1")
-    out = model.predict(pd.DataFrame({"prompt": ["w5 w6 w7", "w8"]}),
-                        params={"max_tokens": 4, "temperature": 0.0})  # fmt: skip
+    out = model.predict(
+        pd.DataFrame({"prompt": ["w5 w6 w7", "w8"]}), params={"max_tokens": 4, "temperature": 0.0}
+    )
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
     # the same greedy text from a dict of prompts, and the bundle's defaults as param defaults
-    assert model.predict({"prompt": ["w5 w6 w7", "w8"]},
-                         params={"max_tokens": 4, "temperature": 0.0}) == out  # fmt: skip
+    assert (
+        model.predict({"prompt": ["w5 w6 w7", "w8"]}, params={"max_tokens": 4, "temperature": 0.0})
+        == out
+    )
     params = {p.name: p.default for p in model.metadata.signature.params}
     assert params["max_tokens"] == 8  # the fixture bundle's generation.max_new_tokens
     version = mlflow.MlflowClient().get_model_version("lmpipe-test", "1")
@@ -59,7 +62,9 @@ def test_prompts_and_conversations_are_read_from_each_input_shape_and_checked():
     assert requests_of(pd.DataFrame({"messages": [chat]})) == [chat]
     assert requests_of(pd.DataFrame({"messages": [[chat, chat[1:]]]})) == [chat, chat[1:]]
     assert requests_of(pd.DataFrame({"prompt": [None, "b"], "messages": [chat, None]})) == [
-        chat, "b"]  # fmt: skip
+        chat,
+        "b",
+    ]
     for bad, match in (
         (pd.DataFrame({"x": ["a"], "y": ["b"]}), "'prompt' or 'messages' column"),
         (pd.DataFrame(), "'prompt' \\(or 'messages'\\) column"),
@@ -101,15 +106,32 @@ def test_mlflow_models_serve_generates_from_prompts(registered, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     bin_dir = os.path.dirname(sys.executable)  # mlflow runs `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "0",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "0",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     mlflow_bin = os.path.join(bin_dir, "mlflow")
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
-        [mlflow_bin, "models", "serve", "-m", "models:/lmpipe-test/1", "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=log,
-    )  # fmt: skip
+        [
+            mlflow_bin,
+            "models",
+            "serve",
+            "-m",
+            "models:/lmpipe-test/1",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         up = False
@@ -124,8 +146,11 @@ def test_mlflow_models_serve_generates_from_prompts(registered, tmp_path):
         assert up, (tmp_path / "serve.log").read_text()[-3000:]
 
         def invoke(body):
-            req = urllib.request.Request(f"{url}/invocations", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})  # fmt: skip
+            req = urllib.request.Request(
+                f"{url}/invocations",
+                json.dumps(body).encode(),
+                {"Content-Type": "application/json"},
+            )
             try:
                 with urllib.request.urlopen(req, timeout=60) as resp:
                     return json.loads(resp.read())["predictions"]

@@ -21,8 +21,9 @@ def runs_of(repo):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
-    return mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              order_by=["attributes.start_time ASC"])  # fmt: skip
+    return mlflow.search_runs(
+        search_all_experiments=True, output_format="list", order_by=["attributes.start_time ASC"]
+    )
 
 
 def test_one_dvc_repro_is_one_pipeline_run_with_the_stage_runs_under_it(tiny_repo):
@@ -39,7 +40,10 @@ def test_one_dvc_repro_is_one_pipeline_run_with_the_stage_runs_under_it(tiny_rep
     assert first.data.metrics["rl_gold"] == pytest.approx(headline["rl_gold"])
     rl = next(r for r in children if r.data.tags["lmpipe.stage"] == "rl")
     assert {d.dataset.name for d in rl.inputs.dataset_inputs} == {
-        "models/sft", "models/reward", "data/prepared"}  # fmt: skip
+        "models/sft",
+        "models/reward",
+        "data/prepared",
+    }
 
 
 def test_every_stage_model_is_registered_and_loads_by_uri(tiny_repo):
@@ -53,19 +57,27 @@ def test_every_stage_model_is_registered_and_loads_by_uri(tiny_repo):
     for variant in ("rl", "distilled", "pruned"):
         assert f"lmpipe-{variant}" in names
     version = client.get_model_version("lmpipe-rl-torch", "1")
-    for tag in ("lmpipe.stage", "lmpipe.params.sha256", "git.commit", "dvc.lock.sha256",
-                "output.model.sha256", "lineage.sft.run_id"):  # fmt: skip
+    for tag in (
+        "lmpipe.stage",
+        "lmpipe.params.sha256",
+        "git.commit",
+        "dvc.lock.sha256",
+        "output.model.sha256",
+        "lineage.sft.run_id",
+    ):
         assert version.tags.get(tag), tag
     assert version.description.startswith("lmpipe rl (ppo) model: gold_reward.final ")
     policy = mlflow.pyfunc.load_model("models:/lmpipe-rl-torch/1")
     chat = [{"role": "user", "content": "Tell me a story."}]
-    out = policy.predict(pd.DataFrame({"prompt": ["Tell me a story.", None],
-                                       "messages": [None, chat]}),
-                         params={"max_tokens": 6, "temperature": 0.0})  # fmt: skip
+    out = policy.predict(
+        pd.DataFrame({"prompt": ["Tell me a story.", None], "messages": [None, chat]}),
+        params={"max_tokens": 6, "temperature": 0.0},
+    )
     assert len(out) == 2 and out[0] == out[1]  # the same turn, as a prompt and as messages
     reward = mlflow.pyfunc.load_model("models:/lmpipe-reward-torch/1")
-    scores = reward.predict(pd.DataFrame({"prompt": ["Tell me a story."] * 2,
-                                          "response": [out[0], "the the the"]}))  # fmt: skip
+    scores = reward.predict(
+        pd.DataFrame({"prompt": ["Tell me a story."] * 2, "response": [out[0], "the the the"]})
+    )
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
 
 
@@ -97,7 +109,8 @@ def test_a_copied_project_finds_every_runs_artifacts_in_the_copy(tiny_repo, tmp_
         "m = mlflow.pyfunc.load_model('models:/lmpipe-rl/1')\n"
         "print(m.predict({'prompt': 'Tell me a story.'}, params={'max_tokens': 4})[0] != None)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=moved, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=moved, timeout=300
+    )
     assert res.returncode == 0 and res.stdout.strip().endswith("True"), res.stderr[-3000:]
     assert "already point here" in run(["lmpipe", "relocate-mlflow"], moved).stdout

@@ -13,8 +13,12 @@ from lmpipe.sampling import sample_responses
 from lmpipe.sft import encode_pair, prompt_ids
 from lmpipe.train import lm_loss_sum
 
-TEXTS = [f"The {a} cat sat on the {b} mat and felt {c}." for a in ("red", "big", "old", "shy")
-         for b in ("blue", "warm", "soft") for c in ("happy", "sad", "calm")]  # fmt: skip
+TEXTS = [
+    f"The {a} cat sat on the {b} mat and felt {c}."
+    for a in ("red", "big", "old", "shy")
+    for b in ("blue", "warm", "soft")
+    for c in ("happy", "sad", "calm")
+]
 
 
 @pytest.fixture(scope="module")

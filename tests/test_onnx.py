@@ -98,9 +98,15 @@ def test_fp16_model_for_cuda_is_close_and_a_missing_file_is_named(bundle, tmp_pa
 
     model, path = bundle
     build_bundle(
-        model, tmp_path / "h", tokenizer_file=path / "tokenizer.json", special_tokens=SPECIAL,
-        generation={}, source={"variant": "test"}, int8=False, fp16=True,
-    )  # fmt: skip
+        model,
+        tmp_path / "h",
+        tokenizer_file=path / "tokenizer.json",
+        special_tokens=SPECIAL,
+        generation={},
+        source={"variant": "test"},
+        int8=False,
+        fp16=True,
+    )
     meta = json.loads((tmp_path / "h" / "bundle.json").read_text())
     assert meta["files"] == {"fp32": "model.onnx", "int8": None, "fp16": "model.fp16.onnx"}
     lm = OnnxLM(tmp_path / "h", precision="fp16")

@@ -81,8 +81,11 @@ def imported(path: Path) -> set[str]:
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             found.add(node.module)  # and submodules imported by name:
-            found |= {f"{node.module}.{a.name}" for a in node.names
-                      if module_file(f"{node.module}.{a.name}")}  # fmt: skip
+            found |= {
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if module_file(f"{node.module}.{a.name}")
+            }
     names = {n for n in found if n == "lmpipe" or n.startswith("lmpipe.")}
     # importing a.b.c runs the __init__ of a and a.b first
     return names | {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 1)}

@@ -24,8 +24,9 @@ def test_gpu_profile_is_valid_and_about_125m_parameters(tmp_path):
     p = load_params(params, list(SECTIONS))
     assert p.pretrain.precision == "bf16" and p.pretrain.compile
     with torch.device("meta"):
-        model = build_model(p.model, p.tokenizer.vocab_size, {"<|bos|>": 1, "<|eos|>": 2,
-                                                               "<|pad|>": 0}, seed=0)  # fmt: skip
+        model = build_model(
+            p.model, p.tokenizer.vocab_size, {"<|bos|>": 1, "<|eos|>": 2, "<|pad|>": 0}, seed=0
+        )
     n = sum(t.numel() for t in model.parameters())
     assert 115e6 < n < 135e6, n
     tokens_per_step = p.pretrain.batch_size * p.pretrain.grad_accum * p.model.context

@@ -28,8 +28,11 @@ def test_history_csv_keeps_wall_clock_columns_in_their_own_file(tmp_path):
     assert list(rows[0]) == ["step", "train/loss", "train/lr", "eval/loss"]
     speed = list(csv.DictReader(speed_csv(a).open()))
     assert list(speed[0]) == [
-        "step", "train/tokens_per_sec", "rl/episodes_per_sec", "rl/generate_share"
-    ]  # fmt: skip
+        "step",
+        "train/tokens_per_sec",
+        "rl/episodes_per_sec",
+        "rl/generate_share",
+    ]
     assert [r["train/tokens_per_sec"] for r in speed] == ["1000", "1100", ""]
 
 
@@ -41,16 +44,28 @@ def test_history_without_wall_clock_columns_still_writes_both_files(tmp_path):
 
 def test_manifest_has_no_run_id_or_timings_and_repeats_exactly():
     params = Params(seed=1, sections={"tokenizer": TokenizerParams(vocab_size=512)})
-    tags = {"input.data.sha256": "ab" * 32, "input.data.path": "data/prepared",
-            "lineage.data.run_id": "r1", "git.commit": "c0ffee", "git.dirty": "false"}  # fmt: skip
+    tags = {
+        "input.data.sha256": "ab" * 32,
+        "input.data.path": "data/prepared",
+        "lineage.data.run_id": "r1",
+        "git.commit": "c0ffee",
+        "git.dirty": "false",
+    }
     pruned = {"tokens_per_sec_b8": 9.0, "speedup_b1": 1.2, "ppl": 3.0}
-    report = {"val_loss": 2.0, "train_seconds": 12.3, "tokens_per_sec": 4e4,
-              "variants": {"pruned": pruned}}  # fmt: skip
+    report = {
+        "val_loss": 2.0,
+        "train_seconds": 12.3,
+        "tokens_per_sec": 4e4,
+        "variants": {"pruned": pruned},
+    }
     one = manifest("pretrain", params, tags, report, "pretrain-0123")
     again = manifest(
-        "pretrain", params, {**tags, "lineage.data.run_id": "r2"},
-        {**report, "train_seconds": 99.0, "tokens_per_sec": 1.0}, "pretrain-0123",
-    )  # fmt: skip
+        "pretrain",
+        params,
+        {**tags, "lineage.data.run_id": "r2"},
+        {**report, "train_seconds": 99.0, "tokens_per_sec": 1.0},
+        "pretrain-0123",
+    )
     assert json.dumps(one, sort_keys=True) == json.dumps(again, sort_keys=True)
     assert one["metrics"] == {"val_loss": 2.0, "variants": {"pruned": {"ppl": 3.0}}}
     assert set(one["inputs"]) == {"input.data.sha256", "input.data.path"}
@@ -64,8 +79,9 @@ def test_prune_removes_only_checkpoints_of_runs_whose_output_is_in_place(tmp_pat
         (cache / name).mkdir(parents=True)
         (cache / name / "checkpoint.pt").write_bytes(b"x" * 10)
     write_json(models / "pretrain" / "lmpipe.json", {"run_key": "pretrain-aaa"})
-    write_json(models / "compressed" / "distilled" / "lmpipe.json",
-               {"run_key": "compress-distill-ccc"})  # fmt: skip
+    write_json(
+        models / "compressed" / "distilled" / "lmpipe.json", {"run_key": "compress-distill-ccc"}
+    )
     write_json(models / "sft" / "lmpipe.json", {"stage": "sft"})  # older manifest: no key
     (models / "rl").mkdir()
     (models / "rl" / "lmpipe.json").write_text("{not json")  # never a reason to fail a stage

@@ -153,9 +153,15 @@ def test_reward_model_separates_a_synthetic_problem(backbone, pooling):
     assert model.config.num_labels == 1
     (train_ex, train_keys), (val_ex, val_keys) = synthetic_pairs(400, 0), synthetic_pairs(80, 1)
     cfg = RewardParams(
-        lr=3e-3, max_steps=300, batch_size=6, warmup_steps=10, eval_every=100, log_every=50,
-        checkpoint_every=0, device="cpu",
-    )  # fmt: skip
+        lr=3e-3,
+        max_steps=300,
+        batch_size=6,
+        warmup_steps=10,
+        eval_every=100,
+        log_every=50,
+        checkpoint_every=0,
+        device="cpu",
+    )
     val = PreferenceBatches(group_pairs(val_ex, val_keys), 16, 0, 0).fixed_batches()
     source = PreferenceBatches(group_pairs(train_ex, train_keys), cfg.batch_size, 0, 0)
     res = train(model, source, cfg, val_batches=val, loss_sum=preference_loss_sum())
@@ -169,8 +175,9 @@ def test_group_pairs_merges_a_prompts_pairs_and_shares_its_sequences():
     a, b, c, d = [1, 5, 2], [1, 6, 2], [1, 7, 7, 2], [1, 8, 2]
     pairs = [PreferenceExample(a, b), PreferenceExample(c, a), PreferenceExample(d, b)]
     groups = group_pairs([*pairs, PreferenceExample(a, d)], ["p", "p", "q", "p"])
-    assert groups[0] == PreferenceGroup((tuple(a), tuple(b), tuple(c), tuple(d)),
-                                        ((0, 1), (2, 0), (0, 3)))  # fmt: skip
+    assert groups[0] == PreferenceGroup(
+        (tuple(a), tuple(b), tuple(c), tuple(d)), ((0, 1), (2, 0), (0, 3))
+    )
     assert groups[1] == PreferenceGroup((tuple(d), tuple(b)), ((0, 1),))
     batch = PreferenceBatches(groups, 2, 0, 0).fixed_batches()[0]
     assert batch.n_targets == 4 and batch.input_ids.shape == (6, 4)  # 6 distinct rows, not 8
@@ -374,9 +381,16 @@ def test_sample_and_label_drops_truncated_and_labels_by_gold(tmp_path):
         ModelParams(d_model=32, n_layers=1, n_heads=2, context=64), 300, special_ids(tok), 0
     )
     samples, pairs = sample_and_label(
-        model, plain_template(tok), ["the cat", "a mat"], k=6, max_new_tokens=8, temperature=1.0,
-        gold=make_gold("length"), tau=0.0, seed=0,
-    )  # fmt: skip
+        model,
+        plain_template(tok),
+        ["the cat", "a mat"],
+        k=6,
+        max_new_tokens=8,
+        temperature=1.0,
+        gold=make_gold("length"),
+        tau=0.0,
+        seed=0,
+    )
     assert len(samples) == 12
     ended = {(s["prompt"], s["response"]) for s in samples if s["ended_with_eos"]}
     for p in pairs:
@@ -386,9 +400,11 @@ def test_sample_and_label_drops_truncated_and_labels_by_gold(tmp_path):
 
 def test_pair_metrics():
     m = pair_metrics(
-        np.array([1.0, 0.0, 2.0]), np.array([0.0, 1.0, 1.0]),
-        np.array([0.5, 0.5, 0.3]), np.array([0.0, 0.45, 0.6]),
-    )  # fmt: skip
+        np.array([1.0, 0.0, 2.0]),
+        np.array([0.0, 1.0, 1.0]),
+        np.array([0.5, 0.5, 0.3]),
+        np.array([0.0, 0.45, 0.6]),
+    )
     assert m["val_accuracy"] == pytest.approx(2 / 3)
     # pair 2 has a gold gap under 0.1: left out; pair 3 is ordered against gold
     assert m["gold_order_pairs"] == 2 and m["gold_order_accuracy"] == 0.5
@@ -423,10 +439,12 @@ def test_pair_metrics_standard_errors_are_by_prompt():
     )
     assert np.isnan(cluster_se(x, ["a"] * 6))
     m = pair_metrics(
-        np.array([1.0, 0.0, 2.0, 1.0]), np.array([0.0, 1.0, 1.0, 0.0]),
-        np.array([0.5, 0.5, 0.3, 0.9]), np.array([0.0, 0.45, 0.6, 0.1]),
+        np.array([1.0, 0.0, 2.0, 1.0]),
+        np.array([0.0, 1.0, 1.0, 0.0]),
+        np.array([0.5, 0.5, 0.3, 0.9]),
+        np.array([0.0, 0.45, 0.6, 0.1]),
         prompts=["p", "p", "q", "r"],
-    )  # fmt: skip
+    )
     assert m["val_prompts"] == 3 and m["gold_order_accuracy_se"] > 0 and m["val_accuracy_se"] > 0
 
 
@@ -479,16 +497,19 @@ def test_critic_from_the_reward_model_scores_each_partial_response(backbone, poo
     prompt, response = [1, 4, 3], [10, 11, 12, 13, 2]
     seq = torch.tensor([prompt + response])
     mask = torch.ones(1, len(response), dtype=torch.bool)
-    gen = Generation(seq, torch.ones_like(seq), len(prompt), seq[:, len(prompt) :], mask,
-                     torch.tensor([True]))  # fmt: skip
+    gen = Generation(
+        seq, torch.ones_like(seq), len(prompt), seq[:, len(prompt) :], mask, torch.tensor([True])
+    )
     with torch.no_grad():
         if pooling == "mean":
             assert float(value(gen, slice(None))[0, 0]) == pytest.approx(0.0, abs=1e-6)
             value.log_n0.fill_(math.log(1e-6))
         v = value(gen, slice(None))[0]
     first = 0 if pooling == "last" else 1  # mean pooling has no score of an empty response
-    want = [gain * raw_scores(model, [prompt + response[:t]], 0)[0] + bias
-            for t in range(first, len(response))]  # fmt: skip
+    want = [
+        gain * raw_scores(model, [prompt + response[:t]], 0)[0] + bias
+        for t in range(first, len(response))
+    ]
     np.testing.assert_allclose(v[first:].numpy(), want, rtol=1e-4, atol=1e-4)
 
 

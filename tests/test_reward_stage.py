@@ -43,19 +43,35 @@ def test_reward_from_a_preference_file(tiny_repo, tmp_path):
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     prompts_file = tiny_repo / "data/prepared/prompts/rl.jsonl"
     prompts = [json.loads(x)["prompt"] for x in prompts_file.open()]
-    rows = [{"prompt": p, "chosen": "She was happy and glad.", "rejected": "He was sad."}
-            for p in prompts]  # fmt: skip
+    rows = [
+        {"prompt": p, "chosen": "She was happy and glad.", "rejected": "He was sad."}
+        for p in prompts
+    ]
     pairs_file = tmp_path / "pairs.jsonl"
     pairs_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     params["preference"].update(source="file", path=str(pairs_file))
     params["reward"]["checkpoint_every"] = 0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = [
-        "python", "stages/reward.py", "--params", str(tmp_path / "params.yaml"),
-        "--model", "models/sft", "--data", "data/prepared", "--pairs", str(tmp_path / "prefs"),
-        "--out", str(tmp_path / "rm"), "--report", str(tmp_path / "reward.json"),
-        "--plots", str(tmp_path / "reward.csv"), "--cache", str(tmp_path / "cache"),
-    ]  # fmt: skip
+        "python",
+        "stages/reward.py",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--model",
+        "models/sft",
+        "--data",
+        "data/prepared",
+        "--pairs",
+        str(tmp_path / "prefs"),
+        "--out",
+        str(tmp_path / "rm"),
+        "--report",
+        str(tmp_path / "reward.json"),
+        "--plots",
+        str(tmp_path / "reward.csv"),
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
     env = {"LMPIPE_LOG_LEVEL": "INFO", "LMPIPE_PROGRESS_S": "0"}  # a progress line every step
     res = run(cmd, tiny_repo, extra_env=env)
     # a log fit for a file: no redrawn progress bars, no misleading "MISSING weight" report,
@@ -85,24 +101,49 @@ def test_reward_under_torchrun_matches_one_process_and_only_rank_0_writes(tiny_r
 
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     # fp32: bf16 rounds differently for a batch of 4 groups than for one of 8
-    params["reward"].update({"batch_size": 4, "max_steps": 8, "eval_every": 8, "log_every": 1,
-                             "checkpoint_every": 0, "precision": "fp32"})  # fmt: skip
+    params["reward"].update(
+        {
+            "batch_size": 4,
+            "max_steps": 8,
+            "eval_every": 8,
+            "log_every": 1,
+            "checkpoint_every": 0,
+            "precision": "fp32",
+        }
+    )
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(params))
     params["reward"]["batch_size"] = 8
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(params))
 
     def reward(name, **env):
         out = tmp_path / name
-        cmd = ["python", "stages/reward.py", "--params", str(tmp_path / f"{name}.yaml"),
-               "--model", "models/sft", "--data", "data/prepared", "--pairs", str(out / "pairs"),
-               "--out", str(out / "rm"), "--report", str(out / "reward.json"),
-               "--plots", str(out / "reward.csv"), "--cache", str(out / "cache")]  # fmt: skip
+        cmd = [
+            "python",
+            "stages/reward.py",
+            "--params",
+            str(tmp_path / f"{name}.yaml"),
+            "--model",
+            "models/sft",
+            "--data",
+            "data/prepared",
+            "--pairs",
+            str(out / "pairs"),
+            "--out",
+            str(out / "rm"),
+            "--report",
+            str(out / "reward.json"),
+            "--plots",
+            str(out / "reward.csv"),
+            "--cache",
+            str(out / "cache"),
+        ]
         res, runs = run_in_own_store(cmd, tiny_repo, tmp_path / f"{name}.db", **env)
         curve = curve_values(out / "reward.csv", "train/loss")
         return res, json.loads((out / "reward.json").read_text()), runs, curve, out
 
-    res, ddp, ddp_runs, ddp_curve, ddp_out = reward("ddp", LMPIPE_NPROC="2",
-                                                    LMPIPE_LOG_LEVEL="INFO")  # fmt: skip
+    res, ddp, ddp_runs, ddp_curve, ddp_out = reward(
+        "ddp", LMPIPE_NPROC="2", LMPIPE_LOG_LEVEL="INFO"
+    )
     assert "torchrun --nproc_per_node=2 --standalone stages/reward.py" in res.stderr
     _, one, _, one_curve, one_out = reward("one")
     assert ddp["world_size"] == 2 and one["world_size"] == 1

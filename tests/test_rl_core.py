@@ -76,9 +76,11 @@ def test_missing_eos_penalty_and_masks():
     gen = Generation(
         sequences=torch.cat([torch.ones(3, 2, dtype=torch.long), response], 1),
         attention_mask=torch.cat([torch.ones(3, 2, dtype=torch.long), mask.long()], 1),
-        prompt_width=2, response=response, response_mask=mask,
+        prompt_width=2,
+        response=response,
+        response_mask=mask,
         ended=torch.tensor([True, False, True]),
-    )  # fmt: skip
+    )
     seen = []
 
     def score_fn(prompts, responses):

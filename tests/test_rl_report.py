@@ -60,8 +60,9 @@ def test_gain_with_se_pairs_prompts_and_skips_missing_ones():
 
 def test_reward_gold_order_counts_pairs_within_a_prompt_on_equal_sample_counts():
     # π₀: 4 samples a prompt of which the first 2 count (as many as the policy's 2)
-    ref = samples([0, 1, 9, 9, 0, 1, 9, 9], [0.0, 1.0, 9.0, 9.0, 1.0, 0.0, 9.0, 9.0],
-                  [0, 0, 0, 0, 1, 1, 1, 1])  # fmt: skip
+    ref = samples(
+        [0, 1, 9, 9, 0, 1, 9, 9], [0.0, 1.0, 9.0, 9.0, 1.0, 0.0, 9.0, 9.0], [0, 0, 0, 0, 1, 1, 1, 1]
+    )
     pol = samples([0, 1, 0, 1], [0.0, 1.0, 0.0, 1.0], [0, 0, 1, 1])
     gold_ref = np.array([0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
     init = R.Evaluation(ref, [], {"gold_each": gold_ref}, 0.0)
@@ -75,10 +76,13 @@ def test_reward_gold_order_counts_pairs_within_a_prompt_on_equal_sample_counts()
 def test_summary_report_and_side_by_side_from_hand_made_samples():
     texts = {5: "yes", 6: "no"}
     ev = R.EvalSet(
-        ["p0", "p1"], [[1], [1]], score_fn=None, decode=lambda r: texts[r[0]],
+        ["p0", "p1"],
+        [[1], [1]],
+        score_fn=None,
+        decode=lambda r: texts[r[0]],
         gold=lambda prompts, responses: [1.0 if t == "yes" else 0.0 for t in responses],
         sample_kw={},
-    )  # fmt: skip
+    )
     s = samples([1.0, -2.0, 0.5, 0.5], [1.0, np.nan, 0.5, 0.5], [0, 0, 1, 1])
     s.responses = [[5], [6], [6], [6]]
     got_texts, fig = ev.summary(s)
@@ -89,14 +93,29 @@ def test_summary_report_and_side_by_side_from_hand_made_samples():
     assert fig["eos_rate"] == 1.0 and fig["score"] == 0.0
 
     cfg = RLParams(eval_samples=2, posterior_samples=2, steps=5, prompts_per_step=4)
-    post = {"posterior_kl": 1.0, "posterior_kl_low": 0.5, "posterior_kl_high": 2.0,
-            "log_z": 0.3, "log_z_low": 0.1, "log_z_high": 0.4, "reward_max": 1.0,
-            "objective_j": 0.2, "objective_j_se": 0.1}  # fmt: skip
+    post = {
+        "posterior_kl": 1.0,
+        "posterior_kl_low": 0.5,
+        "posterior_kl_high": 2.0,
+        "log_z": 0.3,
+        "log_z_low": 0.1,
+        "log_z_high": 0.4,
+        "reward_max": 1.0,
+        "objective_j": 0.2,
+        "objective_j_se": 0.1,
+    }
     init = R.Evaluation(s, got_texts, {**fig, **post}, 1.0)
     final = R.Evaluation(s, got_texts, {**fig, **post}, 2.0)
     history = [{"step": i, "rl/score": 0.1 * i, "rl/beta": 0.2, "rl/kl": 0.5} for i in (1, 2)]
-    run = R.Run(history, 0.2, train_seconds=4.0, generate_seconds=1.0, train_prompts=3,
-                world_size=1, precision="fp32")  # fmt: skip
+    run = R.Run(
+        history,
+        0.2,
+        train_seconds=4.0,
+        generate_seconds=1.0,
+        train_prompts=3,
+        world_size=1,
+        precision="fp32",
+    )
     rep = R.rl_report(cfg, init, final, [], run)
     assert rep["episodes"] == 5 * 3 * 2  # prompts a step: at most the training prompts
     assert rep["episodes_per_sec"] == pytest.approx(30 / 4.0)

@@ -19,8 +19,7 @@ def test_rl_stage_outputs(tiny_repo):
     assert rep["algo"] == "ppo"
     for key in ("gold_reward", "proxy_reward"):
         assert set(rep[key]) == {"init", "final"} and all(np.isfinite(list(rep[key].values())))
-    for key in ("kl_to_ref", "posterior_kl", "log_z", "entropy", "distinct_2",
-                "episodes_per_sec"):  # fmt: skip
+    for key in ("kl_to_ref", "posterior_kl", "log_z", "entropy", "distinct_2", "episodes_per_sec"):
         assert np.isfinite(rep[key]), key
     lo, hi = rep["log_z_interval"]
     assert lo <= rep["log_z"] <= hi
@@ -41,10 +40,20 @@ def test_rl_stage_outputs(tiny_repo):
     rows = list(csv.DictReader((tiny_repo / "reports/plots/rl.csv").open()))
     assert [int(r["step"]) for r in rows] == list(range(1, 7))
     cols = [
-        "rl/score", "rl/gold", "rl/kl", "rl/kl_k3", "rl/beta", "rl/entropy", "rl/approx_kl",
-        "rl/clipfrac", "rl/value_loss", "rl/explained_variance", "rl/ratio_mean",
-        "rl/response_len", "rl/eos_frac",
-    ]  # fmt: skip
+        "rl/score",
+        "rl/gold",
+        "rl/kl",
+        "rl/kl_k3",
+        "rl/beta",
+        "rl/entropy",
+        "rl/approx_kl",
+        "rl/clipfrac",
+        "rl/value_loss",
+        "rl/explained_variance",
+        "rl/ratio_mean",
+        "rl/response_len",
+        "rl/eos_frac",
+    ]
     for col in cols:
         assert col in rows[0], col
     speed = list(csv.DictReader((tiny_repo / "reports/plots/rl_speed.csv").open()))
@@ -69,11 +78,25 @@ def test_rl_rerun_is_byte_identical(tiny_repo, tmp_path):
         return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
     cmd = [
-        "python", "stages/rl.py", "--params", "params.yaml", "--sft", "models/sft",
-        "--reward", "models/reward", "--data", "data/prepared", "--out", str(tmp_path / "a"),
-        "--report", str(tmp_path / "a.json"), "--plots", str(tmp_path / "a.csv"),
-        "--cache", str(tmp_path / "cache"),
-    ]  # fmt: skip
+        "python",
+        "stages/rl.py",
+        "--params",
+        "params.yaml",
+        "--sft",
+        "models/sft",
+        "--reward",
+        "models/reward",
+        "--data",
+        "data/prepared",
+        "--out",
+        str(tmp_path / "a"),
+        "--report",
+        str(tmp_path / "a.json"),
+        "--plots",
+        str(tmp_path / "a.csv"),
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
     run(cmd, tiny_repo)
     assert digest(tmp_path / "a") == digest(tiny_repo / "models" / "rl")
     assert not list((tmp_path / "cache").glob("rl-*/checkpoint.pt"))
@@ -88,11 +111,26 @@ def test_rl_under_torchrun_matches_one_process_and_only_rank_0_writes(tiny_repo,
 
     def rl(name, **env):
         out = tmp_path / name
-        cmd = ["python", "stages/rl.py", "--params", str(tmp_path / "params.yaml"),
-               "--sft", "models/sft",
-               "--reward", "models/reward", "--data", "data/prepared", "--out", str(out / "rl"),
-               "--report", str(out / "rl.json"), "--plots", str(out / "rl.csv"),
-               "--cache", str(out / "cache")]  # fmt: skip
+        cmd = [
+            "python",
+            "stages/rl.py",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--sft",
+            "models/sft",
+            "--reward",
+            "models/reward",
+            "--data",
+            "data/prepared",
+            "--out",
+            str(out / "rl"),
+            "--report",
+            str(out / "rl.json"),
+            "--plots",
+            str(out / "rl.csv"),
+            "--cache",
+            str(out / "cache"),
+        ]
         res, runs = run_in_own_store(cmd, tiny_repo, tmp_path / f"{name}.db", **env)
         with (out / "rl.csv").open() as f:
             rows = list(csv.DictReader(f))

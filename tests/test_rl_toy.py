@@ -105,12 +105,17 @@ def trainer(algo: str, policy, ref, **kw) -> RLTrainer:
     kw.setdefault("samples_per_prompt", 32)
     kw.setdefault("minibatch_size", 32)
     cfg = RLParams(
-        algo=algo, kl_coef=BETA, prompts_per_step=2,
-        max_new_tokens=MAX_NEW, missing_eos_penalty=PENALTY, **kw,
-    )  # fmt: skip
+        algo=algo,
+        kl_coef=BETA,
+        prompts_per_step=2,
+        max_new_tokens=MAX_NEW,
+        missing_eos_penalty=PENALTY,
+        **kw,
+    )
     value = ValueModel.zero_head(policy) if algo == "ppo" else None
-    return RLTrainer(policy, ref, cfg, PROMPTS, score_fn, eos_id=EOS, pad_id=PAD, seed=0,
-                     value_model=value)  # fmt: skip
+    return RLTrainer(
+        policy, ref, cfg, PROMPTS, score_fn, eos_id=EOS, pad_id=PAD, seed=0, value_model=value
+    )
 
 
 def test_toy_posterior_is_far_from_the_prior():
@@ -202,14 +207,25 @@ def test_shared_prompt_passes_equal_the_plain_passes(arch):
     cfg = ModelParams(arch=arch, d_model=32, n_layers=2, n_heads=2, context=24, init_std=0.3)
     prompts = [[1, 3, A, B, A, 4], [1, 3, B, 4], [1, 3, A, 4]]
     gen = generate(
-        build_model(cfg, 7, SPECIAL, seed=1), [p for p in prompts for _ in range(3)],
-        max_new_tokens=6, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+        build_model(cfg, 7, SPECIAL, seed=1),
+        [p for p in prompts for _ in range(3)],
+        max_new_tokens=6,
+        eos_id=EOS,
+        pad_id=PAD,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert gen.response_mask.sum(-1).unique().numel() > 1  # responses of several lengths
     rows = torch.tensor([0, 1, 2, 3, 4, 5, 7, 8])  # a chunk: one prompt with 2 rows of its 3
     assert prompt_owners(gen.sequences[rows, : gen.prompt_width])[1].tolist() == [
-        0, 0, 0, 1, 1, 1, 2, 2,
-    ]  # fmt: skip
+        0,
+        0,
+        0,
+        1,
+        1,
+        1,
+        2,
+        2,
+    ]
     assert prompt_owners(gen.sequences[[0, 3, 6], : gen.prompt_width]) is None
     out = []
     for share in (False, True):
@@ -243,8 +259,14 @@ def test_ppo_minibatches_keep_a_prompts_samples_together():
 def test_log_z_and_posterior_kl_estimators_match_the_exact_values():
     policy, ref = make_models()
     gen = torch.Generator().manual_seed(0)
-    kw = dict(max_new_tokens=MAX_NEW, temperature=1.0, eos_id=EOS, pad_id=PAD, penalty=PENALTY,
-              generator=gen)  # fmt: skip
+    kw = dict(
+        max_new_tokens=MAX_NEW,
+        temperature=1.0,
+        eos_id=EOS,
+        pad_id=PAD,
+        penalty=PENALTY,
+        generator=gen,
+    )
     ref_s = draw(ref, ref, PROMPTS, 4000, score_fn, **kw)
     # a policy that differs from π₀: a few RLOO steps
     t = trainer("rloo", policy, ref, lr=3e-3)
@@ -284,8 +306,14 @@ def test_under_sampled_log_z_interval_covers_and_beats_pi0_alone(algo):
     covered, err_ref, err_both = 0, [], []
     for seed in range(12):
         gen = torch.Generator().manual_seed(seed)
-        kw = dict(max_new_tokens=MAX_NEW, temperature=1.0, eos_id=EOS, pad_id=PAD,
-                  penalty=PENALTY, generator=gen)  # fmt: skip
+        kw = dict(
+            max_new_tokens=MAX_NEW,
+            temperature=1.0,
+            eos_id=EOS,
+            pad_id=PAD,
+            penalty=PENALTY,
+            generator=gen,
+        )
         ref_s = draw(ref, ref, PROMPTS, 8, score_fn, **kw)
         pol_s = draw(policy, ref, PROMPTS, 8, score_fn, **kw)
         pol_of_ref = rescore(policy, PROMPTS, ref_s, temperature=1.0, pad_id=PAD)

@@ -46,8 +46,16 @@ def test_cached_greedy_with_left_padding_equals_full_recompute(arch):
         assert (g.response[i, n:] == PAD).all()
         # the attention mask marks the prompt's real tokens and the response, nothing else
         assert int(g.attention_mask[i].sum()) == len(p) + n
-    plain = generate(model, prompts * 2, max_new_tokens=12, eos_id=EOS, pad_id=PAD, greedy=True,
-                     share_prefix=False, compact=False)  # fmt: skip
+    plain = generate(
+        model,
+        prompts * 2,
+        max_new_tokens=12,
+        eos_id=EOS,
+        pad_id=PAD,
+        greedy=True,
+        share_prefix=False,
+        compact=False,
+    )
     both = generate(model, prompts * 2, max_new_tokens=12, eos_id=EOS, pad_id=PAD, greedy=True)
     assert torch.equal(plain.response[:3], g.response)
     assert torch.equal(both.response, plain.response)
@@ -111,8 +119,14 @@ def test_batch_samples_follow_the_sequence_distribution(share, monkeypatch):
     model = build_model(cfg, 7, SPECIAL, seed=0).eval()
     prompts, n, new = [[1, 3, 5, 6, 4], [1, 3, 6, 4]], 12_000, 3
     batch = [prompts[i % 2] for i in range(2 * n)]  # interleaved: both prefixes shared
-    gen = generate(model, batch, max_new_tokens=new, eos_id=EOS, pad_id=PAD,
-                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+    gen = generate(
+        model,
+        batch,
+        max_new_tokens=new,
+        eos_id=EOS,
+        pad_id=PAD,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert reorders[0] == 2 * n and len(reorders) >= (3 if share == 0 else 1), reorders
     for j, prompt in enumerate(prompts):
         seen: dict[tuple[int, ...], int] = {}

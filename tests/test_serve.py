@@ -33,36 +33,41 @@ def test_health_and_models(client):
 
 
 def test_completion_in_openai_shape(client):
-    r = client.post("/v1/completions", json={"prompt": "w7 w8", "max_tokens": 5, "n": 2,
-                                             "seed": 1, "temperature": 0.8})  # fmt: skip
+    r = client.post(
+        "/v1/completions",
+        json={"prompt": "w7 w8", "max_tokens": 5, "n": 2, "seed": 1, "temperature": 0.8},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion" and body["model"] == "b"
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
     assert body["usage"]["completion_tokens"] <= 10
-    again = client.post("/v1/completions", json={"prompt": "w7 w8", "max_tokens": 5, "n": 2,
-                                                 "seed": 1, "temperature": 0.8})  # fmt: skip
+    again = client.post(
+        "/v1/completions",
+        json={"prompt": "w7 w8", "max_tokens": 5, "n": 2, "seed": 1, "temperature": 0.8},
+    )
     assert [c["text"] for c in again.json()["choices"]] == [c["text"] for c in body["choices"]]
 
 
 def test_greedy_completion_matches_the_runtime(client, bundle):
     lm = client.completer.lm
     want = lm.generate_ids([lm.prompt_ids("w9 w10")], max_new_tokens=8, temperature=0)
-    r = client.post("/v1/completions", json={"prompt": "w9 w10", "max_tokens": 8,
-                                             "temperature": 0})  # fmt: skip
+    r = client.post("/v1/completions", json={"prompt": "w9 w10", "max_tokens": 8, "temperature": 0})
     assert r.json()["choices"][0]["text"] == lm.decode(want.tokens[0])
 
 
 def test_stop_strings_cut_the_text(client):
-    full = client.post("/v1/completions", json={"prompt": "w3", "max_tokens": 12,
-                                                "temperature": 0}).json()  # fmt: skip
+    full = client.post(
+        "/v1/completions", json={"prompt": "w3", "max_tokens": 12, "temperature": 0}
+    ).json()
     text = full["choices"][0]["text"]
     if len(text) < 4:
         pytest.skip("greedy continuation too short to cut")
     stop = text[2:4]
-    cut = client.post("/v1/completions", json={"prompt": "w3", "max_tokens": 12, "temperature": 0,
-                                               "stop": [stop]}).json()  # fmt: skip
+    cut = client.post(
+        "/v1/completions", json={"prompt": "w3", "max_tokens": 12, "temperature": 0, "stop": [stop]}
+    ).json()
     assert cut["choices"][0]["text"] == text[: text.find(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop"
 
@@ -104,20 +109,22 @@ def test_bad_requests_get_a_4xx_with_a_message(client, body, status, words):
 
 
 def test_malformed_json_is_a_400(client):
-    r = client.post("/v1/completions", content=b"{not json",
-                    headers={"content-type": "application/json"})  # fmt: skip
+    r = client.post(
+        "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["error"]["message"]
 
 
 def test_sixteen_concurrent_requests_are_all_served_correctly(client):
     lm = client.completer.lm
     prompts = [f"w{20 + i} w{40 + i}" for i in range(16)]
-    want = [lm.decode(lm.generate_ids([lm.prompt_ids(p)], max_new_tokens=6, temperature=0)
-                      .tokens[0]) for p in prompts]  # fmt: skip
+    want = [
+        lm.decode(lm.generate_ids([lm.prompt_ids(p)], max_new_tokens=6, temperature=0).tokens[0])
+        for p in prompts
+    ]
 
     def ask(p):
-        return client.post("/v1/completions", json={"prompt": p, "max_tokens": 6,
-                                                    "temperature": 0})  # fmt: skip
+        return client.post("/v1/completions", json={"prompt": p, "max_tokens": 6, "temperature": 0})
 
     with ThreadPoolExecutor(16) as pool:
         got = list(pool.map(ask, prompts))
@@ -126,8 +133,12 @@ def test_sixteen_concurrent_requests_are_all_served_correctly(client):
 
 
 def post_in_threads(c, bodies, results):
-    threads = [threading.Thread(target=lambda i=i, b=b: results.__setitem__(
-        i, c.post("/v1/completions", json=b))) for i, b in enumerate(bodies)]  # fmt: skip
+    threads = [
+        threading.Thread(
+            target=lambda i=i, b=b: results.__setitem__(i, c.post("/v1/completions", json=b))
+        )
+        for i, b in enumerate(bodies)
+    ]
     for t in threads:
         t.start()
     return threads
@@ -191,12 +202,29 @@ def test_waiting_requests_run_as_one_batch_each_with_its_own_settings(bundle):
 def test_cli_generate_prints_completions(bundle):
     _, path = bundle
     res = subprocess.run(
-        [sys.executable, "-m", "lmpipe.cli", "generate", str(path), "-p", "w7 w8", "-p", "w9",
-         "--max-tokens", "4", "--temperature", "0"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lmpipe.cli",
+            "generate",
+            str(path),
+            "-p",
+            "w7 w8",
+            "-p",
+            "w9",
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert len(res.stdout.splitlines()) == 2
-    bad = subprocess.run([sys.executable, "-m", "lmpipe.cli", "generate", str(path.parent),
-                          "-p", "x"], capture_output=True, text=True)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "lmpipe.cli", "generate", str(path.parent), "-p", "x"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "bundle.json" in bad.stderr

@@ -55,8 +55,10 @@ class Hold:
 def open_request(port: int, body: dict, path="/v1/completions", send=None) -> socket.socket:
     """A raw HTTP/1.1 request; `send` bytes of the body only, if given."""
     data = json.dumps(body).encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode()
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
     s.sendall(head + data[: len(data) if send is None else send])
     return s
@@ -88,8 +90,12 @@ def capacity_is_back(server) -> None:
     assert health["status"] == "ok" and health["free"] == health["capacity"] == CAPACITY
     body = {"prompt": "w11", "max_tokens": 4}
     with ThreadPoolExecutor(CAPACITY) as pool:  # the full capacity serves again
-        got = list(pool.map(lambda _: httpx.post(f"{server.url}/v1/completions", json=body,
-                                                 timeout=30), range(CAPACITY)))  # fmt: skip
+        got = list(
+            pool.map(
+                lambda _: httpx.post(f"{server.url}/v1/completions", json=body, timeout=30),
+                range(CAPACITY),
+            )
+        )
     assert [r.status_code for r in got] == [200] * CAPACITY
 
 
@@ -121,8 +127,9 @@ def test_leaving_while_queued_before_the_first_byte(server, reset):
     try:
         blocker = open_request(server.port, CHAT_LIKE)
         assert hold.entered.wait(30)  # the model is busy with the blocker's prefill
-        queued = [open_request(server.port, {**STREAM, "stream": i % 2 == 0})
-                  for i in range(CAPACITY - 1)]  # fmt: skip
+        queued = [
+            open_request(server.port, {**STREAM, "stream": i % 2 == 0}) for i in range(CAPACITY - 1)
+        ]
         wait_until(lambda: server.completer.pending == CAPACITY, what="all admitted")
         for s in queued:
             s.settimeout(0.05)
@@ -137,10 +144,13 @@ def test_leaving_while_queued_before_the_first_byte(server, reset):
     capacity_is_back(server)
 
 
-@pytest.mark.parametrize("path,body", [
-    ("/v1/completions", STREAM),
-    ("/v1/completions", {**STREAM, "stop": ["zzz"], "n": 2}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/completions", STREAM),
+        ("/v1/completions", {**STREAM, "stop": ["zzz"], "n": 2}),
+    ],
+)
 def test_leaving_mid_stream(server, path, body):
     hold = Hold(server.completer.lm, at=3)
     try:

@@ -17,8 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_n(*args: str) -> str:
-    res = subprocess.run(["make", "-n", "docker-serve", *args], cwd=ROOT, capture_output=True,
-                         text=True, env={"PATH": "/usr/bin:/bin", "HOST": "myhost"})  # fmt: skip
+    res = subprocess.run(
+        ["make", "-n", "docker-serve", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HOST": "myhost"},
+    )
     assert res.returncode == 0, res.stderr
     return res.stdout
 

@@ -18,12 +18,21 @@ from lmpipe.serve.app import create_app
 from lmpipe.serve.engine import Completer
 from lmpipe.serve.limits import ServerLimits
 
-LIMITS = ServerLimits(max_tokens=4, max_n=2, max_prompts=3, max_body_bytes=8192,
-                      max_prompt_chars=200, max_request_tokens=120)  # fmt: skip
+LIMITS = ServerLimits(
+    max_tokens=4,
+    max_n=2,
+    max_prompts=3,
+    max_body_bytes=8192,
+    max_prompt_chars=200,
+    max_request_tokens=120,
+)
 FUZZ = settings(
-    max_examples=300, deadline=None, database=None, derandomize=True,
+    max_examples=300,
+    deadline=None,
+    database=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)  # fmt: skip
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,39 +47,78 @@ WORDS = st.lists(st.sampled_from(PIECES), max_size=8).map("".join)
 TEXT = st.one_of(WORDS, st.text(st.characters(exclude_categories=("Cs",)), max_size=12))
 HOSTILE = st.one_of(TEXT, st.text(max_size=6), st.sampled_from(["\ud800", "w7 " * 120]))
 SCALAR = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 20), st.integers(), st.floats(allow_nan=True),
-    st.sampled_from([0, 1, 2, 1e-300, 5e-324, 2**63, -0.0, 1.5]), HOSTILE,
-)  # fmt: skip
-ANY = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=3)
-                   | st.dictionaries(HOSTILE, inner, max_size=3), max_leaves=8)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 20),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.sampled_from([0, 1, 2, 1e-300, 5e-324, 2**63, -0.0, 1.5]),
+    HOSTILE,
+)
+ANY = st.recursive(
+    SCALAR,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(HOSTILE, inner, max_size=3),
+    max_leaves=8,
+)
 PART = st.fixed_dictionaries({"type": st.just("text"), "text": TEXT})
-MESSAGE = st.fixed_dictionaries({
-    "role": st.sampled_from(["user", "system", "assistant", "developer"]),
-    "content": st.one_of(TEXT, st.lists(PART, min_size=1, max_size=2)),
-})  # fmt: skip
+MESSAGE = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["user", "system", "assistant", "developer"]),
+        "content": st.one_of(TEXT, st.lists(PART, min_size=1, max_size=2)),
+    }
+)
 SAMPLING = {
-    "model": st.sampled_from(["chatml", None]), "temperature": st.floats(0, 2),
-    "top_p": st.floats(0, 1), "top_k": st.integers(0, 50), "n": st.integers(1, 2),
+    "model": st.sampled_from(["chatml", None]),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0, 1),
+    "top_k": st.integers(0, 50),
+    "n": st.integers(1, 2),
     "stop": st.one_of(st.none(), TEXT.filter(bool), st.lists(TEXT.filter(bool), max_size=4)),
-    "seed": st.integers(0, 2**63 - 1), "stream": st.booleans(),
-}  # fmt: skip
+    "seed": st.integers(0, 2**63 - 1),
+    "stream": st.booleans(),
+}
 # a valid request, then up to two fields (its own, OpenAI's or unknown) set to anything
-EXTRA = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
-         "top_p", "n", "stop", "seed", "stream", "stream_options", "logprobs", "echo",
-         "presence_penalty", "logit_bias", "tools", "user", "suffix", "unknown_field"]  # fmt: skip
+EXTRA = [
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "echo",
+    "presence_penalty",
+    "logit_bias",
+    "tools",
+    "user",
+    "suffix",
+    "unknown_field",
+]
 MUTATIONS = st.lists(st.tuples(st.sampled_from(EXTRA), ANY), max_size=2)
 
 
 def requests(main: dict) -> st.SearchStrategy:
     valid = st.fixed_dictionaries(main, optional=SAMPLING)
-    return st.builds(lambda body, changes: {**body, **dict(changes)}, valid,
-                     st.one_of(st.just([]), MUTATIONS))  # fmt: skip
+    return st.builds(
+        lambda body, changes: {**body, **dict(changes)}, valid, st.one_of(st.just([]), MUTATIONS)
+    )
 
 
-COMPLETION = requests({"prompt": st.one_of(TEXT, st.lists(TEXT, min_size=1, max_size=3)),
-                       "max_tokens": st.integers(1, 4)})  # fmt: skip
-CHAT = requests({"messages": st.lists(MESSAGE, min_size=1, max_size=3),
-                 "max_tokens": st.integers(1, 4)})  # fmt: skip
+COMPLETION = requests(
+    {
+        "prompt": st.one_of(TEXT, st.lists(TEXT, min_size=1, max_size=3)),
+        "max_tokens": st.integers(1, 4),
+    }
+)
+CHAT = requests(
+    {"messages": st.lists(MESSAGE, min_size=1, max_size=3), "max_tokens": st.integers(1, 4)}
+)
 
 
 def check(r) -> None:
@@ -103,9 +151,11 @@ def test_chat_completions_never_answer_5xx(client, body):
 
 @FUZZ
 @given(
-    data=st.one_of(st.binary(max_size=64),
-                   st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass"))),
+    data=st.one_of(
+        st.binary(max_size=64),
+        st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    ),
     path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/models/x"]),
-)  # fmt: skip
+)
 def test_raw_bytes_never_answer_5xx(client, data, path):
     check(client.post(path, content=data, headers={"content-type": "application/json"}))

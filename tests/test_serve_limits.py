@@ -14,8 +14,14 @@ from lmpipe.serve.engine import Completer
 from lmpipe.serve.limits import ServerLimits
 from serve_bundles import Gate
 
-LIMITS = ServerLimits(max_tokens=16, max_n=4, queue_limit=3, max_body_bytes=4096,
-                      max_prompt_chars=500, max_request_tokens=200)  # fmt: skip
+LIMITS = ServerLimits(
+    max_tokens=16,
+    max_n=4,
+    queue_limit=3,
+    max_body_bytes=4096,
+    max_prompt_chars=500,
+    max_request_tokens=200,
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +72,11 @@ def raw(client, body: bytes, path="/v1/completions"):
 def test_a_body_over_the_limit_is_a_413_before_anything_is_parsed(client, tokenized):
     big = json.dumps({"prompt": "w7 " * 3000}).encode()
     error_of(raw(client, big), 413)
-    chunked = client.post("/v1/completions", content=iter([big[:3000], big[3000:]]),
-                          headers={"content-type": "application/json"})  # fmt: skip
+    chunked = client.post(
+        "/v1/completions",
+        content=iter([big[:3000], big[3000:]]),
+        headers={"content-type": "application/json"},
+    )
     assert "--max-body-bytes" in error_of(chunked, 413)["message"]
     assert tokenized == []
 
@@ -89,17 +98,23 @@ def test_tokens_per_request_count_n_prompts_and_max_tokens(client):
 
 
 def test_each_distinct_prompt_is_tokenized_once(client, tokenized):
-    r = client.post("/v1/completions", json={"prompt": ["w7 w8", "w9", "w7 w8"], "n": 4,
-                                             "max_tokens": 2})  # fmt: skip
+    r = client.post(
+        "/v1/completions", json={"prompt": ["w7 w8", "w9", "w7 w8"], "n": 4, "max_tokens": 2}
+    )
     assert r.status_code == 200 and len(r.json()["choices"]) == 12
     assert sorted(tokenized) == ["w7 w8", "w9"]  # was once per prompt × n
 
 
 def fill(client, n):
     """n requests that hold a slot each (the worker is gated), in threads."""
-    threads = [threading.Thread(target=client.post, args=("/v1/completions",),
-                                kwargs={"json": {"prompt": "w7", "max_tokens": 2}})
-               for _ in range(n)]  # fmt: skip
+    threads = [
+        threading.Thread(
+            target=client.post,
+            args=("/v1/completions",),
+            kwargs={"json": {"prompt": "w7", "max_tokens": 2}},
+        )
+        for _ in range(n)
+    ]
     for t in threads:
         t.start()
     return threads
@@ -174,8 +189,9 @@ def complete(client, **body):
 
 
 def streamed(client, **body):
-    with client.stream("POST", "/v1/completions", json={"max_tokens": 16, "temperature": 0,
-                                                       "stream": True, **body}) as r:  # fmt: skip
+    with client.stream(
+        "POST", "/v1/completions", json={"max_tokens": 16, "temperature": 0, "stream": True, **body}
+    ) as r:
         chunks = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
     return "".join(c["choices"][0]["text"] for c in chunks), chunks[-1]["choices"][0]
 

@@ -36,8 +36,7 @@ def expected(lm, ids, max_tokens=8):
 
 def test_chat_completions_create(client, served):
     _, lm = served
-    r = client.chat.completions.create(model="chatml", messages=HELLO, max_tokens=8,
-                                       temperature=0)  # fmt: skip
+    r = client.chat.completions.create(model="chatml", messages=HELLO, max_tokens=8, temperature=0)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == expected(lm, lm.chat_ids(HELLO))
     assert r.choices[0].finish_reason in ("stop", "length")
@@ -47,9 +46,13 @@ def test_chat_completions_create(client, served):
 def test_chat_completions_stream(client, served):
     _, lm = served
     stream = client.chat.completions.create(
-        model="chatml", messages=HELLO, max_completion_tokens=8, temperature=0, stream=True,
+        model="chatml",
+        messages=HELLO,
+        max_completion_tokens=8,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

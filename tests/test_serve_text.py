@@ -161,17 +161,31 @@ def test_generation_ends_at_the_end_of_turn_token(bundles):
         return logits, past
 
     lm.forward = eager_to_end
-    out = lm.generate_ids([lm.chat_ids([{"role": "user", "content": "w9"}])], max_new_tokens=8,
-                          temperature=0)  # fmt: skip
+    out = lm.generate_ids(
+        [lm.chat_ids([{"role": "user", "content": "w9"}])], max_new_tokens=8, temperature=0
+    )
     assert out.tokens == [[]] and out.finish_reason == ["stop"]
 
 
 def _generate(path, *flags):
     return subprocess.run(
-        [sys.executable, "-m", "lmpipe.cli", "generate", str(path), "-p", "w7 w8", "-p", "w9",
-         "--max-tokens", "6", *flags],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lmpipe.cli",
+            "generate",
+            str(path),
+            "-p",
+            "w7 w8",
+            "-p",
+            "w9",
+            "--max-tokens",
+            "6",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_cli_top_p_zero_and_tiny_temperature_are_greedy(bundle):
@@ -187,6 +201,9 @@ def test_cli_top_p_zero_and_tiny_temperature_are_greedy(bundle):
 
 def test_cli_prompt_that_is_not_utf8_is_a_user_error(bundle):
     _, path = bundle
-    res = subprocess.run([sys.executable, "-m", "lmpipe.cli", "generate", str(path), "-p",
-                          b"w7 \xff"], capture_output=True, text=True)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "lmpipe.cli", "generate", str(path), "-p", b"w7 \xff"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2 and "not valid UTF-8" in res.stderr

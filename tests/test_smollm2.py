@@ -72,8 +72,9 @@ def test_every_model_folder_loads_with_transformers_and_its_chat_template(smol_r
     folders += [smol_repo / "models" / "compressed" / n for n in ("distilled", "pruned")]
     for folder in folders:
         tok = AutoTokenizer.from_pretrained(str(folder))
-        ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}],
-                                      add_generation_prompt=True, return_dict=True)  # fmt: skip
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, return_dict=True
+        )
         text = tok.decode(ids["input_ids"])
         assert text.endswith("<|im_start|>assistant\n") and PROMPTS[0] in text, folder
         model = AutoModelForCausalLM.from_pretrained(str(folder))
@@ -111,8 +112,14 @@ def test_fp32_bundle_passes_parity_and_greedy_matches_pytorch(smol_repo):
     assert t.kind == "chat" and t.stop_ids == (2,)  # <|im_end|>, the template's end of turn
     prompts = [t.prompt_ids(p) for p in PROMPTS]
     onnx = OnnxLM(bundle).generate_ids(prompts, max_new_tokens=12, temperature=0)
-    torch_gen = generate(load_model(smol_repo / "models" / "rl"), prompts, max_new_tokens=12,
-                         eos_id=t.stop_ids, pad_id=t.pad_id, greedy=True)  # fmt: skip
+    torch_gen = generate(
+        load_model(smol_repo / "models" / "rl"),
+        prompts,
+        max_new_tokens=12,
+        eos_id=t.stop_ids,
+        pad_id=t.pad_id,
+        greedy=True,
+    )
     for i, tokens in enumerate(onnx.tokens):
         n = int(torch_gen.lengths[i]) - int(torch_gen.ended[i])
         assert tokens == torch_gen.response[i, :n].tolist(), PROMPTS[i]
@@ -135,8 +142,9 @@ def test_served_int8_bundle_answers_the_openai_client(smol_repo):
     with serve_process(bundle, "--precision", "int8", "--max-tokens", "24", timeout=120) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         msgs = [{"role": "user", "content": PROMPTS[0]}]
-        r = client.chat.completions.create(model="rl-int8", messages=msgs, max_tokens=24,
-                                           temperature=0)  # fmt: skip
+        r = client.chat.completions.create(
+            model="rl-int8", messages=msgs, max_tokens=24, temperature=0
+        )
         text = r.choices[0].message.content
         assert text.strip() and "<|im_end|>" not in text and "<|im_start|>" not in text
         lm = OnnxLM(bundle, precision="int8")
@@ -144,7 +152,8 @@ def test_served_int8_bundle_answers_the_openai_client(smol_repo):
         assert text == lm.decode(want.tokens[0])
         # stopped at <|im_end|>, not at the token budget, when the answer ended before it
         assert (r.choices[0].finish_reason == "stop") == (want.finish_reason[0] == "stop")
-        stream = client.chat.completions.create(model="rl-int8", messages=msgs, max_tokens=24,
-                                                temperature=0, stream=True)  # fmt: skip
+        stream = client.chat.completions.create(
+            model="rl-int8", messages=msgs, max_tokens=24, temperature=0, stream=True
+        )
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert streamed == text

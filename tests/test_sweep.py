@@ -33,8 +33,14 @@ OBJ = {"metric": "reports/rl.json:gold_reward.final", "direction": "maximize"}
 
 
 def spec_of(**over):
-    raw = {"name": "t", "params": {"rl.kl_coef": "loguniform(0.01, 1)"}, "search": "random",
-           "trials": 4, "objective": OBJ, **over}  # fmt: skip
+    raw = {
+        "name": "t",
+        "params": {"rl.kl_coef": "loguniform(0.01, 1)"},
+        "search": "random",
+        "trials": 4,
+        "objective": OBJ,
+        **over,
+    }
     return validate_spec(raw, ROOT)
 
 
@@ -74,11 +80,14 @@ def test_bad_specs_are_refused_with_what_to_fix(over, message):
 
 
 def test_targets_default_to_the_stage_writing_the_objective_and_grid_sizes_the_trials():
-    s = spec_of(params={"rl.kl_coef": [0.05, 0.2], "rl.algo": ["ppo", "rloo"]}, search="grid",
-                trials=None)  # fmt: skip
+    s = spec_of(
+        params={"rl.kl_coef": [0.05, 0.2], "rl.algo": ["ppo", "rloo"]}, search="grid", trials=None
+    )
     assert s.targets == ("rl",) and s.trials == 4 and len(s.grid()) == 4
-    s = spec_of(objective={"metric": "reports/metrics.json:models.rl.gold"},
-                constraints=["reports/rl.json:kl_to_ref <= 10"])  # fmt: skip
+    s = spec_of(
+        objective={"metric": "reports/metrics.json:models.rl.gold"},
+        constraints=["reports/rl.json:kl_to_ref <= 10"],
+    )
     assert s.targets == ("evaluate",)
     assert str(s.constraints[0]) == "reports/rl.json:kl_to_ref <= 10"
 
@@ -87,15 +96,17 @@ def test_cli_rejects_a_bad_spec_before_any_trial(tmp_path, monkeypatch):
     for f in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / f, tmp_path / f)
     spec = tmp_path / "s.yaml"
-    spec.write_text(yaml.safe_dump({"params": {"rl.kl_cof": "uniform(0.1, 0.3)"},
-                                    "objective": OBJ}))  # fmt: skip
+    spec.write_text(
+        yaml.safe_dump({"params": {"rl.kl_cof": "uniform(0.1, 0.3)"}, "objective": OBJ})
+    )
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, ["sweep", str(spec)])
     assert res.exit_code == 2
     assert "Did you mean rl.kl_coef" in res.output
     assert not (tmp_path / "sweeps").exists()
-    spec.write_text(yaml.safe_dump({"params": {"rl.kl_coef": "uniform(0.3, 0.1)"},
-                                    "objective": OBJ}))  # fmt: skip
+    spec.write_text(
+        yaml.safe_dump({"params": {"rl.kl_coef": "uniform(0.3, 0.1)"}, "objective": OBJ})
+    )
     res = CliRunner().invoke(app, ["sweep", str(spec)])
     assert res.exit_code == 2 and "range is empty" in res.output
     assert not (tmp_path / "sweeps").exists()
@@ -173,10 +184,17 @@ class FakeExecutor:
                 out.append(TrialOutcome(error="exit 1: rl: error: boom", seconds=1.0))
                 continue
             gold = math.nan if len(self.calls) in self.nan_at else 1 - (math.log10(beta) + 1) ** 2
-            out.append(TrialOutcome(values={"reports/rl.json:gold_reward.final": gold,
-                                            "reports/rl.json:kl_to_ref": 1 / beta,
-                                            "reports/rl.json:proxy_reward.final": 2 * gold},
-                                    exp_rev="abc", seconds=1.0))  # fmt: skip
+            out.append(
+                TrialOutcome(
+                    values={
+                        "reports/rl.json:gold_reward.final": gold,
+                        "reports/rl.json:kl_to_ref": 1 / beta,
+                        "reports/rl.json:proxy_reward.final": 2 * gold,
+                    },
+                    exp_rev="abc",
+                    seconds=1.0,
+                )
+            )
         return out
 
 
@@ -194,8 +212,9 @@ def test_failed_and_nan_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
 
 
 def test_constraint_excludes_infeasible_trials_from_the_best(tmp_path):
-    spec = spec_of(params={"rl.kl_coef": [0.01, 0.1, 1.0]}, search="grid",
-                   constraints=["kl_to_ref <= 5"])  # fmt: skip
+    spec = spec_of(
+        params={"rl.kl_coef": [0.01, 0.1, 1.0]}, search="grid", constraints=["kl_to_ref <= 5"]
+    )
     study = open_study(spec, f"sqlite:///{tmp_path}/s.db")
     run_sweep(spec, study, FakeExecutor(), echo=lambda _: None)
     # β = 0.1 has the best gold but KL 10 > 5; β = 1 (KL 1) is the best feasible one
@@ -249,8 +268,11 @@ def test_a_changed_search_space_is_not_resumed(tmp_path):
 
 
 def test_outputs_name_the_best_trial_and_how_to_reproduce_it(tmp_path):
-    spec = spec_of(params={"rl.kl_coef": [0.01, 0.1, 1.0], "rl.algo": ["ppo", "rloo"]},
-                   search="grid", trials=None)  # fmt: skip
+    spec = spec_of(
+        params={"rl.kl_coef": [0.01, 0.1, 1.0], "rl.algo": ["ppo", "rloo"]},
+        search="grid",
+        trials=None,
+    )
     study = open_study(spec, f"sqlite:///{tmp_path}/s.db")
     run_sweep(spec, study, FakeExecutor(fail_at={6}), echo=lambda _: None)
     files = write_outputs(study, spec, tmp_path / "out")
@@ -292,15 +314,28 @@ def test_sweep_runs_dvc_experiments_resumes_after_kill_and_groups_runs(tiny_repo
     assert "up to date" in run(["dvc", "status"], repo).stdout, "the shared tiny repo is stale"
     base = yaml.safe_load((repo / "params.yaml").read_text())["rl"]["kl_coef"]
     values = [base * 4, base / 4, base * 16]
-    (repo / "kl.yaml").write_text(yaml.safe_dump({
-        "name": "kl", "params": {"rl.kl_coef": values}, "search": "grid",
-        "objective": OBJ, "constraints": ["kl_to_ref <= 1000"]}))  # fmt: skip
+    (repo / "kl.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "kl",
+                "params": {"rl.kl_coef": values},
+                "search": "grid",
+                "objective": OBJ,
+                "constraints": ["kl_to_ref <= 1000"],
+            }
+        )
+    )
     before = by_stage(mlflow_runs(repo))
     cmd = [sys.executable, "-m", "lmpipe.cli", "sweep", "kl.yaml"]
     proc = subprocess.Popen(
-        cmd, cwd=repo, env=env_for(repo), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )  # fmt: skip
+        cmd,
+        cwd=repo,
+        env=env_for(repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     seen = []
     for line in proc.stdout:  # kill the whole sweep (dvc included) once trial 1 has started
         seen.append(line)
@@ -344,6 +379,10 @@ def test_sweep_runs_dvc_experiments_resumes_after_kill_and_groups_runs(tiny_repo
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
     assert after["rl"] - before.get("rl", 0) == len(children)
     pipeline_ids = {r.info.run_id for r in children}
-    new_rl = [r for r in runs if r.data.tags.get("lmpipe.stage") == "rl"
-              and r.data.tags.get("mlflow.parentRunId") in pipeline_ids]  # fmt: skip
+    new_rl = [
+        r
+        for r in runs
+        if r.data.tags.get("lmpipe.stage") == "rl"
+        and r.data.tags.get("mlflow.parentRunId") in pipeline_ids
+    ]
     assert len(new_rl) == len(children)

@@ -123,10 +123,15 @@ def test_stages_of_one_pipeline_nest_under_one_pipeline_run(tmp_path, monkeypatc
     with pytest.raises(ValueError), stage_run("sft", params(), cfg, root=tmp_path) as c:
         raise ValueError("boom")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/store.db")
-    runs = {r.info.run_id: r for r in mlflow.search_runs(search_all_experiments=True,
-                                                         output_format="list")}  # fmt: skip
-    pipelines = {r.data.tags[PIPELINE_KEY]: r for r in runs.values()
-                 if r.data.tags.get("lmpipe.stage") == "pipeline"}  # fmt: skip
+    runs = {
+        r.info.run_id: r
+        for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+    }
+    pipelines = {
+        r.data.tags[PIPELINE_KEY]: r
+        for r in runs.values()
+        if r.data.tags.get("lmpipe.stage") == "pipeline"
+    }
     assert sorted(pipelines) == ["first", "second"] and len(runs) == 5
     first, second = pipelines["first"], pipelines["second"]
     assert runs[a.run_id].data.tags["mlflow.parentRunId"] == first.info.run_id
@@ -178,12 +183,22 @@ def test_summary_line_reads_the_json_report_of_every_stage(tmp_path):
     from lmpipe.stage import report_path, summary_line
 
     metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"variants": {"rl": {"gold_reward": 0.5, "kl_to_sft": 3.25},
-                                                "sft": {"gold_reward": 0.125}}}))  # fmt: skip
+    metrics.write_text(
+        json.dumps(
+            {
+                "variants": {
+                    "rl": {"gold_reward": 0.5, "kl_to_sft": 3.25},
+                    "sft": {"gold_reward": 0.125},
+                }
+            }
+        )
+    )
     argv = ["--metrics", str(metrics), "--report", str(tmp_path / "report.md")]
     assert report_path(argv) == metrics
     line = summary_line("evaluate", 83, report_path(argv))
-    assert line == ("evaluate finished in 1m23s: variants.rl.gold_reward 0.5, "
-                    "variants.rl.kl_to_sft 3.25, variants.sft.gold_reward 0.125")  # fmt: skip
+    assert line == (
+        "evaluate finished in 1m23s: variants.rl.gold_reward 0.5, "
+        "variants.rl.kl_to_sft 3.25, variants.sft.gold_reward 0.125"
+    )
     assert report_path(["--report", "r.json"]) == Path("r.json")
     assert summary_line("rl", 5, None) == "rl finished in 5s"

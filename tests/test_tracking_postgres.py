@@ -57,18 +57,25 @@ def postgres(tmp_path):
             shutil.chown(d, "postgres")
         prefix = ["runuser", "-u", "postgres", "--"]
     port = free_port()
-    subprocess.run([*prefix, initdb, "-D", str(data), "-U", "lmpipe", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*prefix, initdb, "-D", str(data), "-U", "lmpipe", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
     opts = f"-p {port} -k {sock} -h 127.0.0.1"
-    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-o", opts, "-w", "-l",
-                    str(top / "pg.log"), "start"], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*prefix, pg_ctl, "-D", str(data), "-o", opts, "-w", "-l", str(top / "pg.log"), "start"],
+        check=True,
+        capture_output=True,
+    )
     try:
         import psycopg
 
         for _ in range(50):
             try:
-                conn = psycopg.connect(host="127.0.0.1", port=port, user="lmpipe",
-                                       dbname="postgres", autocommit=True)  # fmt: skip
+                conn = psycopg.connect(
+                    host="127.0.0.1", port=port, user="lmpipe", dbname="postgres", autocommit=True
+                )
                 break
             except psycopg.OperationalError:
                 time.sleep(0.2)
@@ -76,8 +83,9 @@ def postgres(tmp_path):
         conn.close()
         yield f"postgresql://lmpipe@127.0.0.1:{port}/mlflow"
     finally:
-        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "fast", "stop"],
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            [*prefix, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True
+        )
         shutil.rmtree(top, ignore_errors=True)
 
 
@@ -89,11 +97,24 @@ def test_a_stage_tracks_to_postgresql_and_compare_reads_it(postgres, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     res = subprocess.run(
-        [sys.executable, str(ROOT / "stages/prepare.py"), "--params", str(params),
-         "--corpus-dir", str(ROOT / "corpus"), "--out", str(work / "prepared"),
-         "--report", str(work / "prepare.json")],
-        cwd=work, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "stages/prepare.py"),
+            "--params",
+            str(params),
+            "--corpus-dir",
+            str(ROOT / "corpus"),
+            "--out",
+            str(work / "prepared"),
+            "--report",
+            str(work / "prepare.json"),
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     from mlflow import MlflowClient
 
@@ -106,7 +127,11 @@ def test_a_stage_tracks_to_postgresql_and_compare_reads_it(postgres, tmp_path):
     assert runs[0].data.metrics["report/vocab_size"] == 512
     out = subprocess.run(
         [sys.executable, "-m", "lmpipe.cli", "compare", "--stage", "prepare", "--format", "csv"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert runs[0].info.run_id[:8] in out.stdout

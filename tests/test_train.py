@@ -30,9 +30,15 @@ def tiny_model(seed=0, arch="llama"):
 
 def cfg(**kw):
     base = dict(
-        max_steps=20, warmup_steps=2, batch_size=4, eval_every=10, log_every=1,
-        checkpoint_every=0, precision="fp32", lr=3e-3,
-    )  # fmt: skip
+        max_steps=20,
+        warmup_steps=2,
+        batch_size=4,
+        eval_every=10,
+        log_every=1,
+        checkpoint_every=0,
+        precision="fp32",
+        lr=3e-3,
+    )
     return PretrainParams(**{**base, **kw})
 
 
@@ -211,12 +217,17 @@ def test_keep_best_ends_with_the_weights_of_the_lowest_eval_loss(tmp_path):
     """A run that over-fits: the val loss rises after its best evaluation; keep_best ends on
     the best weights (bit-identical to a run stopped there), also across a resume."""
     tokens = np.random.default_rng(0).integers(3, 50, 4000).astype(np.uint16)
-    val = TokenWindows(np.random.default_rng(1).integers(3, 50, 800).astype(np.uint16), 16, 4,
-                       0).fixed_batches(2)  # fmt: skip
+    val = TokenWindows(
+        np.random.default_rng(1).integers(3, 50, 800).astype(np.uint16), 16, 4, 0
+    ).fixed_batches(2)
     c = cfg(max_steps=30, eval_every=5, lr=3e-2, min_lr_ratio=1.0, keep_best=True)
     plain = tiny_model()
-    res_plain = train(plain, TokenWindows(tokens[:200], 16, 4, seed=3),
-                      c.model_copy(update={"keep_best": False}), val_batches=val)  # fmt: skip
+    res_plain = train(
+        plain,
+        TokenWindows(tokens[:200], 16, 4, seed=3),
+        c.model_copy(update={"keep_best": False}),
+        val_batches=val,
+    )
     evals = [(r["step"], r["eval/loss"]) for r in res_plain.history if "eval/loss" in r]
     best_step, best_loss = min(evals, key=lambda e: e[1])
     assert best_step < 30 and evals[-1][1] > best_loss  # it over-fit the 200 tokens
@@ -225,19 +236,30 @@ def test_keep_best_ends_with_the_weights_of_the_lowest_eval_loss(tmp_path):
     res = train(kept, TokenWindows(tokens[:200], 16, 4, seed=3), c, val_batches=val)
     assert res.kept_step == best_step and res.val_loss == best_loss
     stopped = tiny_model()
-    train(stopped, TokenWindows(tokens[:200], 16, 4, seed=3),
-          c.model_copy(update={"max_steps": 30, "keep_best": False}), val_batches=val,
-          stop_after=best_step)  # fmt: skip
+    train(
+        stopped,
+        TokenWindows(tokens[:200], 16, 4, seed=3),
+        c.model_copy(update={"max_steps": 30, "keep_best": False}),
+        val_batches=val,
+        stop_after=best_step,
+    )
     for pa, pb in zip(kept.state_dict().values(), stopped.state_dict().values(), strict=True):
         assert torch.equal(pa, pb)
 
     store = CheckpointStore(tmp_path / "ck")
     c_ck = c.model_copy(update={"checkpoint_every": 5})
-    train(tiny_model(), TokenWindows(tokens[:200], 16, 4, seed=3), c_ck, val_batches=val,
-          checkpoints=store, stop_after=best_step + 6)  # fmt: skip
+    train(
+        tiny_model(),
+        TokenWindows(tokens[:200], 16, 4, seed=3),
+        c_ck,
+        val_batches=val,
+        checkpoints=store,
+        stop_after=best_step + 6,
+    )
     resumed = tiny_model()
-    res = train(resumed, TokenWindows(tokens[:200], 16, 4, seed=3), c_ck, val_batches=val,
-                checkpoints=store)  # fmt: skip
+    res = train(
+        resumed, TokenWindows(tokens[:200], 16, 4, seed=3), c_ck, val_batches=val, checkpoints=store
+    )
     assert res.resumed_from > best_step and res.kept_step == best_step
     for pa, pb in zip(kept.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(pa, pb)
@@ -278,8 +300,13 @@ def test_checkpoint_key_changes_with_params_and_input_content(tmp_path):
     (data / "train.bin").write_bytes(b"\x01\x02")
 
     def store(lr=1e-3, seed=1, exp="a"):
-        p = Params(seed=seed, sections={"pretrain": PretrainParams(lr=lr),
-                                        "tracking": TrackingParams(experiment=exp)})  # fmt: skip
+        p = Params(
+            seed=seed,
+            sections={
+                "pretrain": PretrainParams(lr=lr),
+                "tracking": TrackingParams(experiment=exp),
+            },
+        )
         return checkpoint_store(
             tmp_path / "ck", "pretrain", stage.checkpoint_key(p, {"data": data})
         )
@@ -306,6 +333,9 @@ def test_progress_in_a_log_is_plain_lines_at_the_interval(caplog):
         off.update(2)
     lines = [r.getMessage() for r in caplog.records]
     # every update but the last (the stage's own lines report the end)
-    assert [line.split(",")[0] for line in lines] == ["train 1/4 (25%)", "train 2/4 (50%)",
-                                                      "train 3/4 (75%)"]  # fmt: skip
+    assert [line.split(",")[0] for line in lines] == [
+        "train 1/4 (25%)",
+        "train 2/4 (50%)",
+        "train 3/4 (75%)",
+    ]
     assert "loss 0.33" in lines[-1] and "left" in lines[-1]

@@ -87,9 +87,13 @@ def kill_pretrain_at_a_checkpoint(repo):
 
     for old in (repo / ".cache" / "checkpoints").glob("pretrain-*"):
         shutil.rmtree(old)
-    proc = subprocess.Popen(["dvc", "repro", "-f", "pretrain"], cwd=repo,
-                            env=env_for(repo), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        ["dvc", "repro", "-f", "pretrain"],
+        cwd=repo,
+        env=env_for(repo),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     ckpts = []
     while time.monotonic() < deadline and proc.poll() is None:
@@ -97,8 +101,11 @@ def kill_pretrain_at_a_checkpoint(repo):
         if ckpts:
             break
         time.sleep(0.01)
-    stage = [c for c in psutil.Process(proc.pid).children(recursive=True)
-             if "stages/pretrain.py" in " ".join(c.cmdline())]  # fmt: skip
+    stage = [
+        c
+        for c in psutil.Process(proc.pid).children(recursive=True)
+        if "stages/pretrain.py" in " ".join(c.cmdline())
+    ]
     assert ckpts and stage, "the stage ended before a checkpoint could be killed"
     for c in stage:
         os.kill(c.pid, signal.SIGKILL)
@@ -151,8 +158,9 @@ def test_sigkill_then_a_restored_stage_leaves_no_checkpoint_behind(tiny_repo):
 
 def test_torchrun_two_processes_match_one_process(tiny_repo, tmp_path):
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
-    params["pretrain"].update({"batch_size": 4, "max_steps": 20, "eval_every": 20, "log_every": 1,
-                               "checkpoint_every": 0})  # fmt: skip
+    params["pretrain"].update(
+        {"batch_size": 4, "max_steps": 20, "eval_every": 20, "log_every": 1, "checkpoint_every": 0}
+    )
     ddp_params = tmp_path / "ddp.yaml"
     ddp_params.write_text(yaml.safe_dump(params))
     params["pretrain"]["batch_size"] = 8
@@ -160,15 +168,38 @@ def test_torchrun_two_processes_match_one_process(tiny_repo, tmp_path):
     one_params.write_text(yaml.safe_dump(params))
     common = ["--data", "data/prepared", "--report", str(tmp_path / "r.json")]
     # LMPIPE_NPROC=2: the stage script replaces itself with `torchrun --nproc_per_node=2`
-    res = run(["python", "stages/pretrain.py", "--params", str(ddp_params),
-               "--out", str(tmp_path / "ddp"), "--plots", str(tmp_path / "ddp.csv"), *common],
-              tiny_repo, timeout=600, extra_env={"LMPIPE_NPROC": "2",
-                                                 "LMPIPE_LOG_LEVEL": "INFO"})  # fmt: skip
+    res = run(
+        [
+            "python",
+            "stages/pretrain.py",
+            "--params",
+            str(ddp_params),
+            "--out",
+            str(tmp_path / "ddp"),
+            "--plots",
+            str(tmp_path / "ddp.csv"),
+            *common,
+        ],
+        tiny_repo,
+        timeout=600,
+        extra_env={"LMPIPE_NPROC": "2", "LMPIPE_LOG_LEVEL": "INFO"},
+    )
     assert "torchrun --nproc_per_node=2 --standalone stages/pretrain.py" in res.stderr
     assert report_at(tmp_path / "r.json")["world_size"] == 2
-    run(["python", "stages/pretrain.py", "--params", str(one_params),
-         "--out", str(tmp_path / "one"), "--plots", str(tmp_path / "one.csv"), *common],
-        tiny_repo)  # fmt: skip
+    run(
+        [
+            "python",
+            "stages/pretrain.py",
+            "--params",
+            str(one_params),
+            "--out",
+            str(tmp_path / "one"),
+            "--plots",
+            str(tmp_path / "one.csv"),
+            *common,
+        ],
+        tiny_repo,
+    )
     ddp, one = curve(tmp_path / "ddp.csv"), curve(tmp_path / "one.csv")
     assert [s for s, _ in ddp] == [s for s, _ in one] == list(range(1, 21))
     # same global batch of 8 windows, gradients averaged by all-reduce: only float order differs
@@ -186,13 +217,27 @@ def test_lmpipe_nproc_builds_the_torchrun_command_only_where_it_applies():
     assert torchrun_command("sft", argv, {}) is None
     assert torchrun_command("sft", argv, {"LMPIPE_NPROC": "1"}) is None
     assert torchrun_command("sft", argv, {"LMPIPE_NPROC": "4"}) == [
-        "torchrun", "--nproc_per_node=4", "--standalone", *argv]  # fmt: skip
+        "torchrun",
+        "--nproc_per_node=4",
+        "--standalone",
+        *argv,
+    ]
     assert torchrun_command("sft", argv, {"LMPIPE_NPROC": "auto"})[1] == "--nproc_per_node=gpu"
-    multi = {"LMPIPE_NPROC": "8", "LMPIPE_TORCHRUN_ARGS":
-             "--nnodes=2 --node_rank=1 --rdzv_backend=c10d --rdzv_endpoint=h0:29500"}  # fmt: skip
+    multi = {
+        "LMPIPE_NPROC": "8",
+        "LMPIPE_TORCHRUN_ARGS": (
+            "--nnodes=2 --node_rank=1 --rdzv_backend=c10d --rdzv_endpoint=h0:29500"
+        ),
+    }
     assert torchrun_command("pretrain", argv, multi) == [
-        "torchrun", "--nproc_per_node=8", "--nnodes=2", "--node_rank=1", "--rdzv_backend=c10d",
-        "--rdzv_endpoint=h0:29500", *argv]  # fmt: skip
+        "torchrun",
+        "--nproc_per_node=8",
+        "--nnodes=2",
+        "--node_rank=1",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=h0:29500",
+        *argv,
+    ]
     # already inside torchrun, or a stage that runs in one process: no relaunch
     assert torchrun_command("sft", argv, {"LMPIPE_NPROC": "4", "RANK": "0"}) is None
     assert torchrun_command("export", argv, {"LMPIPE_NPROC": "4"}) is None

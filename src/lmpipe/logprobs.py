@@ -42,9 +42,13 @@ def shared_prompt_states(
     first, owner = owners
     w, r = prompt_width, sequences.shape[1] - prompt_width
     last, hidden = run_shared_prompts(
-        backbone, sequences[first, :w], attention_mask[first, :w], owner,
-        sequences[:, w : w + r - 1], attention_mask[:, w : w + r - 1],
-    )  # fmt: skip
+        backbone,
+        sequences[first, :w],
+        attention_mask[first, :w],
+        owner,
+        sequences[:, w : w + r - 1],
+        attention_mask[:, w : w + r - 1],
+    )
     return torch.cat([last[:, None], hidden], dim=1)
 
 
@@ -168,8 +172,10 @@ class _HeadLogprobs(torch.autograd.Function):
             d_hidden,
             None if d_weight is None else d_weight.to(weight.dtype),
             None if d_bias is None else d_bias.to(bias.dtype),
-            None, None, None,
-        )  # fmt: skip
+            None,
+            None,
+            None,
+        )
 
 
 def head_logprobs(
@@ -186,9 +192,13 @@ def head_logprobs(
     probabilities for its backward pass, up to `HEAD_KEEP_PROBS_BYTES`."""
     shape = tokens.shape
     logp, ent = _HeadLogprobs.apply(
-        hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, tokens.reshape(-1),
-        float(temperature), with_entropy,
-    )  # fmt: skip
+        hidden.reshape(-1, hidden.shape[-1]),
+        head.weight,
+        head.bias,
+        tokens.reshape(-1),
+        float(temperature),
+        with_entropy,
+    )
     return logp.view(shape), (ent.view(shape) if with_entropy else None)
 
 

@@ -22,8 +22,13 @@ from typing import Any
 
 import mlflow.pyfunc
 
-PARAMS: dict[str, Any] = {"max_tokens": 48, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                          "seed": -1}  # fmt: skip
+PARAMS: dict[str, Any] = {
+    "max_tokens": 48,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "seed": -1,
+}
 """Generation settings `predict` takes as params (seed -1: unseeded; temperature 0: greedy); a
 model's own generation defaults replace these when it is logged. PyTorch models ignore top_k
 and top_p (lmpipe's sampler draws from the full distribution)."""
@@ -88,8 +93,11 @@ def requests_of(model_input: Any) -> list[Request]:
             prompt = prompt.tolist()
         if isinstance(msgs, list) and msgs:
             # one conversation, or (MLflow's dict input: one row) a list of them
-            convs = msgs if all(isinstance(m, list | tuple) or hasattr(m, "tolist")
-                                for m in msgs) else [msgs]  # fmt: skip
+            convs = (
+                msgs
+                if all(isinstance(m, list | tuple) or hasattr(m, "tolist") for m in msgs)
+                else [msgs]
+            )
             out += [_messages(c) for c in convs]
         elif isinstance(prompt, str):
             out.append(prompt)
@@ -177,38 +185,58 @@ with quiet_warnings():  # MLflow checks a PythonModel's predict when the class i
             max_tokens = int(settings["max_tokens"])
             rows = requests_of(model_input)
             if self.kind == "bundle":
-                ids = [self.lm.prompt_ids(r) if isinstance(r, str) else self.lm.chat_ids(r)
-                       for r in rows]  # fmt: skip
+                ids = [
+                    self.lm.prompt_ids(r) if isinstance(r, str) else self.lm.chat_ids(r)
+                    for r in rows
+                ]
                 out = self.lm.generate_ids(
-                    ids, max_new_tokens=max_tokens, temperature=temperature,
-                    top_k=int(settings["top_k"]), top_p=float(settings["top_p"]),
+                    ids,
+                    max_new_tokens=max_tokens,
+                    temperature=temperature,
+                    top_k=int(settings["top_k"]),
+                    top_p=float(settings["top_p"]),
                     seed=None if seed < 0 else seed,
-                )  # fmt: skip
+                )
                 return [self.lm.decode(t) for t in out.tokens]
             return self._generate_torch(rows, max_tokens, temperature, seed)
 
-        def _generate_torch(self, rows: list[Request], max_tokens: int, temperature: float,
-                            seed: int) -> list[str]:  # fmt: skip
+        def _generate_torch(
+            self, rows: list[Request], max_tokens: int, temperature: float, seed: int
+        ) -> list[str]:
             import torch
 
             from lmpipe.model import context_length
             from lmpipe.sampling import generate
 
             t = self.template
-            ids = [t.prompt_ids(r) if isinstance(r, str) else
-                   t.encode(r, add_generation_prompt=True).ids for r in rows]  # fmt: skip
+            ids = [
+                t.prompt_ids(r)
+                if isinstance(r, str)
+                else t.encode(r, add_generation_prompt=True).ids
+                for r in rows
+            ]
             width, ctx = max(map(len, ids)), context_length(self.model)
             if width + max_tokens > ctx:
-                raise ValueError(f"prompt ({width} tokens) + max_tokens ({max_tokens}) exceeds the "
-                                 f"model's context of {ctx} tokens")  # fmt: skip
+                raise ValueError(
+                    f"prompt ({width} tokens) + max_tokens ({max_tokens}) exceeds the "
+                    f"model's context of {ctx} tokens"
+                )
             gen = torch.Generator().manual_seed(seed) if seed >= 0 else None
             with torch.no_grad():
                 g = generate(
-                    self.model, ids, max_new_tokens=max_tokens, eos_id=t.stop_ids, pad_id=t.pad_id,
-                    temperature=max(temperature, 1e-6), generator=gen, greedy=temperature == 0,
-                )  # fmt: skip
-            return [t.decode(row[:n]) for row, n in zip(g.response.tolist(), g.lengths.tolist(),
-                                                          strict=True)]  # fmt: skip
+                    self.model,
+                    ids,
+                    max_new_tokens=max_tokens,
+                    eos_id=t.stop_ids,
+                    pad_id=t.pad_id,
+                    temperature=max(temperature, 1e-6),
+                    generator=gen,
+                    greedy=temperature == 0,
+                )
+            return [
+                t.decode(row[:n])
+                for row, n in zip(g.response.tolist(), g.lengths.tolist(), strict=True)
+            ]
 
         def _score(self, model_input: Any) -> list[float]:
             import pandas as pd
@@ -236,11 +264,18 @@ def signature(kind: str, defaults: Mapping[str, Any]) -> Any:
             inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "response")]),
             outputs=Schema([ColSpec("double")]),
         )
-    kinds = {"max_tokens": "long", "temperature": "double", "top_k": "long", "top_p": "double",
-             "seed": "long"}  # fmt: skip
+    kinds = {
+        "max_tokens": "long",
+        "temperature": "double",
+        "top_k": "long",
+        "top_p": "double",
+        "seed": "long",
+    }
     message = Object([Property("role", "string"), Property("content", "string")])
-    columns = [ColSpec("string", "prompt", required=False),
-               ColSpec(Array(message), "messages", required=False)]  # fmt: skip
+    columns = [
+        ColSpec("string", "prompt", required=False),
+        ColSpec(Array(message), "messages", required=False),
+    ]
     return ModelSignature(
         inputs=Schema(columns),
         outputs=Schema([ColSpec("string")]),
@@ -250,8 +285,12 @@ def signature(kind: str, defaults: Mapping[str, Any]) -> Any:
 
 def generation_defaults(gen: Mapping[str, Any]) -> dict[str, Any]:
     """PARAMS with a model's generation settings (bundle.json's `generation` names)."""
-    names = (("max_tokens", "max_new_tokens"), ("temperature", "temperature"),
-             ("top_k", "top_k"), ("top_p", "top_p"))  # fmt: skip
+    names = (
+        ("max_tokens", "max_new_tokens"),
+        ("temperature", "temperature"),
+        ("top_k", "top_k"),
+        ("top_p", "top_p"),
+    )
     return {**PARAMS, **{k: type(PARAMS[k])(gen[g]) for k, g in names if gen.get(g) is not None}}
 
 

@@ -36,5 +36,4 @@ def upstream(stages: dict[str, Any], targets: Iterable[str]) -> set[str]:
 
 def producer(stages: dict[str, Any], path: str) -> str | None:
     """The stage that writes `path`, or None."""
-    return next((s for s in stages if any(within(path, o) for o in stage_outputs(stages[s]))),
-                None)  # fmt: skip
+    return next((s for s in stages if any(within(path, o) for o in stage_outputs(stages[s]))), None)

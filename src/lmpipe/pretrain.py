@@ -69,9 +69,15 @@ def fit(
     one row of the per-step CSV, and no training."""
     if cfg.max_steps:
         return train(
-            model, source, cfg, val_batches=val, tracker=tracker, checkpoints=store,
-            plot_csv=plot_csv, prefix="train",
-        )  # fmt: skip
+            model,
+            source,
+            cfg,
+            val_batches=val,
+            tracker=tracker,
+            checkpoints=store,
+            plot_csv=plot_csv,
+            prefix="train",
+        )
     loss = evaluate(model, val, device, use_bf16(cfg.precision, device))
     write_history_csv(plot_csv, [{"step": 0, "eval/loss": loss}])
     return TrainResult(loss, 0.0, 0.0, 0, 0)

@@ -89,7 +89,9 @@ def dvc_flags(profile_path: str | Path, params_path: str | Path = "params.yaml")
         else:
             text = format_override(value)
         if any(c.isspace() for c in text):
-            raise ParamsError(f"{key} = {value!r}: a value with spaces cannot go through $(...); "
-                              "use `lmpipe params apply` instead")  # fmt: skip
+            raise ParamsError(
+                f"{key} = {value!r}: a value with spaces cannot go through $(...); "
+                "use `lmpipe params apply` instead"
+            )
         flags += ["-S", f"{key}={text}"]
     return flags

@@ -74,8 +74,9 @@ class Progress:
         pct = 100 * self.done / max(self.total, 1)
         parts = [f"{self.desc} {self.done}/{self.total} ({pct:.0f}%)"]
         parts += [f"{k} {v}" for k, v in self.fields.items()]
-        parts.append(f"{_duration(elapsed)} elapsed" + (f", ~{_duration(left)} left"
-                                                         if left == left else ""))  # fmt: skip
+        parts.append(
+            f"{_duration(elapsed)} elapsed" + (f", ~{_duration(left)} left" if left == left else "")
+        )
         return ", ".join(parts)
 
     def close(self) -> None:

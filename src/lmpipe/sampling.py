@@ -59,10 +59,13 @@ def pack(
         resp[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
         r_mask[i, : len(r)] = True
     return Generation(
-        torch.cat([p_ids, resp], 1).to(device), torch.cat([p_mask, r_mask.long()], 1).to(device),
-        p_ids.shape[1], resp.to(device), r_mask.to(device),
+        torch.cat([p_ids, resp], 1).to(device),
+        torch.cat([p_mask, r_mask.long()], 1).to(device),
+        p_ids.shape[1],
+        resp.to(device),
+        r_mask.to(device),
         torch.as_tensor(list(ended), dtype=torch.bool, device=device),
-    )  # fmt: skip
+    )
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,18 +125,24 @@ def run_shared_prompts(
     cache = DynamicCache(config=backbone.config)
     kv = {cache_kwarg(type(backbone)): cache}
     out = backbone(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask),
-        use_cache=True, **kv,
-    )  # fmt: skip
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions(prompt_mask),
+        use_cache=True,
+        **kv,
+    )
     last = out.last_hidden_state[:, -1][owner]
     if response_ids.shape[1] == 0:
         return last, last.new_zeros(len(last), 0, last.shape[-1])
     cache.reorder_cache(owner)
     mask = torch.cat([prompt_mask[owner], response_mask], dim=1)
     hidden = backbone(
-        input_ids=response_ids, attention_mask=mask,
-        position_ids=positions(mask)[:, prompt_mask.shape[1] :], use_cache=True, **kv,
-    ).last_hidden_state  # fmt: skip
+        input_ids=response_ids,
+        attention_mask=mask,
+        position_ids=positions(mask)[:, prompt_mask.shape[1] :],
+        use_cache=True,
+        **kv,
+    ).last_hidden_state
     return last, hidden
 
 
@@ -266,10 +275,14 @@ def sample_responses(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         g = generate(
-            model, [template.prompt_ids(p) for p in chunk], max_new_tokens=max_new_tokens,
-            eos_id=template.stop_ids, pad_id=template.pad_id, temperature=temperature,
+            model,
+            [template.prompt_ids(p) for p in chunk],
+            max_new_tokens=max_new_tokens,
+            eos_id=template.stop_ids,
+            pad_id=template.pad_id,
+            temperature=temperature,
             generator=gen,
-        )  # fmt: skip
+        )
         lengths = g.lengths.tolist()
         for p, row, ended, n in zip(
             chunk, g.response.tolist(), g.ended.tolist(), lengths, strict=True

@@ -89,9 +89,14 @@ def sample_scored(
         rows = index[start : start + batch_size]
         batch = [prompts[i] for i in rows]
         gen: Generation = generate(
-            model, batch, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-            temperature=temperature, generator=generator,
-        )  # fmt: skip
+            model,
+            batch,
+            max_new_tokens=max_new_tokens,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            temperature=temperature,
+            generator=generator,
+        )
         scores, proxy = score_generation(gen, batch, score_fn, penalty)
         lengths = gen.lengths.tolist()
         out["resp"] += [r[:n_].tolist() for r, n_ in zip(gen.response.cpu(), lengths, strict=True)]
@@ -106,7 +111,13 @@ def sample_scored(
             out[key] += measured[key]
     model.train(was_training)
     return Samples(
-        index, out["resp"], np.array(out["ended"]), np.array(out["scores"]),
-        np.array(out["proxy"]), np.array(out["kl"]), np.array(out["k3"]), np.array(out["ent"]),
+        index,
+        out["resp"],
+        np.array(out["ended"]),
+        np.array(out["scores"]),
+        np.array(out["proxy"]),
+        np.array(out["kl"]),
+        np.array(out["k3"]),
+        np.array(out["ent"]),
         np.array(out["logp"]),
-    )  # fmt: skip
+    )

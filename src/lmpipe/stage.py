@@ -78,8 +78,10 @@ def torchrun_command(stage: str, argv: list[str], env: Mapping[str, str]) -> lis
     if stage not in DDP_STAGES:
         logging.getLogger(__name__).info(
             "LMPIPE_NPROC=%s ignored: %s runs in one process (data-parallel: %s)",
-            raw, stage, ", ".join(DDP_STAGES),
-        )  # fmt: skip
+            raw,
+            stage,
+            ", ".join(DDP_STAGES),
+        )
         return None
     if raw == "auto":
         nproc = "gpu"
@@ -129,8 +131,9 @@ def run(main: Callable[[], Any], stage: str) -> None:
         else:
             restore_last_good(kept_outputs)
     if os.environ.get("RANK", "0") == "0":
-        logging.getLogger(stage).info("%s", summary_line(stage, time.perf_counter() - t0,
-                                                        report_path(sys.argv[1:])))  # fmt: skip
+        logging.getLogger(stage).info(
+            "%s", summary_line(stage, time.perf_counter() - t0, report_path(sys.argv[1:]))
+        )
 
 
 SUMMARY_KEYS: dict[str, tuple[str, ...]] = {

@@ -57,8 +57,11 @@ def sample_gold_order(
     agree, sel = gold_agreement(scores[a], scores[b], gold[a], gold[b], min_gold_gap)
     if not sel.any():
         return {"accuracy": float("nan"), "se": float("nan"), "pairs": 0}
-    return {"accuracy": float(agree[sel].mean()), "se": cluster_se(agree[sel], idx[a][sel]),
-            "pairs": int(sel.sum())}  # fmt: skip
+    return {
+        "accuracy": float(agree[sel].mean()),
+        "se": cluster_se(agree[sel], idx[a][sel]),
+        "pairs": int(sel.sum()),
+    }
 
 
 def best_of_n_kl_bound(n: int) -> float:

@@ -249,9 +249,14 @@ def train(
             if rank == 0:
                 log.info(
                     "%s step %d/%d: loss %.4f, eval loss %.4f, lr %.2e, %.0f tokens/s",
-                    prefix, done, cfg.max_steps, loss_mean, last_val, lr,
+                    prefix,
+                    done,
+                    cfg.max_steps,
+                    loss_mean,
+                    last_val,
+                    lr,
                     tokens_seen / max(elapsed, 1e-9),
-                )  # fmt: skip
+                )
         if row and rank == 0:
             row = {"step": done, **row}
             history.append(row)

@@ -123,10 +123,14 @@ def fetch_runs(
                 f"no experiment {experiment!r} at {uri}; experiments there: "
                 + (", ".join(names) or "none")
             )
-        filters = [""] if stage is None else [
-            f"tags.`lmpipe.stage` = '{stage}'",
-            f"attributes.run_name = '{stage}'",
-        ]  # fmt: skip
+        filters = (
+            [""]
+            if stage is None
+            else [
+                f"tags.`lmpipe.stage` = '{stage}'",
+                f"attributes.run_name = '{stage}'",
+            ]
+        )
         found: dict[str, RunRecord] = {}
         for flt in filters:
             for run in client.search_runs(

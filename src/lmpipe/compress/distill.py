@@ -92,9 +92,14 @@ def teacher_examples(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         g = generate(
-            teacher, chunk, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-            temperature=temperature, generator=generator,
-        )  # fmt: skip
+            teacher,
+            chunk,
+            max_new_tokens=max_new_tokens,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            temperature=temperature,
+            generator=generator,
+        )
         for p, row, n in zip(chunk, g.response.tolist(), g.lengths.tolist(), strict=True):
             seq = [*p, *row[:n]]
             labels = [IGNORE] * (len(p) - 1) + row[:n]
@@ -159,18 +164,25 @@ def teacher_shape(config: Any) -> ModelParams:
     """The `model` params that would build a model of this (llama or gpt2) config."""
     if config.model_type == "llama":
         return ModelParams(
-            arch="llama", d_model=config.hidden_size, n_layers=config.num_hidden_layers,
+            arch="llama",
+            d_model=config.hidden_size,
+            n_layers=config.num_hidden_layers,
             n_heads=config.num_attention_heads,
             n_kv_heads=config.num_key_value_heads or config.num_attention_heads,
-            d_ff=config.intermediate_size, context=config.max_position_embeddings,
-            tie_embeddings=config.tie_word_embeddings, rope_theta=config.rope_theta
-            if getattr(config, "rope_theta", None) else 10000.0,
-        )  # fmt: skip
+            d_ff=config.intermediate_size,
+            context=config.max_position_embeddings,
+            tie_embeddings=config.tie_word_embeddings,
+            rope_theta=config.rope_theta if getattr(config, "rope_theta", None) else 10000.0,
+        )
     return ModelParams(
-        arch="gpt2", d_model=config.n_embd, n_layers=config.n_layer, n_heads=config.n_head,
-        d_ff=config.n_inner or 4 * config.n_embd, context=config.n_positions,
+        arch="gpt2",
+        d_model=config.n_embd,
+        n_layers=config.n_layer,
+        n_heads=config.n_head,
+        d_ff=config.n_inner or 4 * config.n_embd,
+        context=config.n_positions,
         tie_embeddings=config.tie_word_embeddings,
-    )  # fmt: skip
+    )
 
 
 def student_shape(teacher: ModelParams, cfg: CompressParams) -> ModelParams:

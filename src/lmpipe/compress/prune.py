@@ -183,8 +183,10 @@ def shrink(
     ):
         raise ValueError("every layer must keep the same number of neurons and heads")
     if arch == "gpt2" and g_keep != n_kv:
-        raise ValueError("attention heads of gpt2 models cannot be pruned (head width is tied "
-                         "to n_embd); prune MLP neurons only")  # fmt: skip
+        raise ValueError(
+            "attention heads of gpt2 models cannot be pruned (head width is tied "
+            "to n_embd); prune MLP neurons only"
+        )
 
     config = copy.deepcopy(model.config)
     if arch == "llama":

@@ -46,11 +46,21 @@ class Corpus:
     def batches(self, seed: int, split: bool = True) -> MixedBatches:
         """Each process's slice of every global batch (`split`), or the whole global batch."""
         size, rank, world = (
-            (self.batch_size, self.rank, self.world) if split
+            (self.batch_size, self.rank, self.world)
+            if split
             else (self.batch_size * self.world, 0, 1)
-        )  # fmt: skip
-        return MixedBatches(self.tokens, self.window, self.examples, size, self.sample_fraction,
-                            seed, self.pad_id, rank, world)  # fmt: skip
+        )
+        return MixedBatches(
+            self.tokens,
+            self.window,
+            self.examples,
+            size,
+            self.sample_fraction,
+            seed,
+            self.pad_id,
+            rank,
+            world,
+        )
 
 
 @dataclass
@@ -64,9 +74,14 @@ class Compressed:
 
 
 def training_data(
-    teacher: torch.nn.Module, template: Any, data: Path, cfg: CompressParams, seed: int,
-    rank: int, world: int,
-) -> tuple[Corpus, list[Batch], float]:  # fmt: skip
+    teacher: torch.nn.Module,
+    template: Any,
+    data: Path,
+    cfg: CompressParams,
+    seed: int,
+    rank: int,
+    world: int,
+) -> tuple[Corpus, list[Batch], float]:
     """The students' corpus (train windows and one teacher sample for each of the first
     `cfg.teacher_samples` RL prompts that fit), the fixed val batches every model is measured
     on, and the seconds the teacher sampled for."""
@@ -74,22 +89,40 @@ def training_data(
     context = context_length(teacher)
     window = min(cfg.window or context, context)  # a base's context can be thousands
     # every rank evaluates the whole global batch's worth: the val set of one process
-    val = TokenWindows(read_tokens(data / "val.bin", meta["dtype"]), window,
-                       cfg.batch_size * world, 0).fixed_batches(cfg.eval_batches)  # fmt: skip
+    val = TokenWindows(
+        read_tokens(data / "val.bin", meta["dtype"]), window, cfg.batch_size * world, 0
+    ).fixed_batches(cfg.eval_batches)
     rows = read_jsonl(data / "prompts" / "rl.jsonl")
-    _, ids = template.fitting_prompts([r["prompt"] for r in rows], context, cfg.max_new_tokens,
-                                      cfg.teacher_samples)  # fmt: skip
+    _, ids = template.fitting_prompts(
+        [r["prompt"] for r in rows], context, cfg.max_new_tokens, cfg.teacher_samples
+    )
     t0 = time.perf_counter()
     device = next(teacher.parameters()).device
     # every process draws the same teacher samples (same seed); training is what is split
-    examples = teacher_examples(
-        teacher, ids, max_new_tokens=cfg.max_new_tokens, eos_id=template.stop_ids,
-        pad_id=template.pad_id, temperature=1.0,
-        generator=torch.Generator(device=device).manual_seed(seed),
-    ) if cfg.teacher_samples else []  # fmt: skip
+    examples = (
+        teacher_examples(
+            teacher,
+            ids,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_id=template.stop_ids,
+            pad_id=template.pad_id,
+            temperature=1.0,
+            generator=torch.Generator(device=device).manual_seed(seed),
+        )
+        if cfg.teacher_samples
+        else []
+    )
     seconds = time.perf_counter() - t0
-    corpus = Corpus(read_tokens(data / "train.bin", meta["dtype"]), window, examples,
-                    cfg.batch_size, cfg.sample_fraction, template.pad_id, rank, world)  # fmt: skip
+    corpus = Corpus(
+        read_tokens(data / "train.bin", meta["dtype"]),
+        window,
+        examples,
+        cfg.batch_size,
+        cfg.sample_fraction,
+        template.pad_id,
+        rank,
+        world,
+    )
     return corpus, val, seconds
 
 
@@ -124,9 +157,15 @@ def compress(
     def fit(model: torch.nn.Module, kind: str, seed: int) -> dict[str, float]:
         renamed = {"eval/loss": f"{kind}/eval_loss"}
         result = train(
-            model, corpus.batches(seed), cfg.train_params(kind), val_batches=val, loss_sum=kd,
-            tracker=RenamingTracker(tracker, renamed), checkpoints=store(kind), prefix=kind,
-        )  # fmt: skip
+            model,
+            corpus.batches(seed),
+            cfg.train_params(kind),
+            val_batches=val,
+            loss_sum=kd,
+            tracker=RenamingTracker(tracker, renamed),
+            checkpoints=store(kind),
+            prefix=kind,
+        )
         for row in result.history:
             merged = out.history.setdefault(row["step"], {"step": row["step"]})
             merged.update({renamed.get(k, k): v for k, v in row.items() if k != "step"})

@@ -36,12 +36,18 @@ class RLParams(Section):
     """KL-regularised RL from the SFT model toward the normalised reward (stage: rl)."""
 
     moved: ClassVar[dict[str, str]] = {
-        "ppo_epochs": "ppo.epochs", "clip": "ppo.clip", "value_clip": "ppo.value_clip",
-        "vf_coef": "ppo.vf_coef", "gamma": "ppo.gamma", "lam": "ppo.lam",
-        "whiten_rewards": "ppo.whiten_rewards", "whiten_advantages": "ppo.whiten_advantages",
-        "value_init": "ppo.value_init", "critic_warmup_steps": "ppo.critic_warmup_steps",
+        "ppo_epochs": "ppo.epochs",
+        "clip": "ppo.clip",
+        "value_clip": "ppo.value_clip",
+        "vf_coef": "ppo.vf_coef",
+        "gamma": "ppo.gamma",
+        "lam": "ppo.lam",
+        "whiten_rewards": "ppo.whiten_rewards",
+        "whiten_advantages": "ppo.whiten_advantages",
+        "value_init": "ppo.value_init",
+        "critic_warmup_steps": "ppo.critic_warmup_steps",
         "dpg_swap_every": "dpg.swap_every",
-    }  # fmt: skip
+    }
     """Keys that belong to one algorithm's subsection: the error names the new key."""
 
     algo: Literal["ppo", "rloo", "dpg"] = Field(

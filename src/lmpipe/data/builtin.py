@@ -42,7 +42,7 @@ _PLACE_ADJ, _PLACE_KINDS, _LOCS = _W["place_adj"], _W["place_kinds"], _W["locs"]
 _BUILDINGS, _OBJ_STATE = _W["buildings"], _W["obj_state"]
 _ANIMALS, _COLOURS = _W["animals"], _W["colours"]
 _RELS_SHE, _RELS_HE = _W["rels_she"], _W["rels_he"]
-_DURS, _TIMES, _WEATHER = _W["durs"], _W["times"], _W["weather"]
+_DURS, _DUR_BARE, _TIMES, _WEATHER = _W["durs"], _W["dur_bare"], _W["times"], _W["weather"]
 _OPEN_TIMES, _OPEN_W = _W["open_times"], _W["open_w"]
 _FOODS, _CROPS, _TRANSPORT, _MACHINES = _W["foods"], _W["crops"], _W["transport"], _W["machines"]
 _CONTESTS, _FESTIVALS, _TOPICS = _W["contests"], _W["festivals"], _W["topics"]
@@ -171,8 +171,7 @@ class _Sentence(dict):
         elif key == "dur":
             value = rng.choice(_DURS)
         elif key == "dur_bare":
-            value = rng.choice(["two days", "a week", "three weeks", "a month", "many days",
-                                "the whole summer", "a long winter"])  # fmt: skip
+            value = rng.choice(_DUR_BARE)
         elif key == "hidden":
             value = rng.choice(_HIDDEN).format_map(self)
         elif key == "food":
@@ -260,21 +259,35 @@ def _story(rng: random.Random) -> str:
     animal, job = rng.choice(_ANIMALS), rng.choice(_JOBS)
     petname = _pet_name(rng)
     fixed = {
-        "name": name, "p": pron[0], "obj": pron[1], "pos": pron[2], "refl": pron[3],
-        "fname": fname, "fobj": fpron[1], "town": _town_name(rng), "town2": _town_name(rng),
-        "o": _article(o), "noun": noun,
+        "name": name,
+        "p": pron[0],
+        "obj": pron[1],
+        "pos": pron[2],
+        "refl": pron[3],
+        "fname": fname,
+        "fobj": fpron[1],
+        "town": _town_name(rng),
+        "town2": _town_name(rng),
+        "o": _article(o),
+        "noun": noun,
         "the_o": f"the {material} {noun}" if rng.random() < 0.5 else f"the {noun}",
-        "job": job, "a_job": _article(job), "a_job2": _article(rng.choice(_JOBS)),
+        "job": job,
+        "a_job": _article(job),
+        "a_job2": _article(rng.choice(_JOBS)),
         "trait": rng.choice(_TRAITS),
         "name2": _person_name(rng, rng.random() < 0.5),
         "rival": _person_name(rng, rng.random() < 0.5),
-        "animal": animal, "petname": petname,
+        "animal": animal,
+        "petname": petname,
         "pet_full": f"{pron[2]} {rng.choice(_COLOURS)} {animal} {petname}",
-        "contest": rng.choice(_CONTESTS), "festival": rng.choice(_FESTIVALS),
-        "topic": rng.choice(_TOPICS), "task": rng.choice(_TASKS),
-        "workplace": rng.choice(_WORKPLACES), "machine": rng.choice(_MACHINES),
+        "contest": rng.choice(_CONTESTS),
+        "festival": rng.choice(_FESTIVALS),
+        "topic": rng.choice(_TOPICS),
+        "task": rng.choice(_TASKS),
+        "workplace": rng.choice(_WORKPLACES),
+        "machine": rng.choice(_MACHINES),
         "crop": rng.choice(_CROPS),
-    }  # fmt: skip
+    }
     story = _Story(rng, name, pron, fname, rng.choice(_RELS_SHE if fshe else _RELS_HE), fixed)
     kind = rng.choice(list(_SITUATIONS))
     sit = _SITUATIONS[kind]

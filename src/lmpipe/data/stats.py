@@ -153,9 +153,15 @@ def sentiment_summary(
     if scores.size == 0:
         zero = 0.0
         return SentimentSummary(
-            n=0, mean=zero, std=zero, p10=zero, p50=zero, p90=zero,
-            frac_positive=zero, frac_negative=zero,
-        )  # fmt: skip
+            n=0,
+            mean=zero,
+            std=zero,
+            p10=zero,
+            p50=zero,
+            p90=zero,
+            frac_positive=zero,
+            frac_negative=zero,
+        )
     p10, p50, p90 = np.percentile(scores, [10, 50, 90])
     return SentimentSummary(
         n=int(scores.size),

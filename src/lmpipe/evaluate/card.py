@@ -63,8 +63,13 @@ def judge_of(reward: Path, rl: Path, template: Any, device: str) -> tuple[Judge,
     rl_params = read_manifest(rl)["params"]["rl"]
     rm = RewardModel.load(reward, device)
     penalty = rl_params.get("missing_eos_penalty", -1.0)
-    judge = Judge(gold_of(read_manifest(reward)), rm.score_ids, template.decode,
-                  template.end_of_turn_id, penalty)  # fmt: skip
+    judge = Judge(
+        gold_of(read_manifest(reward)),
+        rm.score_ids,
+        template.decode,
+        template.end_of_turn_id,
+        penalty,
+    )
     return judge, float(rl_params["kl_coef"])
 
 
@@ -89,8 +94,9 @@ def prompt_set(
     """The first `limit` held-out prompts that leave room for `max_new_tokens` in `context`,
     with `n` samples each; none fitting is an error naming `stage`'s max_new_tokens."""
     rows = read_jsonl(data / "prompts" / "eval.jsonl")
-    texts, ids = template.fitting_prompts([r["prompt"] for r in rows], context, max_new_tokens,
-                                          limit)  # fmt: skip
+    texts, ids = template.fitting_prompts(
+        [r["prompt"] for r in rows], context, max_new_tokens, limit
+    )
     if not ids:
         raise ValueError(
             f"no eval prompt fits the context of {context} tokens with "
@@ -230,17 +236,30 @@ def evaluate_model(
     log.info(
         "%-18s ppl %6.2f  gold %.3f  proxy %5.2f  KL %5.2f  d2 %.3f  EOS %.2f  "
         "%6.0f tok/s  %5.2f ms/tok  %6.2f MB  (%.0f s)",
-        e.name, row["ppl"], row["gold_reward"], row["proxy_reward"] or np.nan,
-        row["kl_to_sft"], row["distinct_2"], row["eos_rate"], row["tokens_per_sec"],
-        row["latency_ms_per_token"], row["size_mb"], row["eval_seconds"],
-    )  # fmt: skip
+        e.name,
+        row["ppl"],
+        row["gold_reward"],
+        row["proxy_reward"] or np.nan,
+        row["kl_to_sft"],
+        row["distinct_2"],
+        row["eos_rate"],
+        row["tokens_per_sec"],
+        row["latency_ms_per_token"],
+        row["size_mb"],
+        row["eval_seconds"],
+    )
     return row, s, logp, ref
 
 
 def evaluate_all(
-    engines: Sequence[Engine], prompts: PromptSet, judge: Judge, windows: np.ndarray, cfg: Any,
-    seed: int, beta: float,
-) -> tuple[dict[str, dict[str, Any]], dict[str, Scored], list[dict[str, Any]]]:  # fmt: skip
+    engines: Sequence[Engine],
+    prompts: PromptSet,
+    judge: Judge,
+    windows: np.ndarray,
+    cfg: Any,
+    seed: int,
+    beta: float,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Scored], list[dict[str, Any]]]:
     """`evaluate_model` for every engine (KL measured against the one named sft): the report
     card's rows, the judged samples and the `samples.jsonl` rows."""
     sft = next(e for e in engines if e.name == "sft")
@@ -253,20 +272,6 @@ def evaluate_all(
         )
         rows += sample_rows(e.name, prompts, scored[e.name], logp, ref)
     return variants, scored, rows
-
-
-def settings(prompts: PromptSet, windows: np.ndarray, cfg: Any, seed: int, device: str) -> dict:
-    """The `eval` block of `reports/metrics.json`: what every model was evaluated on."""
-    return {
-        "prompts": len(prompts.ids),
-        "samples_per_prompt": prompts.n,
-        "seed": seed,
-        "max_new_tokens": cfg.max_new_tokens,
-        "ppl_tokens": int(windows[:, 1:].size),
-        "speed_batch": cfg.speed_batch,
-        "speed_new_tokens": cfg.speed_new_tokens,
-        "device": device,
-    }
 
 
 def sample_rows(name: str, prompts: PromptSet, s: Scored, logp, ref) -> list[dict[str, Any]]:
@@ -289,35 +294,40 @@ def sample_rows(name: str, prompts: PromptSet, s: Scored, logp, ref) -> list[dic
 
 
 def best_of_n_table(
-    sft: Engine, prompts: PromptSet, judge: Judge, ns: Sequence[int], max_new_tokens: int,
-    seed: int, beta: float,
-) -> list[dict[str, float]]:  # fmt: skip
+    sft: Engine,
+    prompts: PromptSet,
+    judge: Judge,
+    ns: Sequence[int],
+    max_new_tokens: int,
+    seed: int,
+    beta: float,
+) -> list[dict[str, float]]:
     """Best-of-n from SFT ranked by the RL reward, for each n: expected gold and proxy of the
     kept sample (every n-subset of max(ns) samples), its KL bound and J's lower bound."""
     t0 = time.perf_counter()
     big = max(ns)
-    s = sample_and_judge(sft, PromptSet(prompts.texts, prompts.ids, big), judge, max_new_tokens,
-                         seed)  # fmt: skip
+    s = sample_and_judge(
+        sft, PromptSet(prompts.texts, prompts.ids, big), judge, max_new_tokens, seed
+    )
     select = judge.rl_score(s.proxy, s.ended).reshape(len(prompts.ids), big)
     gold = s.gold.reshape(len(prompts.ids), big)
     best = []
     for k in ns:
         got = best_of_n(select, {"gold": gold, "proxy": select}, k)
         kl_bound = best_of_n_kl_bound(k)
-        best.append({"n": k, "kl_bound": kl_bound, "gold": got["gold"], "proxy": got["proxy"],
-                     "objective_j_lower": got["proxy"] - beta * kl_bound})  # fmt: skip
-    log.info("best-of-n from SFT (%d samples per prompt, %.0f s): %s", big,
-             time.perf_counter() - t0,
-             ", ".join(f"n={b['n']} gold {b['gold']:.3f}" for b in best))  # fmt: skip
+        best.append(
+            {
+                "n": k,
+                "kl_bound": kl_bound,
+                "gold": got["gold"],
+                "proxy": got["proxy"],
+                "objective_j_lower": got["proxy"] - beta * kl_bound,
+            }
+        )
+    log.info(
+        "best-of-n from SFT (%d samples per prompt, %.0f s): %s",
+        big,
+        time.perf_counter() - t0,
+        ", ".join(f"n={b['n']} gold {b['gold']:.3f}" for b in best),
+    )
     return best
-
-
-def side_by_side(
-    texts: Mapping[str, list[str]], prompts: PromptSet, count: int
-) -> list[dict[str, Any]]:
-    """The first sample of SFT, RL and the int8 ONNX policy for the first `count` prompts."""
-    shown = [k for k in ("sft", "rl", "onnx-rl-int8") if k in texts]
-    return [
-        {"prompt": prompts.texts[i], "responses": {k: texts[k][i * prompts.n] for k in shown}}
-        for i in range(min(count, len(prompts.ids)))
-    ]

@@ -37,16 +37,26 @@ def score_models(
     """One row per model folder (`teacher` is the loaded teacher, the others load from their
     folders; the int8 model on the CPU) and each model's sample texts. `cfg`: the compress
     params (`max_new_tokens`, `speed_new_tokens`)."""
-    models = {name: teacher if name == "teacher"
-              else load_model(folder, "cpu" if name == "quantized" else device)
-              for name, folder in folders.items()}  # fmt: skip
+    models = {
+        name: teacher
+        if name == "teacher"
+        else load_model(folder, "cpu" if name == "quantized" else device)
+        for name, folder in folders.items()
+    }
     vals = val_metrics_many(models, teacher, val)
     rows, texts = {}, {}
     for name, folder in folders.items():
         model = models[name]
         dev = str(next(model.parameters()).device)
-        engine = TorchEngine(name, folder, template.end_of_turn_id, template.pad_id, dev,
-                             template.stop_ids, model=model)  # fmt: skip
+        engine = TorchEngine(
+            name,
+            folder,
+            template.end_of_turn_id,
+            template.pad_id,
+            dev,
+            template.stop_ids,
+            model=model,
+        )
         row = {"params": n_params(model), "size_mb": q8.weight_bytes(folder) / 1e6}
         if name == "quantized":  # the untied int8 head is a second copy of the embedding
             row["stored_params"], row["params"] = row["params"], n_params(teacher)
@@ -60,9 +70,15 @@ def score_models(
         rows[name] = row
         log.info(
             "%-9s %8d params %6.2f MB  ppl %.2f  KL %.4f  gold %.3f  proxy %.2f  %.0f tok/s",
-            name, row["params"], row["size_mb"], row["val_ppl"], row["kl_to_teacher"],
-            row["gold_reward"], row["proxy_reward"] or math.nan, row["tokens_per_sec_b8"],
-        )  # fmt: skip
+            name,
+            row["params"],
+            row["size_mb"],
+            row["val_ppl"],
+            row["kl_to_teacher"],
+            row["gold_reward"],
+            row["proxy_reward"] or math.nan,
+            row["tokens_per_sec_b8"],
+        )
     return rows, texts
 
 

@@ -63,9 +63,13 @@ class Engine:
 
     # -- shared
     def sample(
-        self, prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int, seed: int,
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        max_new_tokens: int,
+        seed: int,
         batch_size: int = 128,
-    ) -> Samples:  # fmt: skip
+    ) -> Samples:
         """n samples per prompt, prompt-major."""
         rows = [p for p in prompts for _ in range(n)]
         t0 = time.perf_counter()
@@ -89,9 +93,12 @@ class Engine:
         out = []
         for start in range(0, len(prompts), batch_size):
             seqs, spans = [], []
-            for p, r, e in zip(prompts[start : start + batch_size],
-                               responses[start : start + batch_size],
-                               ended[start : start + batch_size], strict=True):  # fmt: skip
+            for p, r, e in zip(
+                prompts[start : start + batch_size],
+                responses[start : start + batch_size],
+                ended[start : start + batch_size],
+                strict=True,
+            ):
                 tail = [*r, self.eos] if e else list(r)
                 seqs.append([*p, *tail])
                 spans.append(len(tail))
@@ -131,9 +138,15 @@ class TorchEngine(Engine):
     kind = "torch"
 
     def __init__(
-        self, name: str, folder: str | Path, eos: int, pad: int, device: str = "cpu",
-        stops: Sequence[int] = (), model: Any = None,
-    ):  # fmt: skip
+        self,
+        name: str,
+        folder: str | Path,
+        eos: int,
+        pad: int,
+        device: str = "cpu",
+        stops: Sequence[int] = (),
+        model: Any = None,
+    ):
         """The model saved in `folder`, or `model` when it is already loaded (its size is still
         that of the folder's weights)."""
         from lmpipe.model import context_length, load_model
@@ -153,8 +166,12 @@ class TorchEngine(Engine):
         with torch.no_grad():
             t_ids = torch.as_tensor(ids, device=self.device)
             t_mask = torch.as_tensor(mask, device=self.device)
-            out = self.model(input_ids=t_ids, attention_mask=t_mask,
-                             position_ids=positions(t_mask), use_cache=False)  # fmt: skip
+            out = self.model(
+                input_ids=t_ids,
+                attention_mask=t_mask,
+                position_ids=positions(t_mask),
+                use_cache=False,
+            )
         return out.logits.float().cpu().numpy()
 
     def response_logprobs(self, prompts, responses, ended, batch_size: int = 128) -> np.ndarray:
@@ -198,13 +215,22 @@ class TorchEngine(Engine):
         from lmpipe.sampling import generate
 
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        g = generate(self.model, prompts, max_new_tokens=max_new_tokens, eos_id=self.stops,
-                     pad_id=self.pad, temperature=1.0, generator=gen)  # fmt: skip
+        g = generate(
+            self.model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            eos_id=self.stops,
+            pad_id=self.pad,
+            temperature=1.0,
+            generator=gen,
+        )
         lengths = g.lengths.cpu().tolist()
         ended = g.ended.cpu().tolist()
         resp = g.response.cpu()
-        return [resp[i, : n - int(e)].tolist() for i, (n, e) in
-                enumerate(zip(lengths, ended, strict=True))], ended  # fmt: skip
+        return [
+            resp[i, : n - int(e)].tolist()
+            for i, (n, e) in enumerate(zip(lengths, ended, strict=True))
+        ], ended
 
     def time_generation(self, prompt, batch, new_tokens):
         import torch
@@ -215,8 +241,14 @@ class TorchEngine(Engine):
         if self.device != "cpu":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        generate(self.model, [list(prompt)] * batch, max_new_tokens=new_tokens, eos_id=-1,
-                 pad_id=self.pad, generator=gen)  # fmt: skip
+        generate(
+            self.model,
+            [list(prompt)] * batch,
+            max_new_tokens=new_tokens,
+            eos_id=-1,
+            pad_id=self.pad,
+            generator=gen,
+        )
         if self.device != "cpu":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
@@ -242,8 +274,9 @@ class OnnxEngine(Engine):
         return logits
 
     def generate(self, prompts, max_new_tokens, seed):
-        out = self.lm.generate_ids(prompts, max_new_tokens=max_new_tokens, temperature=1.0,
-                                   seed=seed)  # fmt: skip
+        out = self.lm.generate_ids(
+            prompts, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed
+        )
         return out.tokens, [r == "stop" for r in out.finish_reason]
 
     def time_generation(self, prompt, batch, new_tokens):
@@ -258,8 +291,7 @@ class OnnxEngine(Engine):
         self.lm.forward = no_eos
         try:
             t0 = time.perf_counter()
-            self.lm.generate_ids([list(prompt)] * batch, max_new_tokens=new_tokens,
-                                 temperature=0)  # fmt: skip
+            self.lm.generate_ids([list(prompt)] * batch, max_new_tokens=new_tokens, temperature=0)
             return time.perf_counter() - t0
         finally:
             self.lm.forward = forward

@@ -100,8 +100,16 @@ def figure_training_curves(plots: Mapping[str, Mapping[str, list[float]]], path:
             grouped = phase not in ("train", "eval", "rl")
             colour = f"C{phases.index(phase) if grouped else i}"
             ls = "--" if grouped and "eval" in k else "-"
-            ax.plot(x, y, label=label, marker="o" if sparse else None, ms=3.5, lw=1.4,
-                    color=colour, ls=ls)  # fmt: skip
+            ax.plot(
+                x,
+                y,
+                label=label,
+                marker="o" if sparse else None,
+                ms=3.5,
+                lw=1.4,
+                color=colour,
+                ls=ls,
+            )
         if stage == "compress":
             # the distillation and recovery losses differ tenfold: a log axis shows both
             ax.set_yscale("log")
@@ -118,8 +126,14 @@ def figure_training_curves(plots: Mapping[str, Mapping[str, list[float]]], path:
 
 
 # Evaluated models get fixed colours and shapes that are not the best-of-n line's orange.
-_POINT_STYLES = (("tab:blue", "o"), ("tab:red", "D"), ("tab:green", "^"), ("tab:purple", "v"),
-                 ("tab:brown", "P"), ("tab:pink", "X"))  # fmt: skip
+_POINT_STYLES = (
+    ("tab:blue", "o"),
+    ("tab:red", "D"),
+    ("tab:green", "^"),
+    ("tab:purple", "v"),
+    ("tab:brown", "P"),
+    ("tab:pink", "X"),
+)
 
 
 def figure_overoptimisation(
@@ -135,9 +149,15 @@ def figure_overoptimisation(
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     panels = (
         (axes[0], "rl/gold", "gold", "gold_reward", "gold score", "gold score (mean per response)"),
-        (axes[1], "rl/score", "proxy", "rl_score", "RL reward",
-         "RL reward (proxy; penalty without EOS)"),
-    )  # fmt: skip
+        (
+            axes[1],
+            "rl/score",
+            "proxy",
+            "rl_score",
+            "RL reward",
+            "RL reward (proxy; penalty without EOS)",
+        ),
+    )
     handles: dict[str, Any] = {}
     sc = None
     for ax, curve, bon_key, point_key, title, ylabel in panels:
@@ -146,21 +166,48 @@ def figure_overoptimisation(
             y = np.asarray(rl[curve], dtype=float)
             ok = np.isfinite(kl) & np.isfinite(y)
             steps = np.asarray(rl.get("step", range(len(kl))), dtype=float)
-            sc = ax.scatter(kl[ok], y[ok], c=steps[ok], s=12, cmap="viridis", alpha=0.75,
-                            label="RL training batch")  # fmt: skip
+            sc = ax.scatter(
+                kl[ok],
+                y[ok],
+                c=steps[ok],
+                s=12,
+                cmap="viridis",
+                alpha=0.75,
+                label="RL training batch",
+            )
         if best_of_n:
             x = [math.sqrt(b["kl_bound"]) for b in best_of_n]
-            ax.plot(x, [b[bon_key] for b in best_of_n], "s--", color="tab:orange", ms=6,
-                    label="best-of-n from SFT (at its KL bound)")  # fmt: skip
+            ax.plot(
+                x,
+                [b[bon_key] for b in best_of_n],
+                "s--",
+                color="tab:orange",
+                ms=6,
+                label="best-of-n from SFT (at its KL bound)",
+            )
             # below-right of each square: off the rising line and inside the axes
             for b, xi in zip(best_of_n, x, strict=True):
-                ax.annotate(f"n={b['n']}", (xi, b[bon_key]), fontsize=8, xytext=(6, -10),
-                            textcoords="offset points", color="tab:orange")  # fmt: skip
+                ax.annotate(
+                    f"n={b['n']}",
+                    (xi, b[bon_key]),
+                    fontsize=8,
+                    xytext=(6, -10),
+                    textcoords="offset points",
+                    color="tab:orange",
+                )
         for (name, row), (colour, marker) in zip(points.items(), _POINT_STYLES * 4, strict=False):
             if row.get(point_key) is not None and row.get("kl_to_sft") is not None:
-                ax.plot(math.sqrt(max(row["kl_to_sft"], 0)), row[point_key], marker, ms=8,
-                        color=colour, mec="black", mew=0.6, ls="none",
-                        label=f"{name} (evaluated)")  # fmt: skip
+                ax.plot(
+                    math.sqrt(max(row["kl_to_sft"], 0)),
+                    row[point_key],
+                    marker,
+                    ms=8,
+                    color=colour,
+                    mec="black",
+                    mew=0.6,
+                    ls="none",
+                    label=f"{name} (evaluated)",
+                )
         ax.set_xlabel("√KL to SFT (√nats per response)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title} against √KL", fontsize=10)
@@ -172,8 +219,14 @@ def figure_overoptimisation(
     if sc is not None:
         fig.colorbar(sc, ax=list(axes), label="RL step", fraction=0.03, pad=0.02)
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="lower center", fontsize=8,
-                   ncol=min(4, len(handles)), frameon=False)  # fmt: skip
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="lower center",
+            fontsize=8,
+            ncol=min(4, len(handles)),
+            frameon=False,
+        )
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -183,9 +236,13 @@ def figure_distributions(scores: Mapping[str, Mapping[str, np.ndarray]], path: P
     each model's mean as a dashed line; headroom above the bars keeps the legend off them."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    labels = {"gold": ("gold score of a response", "gold score per response"),
-              "proxy": ("proxy reward (reward model) of a response that ended",
-                        "proxy reward per response")}  # fmt: skip
+    labels = {
+        "gold": ("gold score of a response", "gold score per response"),
+        "proxy": (
+            "proxy reward (reward model) of a response that ended",
+            "proxy reward per response",
+        ),
+    }
     for ax, key in zip(axes, ("gold", "proxy"), strict=True):
         values = {name: np.asarray(s[key], dtype=float) for name, s in scores.items()}
         values = {name: v[np.isfinite(v)] for name, v in values.items()}
@@ -194,8 +251,14 @@ def figure_distributions(scores: Mapping[str, Mapping[str, np.ndarray]], path: P
         for i, (name, v) in enumerate(values.items()):
             colour = f"C{i % 10}"
             if len(v):
-                ax.hist(v, bins=bins, alpha=0.45, color=colour, edgecolor=colour,
-                        label=f"{name}: mean {v.mean():.2f} (n={len(v)})")  # fmt: skip
+                ax.hist(
+                    v,
+                    bins=bins,
+                    alpha=0.45,
+                    color=colour,
+                    edgecolor=colour,
+                    label=f"{name}: mean {v.mean():.2f} (n={len(v)})",
+                )
                 ax.axvline(v.mean(), color=colour, ls="--", lw=1.3)
         ax.set_xlabel(labels[key][0])
         ax.set_ylabel("responses per bin")
@@ -250,9 +313,20 @@ def figure_size_quality(variants: Mapping[str, Mapping[str, Any]], path: Path) -
                 continue
             colour, marker = style[name]
             se = row.get(f"{key}_se")
-            h = ax.errorbar(row["size_mb"], row[key], yerr=se, fmt=marker, color=colour, ms=7,
-                            mec="black", mew=0.5, capsize=2, elinewidth=0.8, alpha=0.9,
-                            label=name)  # fmt: skip
+            h = ax.errorbar(
+                row["size_mb"],
+                row[key],
+                yerr=se,
+                fmt=marker,
+                color=colour,
+                ms=7,
+                mec="black",
+                mew=0.5,
+                capsize=2,
+                elinewidth=0.8,
+                alpha=0.9,
+                label=name,
+            )
             handles.setdefault(name, h)
         ax.set_xlabel("size on disk (MB)")
         ax.set_ylabel(ylabel)
@@ -262,27 +336,15 @@ def figure_size_quality(variants: Mapping[str, Mapping[str, Any]], path: Path) -
         ax.margins(0.08)
     fig.tight_layout()
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="center left",
-                   bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False,
-                   title="model: ○ PyTorch, □ ONNX, △ ONNX int8", title_fontsize=8)  # fmt: skip
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize=8,
+            frameon=False,
+            title="model: ○ PyTorch, □ ONNX, △ ONNX int8",
+            title_fontsize=8,
+        )
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-def write_figures(
-    curves: Mapping[str, Mapping[str, list[float]]],
-    best: Sequence[Mapping[str, float]],
-    variants: Mapping[str, Mapping[str, Any]],
-    scores: Mapping[str, Any],
-    out: Path,
-) -> None:
-    """The report card's four figures into `out`."""
-    figure_training_curves(curves, out / "training_curves.png")
-    keys = ("gold_reward", "rl_score", "kl_to_sft")
-    points = {k: {key: variants[k][key] for key in keys}
-              for k in ("sft", "rl", "distilled", "pruned") if k in variants}  # fmt: skip
-    figure_overoptimisation(curves.get("rl", {}), best, points, out / "overoptimisation.png")
-    dists = {k: {"gold": scores[k].gold, "proxy": scores[k].proxy}
-             for k in ("sft", "rl") if k in scores}  # fmt: skip
-    figure_distributions(dists, out / "score_distributions.png")
-    figure_size_quality(variants, out / "size_quality.png")

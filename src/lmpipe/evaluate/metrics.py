@@ -151,8 +151,13 @@ def alignment_flags(
             "preference.tau), and train on more pairs."
         )
     loss = [v for v in reward_curve.get("eval/loss", []) if v == v]
-    steps = [s for s, v in zip(reward_curve.get("step", []), reward_curve.get("eval/loss", []),
-                               strict=False) if v == v]  # fmt: skip
+    steps = [
+        s
+        for s, v in zip(
+            reward_curve.get("step", []), reward_curve.get("eval/loss", []), strict=False
+        )
+        if v == v
+    ]
     if len(loss) >= 3:
         best = int(np.argmin(loss))
         if best < len(loss) - 1 and loss[-1] > loss[best] * (1 + overfit_rise):
@@ -169,11 +174,16 @@ def alignment_flags(
                 "reward.weight_decay."
             )
     for name, advice in (
-        ("gold", "Check the reward-model flags; if there are none, raise rl.steps or lower "
-                 "rl.kl_coef."),
-        ("proxy", "RL did not optimise its own objective: raise rl.lr or rl.steps, or check "
-                  "rl/approx_kl and rl/clipfrac in reports/plots/rl.csv."),
-    ):  # fmt: skip
+        (
+            "gold",
+            "Check the reward-model flags; if there are none, raise rl.steps or lower rl.kl_coef.",
+        ),
+        (
+            "proxy",
+            "RL did not optimise its own objective: raise rl.lr or rl.steps, or check "
+            "rl/approx_kl and rl/clipfrac in reports/plots/rl.csv.",
+        ),
+    ):
         gain, se = rl.get(f"{name}_gain"), rl.get(f"{name}_gain_se")
         if _finite(gain, se) and gain < z * se:
             out.append(

@@ -7,7 +7,14 @@ import csv
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lmpipe.evaluate import figures as F
+
+if TYPE_CHECKING:  # the card imports torch; the report and `lmpipe compare` do not
+    from lmpipe.evaluate.card import PromptSet
 
 COLUMNS = [
     ("ppl", "ppl", "{:.2f}"),
@@ -151,14 +158,20 @@ def markdown(metrics: Mapping[str, Any], side_by_side: Sequence[Mapping[str, Any
         better = [b for b in bon if b["gold"] >= rl["gold_reward"]]
         if better:
             b = better[0]
-            out += ["", f"Best-of-{b['n']} from SFT reaches the RL policy's gold score "
-                        f"({b['gold']:.3f} ≥ {rl['gold_reward']:.3f}) at KL ≤ {b['kl_bound']:.2f} "
-                        f"nats, against the policy's {rl['kl_to_sft']:.2f}."]  # fmt: skip
+            out += [
+                "",
+                f"Best-of-{b['n']} from SFT reaches the RL policy's gold score "
+                f"({b['gold']:.3f} ≥ {rl['gold_reward']:.3f}) at KL ≤ {b['kl_bound']:.2f} "
+                f"nats, against the policy's {rl['kl_to_sft']:.2f}.",
+            ]
         else:
-            out += ["", f"The RL policy's gold score ({rl['gold_reward']:.3f}) is above every "
-                        f"best-of-n up to n = {bon[-1]['n']} ({bon[-1]['gold']:.3f}, KL ≤ "
-                        f"{bon[-1]['kl_bound']:.2f} nats; the policy's KL is "
-                        f"{rl['kl_to_sft']:.2f})."]  # fmt: skip
+            out += [
+                "",
+                f"The RL policy's gold score ({rl['gold_reward']:.3f}) is above every "
+                f"best-of-n up to n = {bon[-1]['n']} ({bon[-1]['gold']:.3f}, KL ≤ "
+                f"{bon[-1]['kl_bound']:.2f} nats; the policy's KL is "
+                f"{rl['kl_to_sft']:.2f}).",
+            ]
     out += [
         "",
         "## Figures",
@@ -180,3 +193,51 @@ def markdown(metrics: Mapping[str, Any], side_by_side: Sequence[Mapping[str, Any
             out.append(f"- *{name}*: {text.strip() or '(empty)'}")
         out.append("")
     return "\n".join(out)
+
+
+def settings(prompts: PromptSet, windows: np.ndarray, cfg: Any, seed: int, device: str) -> dict:
+    """The `eval` block of `reports/metrics.json`: what every model was evaluated on."""
+    return {
+        "prompts": len(prompts.ids),
+        "samples_per_prompt": prompts.n,
+        "seed": seed,
+        "max_new_tokens": cfg.max_new_tokens,
+        "ppl_tokens": int(windows[:, 1:].size),
+        "speed_batch": cfg.speed_batch,
+        "speed_new_tokens": cfg.speed_new_tokens,
+        "device": device,
+    }
+
+
+def side_by_side(
+    texts: Mapping[str, list[str]], prompts: PromptSet, count: int
+) -> list[dict[str, Any]]:
+    """The first sample of SFT, RL and the int8 ONNX policy for the first `count` prompts."""
+    shown = [k for k in ("sft", "rl", "onnx-rl-int8") if k in texts]
+    return [
+        {"prompt": prompts.texts[i], "responses": {k: texts[k][i * prompts.n] for k in shown}}
+        for i in range(min(count, len(prompts.ids)))
+    ]
+
+
+def write_figures(
+    curves: Mapping[str, Mapping[str, list[float]]],
+    best: Sequence[Mapping[str, float]],
+    variants: Mapping[str, Mapping[str, Any]],
+    scores: Mapping[str, Any],
+    out: Path,
+) -> None:
+    """The report card's four figures into `out`."""
+    F.figure_training_curves(curves, out / "training_curves.png")
+    keys = ("gold_reward", "rl_score", "kl_to_sft")
+    points = {
+        k: {key: variants[k][key] for key in keys}
+        for k in ("sft", "rl", "distilled", "pruned")
+        if k in variants
+    }
+    F.figure_overoptimisation(curves.get("rl", {}), best, points, out / "overoptimisation.png")
+    dists = {
+        k: {"gold": scores[k].gold, "proxy": scores[k].proxy} for k in ("sft", "rl") if k in scores
+    }
+    F.figure_distributions(dists, out / "score_distributions.png")
+    F.figure_size_quality(variants, out / "size_quality.png")

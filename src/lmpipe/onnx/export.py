@@ -89,10 +89,16 @@ def export_decoder(model: PreTrainedModel, path: str | Path, opset: int = 18) ->
     with quiet(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # axis-renaming notes of the exporter
         program = torch.onnx.export(
-            CachedDecoder(model), (ids, mask, pos, *past), dynamic_shapes=shapes, dynamo=True,
-            input_names=inputs, output_names=outputs, opset_version=opset, verbose=False,
+            CachedDecoder(model),
+            (ids, mask, pos, *past),
+            dynamic_shapes=shapes,
+            dynamo=True,
+            input_names=inputs,
+            output_names=outputs,
+            opset_version=opset,
+            verbose=False,
             report=False,
-        )  # fmt: skip
+        )
         program.save(str(path))
 
 
@@ -147,9 +153,12 @@ def quantize_int8(
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_dynamic(
-            str(pre), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8,
+            str(pre),
+            str(dst),
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gather"],
-        )  # fmt: skip
+        )
 
 
 def to_fp16(src: str | Path, dst: str | Path) -> None:
@@ -265,9 +274,11 @@ def parity(
     ids, mask = left_pad(prompts, pad)
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
     t = model(
-        input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-        position_ids=torch.from_numpy(pos), use_cache=True,
-    )  # fmt: skip
+        input_ids=torch.from_numpy(ids),
+        attention_mask=torch.from_numpy(mask),
+        position_ids=torch.from_numpy(pos),
+        use_cache=True,
+    )
     o_logits, past = lm.forward(ids, mask, pos, lm.empty_cache(len(prompts)))
     real = mask.astype(bool)
     prefill = float(np.abs(o_logits - t.logits.numpy())[real].max())
@@ -281,10 +292,12 @@ def parity(
         m = np.concatenate([m, np.ones((len(prompts), 1), np.int64)], 1)
         seq = np.concatenate([seq, nxt[:, None]], 1)
         t = model(
-            input_ids=torch.from_numpy(nxt[:, None]), attention_mask=torch.from_numpy(m),
-            position_ids=torch.from_numpy(next_pos), **{cache_kwarg(type(model)): cache},
+            input_ids=torch.from_numpy(nxt[:, None]),
+            attention_mask=torch.from_numpy(m),
+            position_ids=torch.from_numpy(next_pos),
+            **{cache_kwarg(type(model)): cache},
             use_cache=True,
-        )  # fmt: skip
+        )
         cache = t.past_key_values
         o_logits, past = lm.forward(nxt[:, None], m, next_pos, past)
         step_diffs.append(float(np.abs(o_logits[:, -1] - t.logits[:, -1].numpy()).max()))

@@ -60,8 +60,12 @@ class Prepared:
     @classmethod
     def load(cls, data: Path) -> Prepared:
         template = load_template(data)
-        special = {"bos": template.bos_id, "eos": template.eos_id, "pad": template.pad_id,
-                   "end_of_turn": template.end_of_turn_id}  # fmt: skip
+        special = {
+            "bos": template.bos_id,
+            "eos": template.eos_id,
+            "pad": template.pad_id,
+            "end_of_turn": template.end_of_turn_id,
+        }
         if template.kind == "plain":  # bundles before chat templates read these two
             special["prompt"] = template.tokenizer.token_to_id("<|prompt|>")
             special["response"] = template.tokenizer.token_to_id("<|response|>")
@@ -84,25 +88,42 @@ def export_variant(
     prompts = prompts[: cfg.parity_prompts]
     source = read_manifest(folder)
     ox.build_bundle(
-        model, bundle, tokenizer_file=prepared.data / "tokenizer.json",
-        special_tokens=prepared.special, stop_ids=list(template.stop_ids),
-        generation={"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                    "top_k": cfg.top_k, "top_p": cfg.top_p},
-        source={"variant": name, "path": str(folder), "stage": source.get("stage"),
-                "git_commit": source.get("git_commit")},
-        opset=cfg.opset, int8=cfg.int8, per_channel=cfg.int8_per_channel,
-        int8_activations=cfg.int8_activations, fp16=cfg.fp16,
-    )  # fmt: skip
+        model,
+        bundle,
+        tokenizer_file=prepared.data / "tokenizer.json",
+        special_tokens=prepared.special,
+        stop_ids=list(template.stop_ids),
+        generation={
+            "max_new_tokens": cfg.max_new_tokens,
+            "temperature": cfg.temperature,
+            "top_k": cfg.top_k,
+            "top_p": cfg.top_p,
+        },
+        source={
+            "variant": name,
+            "path": str(folder),
+            "stage": source.get("stage"),
+            "git_commit": source.get("git_commit"),
+        },
+        opset=cfg.opset,
+        int8=cfg.int8,
+        per_channel=cfg.int8_per_channel,
+        int8_activations=cfg.int8_activations,
+        fp16=cfg.fp16,
+    )
     row = check(model, bundle, prompts, prepared.val, ctx, cfg, template.pad_id)
     row["export_seconds"] = time.perf_counter() - t0
     log.info(
         "%s: max |Δlogit| %.2e, greedy match %.3f, int8 greedy match %.3f, "
         "int8 ppl %+.2f%%, %.2f MB / %.2f MB int8",
-        name, row["max_abs_logit_diff"], row["greedy_token_match"],
+        name,
+        row["max_abs_logit_diff"],
+        row["greedy_token_match"],
         row.get("int8", {}).get("greedy_token_match", float("nan")),
-        100 * row.get("int8", {}).get("ppl_change", float("nan")), row["size_mb"],
+        100 * row.get("int8", {}).get("ppl_change", float("nan")),
+        row["size_mb"],
         row.get("int8", {}).get("size_mb", float("nan")),
-    )  # fmt: skip
+    )
     return row
 
 
@@ -137,8 +158,9 @@ def check(
     if row["greedy_sequences_identical"] < 1.0:
         fails.append(f"greedy continuations identical on {row['greedy_sequences_identical']:.0%}")
     if fails:
-        raise ParityError(f"{bundle.name}: the fp32 ONNX model misses the parity gate: "
-                          + "; ".join(fails))  # fmt: skip
+        raise ParityError(
+            f"{bundle.name}: the fp32 ONNX model misses the parity gate: " + "; ".join(fails)
+        )
     n = cfg.ppl_batches * 8
     win = min(ctx, cfg.ppl_window) if cfg.ppl_window else ctx
     starts = np.linspace(0, len(val) - win - 1, n).astype(np.int64)

@@ -220,8 +220,9 @@ class OnnxLM:
                 members = [i for i in members if live[i]]
                 if members:
                     r = rows[members[0]]
-                    drawn = next_tokens(logits[where[members]], r.rng, r.temperature, r.top_k,
-                                        r.top_p)  # fmt: skip
+                    drawn = next_tokens(
+                        logits[where[members]], r.rng, r.temperature, r.top_k, r.top_p
+                    )
                     pick[members] = drawn
             step.tokens = np.where(live, pick, pad)
             live &= ~np.isin(step.tokens, stops)

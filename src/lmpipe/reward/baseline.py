@@ -36,8 +36,10 @@ def bag_of_words_baseline(train: Sequence[dict], val: Sequence[dict]) -> dict[st
     clf.fit(vstack([x, -x]), np.r_[np.ones(x.shape[0]), np.zeros(x.shape[0])])
     margin = diff(val) @ clf.coef_.ravel()
     out = pair_metrics(
-        margin, np.zeros_like(margin),
-        [p["gold_chosen"] for p in val], [p["gold_rejected"] for p in val],
+        margin,
+        np.zeros_like(margin),
+        [p["gold_chosen"] for p in val],
+        [p["gold_rejected"] for p in val],
         prompts=[p.get("prompt", i) for i, p in enumerate(val)],
-    )  # fmt: skip
+    )
     return {**out, "margin": margin}

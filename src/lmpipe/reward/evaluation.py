@@ -78,9 +78,14 @@ def normalise_on_policy(
     that were."""
     sft = load_model(sft_dir, device)  # fp32: the policy RL starts from, as it samples
     fresh = sample_responses(
-        sft, template, [prompts[i % len(prompts)] for i in range(n)],
-        max_new_tokens, temperature, seed=seed, batch_size=256,
-    )  # fmt: skip
+        sft,
+        template,
+        [prompts[i % len(prompts)] for i in range(n)],
+        max_new_tokens,
+        temperature,
+        seed=seed,
+        batch_size=256,
+    )
     fresh = [s for s in fresh if s["ended_with_eos"]]
     seqs = [encode_for_reward(template, s["prompt"], s["response"], 10**9) for s in fresh]
     seqs = [s for s in seqs if len(s) <= context]

@@ -101,11 +101,17 @@ def labelled_samples(
     pairs and how the samples came out. Every process draws the same samples (same seed): the
     pairs, and so the training data, are those of one process."""
     samples, pairs = sample_and_label(
-        sft.to(torch.bfloat16) if bf16 else sft, template, prompts[: pcfg.prompts],
-        k=pcfg.samples_per_prompt, max_new_tokens=pcfg.max_new_tokens,
-        temperature=pcfg.temperature, gold=gold, tau=pcfg.tau, seed=seed,
+        sft.to(torch.bfloat16) if bf16 else sft,
+        template,
+        prompts[: pcfg.prompts],
+        k=pcfg.samples_per_prompt,
+        max_new_tokens=pcfg.max_new_tokens,
+        temperature=pcfg.temperature,
+        gold=gold,
+        tau=pcfg.tau,
+        seed=seed,
         batch_size=pcfg.batch_size,
-    )  # fmt: skip
+    )
     if not pairs:
         raise DataError(
             f"no preference pairs: of {len(samples)} samples, "
@@ -174,6 +180,11 @@ def write_pairs(directory: str | Path, prefs: Preferences, pcfg: PreferenceParam
         write_jsonl(tmp / "pairs.jsonl", prefs.pairs)
         write_json(
             tmp / "meta.json",
-            {"source": pcfg.source, "gold": pcfg.gold, "tau": pcfg.tau, "pairs": prefs.counts,
-             **prefs.stats},
-        )  # fmt: skip
+            {
+                "source": pcfg.source,
+                "gold": pcfg.gold,
+                "tau": pcfg.tau,
+                "pairs": prefs.counts,
+                **prefs.stats,
+            },
+        )

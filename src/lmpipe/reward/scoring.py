@@ -139,9 +139,13 @@ def shared_prompt_layout(
     gathered = input_ids.gather(1, (cut[:, None] + offsets).clamp(max=input_ids.shape[1] - 1))
     response_ids = torch.where(response_mask, gathered, torch.full_like(gathered, pad_id))
     return PromptLayout(
-        prompt_ids, prompt_mask, response_ids, response_mask.long(),
-        torch.tensor(owner, device=device), None if last else response_id,
-    )  # fmt: skip
+        prompt_ids,
+        prompt_mask,
+        response_ids,
+        response_mask.long(),
+        torch.tensor(owner, device=device),
+        None if last else response_id,
+    )
 
 
 def _shared_prompt_scores(model: torch.nn.Module, layout: PromptLayout) -> torch.Tensor:

@@ -60,14 +60,18 @@ class DPG:
         kl_q = float((core.kl_k1(ro.logp, ro.ref_logp) * ro.mask).sum(-1).mean())  # q's own
         return Update(
             {
-                "rl/kl_q": kl_q, **metrics,
-                "rl/kl_p_pi": float(est.kl_p_pi.mean()), "rl/kl_p_q": float(est.kl_p_q.mean()),
-                "rl/tvd_p_pi": float(est.tvd_p_pi.mean()), "rl/log_z": float(log_z.mean()),
-                "rl/proposal_swaps": float(self.swaps), "rl/swapped": swapped,
+                "rl/kl_q": kl_q,
+                **metrics,
+                "rl/kl_p_pi": float(est.kl_p_pi.mean()),
+                "rl/kl_p_q": float(est.kl_p_q.mean()),
+                "rl/tvd_p_pi": float(est.tvd_p_pi.mean()),
+                "rl/log_z": float(log_z.mean()),
+                "rl/proposal_swaps": float(self.swaps),
+                "rl/swapped": swapped,
                 "rl/ess_frac": ess,
             },
             policy_view=view,
-        )  # fmt: skip
+        )
 
     def target(self, ro: Rollout, beta: float) -> torch.Tensor:
         """(P, k) log P = Σ log π₀ + r/β, in float64."""

@@ -138,17 +138,32 @@ class RLTrainer:
         t0 = time.perf_counter()
         with learner.amp():  # sample from the distribution the log-prob passes compute
             gen = generate(
-                sampler, prompts, max_new_tokens=cfg.max_new_tokens, eos_id=self.eos_id,
-                pad_id=self.pad_id, temperature=cfg.temperature, generator=self.generator,
-            )  # fmt: skip
+                sampler,
+                prompts,
+                max_new_tokens=cfg.max_new_tokens,
+                eos_id=self.eos_id,
+                pad_id=self.pad_id,
+                temperature=cfg.temperature,
+                generator=self.generator,
+            )
         seconds_generate = time.perf_counter() - t0
         scores, proxy = score_generation(gen, prompts, self.score_fn, cfg.missing_eos_penalty)
         chunks = split_rows(self.algo.row_order(len(prompts)), cfg.minibatch_size)
         logp, ent, ref_logp, values = self._passes(gen, sampler, chunks)
         return Rollout(
-            gen, index, scores.to(self.device), proxy, logp, ref_logp, ent, values, chunks,
-            self._gold(gen, index), seconds_generate, self.step,
-        )  # fmt: skip
+            gen,
+            index,
+            scores.to(self.device),
+            proxy,
+            logp,
+            ref_logp,
+            ent,
+            values,
+            chunks,
+            self._gold(gen, index),
+            seconds_generate,
+            self.step,
+        )
 
     def _passes(
         self, gen: Generation, sampler: torch.nn.Module, chunks: list[torch.Tensor]
@@ -264,14 +279,24 @@ def fit(trainer: RLTrainer, store: Any, tracker: Any, is_main: bool) -> tuple[li
             log.info(
                 "step %d/%d: score %.3f, gold %.3f, KL %.2f (k3 %.2f), beta %.3f, "
                 "EOS %.2f, %.1f episodes/s",
-                trainer.step, cfg.steps, m["rl/score"], m.get("rl/gold", float("nan")),
-                m["rl/kl"], m["rl/kl_k3"], m["rl/beta"], m["rl/eos_frac"],
+                trainer.step,
+                cfg.steps,
+                m["rl/score"],
+                m.get("rl/gold", float("nan")),
+                m["rl/kl"],
+                m["rl/kl_k3"],
+                m["rl/beta"],
+                m["rl/eos_frac"],
                 m["rl/episodes_per_sec"],
-            )  # fmt: skip
+            )
         if is_main and cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
             store.save(
-                {"trainer": trainer.state_dict(), "history": history, "elapsed": elapsed,
-                 "gen": gen_seconds}
-            )  # fmt: skip
+                {
+                    "trainer": trainer.state_dict(),
+                    "history": history,
+                    "elapsed": elapsed,
+                    "gen": gen_seconds,
+                }
+            )
     bar.close()
     return history, elapsed, gen_seconds

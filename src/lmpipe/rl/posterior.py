@@ -53,9 +53,14 @@ def draw(
         }
 
     return sample_scored(
-        model, prompts, n, score_fn, temperature=temperature,
-        measure=measure if logprobs else None, **sampling,
-    )  # fmt: skip
+        model,
+        prompts,
+        n,
+        score_fn,
+        temperature=temperature,
+        measure=measure if logprobs else None,
+        **sampling,
+    )
 
 
 @torch.no_grad()
@@ -76,8 +81,13 @@ def rescore(
     for start in range(0, len(samples.responses), batch_size):
         end = start + batch_size
         rows = samples.prompt_index[start:end]
-        gen = pack([prompts[i] for i in rows], samples.responses[start:end],
-                   samples.ended[start:end].tolist(), pad_id, device)  # fmt: skip
+        gen = pack(
+            [prompts[i] for i in rows],
+            samples.responses[start:end],
+            samples.ended[start:end].tolist(),
+            pad_id,
+            device,
+        )
         logp, _ = response_logprobs(model, gen, slice(None), temperature, False)
         out += (logp.double() * gen.response_mask).sum(-1).cpu().tolist()
     model.train(was_training)

@@ -22,8 +22,15 @@ from lmpipe.logprobs import response_logprobs
 from lmpipe.rl import core
 from lmpipe.rl.learner import Learner, Rollout, Update, all_mean, all_sum, split_rows
 
-TOKEN_STATS = ("approx_kl", "clipfrac", "ratio_mean", "ratio_var", "policy_loss", "value_loss",
-               "value_clipfrac")  # fmt: skip
+TOKEN_STATS = (
+    "approx_kl",
+    "clipfrac",
+    "ratio_mean",
+    "ratio_var",
+    "policy_loss",
+    "value_loss",
+    "value_clipfrac",
+)
 """PPO's per-minibatch statistics that are token means (summed across ranks by share)."""
 
 
@@ -86,8 +93,12 @@ class PPO:
                     stats.setdefault(key, []).append(val)
         # token-weighted shares summed over ranks: the whole minibatch's means (ratio_var, a
         # variance, only approximately); the norms are the same on every rank
-        out = {f"rl/{k}": all_sum(float(np.mean(v))) if k in TOKEN_STATS
-               else all_mean(float(np.mean(v))) for k, v in stats.items()}  # fmt: skip
+        out = {
+            f"rl/{k}": all_sum(float(np.mean(v)))
+            if k in TOKEN_STATS
+            else all_mean(float(np.mean(v)))
+            for k, v in stats.items()
+        }
         out["rl/explained_variance"] = core.explained_variance(ro.values, returns, mask)
         return out
 
@@ -106,8 +117,11 @@ class PPO:
         rows = learner.mine(whole)
         if not len(rows):  # more ranks than prompt groups here: a zero gradient
             norms = learner.clip_and_step()
-            return {**dict.fromkeys(TOKEN_STATS, 0.0),
-                    "grad_norm": norms[0], "value_grad_norm": norms[1]}  # fmt: skip
+            return {
+                **dict.fromkeys(TOKEN_STATS, 0.0),
+                "grad_norm": norms[0],
+                "value_grad_norm": norms[1],
+            }
         with learner.amp():
             logp, _ = response_logprobs(learner.policy, ro.gen, rows, self.cfg.temperature, False)
             v = learner.value(ro.gen, rows)
@@ -126,11 +140,15 @@ class PPO:
         out = {
             key: float(val.detach() * share)
             for key, val in (
-                ("approx_kl", pl.approx_kl), ("clipfrac", pl.clipfrac),
-                ("ratio_mean", pl.ratio_mean), ("ratio_var", pl.ratio_var),
-                ("policy_loss", pl.loss), ("value_loss", vl), ("value_clipfrac", vclip),
+                ("approx_kl", pl.approx_kl),
+                ("clipfrac", pl.clipfrac),
+                ("ratio_mean", pl.ratio_mean),
+                ("ratio_var", pl.ratio_var),
+                ("policy_loss", pl.loss),
+                ("value_loss", vl),
+                ("value_clipfrac", vclip),
             )
-        }  # fmt: skip
+        }
         return {**out, "grad_norm": grad_norm, "value_grad_norm": value_grad_norm}
 
     def state_dict(self) -> dict[str, Any]:

@@ -127,8 +127,15 @@ def best_of_n_frontier(
             break
         got = best_of_n(select, {"gold": np.asarray(gold).reshape(n_prompts, -1)}, n)
         bound = best_of_n_kl_bound(n)
-        out.append({"n": n, "kl_bound": bound, "score": got["select"], "gold": got["gold"],
-                    "objective_j_lower": got["select"] - beta * bound})  # fmt: skip
+        out.append(
+            {
+                "n": n,
+                "kl_bound": bound,
+                "score": got["select"],
+                "gold": got["gold"],
+                "objective_j_lower": got["select"] - beta * bound,
+            }
+        )
     return out
 
 
@@ -161,10 +168,13 @@ def reward_gold_order(init: Evaluation, final: Evaluation, n_eval: int, n_post: 
     ref_s, pol_s = init.samples, final.samples
     first = np.arange(len(ref_s.scores)) % n_post < n_eval
     return {
-        "sft": sample_gold_order(ref_s.proxy[first], init.figures["gold_each"][first],
-                                 np.asarray(ref_s.prompt_index)[first]),
+        "sft": sample_gold_order(
+            ref_s.proxy[first],
+            init.figures["gold_each"][first],
+            np.asarray(ref_s.prompt_index)[first],
+        ),
         "policy": sample_gold_order(pol_s.proxy, final.figures["gold_each"], pol_s.prompt_index),
-    }  # fmt: skip
+    }
 
 
 @dataclass

@@ -93,9 +93,12 @@ class ValueModel(torch.nn.Module):
         """(b, R) values of the states before each response token (a repeated prompt run once,
         as in `response_states`)."""
         hidden = response_states(
-            self.backbone, gen.sequences[rows], gen.attention_mask[rows], gen.prompt_width,
+            self.backbone,
+            gen.sequences[rows],
+            gen.attention_mask[rows],
+            gen.prompt_width,
             share_prompts,
-        )  # fmt: skip
+        )
         per_token = self.head(hidden).squeeze(-1).float()
         if self.pooling == "token":
             return per_token

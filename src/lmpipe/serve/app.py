@@ -28,8 +28,11 @@ log = logging.getLogger("lmpipe.serve")
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def _sse(obj: Any) -> str:
@@ -48,9 +51,12 @@ def create_app(completer: Completer, api_key: str | None = None, docs: bool = Fa
     from lmpipe.chat import TemplateError
 
     app = FastAPI(
-        title="lmpipe", version="1", docs_url="/docs" if docs else None,
-        redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None,
-    )  # fmt: skip
+        title="lmpipe",
+        version="1",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.add_middleware(Guard, admission=completer.admission, api_key=api_key)
 
     @app.exception_handler(RequestError)
@@ -90,8 +96,12 @@ def create_app(completer: Completer, api_key: str | None = None, docs: bool = Fa
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
         if model_id not in completer.aliases:
-            raise RequestError(f"the model {model_id!r} does not exist; this server has "
-                               f"{completer.name!r}", 404, "model", "model_not_found")  # fmt: skip
+            raise RequestError(
+                f"the model {model_id!r} does not exist; this server has {completer.name!r}",
+                404,
+                "model",
+                "model_not_found",
+            )
         return model_card()
 
     schema = {"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}}
@@ -146,24 +156,33 @@ def create_app(completer: Completer, api_key: str | None = None, docs: bool = Fa
                 request, lambda: [completer.lm.prompt_ids(p) for p in distinct]
             )
         except TemplateError as err:
-            raise RequestError(f"the prompt does not fit the model's chat template: {err}",
-                               param="prompt") from None  # fmt: skip
+            raise RequestError(
+                f"the prompt does not fit the model's chat template: {err}", param="prompt"
+            ) from None
         ids = dict(zip(distinct, encoded, strict=True))
         completer.admission.check_tokens([ids[p] for p in prompts], req.n, req.max_tokens, "prompt")
         rows = [ids[p] for p in prompts for _ in range(req.n)]
-        sampling = Sampling(req.max_tokens, req.temperature, req.top_k, req.top_p, req.seed,
-                            req.stop)  # fmt: skip
+        sampling = Sampling(
+            req.max_tokens, req.temperature, req.top_k, req.top_p, req.seed, req.stop
+        )
         job, first = await start(request, rows, sampling)
-        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
-                "created": int(time.time()), "model": completer.name}  # fmt: skip
+        head = {
+            "id": f"cmpl-{secrets.token_hex(12)}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": completer.name,
+        }
         prompt_tokens = sum(len(ids[p]) for p in prompts)
         if not req.stream:
             result = await collect(job, first)
             if result is None:
                 return Response(status_code=499)
-            choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
-                       for i, (t, r) in enumerate(zip(result["text"], result["finish_reason"],
-                                                      strict=True))]  # fmt: skip
+            choices = [
+                {"text": t, "index": i, "logprobs": None, "finish_reason": r}
+                for i, (t, r) in enumerate(
+                    zip(result["text"], result["finish_reason"], strict=True)
+                )
+            ]
             usage = _usage(prompt_tokens, result["completion_tokens"])
             return {**head, "choices": choices, "usage": usage}
 
@@ -204,34 +223,44 @@ def create_app(completer: Completer, api_key: str | None = None, docs: bool = Fa
                 param="messages",
             )
         if req.max_tokens is not None and req.max_completion_tokens is not None:
-            raise RequestError("give max_completion_tokens or max_tokens, not both",
-                               param="max_tokens")  # fmt: skip
+            raise RequestError(
+                "give max_completion_tokens or max_tokens, not both", param="max_tokens"
+            )
         messages = [m.for_template() for m in req.messages]
         completer.admission.check(req, [m["content"] for m in messages])
         try:
             prompt = await admit_and_encode(request, lambda: completer.lm.chat_ids(messages))
         except TemplateError as err:
-            raise RequestError(f"these messages do not fit the model's chat template: {err}",
-                               param="messages") from None  # fmt: skip
+            raise RequestError(
+                f"these messages do not fit the model's chat template: {err}", param="messages"
+            ) from None
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:  # OpenAI's default: as long as the context allows
             max_tokens = max(1, min(completer.limits.max_tokens, completer.context - len(prompt)))
         completer.admission.check_tokens([prompt], req.n, max_tokens, "messages")
-        sampling = Sampling(max_tokens, req.temperature, req.top_k, req.top_p, req.seed,
-                            req.stop)  # fmt: skip
+        sampling = Sampling(max_tokens, req.temperature, req.top_k, req.top_p, req.seed, req.stop)
         job, first = await start(request, [prompt] * req.n, sampling)
-        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()),
-                "model": completer.name, "system_fingerprint": None}  # fmt: skip
+        head = {
+            "id": f"chatcmpl-{secrets.token_hex(12)}",
+            "created": int(time.time()),
+            "model": completer.name,
+            "system_fingerprint": None,
+        }
         if not req.stream:
             result = await collect(job, first)
             if result is None:
                 return Response(status_code=499)
             choices = [
-                {"index": i, "message": {"role": "assistant", "content": t, "refusal": None},
-                 "logprobs": None, "finish_reason": r}
-                for i, (t, r) in enumerate(zip(result["text"], result["finish_reason"],
-                                               strict=True))
-            ]  # fmt: skip
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": t, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": r,
+                }
+                for i, (t, r) in enumerate(
+                    zip(result["text"], result["finish_reason"], strict=True)
+                )
+            ]
             usage = _usage(len(prompt), result["completion_tokens"])
             return {**head, "object": "chat.completion", "choices": choices, "usage": usage}
 

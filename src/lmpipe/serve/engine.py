@@ -86,9 +86,15 @@ class Completer:
 
     def status(self) -> dict[str, Any]:
         cap, in_use = self.limits.queue_limit, self.admission.in_use
-        return {"model": self.name, "capacity": cap, "in_use": in_use,
-                "free": cap - in_use, "waiting": len(self.waiting),
-                "batches": self.batches, "worker_alive": self.worker.is_alive()}  # fmt: skip
+        return {
+            "model": self.name,
+            "capacity": cap,
+            "in_use": in_use,
+            "free": cap - in_use,
+            "waiting": len(self.waiting),
+            "batches": self.batches,
+            "worker_alive": self.worker.is_alive(),
+        }
 
     def submit(self, rows: list[list[int]], sampling: Sampling, lease: Lease) -> Job:
         job = Job(rows, sampling, asyncio.get_running_loop())
@@ -179,8 +185,11 @@ class Completer:
                     job.post("delta", deltas)
                 if all(reason[i] is not None for i in spans[j]):
                     done[j] = True
-                    job.post("done", {
-                        "text": [texts[i].text for i in spans[j]],
-                        "finish_reason": [reason[i] for i in spans[j]],
-                        "completion_tokens": sum(counts[i] for i in spans[j]),
-                    })  # fmt: skip
+                    job.post(
+                        "done",
+                        {
+                            "text": [texts[i].text for i in spans[j]],
+                            "finish_reason": [reason[i] for i in spans[j]],
+                            "completion_tokens": sum(counts[i] for i in spans[j]),
+                        },
+                    )

@@ -12,8 +12,12 @@ class RequestError(ValueError):
         self.status, self.param, self.code = status, param, code
 
 
-ERROR_TYPES = {401: "authentication_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 429: "rate_limit_error"}  # fmt: skip
+ERROR_TYPES = {
+    401: "authentication_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param=None, code=None):

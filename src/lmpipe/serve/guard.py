@@ -34,8 +34,9 @@ class Guard:
                 msg = (
                     "invalid API key" if given else "an API key is required (Authorization: Bearer)"
                 )
-                response = error_response(401, msg, code="invalid_api_key",
-                                          headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+                response = error_response(
+                    401, msg, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+                )
                 return await response(scope, receive, send)
         body = await self._read_body(scope, receive, send, headers)
         if body is None:

@@ -61,26 +61,33 @@ class Admission:
 
     def check_prompts(self, prompts: list[str]) -> None:
         if len(prompts) > self.limits.max_prompts:
-            raise RequestError(f"{len(prompts)} prompts in one request; the limit is "
-                               f"{self.limits.max_prompts}", param="prompt")  # fmt: skip
+            raise RequestError(
+                f"{len(prompts)} prompts in one request; the limit is {self.limits.max_prompts}",
+                param="prompt",
+            )
 
     def check(self, req: CommonRequest, texts: list[str]) -> None:
         """The limits that need no tokenizer (run before admission)."""
         lim = self.limits
         if req.model not in (None, "", *self.aliases):
-            raise RequestError(f"model {req.model!r} is not served here; use {self.name!r}",
-                               404, "model", "model_not_found")  # fmt: skip
+            raise RequestError(
+                f"model {req.model!r} is not served here; use {self.name!r}",
+                404,
+                "model",
+                "model_not_found",
+            )
         if req.stream_options is not None and not req.stream:
-            raise RequestError("stream_options is only allowed with stream: true",
-                               param="stream_options")  # fmt: skip
+            raise RequestError(
+                "stream_options is only allowed with stream: true", param="stream_options"
+            )
         for key in ("max_tokens", "max_completion_tokens"):
             value = getattr(req, key, None)
             if value is not None and value > lim.max_tokens:
-                raise RequestError(f"{key} {value} is above this server's limit of "
-                                   f"{lim.max_tokens}", param=key)  # fmt: skip
+                raise RequestError(
+                    f"{key} {value} is above this server's limit of {lim.max_tokens}", param=key
+                )
         if req.n > lim.max_n:
-            raise RequestError(f"n {req.n} is above this server's limit of {lim.max_n}",
-                               param="n")  # fmt: skip
+            raise RequestError(f"n {req.n} is above this server's limit of {lim.max_n}", param="n")
         chars = sum(map(len, texts))
         if chars > lim.max_prompt_chars:
             raise RequestError(

@@ -69,15 +69,28 @@ def _is_text(s: str) -> bool:
 # OpenAI parameters this server does not implement, with the values that ask for nothing (sent
 # by many clients by default); any other value is a 400 that names the parameter.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
-    "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
-    "functions": (None, []), "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
-    "prediction": (None,), "reasoning_effort": (None,), "verbosity": (None,),
-    "web_search_options": (None,), "store": (None, False),
-}  # fmt: skip
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None, True, False),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "web_search_options": (None,),
+    "store": (None, False),
+}
 # Identifiers for the caller's own bookkeeping: they change nothing in the output; accepted.
 IGNORED = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key", "service_tier"})
 
@@ -107,8 +120,9 @@ class CommonRequest(BaseModel):
     def _stop(cls, v: str | list[str] | None) -> list[str]:
         stops = [] if v is None else [v] if isinstance(v, str) else v
         if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"stop takes up to 4 non-empty strings of up to {MAX_STOP_CHARS} "
-                             "characters")  # fmt: skip
+            raise ValueError(
+                f"stop takes up to 4 non-empty strings of up to {MAX_STOP_CHARS} characters"
+            )
         return stops
 
 
@@ -153,8 +167,10 @@ class ChatMessage(BaseModel):
         texts = []
         for part in v:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"content part of type {part.get('type')!r} is not supported: "
-                                 'send {"type": "text", "text": "..."} parts')  # fmt: skip
+                raise ValueError(
+                    f"content part of type {part.get('type')!r} is not supported: "
+                    'send {"type": "text", "text": "..."} parts'
+                )
             if extra := sorted(set(part) - {"type", "text"}):
                 raise ValueError(f"unknown fields in a text part: {', '.join(extra)}")
             texts.append(part["text"])

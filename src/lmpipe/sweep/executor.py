@@ -136,8 +136,10 @@ class DvcExecutor:
         return TrialOutcome(values=values, exp_rev=rev, seconds=seconds)
 
     def __call__(self, requests: Sequence[TrialRequest]) -> list[TrialOutcome]:
-        invalid = {r.number: check_overrides(self.root / self.spec.params_file, r.overrides)
-                   for r in requests}  # fmt: skip
+        invalid = {
+            r.number: check_overrides(self.root / self.spec.params_file, r.overrides)
+            for r in requests
+        }
         runnable = [r for r in requests if invalid[r.number] is None]
         done = {o_req.number: o for o_req, o in zip(runnable, self._run(runnable), strict=True)}
         return [done.get(r.number) or TrialOutcome(error=invalid[r.number]) for r in requests]
@@ -173,8 +175,12 @@ class DvcExecutor:
         outcomes = []
         for req in requests:
             log_file = self.log_dir / f"trial-{req.number}.log"
-            logs = subprocess.run([self.dvc, "queue", "logs", req.exp_name], cwd=self.root,
-                                  capture_output=True, text=True)  # fmt: skip
+            logs = subprocess.run(
+                [self.dvc, "queue", "logs", req.exp_name],
+                cwd=self.root,
+                capture_output=True,
+                text=True,
+            )
             log_file.write_text(logs.stdout + logs.stderr)
             rc = 0 if self.exp_rev(req.exp_name, baseline) else 1
             outcomes.append(self._collect(req, log_file, rc, t0, baseline))

@@ -106,8 +106,10 @@ class Spec:
     def grid(self) -> list[dict[str, Any]]:
         """Every combination of choices (grid search), in spec order."""
         names = [d.name for d in self.dims]
-        return [dict(zip(names, combo, strict=True)) for combo in itertools.product(
-            *(d.choices for d in self.dims))]  # fmt: skip
+        return [
+            dict(zip(names, combo, strict=True))
+            for combo in itertools.product(*(d.choices for d in self.dims))
+        ]
 
     def with_trials(self, trials: int) -> Spec:
         """This sweep with `trials` trials (a grid has at most one per combination)."""

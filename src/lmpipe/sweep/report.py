@@ -45,21 +45,25 @@ def reproduce_command(trial) -> str:
 def summary_text(study, spec: Spec, rows: Sequence[dict[str, Any]]) -> str:
     from tabulate import tabulate
 
-    shown = [{k: _fmt(v) for k, v in r.items() if k != "error" or r["status"] == "failed"}
-             for r in rows]  # fmt: skip
+    shown = [
+        {k: _fmt(v) for k, v in r.items() if k != "error" or r["status"] == "failed"} for r in rows
+    ]
     lines = [
         f"# Sweep {spec.name}",
         "",
         f"{spec.search} search over "
         + ", ".join(f"`{d.name}` {d.describe()}" for d in spec.dims)
         + f"; {spec.direction} `{spec.objective}`"
-        + (f" subject to {', '.join(f'`{c}`' for c in spec.constraints)}" if spec.constraints
-           else "")
+        + (
+            f" subject to {', '.join(f'`{c}`' for c in spec.constraints)}"
+            if spec.constraints
+            else ""
+        )
         + f"; stages run up to {', '.join(spec.targets)}.",
         "",
         tabulate(shown, headers="keys", tablefmt="github") if shown else "(no trials yet)",
         "",
-    ]  # fmt: skip
+    ]
     best = best_trial(study, spec)
     if best is None:
         lines.append("No complete trial meets the constraints yet.")
@@ -134,8 +138,9 @@ def frontier_figure(study, spec: Spec, path: Path) -> Path | None:
         g = t.params.get(group_key) if group_key else None
         groups.setdefault(str(g) if g is not None else "all", []).append(t)
     x_ref = spec.plot.x
-    fig, axes = plt.subplots(1, len(spec.plot.y), figsize=(5.2 * len(spec.plot.y), 4.2),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        1, len(spec.plot.y), figsize=(5.2 * len(spec.plot.y), 4.2), squeeze=False
+    )
     for ax, y_ref in zip(axes[0], spec.plot.y, strict=True):
         for gi, (g, trials) in enumerate(sorted(groups.items())):
             pts = []
@@ -153,8 +158,7 @@ def frontier_figure(study, spec: Spec, path: Path) -> Path | None:
             for x, y, t in pts:
                 text = ", ".join(f"{format_override(t.params[o])}" for o in others)
                 if text:
-                    ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4),
-                                fontsize=7)  # fmt: skip
+                    ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xlabel(x_ref.key)
         ax.set_ylabel(y_ref.key)
         ax.set_title(f"{y_ref.key} against {x_ref.key}", fontsize=10)
@@ -225,8 +229,11 @@ class SweepTracking:
         pipelines = [r for r in runs if r.data.tags.get("lmpipe.stage") == "pipeline"]
         stages = [r for r in runs if r.data.tags.get("lmpipe.stage") != "pipeline"]
         for r in pipelines or stages:
-            for k, v in {"mlflow.parentRunId": self.run_id, "lmpipe.sweep": spec.name,
-                         "lmpipe.trial": str(trial_number)}.items():  # fmt: skip
+            for k, v in {
+                "mlflow.parentRunId": self.run_id,
+                "lmpipe.sweep": spec.name,
+                "lmpipe.trial": str(trial_number),
+            }.items():
                 self.client.set_tag(r.info.run_id, k, v)
         return sorted(r.data.tags.get("lmpipe.stage", r.info.run_name) for r in stages)
 
@@ -245,8 +252,9 @@ class SweepTracking:
         t = study.trials[trial_number]
         if t.state.name == "COMPLETE":
             self.client.log_metric(self.run_id, "trial/objective", t.value, step=trial_number)
-        self.client.log_metric(self.run_id, "trial/failed", float(t.state.name == "FAIL"),
-                               step=trial_number)  # fmt: skip
+        self.client.log_metric(
+            self.run_id, "trial/failed", float(t.state.name == "FAIL"), step=trial_number
+        )
 
     def finish(self, study, spec: Spec, files: dict[str, Path], status: str) -> None:
         assert self.run_id

@@ -57,9 +57,12 @@ def open_study(spec: Spec, storage: str):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        storage=storage, study_name=spec.name, direction=spec.direction,
-        sampler=make_sampler(spec), load_if_exists=True,
-    )  # fmt: skip
+        storage=storage,
+        study_name=spec.name,
+        direction=spec.direction,
+        sampler=make_sampler(spec),
+        load_if_exists=True,
+    )
     fp = study.user_attrs.get("fingerprint")
     if fp is None:
         study.set_user_attr("fingerprint", spec.fingerprint())
@@ -133,8 +136,9 @@ def tell(study, spec: Spec, trial, outcome: TrialOutcome) -> str:
     trial.set_user_attr("metrics", outcome.values)
     violations = [c.violation(outcome.values[str(c.metric)]) for c in spec.constraints]
     trial.set_user_attr("constraints", violations)
-    trial.set_user_attr("feasible", all(
-        c.holds(outcome.values[str(c.metric)]) for c in spec.constraints))  # fmt: skip
+    trial.set_user_attr(
+        "feasible", all(c.holds(outcome.values[str(c.metric)]) for c in spec.constraints)
+    )
     study.tell(trial, value)
     return "complete"
 
@@ -165,12 +169,15 @@ def run_sweep(
     resumed = recover(study, spec)
     done = sum(counted(t) for t in study.trials)
     if done or resumed:
-        echo(f"sweep {spec.name}: resuming with {done} of {spec.trials} trials done"
-             + (f", {resumed} interrupted trial(s) to run again" if resumed else ""))  # fmt: skip
+        echo(
+            f"sweep {spec.name}: resuming with {done} of {spec.trials} trials done"
+            + (f", {resumed} interrupted trial(s) to run again" if resumed else "")
+        )
     while done < spec.trials:
         batch = [study.ask(dists) for _ in range(min(spec.parallel, spec.trials - done))]
-        requests = [TrialRequest(t.number, f"{spec.name}-{t.number}", dict(t.params))
-                    for t in batch]  # fmt: skip
+        requests = [
+            TrialRequest(t.number, f"{spec.name}-{t.number}", dict(t.params)) for t in batch
+        ]
         for t, r in zip(batch, requests, strict=True):
             t.set_user_attr("exp_name", r.exp_name)
             shown = ", ".join(f"{k}={format_override(v)}" for k, v in r.overrides.items())
@@ -185,8 +192,10 @@ def run_sweep(
             state = tell(study, spec, t, o)
             done += 1
             if state == "complete":
-                echo(f"trial {t.number}: {spec.objective.key} = "
-                     f"{o.values[str(spec.objective)]:.4g} ({o.seconds:.0f} s)")  # fmt: skip
+                echo(
+                    f"trial {t.number}: {spec.objective.key} = "
+                    f"{o.values[str(spec.objective)]:.4g} ({o.seconds:.0f} s)"
+                )
             else:
                 error = study.trials[t.number].user_attrs.get("error", "")
                 echo(f"trial {t.number}: FAILED ({o.seconds:.0f} s): {error}")
@@ -198,8 +207,11 @@ def best_trial(study, spec: Spec):
     """The best complete trial that meets every constraint, or None."""
     from optuna.trial import TrialState
 
-    ok = [t for t in study.trials
-          if t.state == TrialState.COMPLETE and t.user_attrs.get("feasible", True)]  # fmt: skip
+    ok = [
+        t
+        for t in study.trials
+        if t.state == TrialState.COMPLETE and t.user_attrs.get("feasible", True)
+    ]
     if not ok:
         return None
     pick = max if spec.direction == "maximize" else min

@@ -137,10 +137,12 @@ def validate_spec(raw: Any, root: str | Path, default_name: str = "sweep") -> Sp
     elif objective.path.endswith("rl.json"):
         plot = Plot(
             MetricRef(objective.path, "kl_to_ref"),
-            (MetricRef(objective.path, "gold_reward.final"),
-             MetricRef(objective.path, "proxy_reward.final")),
+            (
+                MetricRef(objective.path, "gold_reward.final"),
+                MetricRef(objective.path, "proxy_reward.final"),
+            ),
             "rl.algo",
-        )  # fmt: skip
+        )
 
     dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.exists():
@@ -153,8 +155,10 @@ def validate_spec(raw: Any, root: str | Path, default_name: str = "sweep") -> Sp
     for f in sorted(files):
         stage = producer(stages, f)
         if stage is None:
-            raise SweepError(f"no stage in dvc.yaml writes {f}; the objective, constraints and "
-                             "plot must read a stage's reports file")  # fmt: skip
+            raise SweepError(
+                f"no stage in dvc.yaml writes {f}; the objective, constraints and "
+                "plot must read a stage's reports file"
+            )
         makers[f] = stage
     if s.targets:
         unknown = [t for t in s.targets if t not in stages]
@@ -167,8 +171,11 @@ def validate_spec(raw: Any, root: str | Path, default_name: str = "sweep") -> Sp
     else:
         # the stages that write the files read; drop any that another one already runs
         wanted = set(makers.values())
-        targets = tuple(t for t in stages if t in wanted and not any(
-            t in upstream(stages, [o]) for o in wanted - {t}))  # fmt: skip
+        targets = tuple(
+            t
+            for t in stages
+            if t in wanted and not any(t in upstream(stages, [o]) for o in wanted - {t})
+        )
     run_set = upstream(stages, targets)
     for d in dims:
         readers = [st for st in run_set if d.section in (stages[st].get("params") or [])]
@@ -187,7 +194,16 @@ def validate_spec(raw: Any, root: str | Path, default_name: str = "sweep") -> Sp
     else:
         trials = s.trials or 10
     return Spec(
-        name=name, dims=dims, search=s.search, trials=trials, parallel=s.parallel, seed=s.seed,
-        objective=objective, direction=s.objective.direction, constraints=constraints,
-        targets=targets, params_file=s.params_file, plot=plot,
-    )  # fmt: skip
+        name=name,
+        dims=dims,
+        search=s.search,
+        trials=trials,
+        parallel=s.parallel,
+        seed=s.seed,
+        objective=objective,
+        direction=s.objective.direction,
+        constraints=constraints,
+        targets=targets,
+        params_file=s.params_file,
+        plot=plot,
+    )

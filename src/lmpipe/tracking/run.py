@@ -77,9 +77,10 @@ def pipeline_run(mlflow: Any, experiment_id: str, key: str, tags: Mapping[str, s
     keep = {k: v for k, v in tags.items() if k.startswith(("git.", "dvc."))}
     name = f"pipeline {keep['dvc.exp_name']}" if "dvc.exp_name" in keep else "pipeline"
     run = client.create_run(
-        experiment_id, run_name=name,
+        experiment_id,
+        run_name=name,
         tags={PIPELINE_KEY: key, "lmpipe.stage": "pipeline", **keep},
-    )  # fmt: skip
+    )
     return run.info.run_id
 
 

@@ -85,8 +85,10 @@ def relocate_store(uri: str) -> list[str]:
             if path.name == "mlartifacts" and path.parent != here:
                 old.add(path.parent)
         for base in old:
-            for prefix, new in ((base.as_uri() + "/", here.as_uri() + "/"),
-                                (base.as_posix() + "/", here.as_posix() + "/")):  # fmt: skip
+            for prefix, new in (
+                (base.as_uri() + "/", here.as_uri() + "/"),
+                (base.as_posix() + "/", here.as_posix() + "/"),
+            ):
                 for table, column in ARTIFACT_COLUMNS:
                     if table in tables:
                         con.execute(
@@ -95,8 +97,11 @@ def relocate_store(uri: str) -> list[str]:
                             (new, len(prefix) + 1, len(prefix), prefix),
                         )
     if old:
-        log.info("MLflow store %s: artifact locations moved from %s", db,
-                 ", ".join(map(str, sorted(old))))  # fmt: skip
+        log.info(
+            "MLflow store %s: artifact locations moved from %s",
+            db,
+            ", ".join(map(str, sorted(old))),
+        )
     return [str(b) for b in sorted(old)]
 
 

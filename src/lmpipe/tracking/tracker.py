@@ -85,8 +85,11 @@ class NullTracker:
     def version_tags(self, tags: Mapping[str, str] | None = None) -> dict[str, str]:
         """The tags a registered model version of this run carries: the run's VERSION_TAGS,
         lineage and input/output hashes, then `tags`."""
-        lineage = {k: v for k, v in self.tags.items() if k in VERSION_TAGS or
-                   k.startswith(("lineage.", "input.", "output."))}  # fmt: skip
+        lineage = {
+            k: v
+            for k, v in self.tags.items()
+            if k in VERSION_TAGS or k.startswith(("lineage.", "input.", "output."))
+        }
         return {**lineage, **{k: str(v) for k, v in (tags or {}).items()}}
 
     def tag_version(
@@ -150,8 +153,14 @@ class MlflowTracker(NullTracker):
             client.update_model_version(registered_name, version, description=description)
 
 
-VERSION_TAGS = ("lmpipe.stage", "lmpipe.params.sha256", "git.commit", "git.dirty",
-                "dvc.lock.sha256", "dvc.exp_name")  # fmt: skip
+VERSION_TAGS = (
+    "lmpipe.stage",
+    "lmpipe.params.sha256",
+    "git.commit",
+    "git.dirty",
+    "dvc.lock.sha256",
+    "dvc.exp_name",
+)
 """Run tags a registered version carries too (with the lineage and input/output hashes)."""
 
 
