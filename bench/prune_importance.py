@@ -16,13 +16,13 @@ import torch
 
 from _results import add_json_arg, write
 from lmpipe.batches import TokenWindows, split_parts
+from lmpipe.chat import load_template
 from lmpipe.compress.distill import MixedBatches, teacher_examples
 from lmpipe.compress.prune import Importance, magnitude_importance, prune, taylor_importance
 from lmpipe.compress.score import val_metrics
 from lmpipe.data.tokenizer import EOS, PAD, load_tokenizer, read_tokens, special_ids
 from lmpipe.io import read_json, read_jsonl
 from lmpipe.model import context_length, load_model
-from lmpipe.sft import prompt_ids
 from lmpipe.train import lm_loss_sum
 
 
@@ -42,8 +42,8 @@ def main() -> None:
     val = TokenWindows(
         read_tokens(f"{args.data}/val.bin", meta["dtype"]), ctx, args.batch_size, 0
     ).fixed_batches(8)
-    prompts = [prompt_ids(tok, r["prompt"]) for r in read_jsonl(f"{args.data}/prompts/rl.jsonl")]
-    prompts = [p for p in prompts if len(p) + 48 <= ctx][:256]
+    rows = read_jsonl(f"{args.data}/prompts/rl.jsonl")
+    _, prompts = load_template(args.data).fitting_prompts([r["prompt"] for r in rows], ctx, 48, 256)
     gen = torch.Generator().manual_seed(0)
     examples = teacher_examples(
         model,
