@@ -25,15 +25,14 @@ from pathlib import Path
 import torch
 
 from _results import add_json_arg, write
+from lmpipe.chat import load_template
 from lmpipe.config import load_params
-from lmpipe.data.tokenizer import PAD, RESPONSE, load_tokenizer, special_ids
 from lmpipe.model import context_length, load_model
-from lmpipe.reward.data import PreferenceBatches, encode_pairs, preference_groups
+from lmpipe.reward.data import encode_pairs
 from lmpipe.reward.metrics import pair_metrics
 from lmpipe.reward.model import build_reward_model
 from lmpipe.reward.scoring import raw_scores
-from lmpipe.reward.training import preference_loss_sum
-from lmpipe.train import train
+from lmpipe.reward.training import train_reward_model
 
 
 def main() -> None:
@@ -50,15 +49,15 @@ def main() -> None:
     args = ap.parse_args()
 
     params = load_params(args.params, ["reward"])
-    update = {"checkpoint_every": 0, "eval_every": 10**9}
+    update = {"checkpoint_every": 0}
     for key, value in (("lr", args.lr), ("max_steps", args.steps), ("batch_size", args.batch_size)):
         if value is not None:
             update[key] = value
     cfg = params.reward.model_copy(update=update)
-    tok = load_tokenizer(args.sft)
-    ids = special_ids(tok)
+    template = load_template(args.sft)
+    marker, last = template.response_marker or (None, False)
     rows = [json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line]
-    encoded = encode_pairs(tok, rows, context_length(load_model(args.sft)))
+    encoded = encode_pairs(template, rows, context_length(load_model(args.sft)))
     val = encoded["val"]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -67,26 +66,25 @@ def main() -> None:
     )
     rows = []
     for batching in args.batching or [cfg.batching]:
-        groups = preference_groups(encoded["train"], batching)
         for pooling in args.pooling or [cfg.pooling]:
             t0 = time.perf_counter()
-            model = build_reward_model(args.sft, params.seed, pooling, ids[RESPONSE])
-            source = PreferenceBatches(groups, cfg.batch_size, params.seed, ids[PAD])
-            result = train(
-                model, source, cfg, val_batches=[], loss_sum=preference_loss_sum(cfg.margin)
-            )
+            model = build_reward_model(args.sft, params.seed, pooling, marker, last)
+            variant = cfg.model_copy(update={"batching": batching, "pooling": pooling})
+            result = train_reward_model(model, encoded, variant, params.seed, template.pad_id)
             model.eval()
             m = pair_metrics(
-                raw_scores(model, [e.chosen for e, _ in val], ids[PAD]),
-                raw_scores(model, [e.rejected for e, _ in val], ids[PAD]),
+                raw_scores(model, [e.chosen for e, _ in val], template.pad_id),
+                raw_scores(model, [e.rejected for e, _ in val], template.pad_id),
                 [p["gold_chosen"] for _, p in val],
                 [p["gold_rejected"] for _, p in val],
+                prompts=[p["prompt"] for _, p in val],
             )
             print(
                 f"batching {batching:6s} pooling {pooling:5s} "
                 f"val_accuracy {m['val_accuracy']:.3f}  "
                 f"gold_order_accuracy {m['gold_order_accuracy']:.3f} "
-                f"({m['gold_order_pairs']} pairs)  training {result.train_seconds:.0f} s, "
+                f"({m['gold_order_pairs']} pairs)  kept step {result.kept_step}, "
+                f"training {result.train_seconds:.0f} s, "
                 f"{time.perf_counter() - t0:.0f} s in all"
             )
             se = {k: m.get(f"{k}_se") for k in ("val_accuracy", "gold_order_accuracy")}
@@ -94,6 +92,7 @@ def main() -> None:
                 {
                     "batching": batching,
                     "pooling": pooling,
+                    "kept_step": result.kept_step,
                     **{
                         k: f"{m[k]:.3f}" + (f" ± {se[k]:.3f}" if se[k] is not None else "")
                         for k in se
