@@ -26,7 +26,7 @@ import all as bench_all  # bench/all.py: the sections, how they run and render
 
 TESTS = ["-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py"]
 # seconds per step on the GPU: the tests, then each section, within a 10-minute call
-LIMITS = {"tests": 120, "sampling_gpu": 200, "rl_gpu": 90, "train_gpu": 150}
+LIMITS = {"tests": 90, "sampling_gpu": 240, "rl_gpu": 90, "train_gpu": 150}
 SMOKE_LIMIT = 300  # a step of --smoke, on a CPU that other work may share
 SMOKE = {
     "sampling_gpu": [
