@@ -7,7 +7,8 @@
 
 Each section is one command (its script with `--json`); its results file keeps that command,
 the machine and the date, so rerunning one section leaves the others as they were. `cheap`
-sections take minutes; `expensive` ones a pipeline run or more (tens of minutes).
+sections take minutes; `expensive` ones a pipeline run or more (tens of minutes); `gpu` ones need
+CUDA and run only when named in `--only` (`python bench/gpu_figures.py` runs them all).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Section:
     name: str
     title: str
     argv: list[str]  # the script and its arguments, from the repository root
-    cost: str  # "cheap" (minutes) or "expensive" (tens of minutes and more)
+    cost: str  # "cheap" (minutes), "expensive" (tens of minutes and more) or "gpu" (CUDA only)
     what: str  # one sentence: what the figures measure
     columns: list[Column]
     caption: Callable[[dict], str] = lambda f: f.get("caption", "")
@@ -42,6 +43,27 @@ class Section:
 
 
 FIGURE = [("figure", 0, ""), ("value", 1, "")]
+SAMPLERS = [
+    ("sampler", "sampler", ""),
+    ("tokens/s", "tokens_per_sec", ",.0f"),
+    ("vs lmpipe's", "vs_lmpipe", ".2f"),
+    ("compile s", "compile_s", ".0f"),
+]
+
+
+def sampling_caption(f: dict) -> str:
+    """Batch, tokens, device and dtype, lmpipe / transformers, and engines that were skipped."""
+    text = f"Batch {f['batch']}, {f['new_tokens']} new tokens"
+    if "device" in f:
+        text += f", {f['model']} on {f['device']} in {f['dtype']}"
+    if "lmpipe_over_transformers" in f:
+        text += f"; lmpipe / transformers: **{f['lmpipe_over_transformers']:.2f}x**"
+    text += "."
+    for name, why in f.get("skipped", {}).items():
+        text += f" Skipped {name}: {why}."
+    return text
+
+
 MODELS = "the pipeline's outputs (`dvc repro` or `dvc pull`)"
 
 SECTIONS = [
@@ -157,13 +179,12 @@ SECTIONS = [
         "Sampling throughput",
         ["bench/sampling_throughput.py"],
         "cheap",
-        "lmpipe's sampler against transformers' `model.generate` on the same random model of "
-        "the default shape and the same prompts, ancestral sampling, alternated in one process.",
-        [("sampler", "sampler", ""), ("tokens/s", "tokens_per_sec", ",.0f")],
-        caption=lambda f: (
-            f"Batch {f['batch']}, {f['new_tokens']} new tokens; lmpipe / "
-            f"transformers: **{f['lmpipe_over_transformers']:.2f}x**."
-        ),
+        "lmpipe's sampler against transformers' `model.generate` (dynamic cache, static cache, "
+        "static cache + `torch.compile`) and against itself with a compiled decode step, on the "
+        "same random model of the default shape and the same prompts, ancestral sampling, "
+        "alternated in one process; compile time apart from the steady state.",
+        SAMPLERS,
+        caption=sampling_caption,
     ),
     Section(
         "sampling_reward_workload",
@@ -361,6 +382,63 @@ SECTIONS = [
         needs=MODELS,
     ),
 ]
+GPU = "a CUDA GPU and a CUDA build of torch"
+SECTIONS += [
+    Section(
+        "sampling_gpu",
+        "Sampling throughput on a GPU",
+        [
+            "bench/sampling_throughput.py",
+            *("--device", "cuda", "--dtype", "bf16", "--shape", "gpu-125m"),
+            *("--batch", "512", "--new-tokens", "96", "--warmup", "2"),
+        ],
+        "gpu",
+        "The sampling comparison above on a random model of params/gpu-125m.yaml's shape in "
+        "bf16 weights, at its RL rollout's size (128 prompts × 4 samples, 96 new tokens); "
+        "transformers' compiled engine uses CUDA graphs (`reduce-overhead`).",
+        SAMPLERS,
+        caption=sampling_caption,
+        needs=GPU,
+    ),
+    Section(
+        "rl_gpu",
+        "RL throughput on a GPU",
+        [
+            "bench/rl_scaling.py",
+            *("--device", "cuda", "--nproc", "1", "--precision", "bf16"),
+            *("--prompts", "64", "--steps", "4", "--rounds", "1"),
+        ],
+        "gpu",
+        "Episodes/s of PPO on one GPU in bf16 autocast, the RL throughput section's models and "
+        "settings (64 prompts × 2 samples, 32 new tokens), and the sampler's share of a step.",
+        [
+            ("processes", "processes", "d"),
+            ("episodes/s", "episodes_per_sec", ".1f"),
+            ("generate share", "generate_share", ".2f"),
+        ],
+        needs=GPU,
+    ),
+    Section(
+        "train_gpu",
+        "Training throughput on a GPU",
+        [
+            "bench/train_throughput.py",
+            *("--device", "cuda", "--shapes", "gpu-125m", "--precisions", "bf16"),
+            *("--compile", "--repeats", "1"),
+        ],
+        "gpu",
+        "Tokens/s and MFU of lmpipe's training loop on params/gpu-125m.yaml's model and "
+        "micro-batch (32 × 1024 tokens), bf16 autocast and `torch.compile`, random tokens.",
+        [
+            ("shape", "shape", ""),
+            ("precision", "precision", ""),
+            ("params (M)", "params_m", ".2f"),
+            ("tokens/s", "tokens_per_sec", ",.0f"),
+            ("MFU", "mfu", ".1%"),
+        ],
+        needs=GPU,
+    ),
+]
 BY_NAME = {s.name: s for s in SECTIONS}
 
 
@@ -378,7 +456,8 @@ def table(columns: list[Column], rows: list) -> str:
         "|" + "|".join("---:" if f else "---" for _, _, f in columns) + "|",
     ]
     for row in rows:
-        lines.append("| " + " | ".join(cell(row[k], f) for _, k, f in columns) + " |")
+        get = row.__getitem__ if isinstance(row, list | tuple) else row.get  # a key may be absent
+        lines.append("| " + " | ".join(cell(get(k), f) for _, k, f in columns) + " |")
     return "\n".join(lines)
 
 
@@ -393,7 +472,12 @@ def render_section(s: Section, results: Path = RESULTS) -> str:
     path = results / f"{s.name}.json"
     head = f"## {s.title}\n\n{fill(s.what)}\n"
     if not path.is_file():
-        return f"{head}\nNot run yet: `python bench/all.py --run --only {s.name}`.\n"
+        how = (
+            "python bench/gpu_figures.py"
+            if s.cost == "gpu"
+            else f"python bench/all.py --run --only {s.name}"
+        )
+        return f"{head}\nNot run yet: `{how}`.\n"
     doc = json.loads(path.read_text(encoding="utf-8"))
     fig = doc["figures"]
     parts = [
@@ -443,13 +527,20 @@ def anchor(title: str) -> str:
     return keep.replace(" ", "-")
 
 
-def run(sections: list[Section], results: Path = RESULTS) -> int:
+def run(sections: list[Section], results: Path = RESULTS, timeout: float | None = None) -> int:
+    """Runs each section's command with `--json` into `results`; one that fails or runs past
+    `timeout` seconds is reported and the others still run. Returns 1 if any failed."""
     failed = []
     for s in sections:
         out = results / f"{s.name}.json"
         cmd = [sys.executable, *s.argv, "--json", str(out)]
         print(f"--- {s.name}: {shlex.join(cmd)}", flush=True)
-        if subprocess.run(cmd, cwd=ROOT).returncode:
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            print(f"{s.name}: ran past {timeout:.0f} s", file=sys.stderr)
+            rc = 1
+        if rc:
             failed.append(s.name)
             continue
         doc = json.loads(out.read_text(encoding="utf-8"))  # one script can serve two sections
@@ -477,6 +568,8 @@ def main() -> None:
     if args.run:
         chosen = [BY_NAME[n] for n in args.only] if args.only else SECTIONS
         chosen = [s for s in chosen if s.cost == "cheap" or not args.cheap]
+        # the GPU sections run where asked by name (bench/gpu_figures.py runs them all)
+        chosen = [s for s in chosen if s.cost != "gpu" or args.only]
         rc = run(chosen, args.results)
     if args.write:
         args.write.write_text(render(args.results), encoding="utf-8")

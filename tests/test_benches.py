@@ -59,7 +59,7 @@ def test_every_section_renders_its_command_machine_and_date():
     assert len({s.name for s in all_.SECTIONS}) == len(all_.SECTIONS)
     for s in all_.SECTIONS:
         assert (BENCH / s.argv[0].removeprefix("bench/")).is_file(), s.name
-        assert s.cost in ("cheap", "expensive") and s.what.endswith("."), s.name
+        assert s.cost in ("cheap", "expensive", "gpu") and s.what.endswith("."), s.name
         path = all_.RESULTS / f"{s.name}.json"
         if not path.is_file():
             continue
@@ -77,6 +77,11 @@ def test_cheap_sections_write_json_that_renders(tmp_path, monkeypatch, capsys):
         "tokenizer": ["tokenizer_throughput.py", "--stories", "200", "--vocab", "512"],
         "pipeline": ["pipeline_report.py"],
         "rl_report": ["rl_report.py"],
+        "sampling_throughput": [
+            "sampling_throughput.py",
+            *("--shape", "tiny", "--batch", "4", "--new-tokens", "4", "--repeats", "1"),
+            *("--engines", "lmpipe", "hf", "hf-static"),
+        ],
     }
     runs["tokenizer"] += ["--repeats", "1"]
     for section, argv in runs.items():
@@ -89,3 +94,33 @@ def test_cheap_sections_write_json_that_renders(tmp_path, monkeypatch, capsys):
         text = all_.render_section(all_.BY_NAME[section], tmp_path)
         assert doc["command"] in text and "|---" in text
     capsys.readouterr()
+
+
+def test_sampling_bench_skips_a_compile_that_takes_too_long(tmp_path, monkeypatch, capsys):
+    """A compiled engine past `--compile-timeout` is skipped with the reason; the rest run."""
+    out = tmp_path / "s.json"
+    argv = ["--shape", "tiny", "--batch", "2", "--new-tokens", "3", "--repeats", "1"]
+    argv += ["--engines", "lmpipe", "hf-compile", "--compile-timeout", "0.05", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", ["bench/sampling_throughput.py", *argv])
+    load("sampling_throughput.py").main()
+    fig = json.loads(out.read_text(encoding="utf-8"))["figures"]
+    assert [r["sampler"] for r in fig["rows"]] == ["lmpipe generate"]
+    why = fig["skipped"]["transformers generate, static cache + compile"]
+    assert "--compile-timeout" in why
+    assert "Skipped transformers generate" in load("all.py").sampling_caption(fig)
+    capsys.readouterr()
+
+
+def test_gpu_figures_smoke_runs_every_piece_on_cpu(monkeypatch, capsys):
+    """`bench/gpu_figures.py --smoke`: the GPU tests (skipped here) and each GPU section's
+    script on tiny CPU arguments, into a temporary folder, each rendering a table."""
+    module = load("gpu_figures.py")
+    assert (
+        {s.name for s in module.sections(False)}
+        == set(module.SMOKE)
+        == set(module.LIMITS) - {"tests"}
+    )
+    monkeypatch.setattr(sys, "argv", ["bench/gpu_figures.py", "--smoke"])
+    module.main()
+    out = capsys.readouterr().out
+    assert all(f"--- {name}:" in out for name in module.SMOKE)
