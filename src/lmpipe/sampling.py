@@ -24,8 +24,9 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from lmpipe.chat import ChatTemplate
+from lmpipe.dist import gather_shards, shard
 from lmpipe.progress import Progress
-from lmpipe.streams import stream_uniforms
+from lmpipe.streams import stream_keys, stream_uniforms
 
 
 @dataclass
@@ -279,38 +280,39 @@ def sample_responses(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
+    split_groups: int = 0,
 ) -> list[dict[str, Any]]:
-    """Ancestral samples (see `generate`) for text prompts, seeded.
+    """Ancestral samples (see `generate`) for text prompts, each on its own random stream
+    (`seed`, its position in `prompts`), so the draws do not depend on `batch_size`. With
+    `split_groups` g > 0 under torchrun (every rank calls), each rank samples its share of the
+    groups of g consecutive prompts and every rank returns the whole list one process draws.
 
     Returns `{"prompt", "response", "ended_with_eos", "n_tokens"}` per prompt.
     """
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    g = max(1, split_groups)
+    n_groups = -(-len(prompts) // g)
+    groups = shard(n_groups) if split_groups else range(n_groups)
+    rows = [i for j in groups for i in range(j * g, min((j + 1) * g, len(prompts)))]
     out: list[dict[str, Any]] = []
-    bar = Progress(len(prompts), "sampling: prompts")
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        g = generate(
+    bar = Progress(len(rows), "sampling: prompts")
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        gen = generate(
             model,
-            [template.prompt_ids(p) for p in chunk],
+            [template.prompt_ids(prompts[i]) for i in chunk],
             max_new_tokens=max_new_tokens,
             eos_id=template.stop_ids,
             pad_id=template.pad_id,
             temperature=temperature,
-            generator=gen,
+            row_keys=stream_keys(seed, torch.tensor(chunk)),
         )
-        lengths = g.lengths.tolist()
-        for p, row, ended, n in zip(
-            chunk, g.response.tolist(), g.ended.tolist(), lengths, strict=True
-        ):
-            out.append(
-                {
-                    "prompt": p,
-                    "response": template.decode(row[:n]),
-                    "ended_with_eos": ended,
-                    "n_tokens": n,
-                }
-            )
+        lengths, ended = gen.lengths.tolist(), gen.ended.tolist()
+        for i, row, e, n in zip(chunk, gen.response.tolist(), ended, lengths, strict=True):
+            text = template.decode(row[:n])
+            out.append({"prompt": prompts[i], "response": text, "ended_with_eos": e, "n_tokens": n})
         bar.update(len(chunk))
     bar.close()
-    return out
+    if not split_groups:
+        return out
+    mine = [out[k * g : (k + 1) * g] for k in range(len(groups))]
+    return [s for group in gather_shards(mine, n_groups) for s in group]
