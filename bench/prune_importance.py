@@ -44,7 +44,6 @@ def main() -> None:
     ).fixed_batches(8)
     rows = read_jsonl(f"{args.data}/prompts/rl.jsonl")
     _, prompts = load_template(args.data).fitting_prompts([r["prompt"] for r in rows], ctx, 48, 256)
-    gen = torch.Generator().manual_seed(0)
     examples = teacher_examples(
         model,
         prompts,
@@ -52,7 +51,7 @@ def main() -> None:
         eos_id=ids[EOS],
         pad_id=ids[PAD],
         temperature=1.0,
-        generator=gen,
+        seed=0,
     )
     src = MixedBatches(
         read_tokens(f"{args.data}/train.bin", meta["dtype"]),

@@ -5,9 +5,10 @@ CPU, NCCL on GPUs), the same global batch, the same models as `bench/rl_throughp
     python bench/rl_scaling.py --algo rloo --nproc 1 2 --steps 6
     python bench/rl_scaling.py --device cuda --nproc 1 8   # one process per GPU
 
-Every process samples the whole rollout (the same seed), the log-prob and value passes are dealt
-out by chunk and the update by prompt groups (`lmpipe.rl.learner`), so the speedup is bounded by
-the sampler's share of a step (printed). On a CPU the machine's cores are shared: N processes
+Each process samples and scores its share of the prompt groups (per-row random streams, so the
+gathered rollout is one process's), the log-prob and value passes are dealt out by chunk and the
+update by prompt groups (`lmpipe.rl.learner`); the sampler's share of a step is printed (each
+process's own time sampling its share). On a CPU the machine's cores are shared: N processes
 get cores/N threads each, so the figure says whether splitting the passes between processes
 beats splitting them between threads, not how N machines would scale. The process counts run
 in turn, `--rounds` times, so that drift over minutes falls on every count; each count's figure

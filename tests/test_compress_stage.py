@@ -122,7 +122,8 @@ def test_distillation_under_torchrun_matches_one_process(tiny_repo, tmp_path):
     _, one, _, one_curves = compress("one")
     assert ddp["world_size"] == 2 and one["world_size"] == 1
     assert len(ddp_runs) == 1  # rank 0's run
-    # the same teacher samples, the same pruning and global batches: only float order differs
+    # the same teacher samples (each rank samples its share and gathers the rest), the same
+    # pruning and global batches: only float order differs
     # (a KD loss near 0, as the tiny pruned student's 4e-4, differs in its last bits: atol)
     for key in ("distill/loss", "recovery/loss"):
         assert len(ddp_curves[key]) == len(one_curves[key]) > 0, key

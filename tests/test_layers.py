@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lmpipe.sampling",
             "lmpipe.scoring",
             "lmpipe.stats",
+            "lmpipe.streams",
         ),
     ),
     ("training", ("lmpipe.train", "lmpipe.tracking")),

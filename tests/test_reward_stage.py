@@ -148,7 +148,8 @@ def test_reward_under_torchrun_matches_one_process_and_only_rank_0_writes(tiny_r
     _, one, _, one_curve, one_out = reward("one")
     assert ddp["world_size"] == 2 and one["world_size"] == 1
     assert len(ddp_runs) == 1  # one MLflow run: rank 0's
-    # the same pairs, the same global batches of 8 groups: only float order differs
+    # the same pairs (each rank samples its prompts' groups and gathers the rest), the same
+    # global batches of 8 groups: only float order differs
     pairs = [(o / "pairs/pairs.jsonl").read_bytes() for o in (ddp_out, one_out)]
     assert pairs[0] == pairs[1]
     assert len(ddp_curve) == len(one_curve) == 8

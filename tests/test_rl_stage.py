@@ -141,8 +141,8 @@ def test_rl_under_torchrun_matches_one_process_and_only_rank_0_writes(tiny_repo,
     _, one, _, one_rows = rl("one")
     assert ddp["world_size"] == 2 and one["world_size"] == 1
     assert len(ddp_runs) == 1  # rank 0's run
-    # the same rollouts (every rank samples the whole batch with the same seed) and the same
-    # update (split by prompt groups, gradients summed): only float order differs
+    # the same rollouts (each rank samples its prompt groups on per-row streams, then gathers)
+    # and the same update (split by prompt groups, gradients summed): only float order differs
     assert len(ddp_rows) == len(one_rows) > 0
     for key in ("rl/score", "rl/kl", "rl/policy_loss", "rl/value_loss"):
         a = [float(r[key]) for r in ddp_rows]

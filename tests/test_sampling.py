@@ -7,7 +7,8 @@ import torch
 
 from lmpipe.config import ModelParams
 from lmpipe.model import build_model
-from lmpipe.sampling import generate, sample_categorical
+from lmpipe.sampling import generate, pack, sample_categorical
+from lmpipe.streams import stream_keys, stream_uniforms
 
 SPECIAL = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "<|prompt|>": 3, "<|response|>": 4}
 PAD, EOS = 0, 2
@@ -97,8 +98,8 @@ def test_generate_rejects_bad_arguments():
         generate(model, [[1]], max_new_tokens=4, eos_id=EOS, pad_id=PAD, temperature=0)
 
 
-@pytest.mark.parametrize("share", [0.0, 0.3])
-def test_batch_samples_follow_the_sequence_distribution(share, monkeypatch):
+@pytest.mark.parametrize(("share", "keyed"), [(0.0, False), (0.3, False), (0.0, True)])
+def test_batch_samples_follow_the_sequence_distribution(share, keyed, monkeypatch):
     """Repeated prompts (one shared prefill) and rows that leave the batch at EOS (compaction)
     still draw each whole response with the model's probability: empirical frequencies of every
     possible response against exact probabilities from full forward passes."""
@@ -125,7 +126,8 @@ def test_batch_samples_follow_the_sequence_distribution(share, monkeypatch):
         max_new_tokens=new,
         eos_id=EOS,
         pad_id=PAD,
-        generator=torch.Generator().manual_seed(0),
+        generator=None if keyed else torch.Generator().manual_seed(0),
+        row_keys=stream_keys(0, torch.arange(2 * n)) if keyed else None,
     )
     assert reorders[0] == 2 * n and len(reorders) >= (3 if share == 0 else 1), reorders
     for j, prompt in enumerate(prompts):
@@ -153,3 +155,93 @@ def test_batch_samples_follow_the_sequence_distribution(share, monkeypatch):
         freq = np.array([seen.get(r, 0) for r in support]) / n
         se = np.sqrt(probs_t * (1 - probs_t) / n)
         assert np.all(np.abs(freq - probs_t) <= 5 * se + 2e-3), np.abs(freq - probs_t).max()
+
+
+M32 = 0xFFFFFFFF
+
+
+def fmix32_reference(x: int) -> int:
+    """MurmurHash3's finaliser on Python integers (no overflow anywhere)."""
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & M32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & M32
+    return x ^ (x >> 16)
+
+
+def uniform_reference(parts: list[int], t: int) -> float:
+    a, b = 0x243F6A88, 0x85A308D3
+    for w in parts:
+        for half in (w & M32, (w >> 32) & M32):
+            a = fmix32_reference(a ^ fmix32_reference(half))
+            b = fmix32_reference(b ^ ((half * 0x9E3779B1) & M32))
+    g = ((t + 1) * 0x9E3779B9) & M32
+    return (fmix32_reference(a ^ fmix32_reference(b ^ g)) >> 8) / 2**24
+
+
+def test_stream_uniforms_equal_the_integer_hash():
+    """The int64 tensor arithmetic gives the bits of the 32-bit hash (large and negative parts,
+    large counters): no overflow, no sign extension."""
+    rng = np.random.default_rng(0)
+    seeds = [0, 1, 2**31 - 1, 2**32 + 5, 2**62 + 12345, -7]
+    rows = rng.integers(0, 2**40, size=len(seeds)).tolist()
+    keys = stream_keys(torch.tensor(seeds), 3, torch.tensor(rows))
+    for t in (0, 1, 999, 2**31):
+        got = stream_uniforms(keys, t).tolist()
+        want = [uniform_reference([s, 3, r], t) for s, r in zip(seeds, rows, strict=True)]
+        assert got == want, t
+
+
+def test_stream_uniforms_are_uniform_and_independent():
+    """Over 2000 rows × 64 steps: the uniforms pass KS against U(0, 1), and pairs (row, step)
+    with (row, step + 1) and with (row + 1, step) fill a 16 × 16 grid evenly (chi-square)."""
+    from scipy import stats
+
+    keys = stream_keys(1337, 5, torch.arange(2000), 0)
+    u = torch.stack([stream_uniforms(keys, t) for t in range(64)], dim=1).double().numpy()
+    assert u.min() >= 0 and u.max() < 1
+    assert stats.kstest(u.ravel(), "uniform").pvalue > 1e-3
+    for a, b in ((u[:, :-1], u[:, 1:]), (u[:-1], u[1:])):
+        cells = (a * 16).astype(int) * 16 + (b * 16).astype(int)
+        counts = np.bincount(cells.ravel(), minlength=256)
+        assert stats.chisquare(counts).pvalue > 1e-3
+    # a bad stream is caught: the same uniforms on every row fail the row-pair check
+    same = np.repeat(u[:1], 2000, axis=0)
+    cells = (same[:-1] * 16).astype(int) * 16 + (same[1:] * 16).astype(int)
+    assert stats.chisquare(np.bincount(cells.ravel(), minlength=256)).pvalue < 1e-6
+
+
+def test_keyed_rows_draw_the_same_alone_in_any_batch_and_order(monkeypatch):
+    """Each row on its own stream: the same tokens sampled alone, in a batch of other (and
+    longer, so left-padded) prompts, in reverse order, with or without compaction; seeded."""
+    import lmpipe.sampling
+
+    model = tiny("llama", seed=3)
+    prompts = [[1, 3, 7, 4], [1, 3, 7, 8, 9, 10, 4], [1, 3, 7, 4], [1, 3, 11, 4]] * 3
+    keys = stream_keys(42, 0, torch.arange(len(prompts)))
+    kw = dict(max_new_tokens=16, eos_id=EOS, pad_id=PAD)
+
+    def rows(g):
+        return [r[:n] for r, n in zip(g.response.tolist(), g.lengths.tolist(), strict=True)]
+
+    batch = generate(model, prompts, row_keys=keys, **kw)
+    got = rows(batch)
+    assert len({tuple(r) for r in got}) > 6  # the repeated prompts draw different responses
+    assert got == rows(generate(model, prompts, row_keys=keys, **kw))
+    alone = [
+        rows(generate(model, [p], row_keys=keys[i : i + 1], **kw))[0] for i, p in enumerate(prompts)
+    ]
+    assert got == alone
+    assert got[::-1] == rows(generate(model, prompts[::-1], row_keys=keys.flip(0), **kw))
+    monkeypatch.setattr(lmpipe.sampling, "COMPACT_SHARE", 0.0)
+    assert got == rows(generate(model, prompts, row_keys=keys, **kw))
+    assert got == rows(generate(model, prompts, row_keys=keys, compact=False, **kw))
+    other = generate(model, prompts, row_keys=stream_keys(43, 0, torch.arange(12)), **kw)
+    assert rows(other) != got
+    # pack lays the rows out as generate does: gathered rows rebuild the same batch
+    packed = pack(prompts, got, batch.ended.tolist(), PAD)
+    for field in ("sequences", "attention_mask", "response", "response_mask", "ended"):
+        assert torch.equal(getattr(packed, field), getattr(batch, field)), field
+    assert packed.prompt_width == batch.prompt_width
+    with pytest.raises(ValueError, match="row_keys"):
+        generate(model, prompts, row_keys=keys[:3], **kw)

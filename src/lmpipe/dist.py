@@ -58,3 +58,27 @@ def barrier() -> None:
 def teardown() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the process group torchrun set up, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def shard(n: int) -> list[int]:
+    """This rank's share of n units (prompts, prompt groups): every world-th, from its rank."""
+    rank, world = rank_world()
+    return list(range(rank, n, world))
+
+
+def gather_shards(mine: list, n: int) -> list:
+    """Every rank's `mine` (its items for `shard(n)`, in that order) gathered into the n items
+    in unit order, on every rank; any picklable items (`all_gather_object`: gloo and NCCL)."""
+    world = rank_world()[1]
+    if world == 1:
+        return list(mine)
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, list(mine))
+    return [parts[i % world][i // world] for i in range(n)]

@@ -24,7 +24,9 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from lmpipe.chat import ChatTemplate
+from lmpipe.dist import gather_shards, shard
 from lmpipe.progress import Progress
+from lmpipe.streams import stream_keys, stream_uniforms
 
 
 @dataclass
@@ -92,12 +94,16 @@ def cache_kwarg(model_class: type) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def sample_categorical(
+    logits: torch.Tensor, generator: torch.Generator | None, u: torch.Tensor | None = None
+) -> torch.Tensor:
     """One draw per row by inverting the CDF: one uniform per row (multinomial draws one
-    exponential per vocabulary entry, which dominated the sampling time on CPU)."""
+    exponential per vocabulary entry, which dominated the sampling time on CPU), `u` (B,) if
+    given, else from `generator`."""
     cdf = torch.softmax(logits.float(), dim=-1).cumsum(-1)
-    u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device)
-    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    if u is None:
+        u = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+    idx = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)
     return idx.squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
@@ -160,12 +166,15 @@ def generate(
     pad_id: int,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    row_keys: torch.Tensor | None = None,
     greedy: bool = False,
     share_prefix: bool = True,
     compact: bool = True,
 ) -> Generation:
     """Sample one response per prompt (token ids, already in the chat template). `eos_id`: the
-    stop token, or several (EOS and the template's end-of-turn token).
+    stop token, or several (EOS and the template's end-of-turn token). Uniforms come from
+    `generator`, or with `row_keys` ((B, 2), `stream_keys`) from each row's own stream at the
+    decode step, so a row draws the same tokens in any batch (up to the logits' rounding).
 
     Two savings that change no distribution (off for comparison in `bench/`): with
     `share_prefix` a prompt repeated in the batch (k samples per prompt) is prefilled once and
@@ -177,12 +186,17 @@ def generate(
         raise ValueError("generate needs at least one prompt")
     if temperature <= 0 and not greedy:
         raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True instead")
+    if row_keys is not None and (generator is not None or row_keys.shape != (len(prompts), 2)):
+        raise ValueError(
+            f"row_keys: ({len(prompts)}, 2), a stream_keys row per prompt, no generator"
+        )
     device = next(model.parameters()).device
     stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
     was_training = model.training
     model.eval()
     ids, prompt_mask = left_pad(prompts, pad_id)
     ids, prompt_mask = ids.to(device), prompt_mask.to(device)
+    keys = None if row_keys is None else row_keys.to(device)
     b, width = ids.shape
     p_ids, p_mask, inverse = ids, prompt_mask, None  # the rows the prefill runs on
     if share_prefix:
@@ -213,7 +227,10 @@ def generate(
     response = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
     n_steps = 0
     for step in range(max_new_tokens):
-        tok = logits.argmax(-1) if greedy else sample_categorical(logits / temperature, generator)
+        u = None if keys is None or greedy else stream_uniforms(keys[active], step)
+        tok = (
+            logits.argmax(-1) if greedy else sample_categorical(logits / temperature, generator, u)
+        )
         response[active, step] = torch.where(ended, pad_id, tok)
         ended = ended | torch.isin(tok, stops)
         n_steps = step + 1
@@ -263,38 +280,39 @@ def sample_responses(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
+    split_groups: int = 0,
 ) -> list[dict[str, Any]]:
-    """Ancestral samples (see `generate`) for text prompts, seeded.
+    """Ancestral samples (see `generate`) for text prompts, each on its own random stream
+    (`seed`, its position in `prompts`), so the draws do not depend on `batch_size`. With
+    `split_groups` g > 0 under torchrun (every rank calls), each rank samples its share of the
+    groups of g consecutive prompts and every rank returns the whole list one process draws.
 
     Returns `{"prompt", "response", "ended_with_eos", "n_tokens"}` per prompt.
     """
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    g = max(1, split_groups)
+    n_groups = -(-len(prompts) // g)
+    groups = shard(n_groups) if split_groups else range(n_groups)
+    rows = [i for j in groups for i in range(j * g, min((j + 1) * g, len(prompts)))]
     out: list[dict[str, Any]] = []
-    bar = Progress(len(prompts), "sampling: prompts")
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        g = generate(
+    bar = Progress(len(rows), "sampling: prompts")
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        gen = generate(
             model,
-            [template.prompt_ids(p) for p in chunk],
+            [template.prompt_ids(prompts[i]) for i in chunk],
             max_new_tokens=max_new_tokens,
             eos_id=template.stop_ids,
             pad_id=template.pad_id,
             temperature=temperature,
-            generator=gen,
+            row_keys=stream_keys(seed, torch.tensor(chunk)),
         )
-        lengths = g.lengths.tolist()
-        for p, row, ended, n in zip(
-            chunk, g.response.tolist(), g.ended.tolist(), lengths, strict=True
-        ):
-            out.append(
-                {
-                    "prompt": p,
-                    "response": template.decode(row[:n]),
-                    "ended_with_eos": ended,
-                    "n_tokens": n,
-                }
-            )
+        lengths, ended = gen.lengths.tolist(), gen.ended.tolist()
+        for i, row, e, n in zip(chunk, gen.response.tolist(), ended, lengths, strict=True):
+            text = template.decode(row[:n])
+            out.append({"prompt": prompts[i], "response": text, "ended_with_eos": e, "n_tokens": n})
         bar.update(len(chunk))
     bar.close()
-    return out
+    if not split_groups:
+        return out
+    mine = [out[k * g : (k + 1) * g] for k in range(len(groups))]
+    return [s for group in gather_shards(mine, n_groups) for s in group]

@@ -20,8 +20,10 @@ from transformers import PreTrainedModel
 from lmpipe.batches import IGNORE, Batch, Example, PairBatches, Parts, TokenWindows
 from lmpipe.compress.prune import Importance, shrink, spread_layers, top_k
 from lmpipe.config import CompressParams, ModelParams, ParamsError
+from lmpipe.dist import gather_shards, shard
 from lmpipe.model import build_model, ff_width
 from lmpipe.sampling import generate
+from lmpipe.streams import stream_keys
 
 
 def kd_loss_sum(
@@ -83,14 +85,17 @@ def teacher_examples(
     eos_id: int | Sequence[int],
     pad_id: int,
     temperature: float,
-    generator: torch.Generator,
+    seed: int,
     batch_size: int = 128,
 ) -> list[Example]:
     """One teacher sample per prompt as a training example: targets on the response (and EOS
-    when the teacher stopped), none on the prompt."""
+    when the teacher stopped), none on the prompt. Each prompt samples on its own stream (seed,
+    its position); under torchrun every rank calls, samples its share and gets every example."""
+    mine = shard(len(prompts))
     out: list[Example] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+    for start in range(0, len(mine), batch_size):
+        rows = mine[start : start + batch_size]
+        chunk = [prompts[i] for i in rows]
         g = generate(
             teacher,
             chunk,
@@ -98,13 +103,13 @@ def teacher_examples(
             eos_id=eos_id,
             pad_id=pad_id,
             temperature=temperature,
-            generator=generator,
+            row_keys=stream_keys(seed, torch.tensor(rows)),
         )
         for p, row, n in zip(chunk, g.response.tolist(), g.lengths.tolist(), strict=True):
             seq = [*p, *row[:n]]
             labels = [IGNORE] * (len(p) - 1) + row[:n]
             out.append(Example(seq[:-1], labels))
-    return out
+    return gather_shards(out, len(prompts))
 
 
 class MixedBatches:

@@ -97,8 +97,7 @@ def training_data(
         [r["prompt"] for r in rows], context, cfg.max_new_tokens, cfg.teacher_samples
     )
     t0 = time.perf_counter()
-    device = next(teacher.parameters()).device
-    # every process draws the same teacher samples (same seed); training is what is split
+    # each process samples its share of the prompts and gathers the rest: one process's list
     examples = (
         teacher_examples(
             teacher,
@@ -107,7 +106,7 @@ def training_data(
             eos_id=template.stop_ids,
             pad_id=template.pad_id,
             temperature=1.0,
-            generator=torch.Generator(device=device).manual_seed(seed),
+            seed=seed,
         )
         if cfg.teacher_samples
         else []

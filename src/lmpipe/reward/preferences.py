@@ -36,14 +36,15 @@ def sample_and_label(
     batch_size: int = 256,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """k ancestral samples per prompt, scored by `gold`, every pair labelled by the noisy
-    Bradley–Terry labeller. Responses cut at the length limit (no EOS) and duplicates are left
-    out of pairs: RL never asks the reward model about a response without EOS.
+    Bradley–Terry labeller. Under torchrun every rank calls it: each samples its share of the
+    prompts and gets every sample. Responses cut at the length limit (no EOS) and duplicates
+    are left out of pairs: RL never asks the reward model about a response without EOS.
 
     Returns (samples, pairs); pairs carry the texts, both gold scores and the labeller's p.
     """
     repeated = [p for p in prompts for _ in range(k)]
     samples = sample_responses(
-        model, template, repeated, max_new_tokens, temperature, seed=seed, batch_size=batch_size
+        model, template, repeated, max_new_tokens, temperature, seed, batch_size, split_groups=k
     )
     ended = [s for s in samples if s["ended_with_eos"]]
     scores = gold([s["prompt"] for s in ended], [s["response"] for s in ended])
@@ -98,8 +99,8 @@ def labelled_samples(
     bf16: bool,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """`sample_and_label` on the first `preference.prompts` prompts, in bf16 if `bf16`; the
-    pairs and how the samples came out. Every process draws the same samples (same seed): the
-    pairs, and so the training data, are those of one process."""
+    pairs and how the samples came out. Each process samples its share of the prompts and
+    gathers the rest: the pairs, and so the training data, are those of one process."""
     samples, pairs = sample_and_label(
         sft.to(torch.bfloat16) if bf16 else sft,
         template,

@@ -1,9 +1,10 @@
 """What PPO, RLOO and DPG share: the rollout batch they update on, what an update returns, and
 the learner (policy, optional critic, optimiser, precision, and the split of passes across ranks).
 
-Under torchrun every rank holds the whole rollout and the same weights; the passes are split by
-prompt groups and their results (and gradients) summed across ranks, so every rank takes the
-step one process would.
+Under torchrun each rank samples its share of the prompt groups and every rank then holds the
+whole rollout (`RLTrainer.rollout`) and the same weights; the passes are split by prompt groups
+and their results (and gradients) summed across ranks, so every rank takes the step one process
+would.
 """
 
 from __future__ import annotations

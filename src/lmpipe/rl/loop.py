@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lmpipe.config import RLParams
+from lmpipe.dist import gather_shards, shard
 from lmpipe.logprobs import response_logprobs
 from lmpipe.progress import Progress
 from lmpipe.rl import core
@@ -27,15 +28,17 @@ from lmpipe.rl.learner import Learner, Rollout, Update, all_sum_, split_rows
 from lmpipe.rl.ppo import PPO
 from lmpipe.rl.rloo import RLOO
 from lmpipe.rl.rollout import ValueModel, disable_dropout
-from lmpipe.sampling import Generation, generate
+from lmpipe.sampling import Generation, generate, pack
 from lmpipe.scoring import ScoreFn, score_generation
+from lmpipe.streams import stream_keys
 
 log = logging.getLogger("rl")
 
 
 class RLTrainer:
     """Holds the learner (policy, critic, optimiser), the reference, the algorithm, the β
-    controller and the RNG state of prompt order and sampling."""
+    controller and the RNG state of prompt order (sampling draws from per-row streams keyed by
+    the seed and the step)."""
 
     def __init__(
         self,
@@ -65,7 +68,7 @@ class RLTrainer:
         self.kl_ctl = core.AdaptiveKL(
             cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon
         )
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed  # with the step, the prompt's position and the sample's: a row's stream
         self.order_rng = np.random.default_rng(seed)
         self.order: list[int] = []
         self.pos = 0
@@ -130,26 +133,12 @@ class RLTrainer:
         """k samples of the algorithm's sampler for each of the step's prompts, scored, with
         the sampler's (unless the algorithm computes them itself), the reference's and the
         critic's passes over the algorithm's row chunks."""
-        cfg, learner = self.cfg, self.learner
+        cfg, k = self.cfg, self.cfg.samples_per_prompt
         picked = self._next_prompts(min(cfg.prompts_per_step, len(self.prompts)))
-        index = torch.tensor([i for i in picked for _ in range(cfg.samples_per_prompt)])
-        prompts = [self.prompts[i] for i in index.tolist()]
-        sampler = self.algo.sampler
-        t0 = time.perf_counter()
-        with learner.amp():  # sample from the distribution the log-prob passes compute
-            gen = generate(
-                sampler,
-                prompts,
-                max_new_tokens=cfg.max_new_tokens,
-                eos_id=self.eos_id,
-                pad_id=self.pad_id,
-                temperature=cfg.temperature,
-                generator=self.generator,
-            )
-        seconds_generate = time.perf_counter() - t0
-        scores, proxy = score_generation(gen, prompts, self.score_fn, cfg.missing_eos_penalty)
-        chunks = split_rows(self.algo.row_order(len(prompts)), cfg.minibatch_size)
-        logp, ent, ref_logp, values = self._passes(gen, sampler, chunks)
+        index = torch.tensor([i for i in picked for _ in range(k)])
+        gen, scores, proxy, gold, seconds_generate = self._sample(picked)
+        chunks = split_rows(self.algo.row_order(len(index)), cfg.minibatch_size)
+        logp, ent, ref_logp, values = self._passes(gen, self.algo.sampler, chunks)
         return Rollout(
             gen,
             index,
@@ -160,10 +149,51 @@ class RLTrainer:
             ent,
             values,
             chunks,
-            self._gold(gen, index),
+            gold,
             seconds_generate,
             self.step,
         )
+
+    def _sample(
+        self, picked: list[int]
+    ) -> tuple[Generation, torch.Tensor, torch.Tensor, np.ndarray | None, float]:
+        """(samples, scores, proxy, gold, seconds sampling) of the step's prompts: each rank
+        samples and scores its share of the prompt groups, each row on its own random stream
+        (seed, step, the prompt's position in the step, the sample's index), and the ranks
+        gather the rows in the batch's order, so every rank holds what one process draws."""
+        cfg, k = self.cfg, self.cfg.samples_per_prompt
+        mine, groups, seconds = shard(len(picked)), [], 0.0
+        if mine:
+            pos = torch.tensor(mine).repeat_interleave(k)
+            prompts = [self.prompts[picked[p]] for p in pos.tolist()]
+            keys = stream_keys(self.seed, self.step, pos, torch.arange(k).repeat(len(mine)))
+            t0 = time.perf_counter()
+            with self.learner.amp():  # sample from the distribution the log-prob passes compute
+                gen = generate(
+                    self.algo.sampler,
+                    prompts,
+                    max_new_tokens=cfg.max_new_tokens,
+                    eos_id=self.eos_id,
+                    pad_id=self.pad_id,
+                    temperature=cfg.temperature,
+                    row_keys=keys,
+                )
+            seconds = time.perf_counter() - t0
+            scores, proxy = score_generation(gen, prompts, self.score_fn, cfg.missing_eos_penalty)
+            lengths = gen.lengths.tolist()
+            responses = [r[:n] for r, n in zip(gen.response.tolist(), lengths, strict=True)]
+            gold = [None] * len(responses)
+            if self.gold_fn is not None:
+                gold = self.gold_fn([picked[p] for p in pos.tolist()], responses).tolist()
+            columns = (responses, gen.ended.tolist(), scores.tolist(), proxy.tolist(), gold)
+            rows = list(zip(*columns, strict=True))
+            groups = [rows[g * k : (g + 1) * k] for g in range(len(mine))]
+        rows = [row for group in gather_shards(groups, len(picked)) for row in group]
+        responses, ended, scores, proxy, gold = zip(*rows, strict=True)
+        prompts = [self.prompts[i] for i in picked for _ in range(k)]
+        gen = pack(prompts, responses, ended, self.pad_id, self.device)
+        gold = np.asarray(gold, dtype=np.float64) if self.gold_fn is not None else None
+        return gen, torch.tensor(scores), torch.tensor(proxy), gold, seconds
 
     def _passes(
         self, gen: Generation, sampler: torch.nn.Module, chunks: list[torch.Tensor]
@@ -192,14 +222,6 @@ class RLTrainer:
             if x is not None:
                 all_sum_(x)
         return logp, ent, ref_logp, values
-
-    def _gold(self, gen: Generation, index: torch.Tensor) -> np.ndarray | None:
-        if self.gold_fn is None:
-            return None
-        lengths = gen.lengths.tolist()
-        resp = gen.response.cpu()
-        responses = [resp[i, : lengths[i]].tolist() for i in range(len(lengths))]
-        return self.gold_fn(index.tolist(), responses)
 
     # ----------------------------------------------------------------------- metrics
 
@@ -235,7 +257,6 @@ class RLTrainer:
             "policy": self.policy.state_dict(),
             "optimizer": self.opt.state_dict(),
             "beta": self.kl_ctl.beta,
-            "generator": self.generator.get_state(),
             "order_rng": self.order_rng.bit_generator.state,
             "order": self.order,
             "pos": self.pos,
@@ -248,7 +269,6 @@ class RLTrainer:
         self.algo.load_state_dict(s)
         self.opt.load_state_dict(s["optimizer"])
         self.kl_ctl.beta = s["beta"]
-        self.generator.set_state(s["generator"])
         self.order_rng.bit_generator.state = s["order_rng"]
         self.order, self.pos, self.step = list(s["order"]), s["pos"], s["step"]
 
