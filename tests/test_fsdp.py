@@ -1,0 +1,134 @@
+"""FSDP2 sharding (`sharding: fsdp`) on CPU with gloo: two sharded processes train like one
+process at the same global batch, save the same model folder, and resume on any number of
+processes."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lmpipe import shard
+from lmpipe.batches import TokenWindows
+from lmpipe.checkpoints import CheckpointStore
+from lmpipe.config import PretrainParams
+from lmpipe.train import train
+from test_train import tiny_model
+
+GLOBAL_BATCH = 8
+TOKENS = np.random.default_rng(0).integers(3, 50, 4000).astype(np.int64)
+
+
+def cfg(**kw) -> PretrainParams:
+    base = dict(
+        max_steps=4,
+        warmup_steps=1,
+        batch_size=GLOBAL_BATCH,
+        eval_every=2,
+        log_every=1,
+        checkpoint_every=2,
+        precision="fp32",
+        lr=3e-3,
+        sharding="fsdp",
+    )
+    return PretrainParams(**{**base, **kw})
+
+
+def fit(rank: int, world: int, store: CheckpointStore, stop_after=None, **kw):
+    torch.manual_seed(0)
+    model = tiny_model(0)
+    c = cfg(batch_size=GLOBAL_BATCH // world, **kw)
+    source = TokenWindows(TOKENS, 16, c.batch_size, 0, rank, world)
+    val = TokenWindows(TOKENS, 16, GLOBAL_BATCH, 0).fixed_batches(2)
+    result = train(model, source, c, val_batches=val, checkpoints=store, stop_after=stop_after)
+    return model, result
+
+
+def worker(rank: int, world: int, init: str, tmp: str, kw: dict) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        store = CheckpointStore(Path(tmp) / "ck")
+        stop = kw.pop("stop_after", None)
+        model, result = fit(rank, world, store, stop, **kw)
+        plain = all(not isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
+        torch.save(
+            {
+                "state": model.state_dict(),
+                "history": result.history,
+                "plain": plain,
+                "device": str(next(model.parameters()).device),
+            },
+            f"{tmp}/rank{rank}.pt",
+        )
+        if rank == 0:
+            model.save_pretrained(f"{tmp}/saved", safe_serialization=True)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def spawn(tmp_path, monkeypatch, **kw) -> list[dict]:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the two workers on a shared machine
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(worker, args=(2, init, str(tmp_path), kw), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+def test_two_sharded_processes_train_like_one_and_save_the_same_folder(tmp_path, monkeypatch):
+    one, one_result = fit(0, 1, CheckpointStore(tmp_path / "one-ck"), keep_best=True)
+    one.save_pretrained(tmp_path / "one", safe_serialization=True)
+    (tmp_path / "fsdp").mkdir()
+    ranks = spawn(tmp_path / "fsdp", monkeypatch, keep_best=True)
+    for r in ranks:  # every rank ends with the whole model, a plain module on its device
+        assert r["plain"] and r["device"] == "cpu"
+        for key, value in one.state_dict().items():
+            torch.testing.assert_close(r["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    losses = [
+        [h.get("train/loss") for h in run] for run in (ranks[0]["history"], one_result.history)
+    ]
+    np.testing.assert_allclose(*losses, rtol=1e-4)
+    # the saved folder: the same tensors under the same names, loadable with transformers
+    a, b = (
+        load_file(tmp_path / "fsdp/saved/model.safetensors"),
+        load_file(tmp_path / "one/model.safetensors"),
+    )
+    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {
+        k: (v.shape, v.dtype) for k, v in b.items()
+    }
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp/saved")
+    torch.testing.assert_close(
+        loaded.state_dict()["model.norm.weight"],
+        one.state_dict()["model.norm.weight"],
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    # the checkpoint holds the whole state under the model's own names, on rank 0
+    ck = torch.load(tmp_path / "fsdp/ck/checkpoint.pt", weights_only=True)
+    assert set(ck["model"]) == set(one.state_dict())
+    assert ck["step"] == 4
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process(tmp_path, monkeypatch):
+    spawn(tmp_path, monkeypatch, stop_after=2)
+    store = CheckpointStore(tmp_path / "ck")
+    assert torch.load(store.path, weights_only=True)["step"] == 2
+    resumed, result = fit(0, 1, store)
+    assert result.resumed_from == 2
+    straight, _ = fit(0, 1, CheckpointStore(tmp_path / "straight"))
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_blocks_are_the_models_own_unit():
+    assert shard.block_classes(tiny_model(0)) == {"LlamaDecoderLayer"}
+    assert not shard.enabled("fsdp")  # one process, no group: nothing to divide
+
+
+@pytest.mark.parametrize("bad", ["zero3", "FSDP", ""])
+def test_sharding_is_none_or_fsdp(bad):
+    from lmpipe.config import ParamsError, parse_section
+
+    with pytest.raises(ParamsError, match="sharding"):
+        parse_section("sft", {"sharding": bad})
