@@ -132,3 +132,48 @@ def test_sharding_is_none_or_fsdp(bad):
 
     with pytest.raises(ParamsError, match="sharding"):
         parse_section("sft", {"sharding": bad})
+
+
+RL_KEYS = ("rl/score", "rl/kl", "rl/entropy", "rl/policy_loss", "rl/value_loss", "rl/grad_norm")
+
+
+def rl_steps(algo: str, **kw):
+    from test_rl_toy import make_models, trainer
+
+    torch.manual_seed(0)
+    policy, ref = make_models()
+    # 2 prompts x 4 samples; a minibatch of 8 gives each of 2 ranks one prompt group
+    t = trainer(algo, policy, ref, samples_per_prompt=4, minibatch_size=8, ppo={"epochs": 2}, **kw)
+    metrics = [t.train_step() for _ in range(3)]
+    return t, metrics
+
+
+def rl_worker(rank: int, world: int, init: str, algo: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        t, metrics = rl_steps(algo, sharding="fsdp")
+        state = t.state_dict()  # every rank: the optimizer's state is gathered to rank 0
+        if rank == 0:
+            torch.save({"trainer": state, "metrics": metrics}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("algo", ["ppo", "rloo"])
+def test_rl_two_sharded_processes_take_the_steps_of_one(algo, tmp_path, monkeypatch):
+    one, one_metrics = rl_steps(algo)
+    out = tmp_path / "fsdp.pt"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(rl_worker, args=(2, init, algo, str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=False)
+    for key, value in one.policy.state_dict().items():
+        torch.testing.assert_close(got["trainer"]["policy"][key], value, rtol=1e-4, atol=1e-5)
+    for a, b in zip(got["metrics"], one_metrics, strict=True):
+        for key in RL_KEYS:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    # the sharded run's checkpoint resumes in one process (with sharding: fsdp, names as keys)
+    resumed, _ = rl_steps(algo, sharding="fsdp")
+    resumed.load_state_dict(got["trainer"])
+    assert resumed.step == 3

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -82,6 +82,16 @@ def twin(
             fully_shard(m, mesh=mesh, mp_policy=policy)
     fully_shard(root, mesh=mesh, mp_policy=policy)
     return root
+
+
+def sum_gradients(root: torch.nn.Module) -> None:
+    """Reduce gradients by sum rather than FSDP's mean over ranks (for losses each rank
+    already weights to its share of the whole batch), with a plain sum (gloo has no
+    pre-multiplied one)."""
+    for m in root.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
