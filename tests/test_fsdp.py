@@ -177,3 +177,53 @@ def test_rl_two_sharded_processes_take_the_steps_of_one(algo, tmp_path, monkeypa
     resumed, _ = rl_steps(algo, sharding="fsdp")
     resumed.load_state_dict(got["trainer"])
     assert resumed.step == 3
+
+
+def placed_rollout(ref_device: str, policy_device: str = "cpu"):
+    from lmpipe.dist import place
+    from test_rl_toy import make_models, trainer
+
+    torch.manual_seed(0)
+    policy, ref = make_models()
+    device = torch.device(policy_device)
+    ref = ref.to(place("rl.reference_device", ref_device, device))
+    t = trainer("ppo", policy.to(device), ref, samples_per_prompt=4, minibatch_size=8)
+    return t.rollout()
+
+
+def test_a_reference_placed_apart_gives_the_same_rollout():
+    """On this CPU the reference's own device is the policy's: the pass that moves a batch to
+    another device and back (`lmpipe.logprobs._elsewhere`) is checked against the direct one."""
+    from lmpipe import logprobs
+
+    auto, placed = placed_rollout("auto"), placed_rollout("cpu")
+    torch.testing.assert_close(placed.scores, auto.scores, rtol=0, atol=0)
+    torch.testing.assert_close(placed.ref_logp, auto.ref_logp, rtol=0, atol=0)
+    from test_rl_toy import make_models
+
+    _, ref = make_models()
+    rows = torch.arange(4)
+    direct = logprobs.response_logprobs(ref, auto.gen, rows, 1.0)
+    moved = logprobs._elsewhere(ref, auto.gen, rows, torch.device("cpu"), 1.0, True, True)
+    for a, b in zip(direct, moved, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_placement_on_a_missing_gpu_says_what_to_fix():
+    from lmpipe.config import ParamsError, RLParams
+    from lmpipe.dist import place
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here")
+    with pytest.raises(ParamsError, match="rl.reward_device = 'cuda:1'"):
+        place("rl.reward_device", "cuda:1", torch.device("cpu"))
+    with pytest.raises(ValueError, match="reference_device"):
+        RLParams(reference_device="gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_reference_on_the_cpu_scores_a_cuda_rollout_alike():
+    on_gpu, apart = placed_rollout("auto", "cuda"), placed_rollout("cpu", "cuda")
+    torch.testing.assert_close(apart.scores, on_gpu.scores)
+    torch.testing.assert_close(apart.ref_logp, on_gpu.ref_logp, rtol=1e-4, atol=1e-5)
