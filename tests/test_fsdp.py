@@ -2,6 +2,7 @@
 process at the same global batch, save the same model folder, and resume on any number of
 processes."""
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ from transformers import AutoModelForCausalLM
 from lmpipe import shard
 from lmpipe.batches import TokenWindows
 from lmpipe.checkpoints import CheckpointStore
-from lmpipe.config import PretrainParams
+from lmpipe.config import PretrainParams, RLParams
+from lmpipe.rl.loop import RLTrainer
+from lmpipe.rl.rollout import ValueModel
 from lmpipe.train import train
 from test_train import tiny_model
 
@@ -135,16 +138,36 @@ def test_sharding_is_none_or_fsdp(bad):
 
 
 RL_KEYS = ("rl/score", "rl/kl", "rl/entropy", "rl/policy_loss", "rl/value_loss", "rl/grad_norm")
+RL_KEYS += ("rl/kl_p_pi", "rl/proposal_swaps")
 
 
 def rl_steps(algo: str, **kw):
-    from test_rl_toy import make_models, trainer
+    """Two steps on the toy problem; PPO's critic is mean-pooled (its scalar parameters stay
+    whole under FSDP), DPG swaps its proposal every step."""
+    from test_rl_toy import EOS, PAD, PROMPTS, make_models, score_fn
 
     torch.manual_seed(0)
     policy, ref = make_models()
     # 2 prompts x 4 samples; a minibatch of 8 gives each of 2 ranks one prompt group
-    t = trainer(algo, policy, ref, samples_per_prompt=4, minibatch_size=8, ppo={"epochs": 2}, **kw)
-    metrics = [t.train_step() for _ in range(3)]
+    cfg = RLParams(
+        algo=algo,
+        prompts_per_step=2,
+        samples_per_prompt=4,
+        minibatch_size=8,
+        max_new_tokens=3,
+        precision="fp32",
+        ppo={"epochs": 2},
+        dpg={"swap_every": 1},
+        **kw,
+    )
+    value = None
+    if algo == "ppo":
+        head = torch.nn.Linear(policy.config.hidden_size, 1)
+        value = ValueModel(copy.deepcopy(policy.base_model), head, "mean")
+    t = RLTrainer(
+        policy, ref, cfg, PROMPTS, score_fn, eos_id=EOS, pad_id=PAD, seed=0, value_model=value
+    )
+    metrics = [t.train_step() for _ in range(2)]
     return t, metrics
 
 
@@ -159,7 +182,7 @@ def rl_worker(rank: int, world: int, init: str, algo: str, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("algo", ["ppo", "rloo"])
+@pytest.mark.parametrize("algo", ["ppo", "rloo", "dpg"])
 def test_rl_two_sharded_processes_take_the_steps_of_one(algo, tmp_path, monkeypatch):
     one, one_metrics = rl_steps(algo)
     out = tmp_path / "fsdp.pt"
@@ -176,7 +199,7 @@ def test_rl_two_sharded_processes_take_the_steps_of_one(algo, tmp_path, monkeypa
     # the sharded run's checkpoint resumes in one process (with sharding: fsdp, names as keys)
     resumed, _ = rl_steps(algo, sharding="fsdp")
     resumed.load_state_dict(got["trainer"])
-    assert resumed.step == 3
+    assert resumed.step == 2
 
 
 def placed_rollout(ref_device: str, policy_device: str = "cpu"):

@@ -60,8 +60,10 @@ def twin(
     """A sharded copy of `model` (inside `wrap(copy)` when given, so that the root FSDP hooks
     run around a forward that reads the model's parts directly): blocks first, then the root.
     With `bf16_params` the blocks compute in bf16 and reduce gradients in fp32. The copy
-    starts from `model`'s tensors; `model` keeps them."""
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    starts from `model`'s tensors; `model` keeps them. Scalar parameters, which FSDP cannot
+    shard, stay whole on every rank (`sync_whole_grads` sums their gradients)."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    shared = {id(t): t for t in tensors if t.dim() > 0}  # scalars: copies of their own
     module = copy.deepcopy(model, shared)
     root = wrap(module) if wrap is not None else module
     device = next(model.parameters()).device
@@ -77,11 +79,26 @@ def twin(
             f"{type(model).__name__} names no transformer blocks (`_no_split_modules`): "
             "sharding needs a transformers model; use sharding: none"
         )
+    scalars = {p for p in root.parameters() if p.dim() == 0}
     for m in list(root.modules()):
         if type(m).__name__ in blocks:
-            fully_shard(m, mesh=mesh, mp_policy=policy)
-    fully_shard(root, mesh=mesh, mp_policy=policy)
+            fully_shard(m, mesh=mesh, mp_policy=policy, ignored_params=scalars)
+    fully_shard(root, mesh=mesh, mp_policy=policy, ignored_params=scalars)
     return root
+
+
+def sync_whole_grads(root: torch.nn.Module, average: bool) -> None:
+    """Sum (or `average`) across ranks the gradients of the parameters FSDP left whole, as it
+    reduces those of the sharded ones."""
+    grads = [
+        p.grad
+        for p in root.parameters()
+        if p.grad is not None and not isinstance(p, DTensor) and not isinstance(p.grad, DTensor)
+    ]
+    for g in grads:
+        torch.distributed.all_reduce(g)
+        if average:
+            g.div_(torch.distributed.get_world_size())
 
 
 def sum_gradients(root: torch.nn.Module) -> None:

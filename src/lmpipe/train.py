@@ -230,6 +230,8 @@ def train(
                 f"{prefix} loss is {loss_mean} at step {step} (lr {lr:.3g}). Try a lower lr, "
                 "more warmup_steps, grad_clip: 1.0, or precision: fp32."
             )
+        if sharded:
+            shard.sync_whole_grads(trained, average=True)
         grad_norm = (
             float(torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip))
             if cfg.grad_clip

@@ -194,7 +194,12 @@ class Learner:
     def _sync_grads(self) -> None:
         """Sum the ranks' gradients (each rank's loss is its share of the whole minibatch's),
         so every rank takes the step one process would."""
-        if self.world == 1 or self.sharded:  # FSDP reduce-scattered them in the backward
+        if self.world == 1:
+            return
+        if self.sharded:  # FSDP reduce-scattered the sharded ones in the backward
+            for net in (self.policy_net, self.value_net):
+                if net is not None:
+                    shard.sync_whole_grads(net, average=False)
             return
         params = [p for g in self.opt.param_groups for p in g["params"] if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
