@@ -29,6 +29,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from lmpipe.config import ParamsError
+
 FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 """Checkpoints: the whole state gathered to rank 0's host memory (other ranks get nothing)."""
 
@@ -40,7 +42,8 @@ def enabled(sharding: str) -> bool:
     """`sharding: fsdp` in a process group of more than one rank (one process has nothing to
     divide: it trains as without)."""
     dist = torch.distributed
-    return sharding == "fsdp" and dist.is_initialized() and dist.get_world_size() > 1
+    group = dist.is_available() and dist.is_initialized()
+    return sharding == "fsdp" and group and dist.get_world_size() > 1
 
 
 def block_classes(model: torch.nn.Module) -> set[str]:
@@ -75,7 +78,7 @@ def twin(
     )
     blocks = block_classes(model)
     if not blocks:
-        raise ValueError(
+        raise ParamsError(
             f"{type(model).__name__} names no transformer blocks (`_no_split_modules`): "
             "sharding needs a transformers model; use sharding: none"
         )
