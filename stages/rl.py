@@ -70,6 +70,16 @@ def value_model(
     return ValueModel.zero_head(policy).to(device)
 
 
+def frozen_models(
+    args: argparse.Namespace, cfg: RLParams, device: torch.device
+) -> tuple[torch.nn.Module, RewardModel]:
+    """The reference (the SFT model) and the reward model, where `rl.reference_device` and
+    `rl.reward_device` place them (auto: the policy's device)."""
+    ref = load_model(args.sft, dist.place("rl.reference_device", cfg.reference_device, device))
+    rm_device = dist.place("rl.reward_device", cfg.reward_device, device)
+    return ref, RewardModel.load(args.reward, rm_device)
+
+
 def scorers(
     rm: RewardModel, gold: Callable, template: ChatTemplate, train_text: list[str]
 ) -> tuple[ScoreFn, Callable]:
@@ -137,8 +147,8 @@ def main() -> None:
     run = stage_run("rl", params, params.tracking, inputs)
     with run if info.is_main else contextlib.nullcontext(NullTracker()) as tracker:
         template = load_template(args.data)
-        policy, ref = load_model(args.sft, device), load_model(args.sft, device)
-        rm = RewardModel.load(args.reward, device)
+        policy = load_model(args.sft, device)
+        ref, rm = frozen_models(args, cfg, device)
         prompts = args.data / "prompts"
         train_text, train_ids = fitting_prompts(
             prompts / "rl.jsonl", template, cfg, context_length(policy), 10**9
@@ -179,7 +189,7 @@ def main() -> None:
         )
         # π₀ on the eval prompts: log Z (N per prompt) and the "init" row; rank 0's job
         if info.is_main:
-            gen = torch.Generator(device=device).manual_seed(params.seed + 1)
+            gen = torch.Generator(device=ref.device).manual_seed(params.seed + 1)
             init, best_of = R.evaluate_reference(ref, ev, cfg, gen)
 
         store = checkpoint_store(args.cache, "rl", stage.checkpoint_key(params, inputs))

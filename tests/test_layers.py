@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lmpipe.progress",
             "lmpipe.sampling",
             "lmpipe.scoring",
+            "lmpipe.shard",
             "lmpipe.stats",
             "lmpipe.streams",
         ),

@@ -149,3 +149,34 @@ def test_rl_under_torchrun_matches_one_process_and_only_rank_0_writes(tiny_repo,
         b = [float(r[key]) for r in one_rows]
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5, err_msg=key)
     assert ddp["gold_reward"]["final"] == pytest.approx(one["gold_reward"]["final"], abs=0.02)
+
+
+def test_rl_sharded_under_torchrun_matches_one_process(tiny_repo, tmp_path):
+    import yaml
+
+    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
+    params["rl"].update({"precision": "fp32", "sharding": "fsdp", "steps": 3})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    def rl(name, **env):
+        out = tmp_path / name
+        cmd = ["python", "stages/rl.py", "--params", str(tmp_path / "params.yaml")]
+        cmd += ["--sft", "models/sft", "--reward", "models/reward", "--data", "data/prepared"]
+        cmd += ["--out", str(out / "rl"), "--report", str(out / "rl.json")]
+        cmd += ["--plots", str(out / "rl.csv"), "--cache", str(out / "cache")]
+        res, _ = run_in_own_store(cmd, tiny_repo, tmp_path / f"{name}.db", **env)
+        with (out / "rl.csv").open() as f:
+            return res, json.loads((out / "rl.json").read_text()), list(csv.DictReader(f))
+
+    res, sharded, sharded_rows = rl("fsdp", LMPIPE_NPROC="2", LMPIPE_LOG_LEVEL="INFO")
+    assert "torchrun --nproc_per_node=2 --standalone stages/rl.py" in res.stderr
+    _, one, one_rows = rl("one")
+    assert sharded["world_size"] == 2 and one["world_size"] == 1
+    assert len(sharded_rows) == len(one_rows) == 3
+    for key in ("rl/score", "rl/kl", "rl/policy_loss", "rl/value_loss"):
+        a = [float(r[key]) for r in sharded_rows]
+        b = [float(r[key]) for r in one_rows]
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5, err_msg=key)
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "rl").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one" / "rl").iterdir()
+    )

@@ -206,6 +206,46 @@ def test_torchrun_two_processes_match_one_process(tiny_repo, tmp_path):
     np.testing.assert_allclose([v for _, v in ddp], [v for _, v in one], rtol=2e-4)
 
 
+def test_torchrun_sharded_pretrain_matches_one_process_and_saves_the_same_folder(
+    tiny_repo, tmp_path
+):
+    from safetensors.torch import load_file
+
+    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
+    params["pretrain"].update(
+        {"max_steps": 6, "eval_every": 6, "log_every": 1, "checkpoint_every": 3}
+    )
+    params["pretrain"].update({"sharding": "fsdp", "precision": "fp32", "batch_size": 4})
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(params))
+    params["pretrain"]["batch_size"] = 8
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(params))
+
+    def pretrain(name, **env):
+        cmd = ["python", "stages/pretrain.py", "--params", str(tmp_path / f"{name}.yaml")]
+        cmd += ["--data", "data/prepared", "--report", str(tmp_path / f"{name}.json")]
+        cmd += ["--out", str(tmp_path / name), "--plots", str(tmp_path / f"{name}.csv")]
+        cmd += ["--cache", str(tmp_path / "cache" / name)]
+        return run(cmd, tiny_repo, timeout=600, extra_env=env)
+
+    res = pretrain("fsdp", LMPIPE_NPROC="2", LMPIPE_LOG_LEVEL="INFO")
+    assert "torchrun --nproc_per_node=2 --standalone stages/pretrain.py" in res.stderr
+    pretrain("one")
+    assert report_at(tmp_path / "fsdp.json")["world_size"] == 2
+    sharded, one = curve(tmp_path / "fsdp.csv"), curve(tmp_path / "one.csv")
+    np.testing.assert_allclose([v for _, v in sharded], [v for _, v in one], rtol=2e-4)
+    # the same folder: files, tensor names, shapes and dtypes, and weights up to float order
+    assert sorted(p.name for p in (tmp_path / "fsdp").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir()
+    )
+    a = load_file(tmp_path / "fsdp" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "model.safetensors")
+    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {
+        k: (v.shape, v.dtype) for k, v in b.items()
+    }
+    for k, v in b.items():
+        np.testing.assert_allclose(a[k].numpy(), v.numpy(), rtol=1e-3, atol=1e-5, err_msg=k)
+
+
 def report_at(path):
     return json.loads(path.read_text())
 

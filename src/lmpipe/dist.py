@@ -50,6 +50,24 @@ def setup(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
     return DistInfo(rank, world, local), device
 
 
+def place(key: str, device_name: str, default: torch.device) -> torch.device:
+    """A frozen model's device (param `key`: `rl.reference_device`, `rl.reward_device`): auto
+    is `default` (the trained model's), else cpu, cuda (this rank's GPU) or cuda:N."""
+    if device_name == "auto":
+        return default
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise ParamsError(
+            f"{key} = {device_name!r} but CUDA is not available here; use auto or cpu"
+        )
+    if device_name.startswith("cuda:") and int(device_name[5:]) >= torch.cuda.device_count():
+        raise ParamsError(
+            f"{key} = {device_name!r} but this machine has {torch.cuda.device_count()} GPU(s)"
+        )
+    if device_name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device_name)
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -214,10 +214,45 @@ def response_logprobs(
     the temperature-scaled distribution the sampler drew from. Every model's pass takes the
     same chunks of positions through `head_logprobs`, so policy and reference take the same
     kernels (a shape-dependent kernel choice once made their log-probs differ in the last
-    bits, and the KL at π = π₀ was not exactly 0)."""
+    bits, and the KL at π = π₀ was not exactly 0). A model placed on another device than the
+    generation (`rl.reference_device`) runs there, in the caller's autocast precision, and
+    its results come back to the generation's device."""
+    here, there = gen.sequences.device, model.get_output_embeddings().weight.device
+    if there != here:
+        return _elsewhere(model, gen, rows, there, temperature, with_entropy, share_prompts)
     hidden = response_states(
         model, gen.sequences[rows], gen.attention_mask[rows], gen.prompt_width, share_prompts
     )
     return head_logprobs(
         hidden, model.get_output_embeddings(), gen.response[rows], temperature, with_entropy
     )
+
+
+def _elsewhere(
+    model: torch.nn.Module,
+    gen: Generation,
+    rows: torch.Tensor | slice,
+    there: torch.device,
+    temperature: float,
+    with_entropy: bool,
+    share_prompts: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    here = gen.sequences.device
+    moved = Generation(
+        gen.sequences[rows].to(there),
+        gen.attention_mask[rows].to(there),
+        gen.prompt_width,
+        gen.response[rows].to(there),
+        gen.response_mask[rows].to(there),
+        gen.ended[rows].to(there),
+    )
+    amp = (
+        torch.autocast(there.type, dtype=torch.get_autocast_dtype(here.type))
+        if torch.is_autocast_enabled(here.type)
+        else contextlib.nullcontext()
+    )
+    with amp:
+        lp, ent = response_logprobs(
+            model, moved, slice(None), temperature, with_entropy, share_prompts
+        )
+    return lp.to(here), (ent.to(here) if ent is not None else None)

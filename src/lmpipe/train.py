@@ -2,15 +2,16 @@
 
 AdamW without decay on norms and biases, linear warmup then cosine decay to a floor, gradient
 clipping, exact gradient accumulation (token-weighted), bf16 autocast, optional torch.compile,
-DDP when launched by torchrun, periodic eval on fixed batches, resumable checkpoints whose batch
-sampler position is part of the state, so a resumed run sees exactly the batches an uninterrupted
-one would. The optimizer and schedule are in `lmpipe.optim`, the checkpoint files in
-`lmpipe.checkpoints`.
+DDP or FSDP (`lmpipe.shard`) when launched by torchrun, periodic eval on fixed batches,
+resumable checkpoints whose batch sampler position is part of the state, so a resumed run sees
+exactly the batches an uninterrupted one would. The optimizer and schedule are in
+`lmpipe.optim`, the checkpoint files in `lmpipe.checkpoints`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from lmpipe import shard
 from lmpipe.batches import IGNORE, Batch, Parts, split_parts
 from lmpipe.checkpoints import CheckpointStore
 from lmpipe.config import TrainParams
@@ -108,7 +110,7 @@ def _all_sum(x: float, device: torch.device) -> float:
 
 
 class LossModule(torch.nn.Module):
-    """`loss_sum(model, batch)` as a module's forward, for DDP to wrap."""
+    """`loss_sum(model, batch)` as a module's forward, for DDP or FSDP to wrap."""
 
     def __init__(self, model: torch.nn.Module, loss_sum: Callable) -> None:
         super().__init__()
@@ -151,25 +153,40 @@ def train(
         torch.backends.cudnn.allow_tf32 = True
     set_attention(model, attention_for(device))
     model.train()
-    opt = make_optimizer(model, cfg)
+    state = checkpoints.load() if checkpoints else None
+    if state is not None:  # whole weights in every rank's checkpoint, sharded or not
+        model.load_state_dict(state["model"])
+    sharded = shard.enabled(cfg.sharding)
+    by_name = cfg.sharding == "fsdp"  # its checkpoints resume on any number of processes
     net: torch.nn.Module = model
-    if world > 1:
+    if sharded:
+        # the loss inside the root's forward, as for DDP; bf16 weights in the blocks on CUDA
+        wrap = functools.partial(LossModule, loss_sum=loss_sum)
+        net = shard.twin(model, wrap, bf16 and device.type == "cuda")
+        model.to("cpu")  # the whole model waits in host memory while its shards train
+    elif world > 1:
         # DDP syncs gradients of what runs inside its forward: the whole loss, so that a loss
         # reading the model's parts (the reward model's pooled head) is synced too
         ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(LossModule(model, loss_sum), device_ids=ids)
+    trained = net if sharded else model  # the parameters the optimizer steps
+    opt = make_optimizer(trained, cfg)
+    inner = net.model if sharded else model  # the model's own names, in the state it saves
     if cfg.compile:
         net = torch.compile(net)
 
     def step_loss(b: Any) -> torch.Tensor:
         return net(b) if world > 1 else loss_sum(net, b)
 
+    def val_loss() -> float:
+        if sharded:  # every rank runs the root's forward in step
+            return evaluate(net, val_batches, device, bf16, lambda m, b: m(b))
+        return evaluate(model, val_batches, device, bf16, loss_sum)
+
     start, history, elapsed, tokens_seen = 0, [], 0.0, 0
     best: dict[str, Any] | None = None  # keep_best: {"step", "loss", "model"} of the best eval
-    state = checkpoints.load() if checkpoints else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        shard.load_optimizer_state(inner, opt, state["optimizer"], by_name)
         source.load_state_dict(state["source"])
         torch.set_rng_state(state["torch_rng"])
         start, history = state["step"], state["history"]
@@ -213,8 +230,10 @@ def train(
                 f"{prefix} loss is {loss_mean} at step {step} (lr {lr:.3g}). Try a lower lr, "
                 "more warmup_steps, grad_clip: 1.0, or precision: fp32."
             )
+        if sharded:
+            shard.sync_whole_grads(trained, average=True)
         grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            float(torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip))
             if cfg.grad_clip
             else float("nan")
         )
@@ -241,10 +260,10 @@ def train(
             window_t0, window_tokens = time.perf_counter(), 0
             bar.fields.update(loss=f"{loss_mean:.3f}", tokens_per_s=f"{tps:,.0f}")
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            last_val = evaluate(model, val_batches, device, bf16, loss_sum)
+            last_val = val_loss()
             row["eval/loss"] = last_val
             if cfg.keep_best and (best is None or last_val < best["loss"]):
-                best = {"step": done, "loss": last_val, "model": _cpu_copy(model)}
+                best = {"step": done, "loss": last_val, "model": _cpu_copy(inner)}
             window_t0 = time.perf_counter()  # eval time is not training throughput
             if rank == 0:
                 log.info(
@@ -262,21 +281,29 @@ def train(
             history.append(row)
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=done)
         bar.update(1)
-        if checkpoints and rank == 0 and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            checkpoints.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "source": source.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "step": done,
-                    "history": history,
-                    "elapsed": elapsed,
-                    "tokens_seen": tokens_seen,
-                    "best": best,
-                }
-            )
+        if checkpoints and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+            # gathered whole to rank 0 when sharded (every rank takes part), so a run resumes
+            # on any number of processes
+            weights = shard.model_state(inner, sharded)
+            optim = shard.optimizer_state(inner, opt, by_name)
+            if rank == 0:
+                checkpoints.save(
+                    {
+                        "model": weights,
+                        "optimizer": optim,
+                        "source": source.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "step": done,
+                        "history": history,
+                        "elapsed": elapsed,
+                        "tokens_seen": tokens_seen,
+                        "best": best,
+                    }
+                )
     bar.close()
+    if sharded:  # every rank ends with the whole trained model, as under DDP
+        shard.copy_back(trained, model, "model.")
+        model.to(device)
     kept = None
     if cfg.keep_best and best is not None and end == cfg.max_steps:
         kept = best["step"]
@@ -299,4 +326,5 @@ def train(
 
 
 def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    """The weights whole on the CPU (a sharded model's gathered: every rank calls it)."""
+    return {k: shard.full(v).detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

@@ -44,6 +44,13 @@ Precision = Annotated[
     Literal["auto", "fp32", "bf16"],
     Field(description="auto: bf16 autocast on CUDA and on AMX or AVX512-BF16 CPUs, else fp32"),
 ]
+Sharding = Annotated[
+    Literal["none", "fsdp"],
+    Field(
+        description="under torchrun: none (DDP, whole model per process) or fsdp (weights, "
+        "gradients and AdamW state split across processes)"
+    ),
+]
 Device = Annotated[
     str,
     AfterValidator(_device),

@@ -8,7 +8,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lmpipe.config.base import CheckpointEvery, Device, EvalEvery, GradClip, Precision, Section
+from lmpipe.config.base import (
+    CheckpointEvery,
+    Device,
+    EvalEvery,
+    GradClip,
+    Precision,
+    Section,
+    Sharding,
+)
 from lmpipe.config.training import TrainParams
 
 
@@ -67,6 +75,7 @@ class CompressParams(Section):
     checkpoint_every: CheckpointEvery = 100
     precision: Precision = "auto"
     device: Device = "auto"
+    sharding: Sharding = "none"
 
     def train_params(self, kind: Literal["distill", "recovery"]) -> TrainParams:
         """The shared loop's settings for the distillation or the pruned model's recovery."""
@@ -82,6 +91,7 @@ class CompressParams(Section):
             checkpoint_every=self.checkpoint_every,
             precision=self.precision,
             device=self.device,
+            sharding=self.sharding,
         )
 
     @model_validator(mode="after")

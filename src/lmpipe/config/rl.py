@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from lmpipe.config.base import CheckpointEvery, Device, GradClip, Section
+from lmpipe.config.base import DEVICE, CheckpointEvery, Device, GradClip, Section, Sharding
 
 
 class PPOParams(Section):
@@ -90,9 +90,31 @@ class RLParams(Section):
         "sampling and diagnostics fp32",
     )
     device: Device = "auto"
+    sharding: Sharding = "none"
+    reference_device: str = Field(
+        "auto", description="the frozen reference's device: auto (the policy's), cpu, cuda:N"
+    )
+    reward_device: str = Field(
+        "auto", description="the reward model's device: auto (the policy's), cpu, cuda:N"
+    )
+
+    @field_validator("reference_device", "reward_device")
+    @classmethod
+    def _placement(cls, v: str) -> str:
+        if not DEVICE.fullmatch(v):
+            raise ValueError("use auto (the policy's device), cpu, cuda or cuda:N")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> RLParams:
         if self.algo in ("rloo", "dpg") and self.samples_per_prompt < 2:
             raise ValueError(f"rl.algo {self.algo!r} needs rl.samples_per_prompt >= 2")
+        if self.sharding == "fsdp" and self.samples_per_prompt < 2:
+            # ranks run their passes in step: each on whole prompt groups, each prompt once
+            raise ValueError("rl.sharding 'fsdp' needs rl.samples_per_prompt >= 2")
+        if self.sharding == "fsdp" and self.minibatch_size % self.samples_per_prompt:
+            raise ValueError(
+                "rl.sharding 'fsdp' needs rl.minibatch_size to be a multiple of "
+                "rl.samples_per_prompt (whole prompt groups per rank)"
+            )
         return self

@@ -17,6 +17,7 @@ from lmpipe.config.base import (
     OptimizerSteps,
     Precision,
     Section,
+    Sharding,
     WarmupSteps,
     WeightDecay,
 )
@@ -45,6 +46,7 @@ class TrainParams(Section):
     precision: Precision = "auto"
     compile: bool = Field(False, description="torch.compile the model")
     device: Device = "auto"
+    sharding: Sharding = "none"
     peak_tflops: float = Field(0.0, ge=0, description="for train/mfu; 0 = known GPU table or none")
 
 

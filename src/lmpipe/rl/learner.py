@@ -4,7 +4,10 @@ the learner (policy, optional critic, optimiser, precision, and the split of pas
 Under torchrun each rank samples its share of the prompt groups and every rank then holds the
 whole rollout (`RLTrainer.rollout`) and the same weights; the passes are split by prompt groups
 and their results (and gradients) summed across ranks, so every rank takes the step one process
-would.
+would. With `rl.sharding: fsdp` the update's passes run through FSDP2 copies of the policy and
+critic (`lmpipe.shard`), each rank holding 1/N of their weights, gradients and AdamW state, and
+after each step the whole weights are gathered into the plain models, which sample, run the
+rollout's passes and are saved.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lmpipe.config import RLParams
+from lmpipe import shard
+from lmpipe.config import ParamsError, RLParams
+from lmpipe.dist import rank_world
 from lmpipe.logprobs import response_logprobs
 from lmpipe.precision import use_bf16
 from lmpipe.rl.rollout import ValueModel, disable_dropout
@@ -60,22 +65,15 @@ def split_rows(order: torch.Tensor, size: int) -> list[torch.Tensor]:
     return list(torch.split(order, size))
 
 
-def world_info() -> tuple[int, int]:
-    """(rank, world size) of the process group torchrun set up, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def all_sum_(t: torch.Tensor) -> torch.Tensor:
     """Sum `t` across ranks in place (each rank filled its own rows, zeros elsewhere)."""
-    if world_info()[1] > 1:
+    if rank_world()[1] > 1:
         torch.distributed.all_reduce(t)
     return t
 
 
 def all_sum(x: float) -> float:
-    if world_info()[1] == 1:
+    if rank_world()[1] == 1:
         return x
     nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
@@ -84,7 +82,33 @@ def all_sum(x: float) -> float:
 
 def all_mean(x: float) -> float:
     """The ranks' mean of a per-rank statistic (each over its share of the minibatches)."""
-    return all_sum(x) / world_info()[1]
+    return all_sum(x) / rank_world()[1]
+
+
+class PolicyPass(torch.nn.Module):
+    """The policy's log-prob pass as a module's forward, so that FSDP's root hooks gather the
+    embeddings and head that `response_logprobs` reads directly."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model, self.temperature = model, temperature
+
+    def forward(
+        self, gen: Generation, rows: torch.Tensor, with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        lp, e = response_logprobs(self.model, gen, rows, self.temperature, with_entropy)
+        return lp.clone(), e  # not a view: FSDP's backward hook sits on what is returned
+
+
+class ValuePass(torch.nn.Module):
+    """The critic's pass as the sharded root's forward (its output not a view)."""
+
+    def __init__(self, model: ValueModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, gen: Generation, rows: torch.Tensor) -> torch.Tensor:
+        return self.model(gen, rows).clone()
 
 
 class Learner:
@@ -96,14 +120,25 @@ class Learner:
         self.policy = disable_dropout(policy).train()
         self.value = value.train() if value is not None else None
         self.device = next(policy.parameters()).device
-        self.rank, self.world = world_info()
+        self.rank, self.world = rank_world()
         # every pass that yields log-probs, values or gradients runs in one precision, so the
         # first minibatch still reproduces the rollout's log-probs exactly (ratio 1, KL 0)
         self.bf16 = use_bf16(cfg.precision, self.device)
-        params = list(self.policy.parameters())
-        if self.value is not None:
-            params += list(self.value.parameters())
+        self.sharded = shard.enabled(cfg.sharding)
+        # the update's passes: sharded copies (fp32 weights under autocast, as the plain
+        # models' rollout passes, so the first minibatch still reproduces them) or the models
+        self.policy_net: torch.nn.Module = PolicyPass(self.policy, cfg.temperature)
+        self.value_net = ValuePass(self.value) if self.value is not None else None
+        if self.sharded:
+            self.policy_net = shard.twin(self.policy, lambda m: PolicyPass(m, cfg.temperature))
+            shard.sum_gradients(self.policy_net)
+            if self.value is not None:
+                self.value_net = shard.twin(self.value, ValuePass)
+                shard.sum_gradients(self.value_net)
+        nets = [n for n in (self.policy_net, self.value_net) if n is not None]
+        self.trained = torch.nn.ModuleList([n.model for n in nets])  # the optimizer's, by name
         kw = dict(lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=0.0)
+        params = list(self.trained.parameters())
         try:
             self.opt = torch.optim.AdamW(params, fused=True, **kw)
         except (RuntimeError, TypeError):
@@ -125,6 +160,13 @@ class Learner:
         if self.world == 1:
             return rows
         k = self.cfg.samples_per_prompt
+        if self.sharded and (len(rows) % k or len(rows) // k % self.world):
+            raise ParamsError(
+                f"rl.sharding 'fsdp' runs every pass on every rank in step: each minibatch "
+                f"needs a multiple of {self.world} prompt groups (here {len(rows) / k:g}); "
+                "make rl.minibatch_size and rl.prompts_per_step × rl.samples_per_prompt "
+                f"multiples of {self.world} × rl.samples_per_prompt"
+            )
         if len(rows) % k:  # a minibatch that cuts a prompt group: single rows
             return rows[self.rank :: self.world]
         return rows.view(-1, k)[self.rank :: self.world].reshape(-1)
@@ -139,7 +181,7 @@ class Learner:
             if not len(r):
                 continue
             with self.amp():
-                lp, e = response_logprobs(self.policy, ro.gen, r, self.cfg.temperature)
+                lp, e = self.policy_net(ro.gen, r, True)
             logp = logp.index_put((r,), lp)
             ent[r] = e
         return logp, all_sum_(ent)
@@ -148,6 +190,11 @@ class Learner:
         """Sum the ranks' gradients (each rank's loss is its share of the whole minibatch's),
         so every rank takes the step one process would."""
         if self.world == 1:
+            return
+        if self.sharded:  # FSDP reduce-scattered the sharded ones in the backward
+            for net in (self.policy_net, self.value_net):
+                if net is not None:
+                    shard.sync_whole_grads(net, average=False)
             return
         params = [p for g in self.opt.param_groups for p in g["params"] if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -165,7 +212,7 @@ class Learner:
         norms before clipping (the critic's NaN without one)."""
         self._sync_grads()
         norms = []
-        for module in (self.policy, self.value):
+        for module in (self.policy_net, self.value_net):
             params = [p for p in module.parameters() if p.grad is not None] if module else []
             if not params or not self.cfg.grad_clip:
                 norms.append(float("nan"))
@@ -173,4 +220,22 @@ class Learner:
             norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.sharded:  # the plain models sample, score the rollout and are saved
+            shard.copy_back(self.policy_net, self.policy, "model.")
+            if self.value is not None:
+                shard.copy_back(self.value_net, self.value, "model.")
         return norms[0], norms[1]
+
+    def optimizer_state(self) -> dict:
+        """AdamW's state for a checkpoint (collective with `rl.sharding: fsdp`: every rank
+        calls it, rank 0 gets the whole state, keyed by parameter name)."""
+        return shard.optimizer_state(self.trained, self.opt, self.cfg.sharding == "fsdp")
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """AdamW's state from a checkpoint, after the plain models' weights were loaded: the
+        sharded copies take those weights first."""
+        if self.sharded:
+            shard.load_model_state(self.policy_net.model, self.policy.state_dict(), True)
+            if self.value is not None:
+                shard.load_model_state(self.value_net.model, self.value.state_dict(), True)
+        shard.load_optimizer_state(self.trained, self.opt, state, self.cfg.sharding == "fsdp")

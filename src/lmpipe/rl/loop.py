@@ -255,7 +255,7 @@ class RLTrainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "policy": self.policy.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            "optimizer": self.learner.optimizer_state(),
             "beta": self.kl_ctl.beta,
             "order_rng": self.order_rng.bit_generator.state,
             "order": self.order,
@@ -267,7 +267,7 @@ class RLTrainer:
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.policy.load_state_dict(s["policy"])
         self.algo.load_state_dict(s)
-        self.opt.load_state_dict(s["optimizer"])
+        self.learner.load_optimizer_state(s["optimizer"])
         self.kl_ctl.beta = s["beta"]
         self.order_rng.bit_generator.state = s["order_rng"]
         self.order, self.pos, self.step = list(s["order"]), s["pos"], s["step"]
@@ -309,14 +309,11 @@ def fit(trainer: RLTrainer, store: Any, tracker: Any, is_main: bool) -> tuple[li
                 m["rl/eos_frac"],
                 m["rl/episodes_per_sec"],
             )
-        if is_main and cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
-            store.save(
-                {
-                    "trainer": trainer.state_dict(),
-                    "history": history,
-                    "elapsed": elapsed,
-                    "gen": gen_seconds,
-                }
-            )
+        if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
+            state = trainer.state_dict()  # every rank: a sharded optimizer is gathered
+            if is_main:
+                store.save(
+                    {"trainer": state, "history": history, "elapsed": elapsed, "gen": gen_seconds}
+                )
     bar.close()
     return history, elapsed, gen_seconds

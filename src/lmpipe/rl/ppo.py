@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from lmpipe.config import RLParams
-from lmpipe.logprobs import response_logprobs
 from lmpipe.rl import core
 from lmpipe.rl.learner import Learner, Rollout, Update, all_mean, all_sum, split_rows
 
@@ -123,8 +122,8 @@ class PPO:
                 "value_grad_norm": norms[1],
             }
         with learner.amp():
-            logp, _ = response_logprobs(learner.policy, ro.gen, rows, self.cfg.temperature, False)
-            v = learner.value(ro.gen, rows)
+            logp, _ = learner.policy_net(ro.gen, rows, False)
+            v = learner.value_net(ro.gen, rows)
         pl = core.ppo_policy_loss(logp, ro.logp[rows], adv[rows], mask[rows], p.clip)
         vl, vclip = core.ppo_value_loss(v, ro.values[rows], returns[rows], mask[rows], p.value_clip)
         if first:

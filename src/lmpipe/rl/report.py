@@ -101,8 +101,12 @@ def evaluate_policy(
     generator: torch.Generator,
 ) -> Evaluation:
     """The policy with `rl.eval_samples` a prompt, and its KL(π‖π*) with log Z from π₀'s
-    samples (`init`) and its own, pooled (the policy rescoring π₀'s)."""
+    samples (`init`) and its own, pooled (the policy rescoring π₀'s). A `generator` of another
+    device than the policy's (π₀ placed apart) gives way to one of the same seed there."""
     t0 = time.perf_counter()
+    device = next(policy.parameters()).device
+    if generator.device.type != device.type:
+        generator = torch.Generator(device=device).manual_seed(generator.initial_seed())
     pol_s = draw(
         policy, ref, ev.ids, cfg.eval_samples, ev.score_fn, generator=generator, **ev.sample_kw
     )
