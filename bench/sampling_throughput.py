@@ -303,15 +303,14 @@ def main() -> None:
 def trained(args) -> None:
     import json
 
-    from lmpipe.data.tokenizer import EOS, PAD, load_tokenizer, special_ids
+    from lmpipe.chat import load_template
     from lmpipe.model import load_model
-    from lmpipe.sft import prompt_ids
+    from lmpipe.streams import stream_keys
 
-    tok = load_tokenizer(args.data)
-    ids = special_ids(tok)
+    template = load_template(args.data)
     lines = (Path(args.data) / "prompts" / "rl.jsonl").read_text(encoding="utf-8").splitlines()
     texts = [json.loads(line)["prompt"] for line in lines[: args.batch // args.k]]
-    prompts = [prompt_ids(tok, t) for t in texts for _ in range(args.k)]
+    prompts = [template.prompt_ids(t) for t in texts for _ in range(args.k)]
     fp32 = load_model(args.model)
     bf16 = load_model(args.model).to(torch.bfloat16)
     runs = {
@@ -324,14 +323,13 @@ def trained(args) -> None:
     for r in range(args.repeats + 1):  # the first round warms up
         for name, (model, kw) in runs.items():
             t0 = time.perf_counter()
-            gen = torch.Generator().manual_seed(r)
-            g = generate(
+            g = generate(  # per-row random streams, as the reward stage draws
                 model,
                 prompts,
                 max_new_tokens=args.new_tokens,
-                eos_id=ids[EOS],
-                pad_id=ids[PAD],
-                generator=gen,
+                eos_id=template.stop_ids,
+                pad_id=template.pad_id,
+                row_keys=stream_keys(r, torch.arange(len(prompts))),
                 **kw,
             )
             if r:
