@@ -265,8 +265,8 @@ SECTIONS = [
         ["bench/rl_scaling.py", "--steps", "3", "--rounds", "2", "--prompts", "32"],
         "cheap",
         "Episodes/s of PPO on 1 and 2 processes sharing this machine's cores (cores/N threads "
-        "each): whether splitting RL's sampling and passes between processes beats splitting them between "
-        "threads, not how N GPUs scale (`--device cuda --nproc 1 N` on N GPUs).",
+        "each): whether splitting RL's sampling and passes between processes beats splitting "
+        "them between threads, not how N GPUs scale (`--device cuda --nproc 1 N` on N GPUs).",
         [
             ("processes", "processes", "d"),
             ("episodes/s", "episodes_per_sec", ".1f"),
