@@ -124,3 +124,33 @@ def test_gpu_figures_smoke_runs_every_piece_on_cpu(monkeypatch, capsys):
     module.main()
     out = capsys.readouterr().out
     assert all(f"--- {name}:" in out for name in module.SMOKE)
+
+
+@pytest.mark.e2e
+def test_benches_on_trained_models_run(tiny_repo, tmp_path, monkeypatch, capsys):
+    """The benches that read a pipeline's models and data, on the tiny project's: each goes
+    through the chat template as the stages do (the bare tokenizer has no template)."""
+    models, data = tiny_repo / "models", tiny_repo / "data"
+    runs = {
+        "sampling_reward_workload": [
+            "sampling_throughput.py",
+            *("--model", str(models / "sft"), "--data", str(data / "prepared")),
+            *("--k", "2", "--batch", "4", "--new-tokens", "4", "--repeats", "1"),
+        ],
+        "prune_importance": [
+            "prune_importance.py",
+            *("--model", str(models / "rl"), "--data", str(data / "prepared")),
+            *("--calibration-batches", "1", "--batch-size", "4"),
+        ],
+        "reward_variants": [
+            "reward_variants.py",
+            *("--params", str(tiny_repo / "params.yaml"), "--sft", str(models / "sft")),
+            *("--pairs", str(data / "preferences" / "pairs.jsonl"), "--steps", "2"),
+        ],
+    }
+    for section, argv in runs.items():
+        out = tmp_path / f"{section}.json"
+        monkeypatch.setattr(sys, "argv", [f"bench/{argv[0]}", *argv[1:], "--json", str(out)])
+        load(argv[0]).main()
+        assert json.loads(out.read_text(encoding="utf-8"))["figures"]["rows"], section
+    capsys.readouterr()
