@@ -182,6 +182,33 @@ def test_policy_gradient_is_clipped_apart_from_the_critics():
     assert float(norm) == pytest.approx(0.5, rel=1e-4)  # the critic's own clip
 
 
+def test_critic_lr_moves_only_the_critic_and_follows_the_schedule():
+    """`rl.ppo.critic_lr` gives the critic its own peak rate under the same linear decay; the
+    policy's first step is the one `rl.lr` gives (its advantages come from the rollout's values,
+    before either model moves)."""
+    moved = {}
+    for critic_lr in (None, 1e-2):
+        torch.manual_seed(0)
+        policy, ref = make_models()
+        t = trainer("ppo", policy, ref, lr=1e-3, steps=4, ppo={"critic_lr": critic_lr})
+        before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (t.policy, t.value)]
+        t.train_step()
+        rates = [g["lr"] for g in t.opt.param_groups]
+        assert rates == pytest.approx([1e-3, critic_lr or 1e-3])  # step 0 of the linear decay
+        moved[critic_lr] = [
+            {k: v - b[k] for k, v in m.state_dict().items()}
+            for m, b in zip((t.policy, t.value), before, strict=True)
+        ]
+        t.train_step()
+        assert [g["lr"] for g in t.opt.param_groups] == pytest.approx([r * 0.75 for r in rates])
+    (pol_a, val_a), (pol_b, val_b) = moved[None], moved[1e-2]
+    for k, d in pol_a.items():
+        torch.testing.assert_close(d, pol_b[k])
+    assert max(float(d.abs().max()) for d in val_b.values()) > 3 * max(
+        float(d.abs().max()) for d in val_a.values()
+    )
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_ppo_first_minibatch_has_ratio_one_and_zero_kl(precision):
     """Also under bf16 autocast (`rl.precision`): the rollout and training passes share it."""

@@ -138,7 +138,10 @@ class Learner:
         nets = [n for n in (self.policy_net, self.value_net) if n is not None]
         self.trained = torch.nn.ModuleList([n.model for n in nets])  # the optimizer's, by name
         kw = dict(lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps, weight_decay=0.0)
-        params = list(self.trained.parameters())
+        # one group per model, each with its peak rate: the loop scales both by the schedule
+        params = [{"params": list(n.model.parameters()), "peak_lr": cfg.lr} for n in nets]
+        if self.value_net is not None and cfg.ppo.critic_lr is not None:
+            params[1]["peak_lr"] = cfg.ppo.critic_lr
         try:
             self.opt = torch.optim.AdamW(params, fused=True, **kw)
         except (RuntimeError, TypeError):

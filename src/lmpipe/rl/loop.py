@@ -96,7 +96,7 @@ class RLTrainer:
         t0 = time.perf_counter()
         lr = self.lr()
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["peak_lr"] / self.cfg.lr
         ro = self.rollout()  # sample, score, log-prob passes
         beta = self.kl_ctl.beta
         update = self.algo.step(ro, beta)  # penalty → advantages → update
