@@ -177,6 +177,21 @@ def run_in_own_store(cmd: list[str], repo: Path, db: Path, **env: str):
     return res, mlflow.search_runs(search_all_experiments=True, output_format="list")
 
 
+RL_INPUTS = {"sft": "models/sft", "reward": "models/reward", "data": "data/prepared"}
+"""The rl stage's inputs in a repo where `dvc repro` ran (compress reads them too)."""
+
+
+def stage_cmd(stage: str, params: Path | str, out: Path, model: str, **inputs: str) -> list[str]:
+    """`python stages/<stage>.py` on `params` and `inputs` (flag: path), writing into `out`:
+    the model to `out/<model>`, then `<stage>.json`, `<stage>.csv` and the cache `cache/`."""
+    cmd = ["python", f"stages/{stage}.py", "--params", str(params)]
+    for flag, path in inputs.items():
+        cmd += [f"--{flag}", str(path)]
+    cmd += ["--out", str(out / model), "--report", str(out / f"{stage}.json")]
+    cmd += ["--plots", str(out / f"{stage}.csv"), "--cache", str(out / "cache")]
+    return cmd
+
+
 def curve_values(path: Path, key: str) -> list[float]:
     """The logged values of one column of a per-step CSV (rows without it skipped)."""
     import csv

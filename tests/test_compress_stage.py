@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import curve_values, run_in_own_store, writer_run
+from conftest import RL_INPUTS, curve_values, run_in_own_store, stage_cmd, writer_run
 
 pytestmark = pytest.mark.e2e
 
@@ -90,28 +90,8 @@ def test_distillation_under_torchrun_matches_one_process(tiny_repo, tmp_path):
 
     def compress(name, **env):
         out = tmp_path / name
-        cmd = [
-            "python",
-            "stages/compress.py",
-            "--params",
-            str(tmp_path / f"{name}.yaml"),
-            "--teacher",
-            "models/rl",
-            "--sft",
-            "models/sft",
-            "--reward",
-            "models/reward",
-            "--data",
-            "data/prepared",
-            "--out",
-            str(out / "models"),
-            "--report",
-            str(out / "compress.json"),
-            "--plots",
-            str(out / "compress.csv"),
-            "--cache",
-            str(out / "cache"),
-        ]
+        params = tmp_path / f"{name}.yaml"
+        cmd = stage_cmd("compress", params, out, "models", teacher="models/rl", **RL_INPUTS)
         res, runs = run_in_own_store(cmd, tiny_repo, tmp_path / f"{name}.db", **env)
         keys = ("distill/loss", "recovery/loss")
         curves = {k: curve_values(out / "compress.csv", k) for k in keys}

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_in_own_store, writer_run
+from conftest import RL_INPUTS, run_in_own_store, stage_cmd, writer_run
 from lmpipe.io import hash_path
 
 pytestmark = pytest.mark.e2e
@@ -77,29 +77,20 @@ def test_rl_rerun_is_byte_identical(tiny_repo, tmp_path):
     def digest(folder):
         return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
-    cmd = [
-        "python",
-        "stages/rl.py",
-        "--params",
-        "params.yaml",
-        "--sft",
-        "models/sft",
-        "--reward",
-        "models/reward",
-        "--data",
-        "data/prepared",
-        "--out",
-        str(tmp_path / "a"),
-        "--report",
-        str(tmp_path / "a.json"),
-        "--plots",
-        str(tmp_path / "a.csv"),
-        "--cache",
-        str(tmp_path / "cache"),
-    ]
-    run(cmd, tiny_repo)
+    run(stage_cmd("rl", "params.yaml", tmp_path, "a", **RL_INPUTS), tiny_repo)
     assert digest(tmp_path / "a") == digest(tiny_repo / "models" / "rl")
     assert not list((tmp_path / "cache").glob("rl-*/checkpoint.pt"))
+
+
+def run_rl(repo, tmp_path, name, **env):
+    """The rl stage on `tmp_path/params.yaml` into `tmp_path/name`, with its own MLflow store:
+    the process result, the report, the store's runs and the per-step rows."""
+    out = tmp_path / name
+    cmd = stage_cmd("rl", tmp_path / "params.yaml", out, "rl", **RL_INPUTS)
+    res, runs = run_in_own_store(cmd, repo, tmp_path / f"{name}.db", **env)
+    with (out / "rl.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return res, json.loads((out / "rl.json").read_text()), runs, rows
 
 
 def test_rl_under_torchrun_matches_one_process_and_only_rank_0_writes(tiny_repo, tmp_path):
@@ -109,36 +100,11 @@ def test_rl_under_torchrun_matches_one_process_and_only_rank_0_writes(tiny_repo,
     params["rl"]["precision"] = "fp32"  # bf16 rounds a split update differently: other samples
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
-    def rl(name, **env):
-        out = tmp_path / name
-        cmd = [
-            "python",
-            "stages/rl.py",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--sft",
-            "models/sft",
-            "--reward",
-            "models/reward",
-            "--data",
-            "data/prepared",
-            "--out",
-            str(out / "rl"),
-            "--report",
-            str(out / "rl.json"),
-            "--plots",
-            str(out / "rl.csv"),
-            "--cache",
-            str(out / "cache"),
-        ]
-        res, runs = run_in_own_store(cmd, tiny_repo, tmp_path / f"{name}.db", **env)
-        with (out / "rl.csv").open() as f:
-            rows = list(csv.DictReader(f))
-        return res, json.loads((out / "rl.json").read_text()), runs, rows
-
-    res, ddp, ddp_runs, ddp_rows = rl("ddp", LMPIPE_NPROC="2", LMPIPE_LOG_LEVEL="INFO")
+    res, ddp, ddp_runs, ddp_rows = run_rl(
+        tiny_repo, tmp_path, "ddp", LMPIPE_NPROC="2", LMPIPE_LOG_LEVEL="INFO"
+    )
     assert "torchrun --nproc_per_node=2 --standalone stages/rl.py" in res.stderr
-    _, one, _, one_rows = rl("one")
+    _, one, _, one_rows = run_rl(tiny_repo, tmp_path, "one")
     assert ddp["world_size"] == 2 and one["world_size"] == 1
     assert len(ddp_runs) == 1  # rank 0's run
     # the same rollouts (each rank samples its prompt groups on per-row streams, then gathers)
@@ -158,19 +124,11 @@ def test_rl_sharded_under_torchrun_matches_one_process(tiny_repo, tmp_path):
     params["rl"].update({"precision": "fp32", "sharding": "fsdp", "steps": 3})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
-    def rl(name, **env):
-        out = tmp_path / name
-        cmd = ["python", "stages/rl.py", "--params", str(tmp_path / "params.yaml")]
-        cmd += ["--sft", "models/sft", "--reward", "models/reward", "--data", "data/prepared"]
-        cmd += ["--out", str(out / "rl"), "--report", str(out / "rl.json")]
-        cmd += ["--plots", str(out / "rl.csv"), "--cache", str(out / "cache")]
-        res, _ = run_in_own_store(cmd, tiny_repo, tmp_path / f"{name}.db", **env)
-        with (out / "rl.csv").open() as f:
-            return res, json.loads((out / "rl.json").read_text()), list(csv.DictReader(f))
-
-    res, sharded, sharded_rows = rl("fsdp", LMPIPE_NPROC="2", LMPIPE_LOG_LEVEL="INFO")
+    res, sharded, _, sharded_rows = run_rl(
+        tiny_repo, tmp_path, "fsdp", LMPIPE_NPROC="2", LMPIPE_LOG_LEVEL="INFO"
+    )
     assert "torchrun --nproc_per_node=2 --standalone stages/rl.py" in res.stderr
-    _, one, one_rows = rl("one")
+    _, one, _, one_rows = run_rl(tiny_repo, tmp_path, "one")
     assert sharded["world_size"] == 2 and one["world_size"] == 1
     assert len(sharded_rows) == len(one_rows) == 3
     for key in ("rl/score", "rl/kl", "rl/policy_loss", "rl/value_loss"):

@@ -21,19 +21,24 @@ class DistInfo:
         return self.rank == 0
 
 
+def check_cuda(device_name: str, key: str) -> None:
+    """Raise if param `key`'s `device_name` (cuda or cuda:N) names a GPU this machine lacks."""
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise ParamsError(
+            f"{key} = {device_name!r} but CUDA is not available here; use auto or cpu"
+        )
+    if device_name.startswith("cuda:") and int(device_name[5:]) >= torch.cuda.device_count():
+        raise ParamsError(
+            f"{key} = {device_name!r} but this machine has {torch.cuda.device_count()} GPU(s)"
+        )
+
+
 def setup(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise ParamsError(
-            f"device = {device_name!r} but CUDA is not available here; use auto or cpu"
-        )
-    if device_name.startswith("cuda:") and int(device_name[5:]) >= torch.cuda.device_count():
-        raise ParamsError(
-            f"device = {device_name!r} but this machine has {torch.cuda.device_count()} GPU(s)"
-        )
+    check_cuda(device_name, "device")
     cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
     if device_name.startswith("cuda:"):
         device = torch.device(device_name)
@@ -55,14 +60,7 @@ def place(key: str, device_name: str, default: torch.device) -> torch.device:
     is `default` (the trained model's), else cpu, cuda (this rank's GPU) or cuda:N."""
     if device_name == "auto":
         return default
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise ParamsError(
-            f"{key} = {device_name!r} but CUDA is not available here; use auto or cpu"
-        )
-    if device_name.startswith("cuda:") and int(device_name[5:]) >= torch.cuda.device_count():
-        raise ParamsError(
-            f"{key} = {device_name!r} but this machine has {torch.cuda.device_count()} GPU(s)"
-        )
+    check_cuda(device_name, key)
     if device_name == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device_name)

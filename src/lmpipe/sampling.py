@@ -227,7 +227,7 @@ def generate(
     response = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
     n_steps = 0
     for step in range(max_new_tokens):
-        u = None if keys is None or greedy else stream_uniforms(keys[active], step)
+        u = None if keys is None or greedy else stream_uniforms(keys, step)
         tok = (
             logits.argmax(-1) if greedy else sample_categorical(logits / temperature, generator, u)
         )
@@ -242,6 +242,7 @@ def generate(
             cache.reorder_cache(keep)
             active, tok, mask, next_pos = active[keep], tok[keep], mask[keep], next_pos[keep]
             ended = ended[keep]
+            keys = None if keys is None else keys[keep]
         # rows that ended but stay in the batch run on; PAD is written for them and masked
         mask = torch.cat([mask, (~ended | torch.isin(tok, stops)).long()[:, None]], dim=1)
         out = model(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -87,28 +88,31 @@ def all_mean(x: float) -> float:
 
 class PolicyPass(torch.nn.Module):
     """The policy's log-prob pass as a module's forward, so that FSDP's root hooks gather the
-    embeddings and head that `response_logprobs` reads directly."""
+    embeddings and head that `response_logprobs` reads directly. `sharded`: the root of an FSDP
+    twin, whose output must not be a view."""
 
-    def __init__(self, model: torch.nn.Module, temperature: float) -> None:
+    def __init__(self, model: torch.nn.Module, temperature: float, sharded: bool = False) -> None:
         super().__init__()
-        self.model, self.temperature = model, temperature
+        self.model, self.temperature, self.sharded = model, temperature, sharded
 
     def forward(
         self, gen: Generation, rows: torch.Tensor, with_entropy: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         lp, e = response_logprobs(self.model, gen, rows, self.temperature, with_entropy)
-        return lp.clone(), e  # not a view: FSDP's backward hook sits on what is returned
+        return (lp.clone() if self.sharded else lp), e  # FSDP hooks its output: not a view
 
 
 class ValuePass(torch.nn.Module):
-    """The critic's pass as the sharded root's forward (its output not a view)."""
+    """The critic's pass as a module's forward; `sharded`: the root of an FSDP twin, whose
+    output must not be a view."""
 
-    def __init__(self, model: ValueModel) -> None:
+    def __init__(self, model: ValueModel, sharded: bool = False) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.sharded = model, sharded
 
     def forward(self, gen: Generation, rows: torch.Tensor) -> torch.Tensor:
-        return self.model(gen, rows).clone()
+        v = self.model(gen, rows)
+        return v.clone() if self.sharded else v  # FSDP hooks its output: not a view
 
 
 class Learner:
@@ -130,10 +134,11 @@ class Learner:
         self.policy_net: torch.nn.Module = PolicyPass(self.policy, cfg.temperature)
         self.value_net = ValuePass(self.value) if self.value is not None else None
         if self.sharded:
-            self.policy_net = shard.twin(self.policy, lambda m: PolicyPass(m, cfg.temperature))
+            policy_pass = partial(PolicyPass, temperature=cfg.temperature, sharded=True)
+            self.policy_net = shard.twin(self.policy, policy_pass)
             shard.sum_gradients(self.policy_net)
             if self.value is not None:
-                self.value_net = shard.twin(self.value, ValuePass)
+                self.value_net = shard.twin(self.value, partial(ValuePass, sharded=True))
                 shard.sum_gradients(self.value_net)
         nets = [n for n in (self.policy_net, self.value_net) if n is not None]
         self.trained = torch.nn.ModuleList([n.model for n in nets])  # the optimizer's, by name
