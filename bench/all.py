@@ -111,7 +111,18 @@ SECTIONS = [
     Section(
         "beta_sweep",
         "RL against best-of-n across β",
-        ["bench/beta_sweep.py", "--betas", "0.05", "0.1", "0.2", "0.5", "--seeds", "2"],
+        [
+            "bench/beta_sweep.py",
+            "--betas",
+            "0.05",
+            "0.1",
+            "0.2",
+            "0.5",
+            "--seeds",
+            "3",
+            "--jobs",
+            "2",
+        ],
         "expensive",
         "The rl stage alone at each β on the committed SFT and reward models (mean ± SE over "
         "seeds), against best-of-n from π₀ interpolated at RL's KL on the same eval prompts; "
@@ -127,6 +138,25 @@ SECTIONS = [
             ("J", "j", ""),
             ("best-of-n's best J bound", "bon_j", ""),
             ("KL(π‖π*)", "posterior_kl", ""),
+        ],
+        needs=MODELS,
+    ),
+    Section(
+        "rloo_k",
+        "RLOO: samples per prompt at a fixed budget",
+        ["bench/rloo_k.py", "--ks", "2", "4", "8", "--seeds", "2", "--jobs", "2"],
+        "expensive",
+        "The rl stage with `rl.algo: rloo` on the committed SFT and reward models, k samples "
+        "for each of 64/k prompts a step (the same episodes a step), against best-of-n's best "
+        "J bound on the same eval prompts.",
+        [
+            ("k", "k", ""),
+            ("prompts a step", "prompts", ""),
+            ("RL reward", "score", ""),
+            ("gold", "gold", ""),
+            ("KL", "kl", ""),
+            ("J", "j", ""),
+            ("best-of-n's best J bound", "bon_j", ""),
         ],
         needs=MODELS,
     ),

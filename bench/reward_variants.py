@@ -4,6 +4,7 @@
     python bench/reward_variants.py --pooling last mean
     python bench/reward_variants.py --batching prompt --batch-size 16
     python bench/reward_variants.py --lr 1e-3 --steps 300
+    python bench/reward_variants.py --weight-decay 0
 
 Reads `data/preferences/pairs.jsonl` (written by `dvc repro reward`), trains each variant
 (pooling × batching) with the stage's loop and `reward.*` params from params.yaml, overridden by
@@ -45,12 +46,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default: reward.batch_size")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--weight-decay", type=float, default=None)
     add_json_arg(ap)
     args = ap.parse_args()
 
     params = load_params(args.params, ["reward"])
     update = {"checkpoint_every": 0}
-    for key, value in (("lr", args.lr), ("max_steps", args.steps), ("batch_size", args.batch_size)):
+    for key, value in (
+        ("lr", args.lr),
+        ("max_steps", args.steps),
+        ("batch_size", args.batch_size),
+        ("weight_decay", args.weight_decay),
+    ):
         if value is not None:
             update[key] = value
     cfg = params.reward.model_copy(update=update)
@@ -62,7 +69,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"{len(encoded['train'])} train / {len(val)} val pairs; "
-        f"lr {cfg.lr}, {cfg.max_steps} steps x {cfg.batch_size} prompts or pairs"
+        f"lr {cfg.lr}, weight decay {cfg.weight_decay}, "
+        f"{cfg.max_steps} steps x {cfg.batch_size} prompts or pairs"
     )
     rows = []
     for batching in args.batching or [cfg.batching]:
@@ -99,7 +107,8 @@ def main() -> None:
                     },
                 }
             )
-    write(args.json, {"lr": cfg.lr, "steps": cfg.max_steps, "rows": rows})
+    figures = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "steps": cfg.max_steps}
+    write(args.json, {**figures, "rows": rows})
 
 
 if __name__ == "__main__":

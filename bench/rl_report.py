@@ -55,6 +55,12 @@ def table(reports: Path) -> list[list[str]]:
             f"{rm['baseline_bow_gold_order_accuracy']:.3f}",
         ),
         (
+            "bag-of-tokens baseline (the model's own tokens), gold-order accuracy",
+            f"{rm['baseline_tokens_gold_order_accuracy']:.3f}"
+            if "baseline_tokens_gold_order_accuracy" in rm
+            else "not in this report",
+        ),
+        (
             "reward model − baseline, paired (± SE)",
             f"{rm['gold_order_gap_to_baseline']:+.3f} ± {rm['gold_order_gap_to_baseline_se']:.3f}",
         ),

@@ -129,6 +129,16 @@ def test_alignment_flags_name_a_weak_reward_model_and_rl_that_did_not_move():
     below, chance = M.alignment_flags(weak, GOOD_RL, FALLING)
     assert "below its baseline" in below and "0.699" in below and "beyond noise" in below
     assert "near chance" in chance and "0.575" in chance
+    assert "own tokens" not in below  # no token baseline in this report
+    # at or above the baseline over its own tokens: the flag says where the gap comes from
+    (pieces,) = M.alignment_flags(
+        {**weak, "val_accuracy": 0.8, "baseline_tokens_gold_order_accuracy": 0.69}, GOOD_RL, FALLING
+    )
+    assert "own tokens the same baseline gets 0.690" in pieces
+    (lower,) = M.alignment_flags(
+        {**weak, "val_accuracy": 0.8, "baseline_tokens_gold_order_accuracy": 0.75}, GOOD_RL, FALLING
+    )
+    assert "own tokens" not in lower
     # below, within noise; and accuracy 0.65 but with a wide SE is still near chance
     close = {
         **GOOD_RM,

@@ -478,8 +478,15 @@ def test_bag_of_words_baseline_learns_a_lexical_preference():
         bad = " ".join(rng.choice(filler, 5)) + " sad"
         return {"chosen": good, "rejected": bad, "gold_chosen": 0.6, "gold_rejected": -0.5}
 
-    m = bag_of_words_baseline([row() for _ in range(200)], [row() for _ in range(50)])
+    train, val = [row() for _ in range(200)], [row() for _ in range(50)]
+    m = bag_of_words_baseline(train, val)
     assert m["val_accuracy"] == 1.0 and m["gold_order_accuracy"] == 1.0
+    # counted in other units: pieces that split the telling word apart ("hap"+"py" and "sad"
+    # share nothing with the filler, so they still tell); a unit blind to it cannot
+    split = bag_of_words_baseline(train, val, lambda t: [w[:3] for w in t.split()])
+    assert split["gold_order_accuracy"] == 1.0
+    blind = bag_of_words_baseline(train, val, lambda t: [w for w in t.split() if w in filler])
+    assert blind["gold_order_accuracy"] <= 0.75
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])

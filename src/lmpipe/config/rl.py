@@ -25,7 +25,10 @@ class PPOParams(Section):
     )
     critic_warmup_steps: int = Field(0, ge=0, description="first steps update the critic only")
     critic_lr: float | None = Field(
-        None, gt=0, le=1, description="the critic's peak learning rate (null = rl.lr), same schedule"
+        None,
+        gt=0,
+        le=1,
+        description="the critic's peak learning rate (null = rl.lr), same schedule",
     )
 
 
@@ -71,7 +74,12 @@ class RLParams(Section):
         -2.0,
         description="score of a response that hits the length limit without EOS (null = RM's)",
     )
-    lr: float = Field(1e-4, gt=0, le=1, description="Adam learning rate (the policy; the critic too unless rl.ppo.critic_lr)")
+    lr: float = Field(
+        1e-4,
+        gt=0,
+        le=1,
+        description="Adam learning rate (the policy; the critic too unless rl.ppo.critic_lr)",
+    )
     lr_schedule: Literal["linear", "constant"] = Field(
         "linear", description="linear: decay to 0 over rl.steps (as TRL's default); constant"
     )

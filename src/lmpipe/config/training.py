@@ -114,7 +114,7 @@ class PreferenceParams(Section):
 class RewardParams(TrainParams):
     """Bradley-Terry reward model on the SFT backbone with a scalar head (stage: reward)."""
 
-    lr: LearningRate = 5e-4
+    lr: LearningRate = 1e-3
     warmup_steps: WarmupSteps = 10
     max_steps: OptimizerSteps = 300
     batch_size: int = Field(
@@ -124,7 +124,7 @@ class RewardParams(TrainParams):
         "prompt",
         description="pair: independent pairs; prompt: all pairs of a prompt, one pass a response",
     )
-    weight_decay: WeightDecay = 0.0
+    weight_decay: WeightDecay = 0.1
     eval_every: EvalEvery = 50
     checkpoint_every: CheckpointEvery = 50
     keep_best: bool = Field(

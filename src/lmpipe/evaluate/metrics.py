@@ -135,12 +135,19 @@ def alignment_flags(
             if _finite(gap, gap_se)
             else "no standard error"
         )
+        tokens = reward.get("baseline_tokens_gold_order_accuracy")
+        pieces = (
+            f"; over the model's own tokens the same baseline gets {tokens:.3f}, so the gap is "
+            "what composing words from pieces costs the model"
+            if _finite(tokens) and acc >= tokens
+            else ""
+        )
         out.append(
             f"The reward model is below its baseline: it orders held-out pairs as gold does "
             f"{acc:.3f} of the time against {base:.3f} for bag-of-words logistic regression on "
-            f"the same pairs ({noise}). RL optimises what it learned: more preference pairs "
-            "(preference.prompts, preference.samples_per_prompt), fewer reward.max_steps or a "
-            "lower reward.lr, or a stronger backbone (longer pretrain/SFT, a base model)."
+            f"the same pairs ({noise}){pieces}. RL optimises what it learned: more preference "
+            "pairs (preference.prompts, preference.samples_per_prompt), fewer reward.max_steps "
+            "or a lower reward.lr, or a stronger backbone (longer pretrain/SFT, a base model)."
         )
     va, va_se = reward.get("val_accuracy"), reward.get("val_accuracy_se")
     if _finite(va) and (va < 0.5 + chance_margin or (_finite(va_se) and va - z * va_se <= 0.5)):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,9 +12,15 @@ from lmpipe.reward.metrics import pair_metrics
 SIDES = ("chosen", "rejected")
 
 
-def bag_of_words_baseline(train: Sequence[dict], val: Sequence[dict]) -> dict[str, Any]:
+def bag_of_words_baseline(
+    train: Sequence[dict],
+    val: Sequence[dict],
+    tokenize: Callable[[str], list[str]] | None = None,
+) -> dict[str, Any]:
     """An honest reference for the reward model: logistic regression on word-count differences
     (chosen − rejected) of the same training pairs, scored like the reward model on val.
+    `tokenize` counts other units than lowercased words (the model's own tokens: a bag of
+    tokens, which shows what splitting words into pieces costs a model that cannot compose them).
 
     Rows carry `chosen`, `rejected` (texts) and `gold_chosen`, `gold_rejected`.
     """
@@ -24,7 +30,9 @@ def bag_of_words_baseline(train: Sequence[dict], val: Sequence[dict]) -> dict[st
 
     # each response is in up to k - 1 pairs: count the words of each distinct text once
     texts = list(dict.fromkeys(p[s] for rows in (train, val) for p in rows for s in SIDES))
-    vec = CountVectorizer().fit(list(dict.fromkeys(p[s] for p in train for s in SIDES)))
+    vec = CountVectorizer(analyzer=tokenize or "word").fit(
+        list(dict.fromkeys(p[s] for p in train for s in SIDES))
+    )
     counts = vec.transform(texts)
     row = {t: i for i, t in enumerate(texts)}
 

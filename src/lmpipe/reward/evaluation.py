@@ -31,7 +31,8 @@ def held_out_metrics(
 ) -> dict[str, Any]:
     """`pair_metrics` of the val pairs, the Spearman correlation of reward and gold over their
     distinct responses, and the bag-of-words baseline (trained on the train pairs) on the same
-    pairs, with the model's gold-order accuracy minus the baseline's (SE by prompt)."""
+    pairs, with the model's gold-order accuracy minus the baseline's (SE by prompt); and the same
+    baseline over the model's own tokens."""
     val_ex = [e for e, _ in encoded["val"]]
     rows = [p for _, p in encoded["val"]]
     # reward vs gold on the distinct held-out responses too; one call scores each once
@@ -46,7 +47,11 @@ def held_out_metrics(
     metrics = pair_metrics(scores[:n], scores[n : 2 * n], gold_c, gold_r, prompts=prompts)
     metrics["val_gold_spearman"] = float(spearmanr(scores[2 * n :], list(texts.values())).statistic)
 
-    bow = bag_of_words_baseline([p for _, p in encoded["train"]], rows)
+    train = [p for _, p in encoded["train"]]
+    bow = bag_of_words_baseline(train, rows)
+    pieces = bag_of_words_baseline(
+        train, rows, lambda t: template.tokenizer.encode(t, add_special_tokens=False).tokens
+    )
     # the model against the baseline on the same pairs: a paired difference, SE by prompt
     ours, sel = gold_agreement(scores[:n], scores[n : 2 * n], gold_c, gold_r)
     theirs, _ = gold_agreement(bow["margin"], np.zeros(n), gold_c, gold_r)
@@ -55,6 +60,7 @@ def held_out_metrics(
         **metrics,
         "baseline_bow_val_accuracy": bow["val_accuracy"],
         "baseline_bow_gold_order_accuracy": bow["gold_order_accuracy"],
+        "baseline_tokens_gold_order_accuracy": pieces["gold_order_accuracy"],
         "gold_order_gap_to_baseline": float(gap.mean()) if gap.size else float("nan"),
         "gold_order_gap_to_baseline_se": cluster_se(gap, np.asarray(prompts, object)[sel]),
     }
