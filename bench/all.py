@@ -399,13 +399,16 @@ SECTIONS = [
     Section(
         "reward_variants",
         "Reward-model variants",
-        ["bench/reward_variants.py", "--lr", "1e-3"],
+        ["bench/reward_variants.py", "--weight-decay", "0", "0.1"],
         "expensive",
         "The reward model retrained on the last reward run's pairs with one param changed "
-        "(here `reward.lr` 0.001 instead of 0.0005), scored as the stage scores it.",
+        "(here `reward.weight_decay`: none, and the default 0.1), scored as the stage scores "
+        "it; the bag-of-words baselines on the same pairs are in the RL report section.",
         [
             ("batching", "batching", ""),
             ("pooling", "pooling", ""),
+            ("weight decay", "weight_decay", ""),
+            ("kept step", "kept_step", ""),
             ("val accuracy", "val_accuracy", ""),
             ("gold-order accuracy", "gold_order_accuracy", ""),
         ],

@@ -4,7 +4,7 @@
     python bench/reward_variants.py --pooling last mean
     python bench/reward_variants.py --batching prompt --batch-size 16
     python bench/reward_variants.py --lr 1e-3 --steps 300
-    python bench/reward_variants.py --weight-decay 0
+    python bench/reward_variants.py --weight-decay 0 0.1
 
 Reads `data/preferences/pairs.jsonl` (written by `dvc repro reward`), trains each variant
 (pooling × batching) with the stage's loop and `reward.*` params from params.yaml, overridden by
@@ -46,7 +46,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default: reward.batch_size")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--weight-decay", type=float, default=None)
+    ap.add_argument(
+        "--weight-decay", type=float, nargs="+", default=None, help="default: reward.weight_decay"
+    )
     add_json_arg(ap)
     args = ap.parse_args()
 
@@ -56,7 +58,6 @@ def main() -> None:
         ("lr", args.lr),
         ("max_steps", args.steps),
         ("batch_size", args.batch_size),
-        ("weight_decay", args.weight_decay),
     ):
         if value is not None:
             update[key] = value
@@ -69,46 +70,49 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"{len(encoded['train'])} train / {len(val)} val pairs; "
-        f"lr {cfg.lr}, weight decay {cfg.weight_decay}, "
-        f"{cfg.max_steps} steps x {cfg.batch_size} prompts or pairs"
+        f"lr {cfg.lr}, {cfg.max_steps} steps x {cfg.batch_size} prompts or pairs"
     )
     rows = []
-    for batching in args.batching or [cfg.batching]:
-        for pooling in args.pooling or [cfg.pooling]:
-            t0 = time.perf_counter()
-            model = build_reward_model(args.sft, params.seed, pooling, marker, last)
-            variant = cfg.model_copy(update={"batching": batching, "pooling": pooling})
-            result = train_reward_model(model, encoded, variant, params.seed, template.pad_id)
-            model.eval()
-            m = pair_metrics(
-                raw_scores(model, [e.chosen for e, _ in val], template.pad_id),
-                raw_scores(model, [e.rejected for e, _ in val], template.pad_id),
-                [p["gold_chosen"] for _, p in val],
-                [p["gold_rejected"] for _, p in val],
-                prompts=[p["prompt"] for _, p in val],
-            )
-            print(
-                f"batching {batching:6s} pooling {pooling:5s} "
-                f"val_accuracy {m['val_accuracy']:.3f}  "
-                f"gold_order_accuracy {m['gold_order_accuracy']:.3f} "
-                f"({m['gold_order_pairs']} pairs)  kept step {result.kept_step}, "
-                f"training {result.train_seconds:.0f} s, "
-                f"{time.perf_counter() - t0:.0f} s in all"
-            )
-            se = {k: m.get(f"{k}_se") for k in ("val_accuracy", "gold_order_accuracy")}
-            rows.append(
-                {
-                    "batching": batching,
-                    "pooling": pooling,
-                    "kept_step": result.kept_step,
-                    **{
-                        k: f"{m[k]:.3f}" + (f" ± {se[k]:.3f}" if se[k] is not None else "")
-                        for k in se
-                    },
-                }
-            )
-    figures = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "steps": cfg.max_steps}
-    write(args.json, {**figures, "rows": rows})
+    grid = [
+        (b, p, wd)
+        for b in args.batching or [cfg.batching]
+        for p in args.pooling or [cfg.pooling]
+        for wd in args.weight_decay or [cfg.weight_decay]
+    ]
+    for batching, pooling, weight_decay in grid:
+        t0 = time.perf_counter()
+        model = build_reward_model(args.sft, params.seed, pooling, marker, last)
+        variant = cfg.model_copy(
+            update={"batching": batching, "pooling": pooling, "weight_decay": weight_decay}
+        )
+        result = train_reward_model(model, encoded, variant, params.seed, template.pad_id)
+        model.eval()
+        m = pair_metrics(
+            raw_scores(model, [e.chosen for e, _ in val], template.pad_id),
+            raw_scores(model, [e.rejected for e, _ in val], template.pad_id),
+            [p["gold_chosen"] for _, p in val],
+            [p["gold_rejected"] for _, p in val],
+            prompts=[p["prompt"] for _, p in val],
+        )
+        print(
+            f"batching {batching:6s} pooling {pooling:5s} weight decay {weight_decay:g}  "
+            f"val_accuracy {m['val_accuracy']:.3f}  "
+            f"gold_order_accuracy {m['gold_order_accuracy']:.3f} "
+            f"({m['gold_order_pairs']} pairs)  kept step {result.kept_step}, "
+            f"training {result.train_seconds:.0f} s, "
+            f"{time.perf_counter() - t0:.0f} s in all"
+        )
+        se = {k: m.get(f"{k}_se") for k in ("val_accuracy", "gold_order_accuracy")}
+        rows.append(
+            {
+                "batching": batching,
+                "pooling": pooling,
+                "weight_decay": f"{weight_decay:g}",
+                "kept_step": result.kept_step,
+                **{k: f"{m[k]:.3f}" + (f" ± {se[k]:.3f}" if se[k] is not None else "") for k in se},
+            }
+        )
+    write(args.json, {"lr": cfg.lr, "steps": cfg.max_steps, "rows": rows})
 
 
 if __name__ == "__main__":
