@@ -144,7 +144,7 @@ SECTIONS = [
     Section(
         "rloo_k",
         "RLOO: samples per prompt at a fixed budget",
-        ["bench/rloo_k.py", "--ks", "2", "4", "8", "--seeds", "2", "--jobs", "2"],
+        ["bench/rloo_k.py", "--ks", "2", "4", "--seeds", "2", "--jobs", "2"],
         "expensive",
         "The rl stage with `rl.algo: rloo` on the committed SFT and reward models, k samples "
         "for each of 64/k prompts a step (the same episodes a step), against best-of-n's best "

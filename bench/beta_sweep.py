@@ -77,9 +77,17 @@ def run_rl(workdir: Path, params: dict, name: str, threads: int | None = None) -
             },
         )
     rep = json.loads((out / "rl.json").read_text())
-    with (out / "rl.csv").open() as f:
-        ev = [float(r["rl/explained_variance"]) for r in csv.DictReader(f)]
-    rep["ev"] = {"min_from_10": min(ev[9:]) if len(ev) > 9 else float("nan"), "median": median(ev)}
+    with (out / "rl.csv").open() as f:  # only PPO has a critic
+        ev = [
+            float(r["rl/explained_variance"])
+            for r in csv.DictReader(f)
+            if r.get("rl/explained_variance")
+        ]
+    nan = float("nan")
+    rep["ev"] = {
+        "min_from_10": min(ev[9:]) if len(ev) > 9 else nan,
+        "median": median(ev) if ev else nan,
+    }
     return rep
 
 
@@ -166,7 +174,11 @@ def main() -> None:
         "| KL | J | best J bound of best-of-n | KL(π‖π*) |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    f = lambda m: f"{m[0]:.3f} ± {m[1]:.3f}"  # noqa: E731
+
+    def f(m: tuple[float, float], digits: int = 3) -> str:
+        """mean ± SE; the mean alone for one seed."""
+        return f"{m[0]:.{digits}f}" + (f" ± {m[1]:.{digits}f}" if np.isfinite(m[1]) else "")
+
     rows = []
     for r in table:
         gap, se = r["gold_gap"]
@@ -177,24 +189,24 @@ def main() -> None:
                 "bon_score": f"{r['bon_score'][0]:.3f}",
                 "gold": f(r["gold"]),
                 "bon_gold": f"{r['bon_gold'][0]:.3f}",
-                "gold_gap": f"{gap:+.3f} ({gap / se if se else float('nan'):+.1f})",
-                "kl": f"{r['kl'][0]:.2f} ± {r['kl'][1]:.2f}",
+                "gold_gap": f"{gap:+.3f}"
+                + (f" ({gap / se:+.1f})" if se and np.isfinite(se) else ""),
+                "kl": f(r["kl"], 2),
                 "j": f(r["j"]),
                 "bon_j": f"{r['bon_j'][0]:.3f}",
-                "posterior_kl": f"{r['posterior_kl'][0]:.2f} ± {r['posterior_kl'][1]:.2f}",
+                "posterior_kl": f(r["posterior_kl"], 2),
             }
         )
-        print(
-            f"| {r['beta']} | {f(r['score'])} | {r['bon_score'][0]:.3f} | {f(r['gold'])} | "
-            f"{r['bon_gold'][0]:.3f} | {gap:+.3f} ({gap / se if se else float('nan'):+.1f}) | "
-            f"{f(r['kl'])} | {f(r['j'])} | {r['bon_j'][0]:.3f} | "
-            f"{f(r['posterior_kl'])} |"
-        )
+        print("| " + " | ".join(str(v) for v in rows[-1].values()) + " |")
     caption = (
-        f"Mean ± SE over {args.seeds} seeds a β; overrides: {', '.join(args.set) or 'none'}. "
-        f"Over the {len(extras)} runs: the critic's explained variance from step 10 on, lowest "
+        (f"Mean ± SE over {args.seeds} seeds a β" if args.seeds > 1 else "One seed")
+        + f"; overrides: {', '.join(args.set) or 'none'}. "
+        + (f"Over the {len(extras)} runs" if len(extras) > 1 else "In the run")
+        + ": the critic's explained variance from step 10 on, lowest "
         f"{np.mean([e['ev_min'] for e in extras]):.2f} and median "
-        f"{np.mean([e['ev_median'] for e in extras]):.2f} (means over runs); `j_slope_ratio` "
+        f"{np.mean([e['ev_median'] for e in extras]):.2f}"
+        + (" (means over runs)" if len(extras) > 1 else "")
+        + "; `j_slope_ratio` "
         f"{np.mean([e['j_slope'] for e in extras]):.2f}."
     )
     if len(extras) == 1:

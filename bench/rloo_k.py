@@ -3,7 +3,7 @@ the committed SFT and reward models, k samples for each of 64/k prompts a step (
 episodes a step, 40 steps), against best-of-n on the same eval prompts. A larger k gives each
 sample a baseline from more of its siblings (lower-variance advantages) but sees fewer prompts.
 
-    python bench/rloo_k.py [--ks 2 4 8] [--seeds 2] [--jobs 2] [--workdir /tmp/rloo-k]
+    python bench/rloo_k.py [--ks 2 4] [--seeds 2] [--jobs 2] [--workdir /tmp/rloo-k]
 
 Prints one row per k: RL reward, gold, KL to SFT and J (mean ± SE over seeds), and best-of-n's
 best J bound on the same prompts. Needs models/sft, models/reward and data/prepared.
@@ -26,7 +26,7 @@ EPISODES = 64  # a step's episodes at the default (32 prompts × 2 samples)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--ks", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--jobs", type=int, default=1, help="stage runs at once")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/rloo-k"))
@@ -67,8 +67,9 @@ def main() -> None:
         row = {
             "k": k,
             "prompts": EPISODES // k,
-            **{key: f"{m[key][0]:.3f} ± {m[key][1]:.3f}" for key in ("score", "gold", "j")},
+            **{key: f"{m[key][0]:.3f} ± {m[key][1]:.3f}" for key in ("score", "gold")},
             "kl": f"{m['kl'][0]:.2f} ± {m['kl'][1]:.2f}",
+            "j": f"{m['j'][0]:.3f} ± {m['j'][1]:.3f}",
             "bon_j": f"{m['bon_j'][0]:.3f}",
         }
         rows.append(row)

@@ -138,7 +138,7 @@ def alignment_flags(
         tokens = reward.get("baseline_tokens_gold_order_accuracy")
         pieces = (
             f"; over the model's own tokens the same baseline gets {tokens:.3f}, so the gap is "
-            "what composing words from pieces costs the model"
+            "likely the cost of composing words from the tokenizer's pieces"
             if _finite(tokens) and acc >= tokens
             else ""
         )
