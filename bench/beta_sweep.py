@@ -7,9 +7,8 @@ reward and gold interpolated at RL's KL, and RL − best-of-n in standard errors
     python bench/beta_sweep.py [--betas 0.05 0.1 0.2 0.5] [--seeds 3] [--set rl.steps=80 ...]
                                [--workdir /tmp/beta-sweep] [--jobs 2]
 
-`--jobs N` runs N stage runs at once, each with 1/N of the cores' threads (on a small CPU the
-single-threaded runs use the cores better than one run's threads). The caption gives, averaged
-over the runs, the critic's explained variance (lowest from step 10 on, and median) and
+`--jobs N` runs N stage runs at once, each with 1/N of the cores' threads. The caption gives,
+averaged over the runs, the critic's explained variance (lowest from step 10 on, and median) and
 `j_slope_ratio` (J's slope over the last 20% of steps over its mean slope).
 
 Best-of-n's KL is at most its bound, so at a given KL its interpolated reward and gold are
@@ -27,9 +26,11 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 import numpy as np
 import yaml
@@ -102,6 +103,38 @@ def mean_se(x: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
 
 
+def fmt(m: tuple[float, float], digits: int = 3) -> str:
+    """mean ± SE; the mean alone for one seed."""
+    return f"{m[0]:.{digits}f}" + (f" ± {m[1]:.{digits}f}" if np.isfinite(m[1]) else "")
+
+
+def base_params() -> dict:
+    """params.yaml with tracking off: the runs' starting point."""
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base["tracking"]["enabled"] = False
+    return base
+
+
+def run_all(
+    workdir: Path,
+    runs: dict[Any, tuple[str, dict]],
+    jobs: int,
+    summarise: Callable[[Any, dict], Any],
+) -> dict[Any, Any]:
+    """`run_rl` for each key's (name, params), `jobs` at once, each on 1/jobs of the cores'
+    threads (on a small CPU single-threaded runs use the cores better than one run's threads);
+    `summarise(key, report)` runs as each finishes, and its results come back by key."""
+    jobs = max(1, jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+    def one(key: Any) -> Any:
+        name, params = runs[key]
+        return summarise(key, run_rl(workdir, params, name, threads))
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return dict(zip(runs, pool.map(one, runs), strict=True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5])
@@ -111,8 +144,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="stage runs at once")
     add_json_arg(ap)
     args = ap.parse_args()
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    base["tracking"]["enabled"] = False
+    base = base_params()
     for s in args.set:
         key, _, value = s.partition("=")
         *path, leaf = key.removeprefix("rl.").split(".")  # rl.ppo.clip: a nested key
@@ -121,14 +153,19 @@ def main() -> None:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
     t0 = time.time()
-    jobs = max(1, args.jobs)
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-    todo = [(beta, seed) for beta in args.betas for seed in range(args.seeds)]
+    # overrides name the run folders, so a run with other params never overwrites this one's
+    tag = "".join(f"-{o}".replace("/", "_") for o in args.set)
+    runs = {
+        (beta, seed): (
+            f"beta{beta}-seed{seed}{tag}",
+            {**base, "seed": base["seed"] + seed, "rl": {**base["rl"], "kl_coef": beta}},
+        )
+        for beta in args.betas
+        for seed in range(args.seeds)
+    }
 
-    def one(item: tuple[float, int]) -> dict:
+    def summarise(item: tuple[float, int], rep: dict) -> dict:
         beta, seed = item
-        params = {**base, "seed": base["seed"] + seed, "rl": {**base["rl"], "kl_coef": beta}}
-        rep = run_rl(args.workdir, params, f"beta{beta}-seed{seed}", threads)
         best = rep["best_of_n"]
         kl = rep["kl_to_ref"]
         j = rep["objective_j"]["final"]
@@ -151,8 +188,7 @@ def main() -> None:
         print(f"β {beta} seed {seed}: {json.dumps({**run, **extra})}", flush=True)
         return {"run": run, "extra": extra}
 
-    with ThreadPoolExecutor(jobs) as pool:
-        done = dict(zip(todo, pool.map(one, todo), strict=True))
+    done = run_all(args.workdir, runs, args.jobs, summarise)
     table = []
     extras = [d["extra"] for d in done.values()]
     for beta in args.betas:
@@ -174,27 +210,22 @@ def main() -> None:
         "| KL | J | best J bound of best-of-n | KL(π‖π*) |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-
-    def f(m: tuple[float, float], digits: int = 3) -> str:
-        """mean ± SE; the mean alone for one seed."""
-        return f"{m[0]:.{digits}f}" + (f" ± {m[1]:.{digits}f}" if np.isfinite(m[1]) else "")
-
     rows = []
     for r in table:
         gap, se = r["gold_gap"]
         rows.append(
             {
                 "beta": r["beta"],
-                "score": f(r["score"]),
+                "score": fmt(r["score"]),
                 "bon_score": f"{r['bon_score'][0]:.3f}",
-                "gold": f(r["gold"]),
+                "gold": fmt(r["gold"]),
                 "bon_gold": f"{r['bon_gold'][0]:.3f}",
                 "gold_gap": f"{gap:+.3f}"
                 + (f" ({gap / se:+.1f})" if se and np.isfinite(se) else ""),
-                "kl": f(r["kl"], 2),
-                "j": f(r["j"]),
+                "kl": fmt(r["kl"], 2),
+                "j": fmt(r["j"]),
                 "bon_j": f"{r['bon_j'][0]:.3f}",
-                "posterior_kl": f(r["posterior_kl"], 2),
+                "posterior_kl": fmt(r["posterior_kl"], 2),
             }
         )
         print("| " + " | ".join(str(v) for v in rows[-1].values()) + " |")

@@ -12,14 +12,10 @@ best J bound on the same prompts. Needs models/sft, models/reward and data/prepa
 from __future__ import annotations
 
 import argparse
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import yaml
-
 from _results import add_json_arg, write
-from beta_sweep import ROOT, mean_se, run_rl
+from beta_sweep import base_params, fmt, mean_se, run_all
 
 EPISODES = 64  # a step's episodes at the default (32 prompts × 2 samples)
 
@@ -34,17 +30,16 @@ def main() -> None:
     args = ap.parse_args()
     if any(k < 2 or EPISODES % k for k in args.ks):
         ap.error(f"every k must be ≥ 2 and divide {EPISODES}")
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    base["tracking"]["enabled"] = False
-    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
-    todo = [(k, seed) for k in args.ks for seed in range(args.seeds)]
+    base = base_params()
 
-    def one(item: tuple[int, int]) -> dict:
-        k, seed = item
+    def params(k: int, seed: int) -> dict:
         rl = {**base["rl"], "algo": "rloo", "samples_per_prompt": k}
         rl["prompts_per_step"] = EPISODES // k
-        params = {**base, "seed": base["seed"] + seed, "rl": rl}
-        rep = run_rl(args.workdir, params, f"k{k}-seed{seed}", threads)
+        return {**base, "seed": base["seed"] + seed, "rl": rl}
+
+    runs = {(k, s): (f"k{k}-seed{s}", params(k, s)) for k in args.ks for s in range(args.seeds)}
+
+    def summarise(item: tuple[int, int], rep: dict) -> dict:
         beta, kl, j = rep["beta"], rep["kl_to_ref"], rep["objective_j"]["final"]
         run = {
             "score": j + beta * kl,
@@ -53,11 +48,10 @@ def main() -> None:
             "j": j,
             "bon_j": max(b["objective_j_lower"] for b in rep["best_of_n"]),
         }
-        print(f"k {k} seed {seed}: {run}", flush=True)
+        print(f"k {item[0]} seed {item[1]}: {run}", flush=True)
         return run
 
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        done = dict(zip(todo, pool.map(one, todo), strict=True))
+    done = run_all(args.workdir, runs, args.jobs, summarise)
     rows = []
     print("| k | prompts a step | RL reward | gold | KL | J | best-of-n's best J bound |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
@@ -67,9 +61,10 @@ def main() -> None:
         row = {
             "k": k,
             "prompts": EPISODES // k,
-            **{key: f"{m[key][0]:.3f} ± {m[key][1]:.3f}" for key in ("score", "gold")},
-            "kl": f"{m['kl'][0]:.2f} ± {m['kl'][1]:.2f}",
-            "j": f"{m['j'][0]:.3f} ± {m['j'][1]:.3f}",
+            "score": fmt(m["score"]),
+            "gold": fmt(m["gold"]),
+            "kl": fmt(m["kl"], 2),
+            "j": fmt(m["j"]),
             "bon_j": f"{m['bon_j'][0]:.3f}",
         }
         rows.append(row)
