@@ -161,6 +161,28 @@ SECTIONS = [
         needs=MODELS,
     ),
     Section(
+        "critic_ev",
+        "PPO's critic: the noise and the ceiling of its explained variance",
+        ["bench/critic_ev.py"],
+        "expensive",
+        "The default PPO run retrained in one process on the committed SFT and reward models "
+        "(checked against the stage's logged run) and, before the listed steps' updates, fresh "
+        "episodes of the training prompts: the critic's explained variance against the GAE "
+        "returns as `rl/explained_variance` logs it, its SD over disjoint batches of one "
+        "step's size (the noise of the logged figure), against Monte Carlo returns, and the "
+        "most any critic explains of those, 1 − E[Var(G|s)]/Var(G), from pairs of continuations "
+        "of random prefixes (± bootstrap SE).",
+        [
+            ("step", "step", "d"),
+            ("logged EV (the step's batch)", "logged_ev", ".3f"),
+            ("EV (GAE)", "ev_gae", ".3f"),
+            ("its SD on one step's episodes", "ev_gae_sd_step", ".3f"),
+            ("EV (Monte Carlo)", "ev_mc", ".3f"),
+            ("ceiling (Monte Carlo) ± SE", "ceiling", ""),
+        ],
+        needs=MODELS,
+    ),
+    Section(
         "real_text",
         "The default pipeline on real text (Shakespeare, CPU)",
         ["bench/real_text.py"],

@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -148,9 +150,75 @@ def test_benches_on_trained_models_run(tiny_repo, tmp_path, monkeypatch, capsys)
             *("--pairs", str(data / "preferences" / "pairs.jsonl"), "--steps", "2"),
         ],
     }
+    runs["critic_ev"] = [
+        "critic_ev.py",
+        *("--params", str(tiny_repo / "params.yaml"), "--sft", str(models / "sft")),
+        *("--reward", str(models / "reward"), "--data", str(data / "prepared")),
+        *("--stage-csv", str(tiny_repo / "reports" / "plots" / "rl.csv")),
+        *("--steps", "3", "--at", "1", "3", "--episodes", "32", "--positions", "24"),
+    ]
     for section, argv in runs.items():
         out = tmp_path / f"{section}.json"
         monkeypatch.setattr(sys, "argv", [f"bench/{argv[0]}", *argv[1:], "--json", str(out)])
         load(argv[0]).main()
         assert json.loads(out.read_text(encoding="utf-8"))["figures"]["rows"], section
     capsys.readouterr()
+    ev = load("critic_ev.py")
+    fig = json.loads((tmp_path / "critic_ev.json").read_text(encoding="utf-8"))["figures"]
+    assert [r["step"] for r in fig["rows"]] == [1, 3] and fig["step_episodes"] == 16
+    logged = {h["step"]: h["rl/explained_variance"] for h in fig["history"]}
+    assert sorted(logged) == [1, 2, 3]
+    for r in fig["rows"]:
+        assert r["logged_ev"] == logged[r["step"]]
+        assert r["ev_gae"] <= 1 and r["ev_mc"] <= 1 and r["ev_gae_sd_step"] > 0
+        assert r["var_within"] >= 0 and r["var_returns"] > 0 and r["ceiling_mc_se"] > 0
+        assert -3 * r["ceiling_mc_se"] <= r["ceiling_mc"] <= 1, r
+        assert r["ceiling"] == f"{r['ceiling_mc']:.3f} ± {r['ceiling_mc_se']:.3f}"
+    # measuring between steps leaves the training run the stage's own, metric for metric (up
+    # to float rounding: another sampled token would move them by far more)
+    diff = fig["stage_max_abs_diff"]
+    assert set(diff) == set(ev.LOGGED) and max(diff.values()) < 1e-4, diff
+    assert fig["stage_same_through"] == 3 and "is the stage's logged run (" in fig["caption"]
+    capsys.readouterr()
+
+
+def pairs_of_returns(rng, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two returns from each of n states: G = f(s) + ε, Var f = 3, ε's SD varying with s
+    (E[Var(ε|s)] = 1) and skewed, so the ceiling Var f / Var G is 3/4."""
+    f = rng.normal(0.0, np.sqrt(3.0), n)
+    sd = np.sqrt(2.0 * rng.uniform(0.0, 1.0, n))  # E[sd²] = 1
+    noise = rng.exponential(1.0, (2, n)) - 1.0  # mean 0, variance 1
+    return f + sd * noise[0], f + sd * noise[1]
+
+
+def test_critic_ev_ceiling_estimator_recovers_the_closed_form():
+    """`mc_ceiling` on synthetic pairs: the within-state and total variances and the ceiling
+    of the closed form; its bootstrap SE is the spread of the estimate over replications."""
+    ev = load("critic_ev.py")
+    rng = np.random.default_rng(0)
+    ceiling, within, total = ev.mc_ceiling(*pairs_of_returns(rng, 400_000))
+    assert abs(within - 1.0) < 0.02 and abs(total - 4.0) < 0.04 and abs(ceiling - 0.75) < 0.005
+    reps = np.array([ev.mc_ceiling(*pairs_of_returns(rng, 256))[0] for _ in range(400)])
+    assert abs(reps.mean() - 0.75) < 0.01  # unbiased to well within one SE (about 0.03)
+    se = np.mean([ev.bootstrap_se(*pairs_of_returns(rng, 256), 400, s) for s in range(40)])
+    assert 0.8 < se / reps.std() < 1.25, (se, reps.std())
+    same = rng.normal(size=64)
+    assert ev.mc_ceiling(same, same)[0] == 1.0  # returns the state fixes: all explainable
+    noise = rng.normal(size=(2, 100_000))
+    assert abs(ev.mc_ceiling(noise[0], noise[1])[0]) < 0.02  # nothing the state tells
+
+
+def test_critic_ev_mc_returns_are_score_minus_beta_times_kl_to_go():
+    ev = load("critic_ev.py")
+    from lmpipe.rl import core
+
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.arange(6)[None] < torch.tensor([[6], [3], [1]])
+    k1 = torch.randn(3, 6, generator=gen) * mask
+    scores, beta = torch.tensor([1.5, -2.0, 0.3]), 0.2
+    got = ev.mc_returns(core.token_rewards(scores, k1, mask, beta), mask, 1.0)
+    to_go = k1.flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(got, (scores[:, None] - beta * to_go) * mask)
+    values = torch.randn(3, 6, generator=gen)
+    blocks = ev.sub_batch_ev(values.repeat(2, 1), got.repeat(2, 1), mask.repeat(2, 1), 3)
+    assert blocks == [core.explained_variance(values, got, mask)] * 2
