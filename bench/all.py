@@ -165,8 +165,8 @@ SECTIONS = [
         "PPO's critic: the noise and the ceiling of its explained variance",
         ["bench/critic_ev.py"],
         "expensive",
-        "The default PPO run retrained in one process on the committed SFT and reward models "
-        "(checked against the stage's logged run) and, before the listed steps' updates, fresh "
+        "The default PPO run retrained in one process on the SFT and reward models of `make "
+        "repro` on the machine below (checked against that run's logged metrics) and, before the listed steps' updates, fresh "
         "episodes of the training prompts: the critic's explained variance against the GAE "
         "returns as `rl/explained_variance` logs it, its SD over disjoint batches of one "
         "step's size (the noise of the logged figure), against Monte Carlo returns, and the "
