@@ -166,12 +166,12 @@ SECTIONS = [
         ["bench/critic_ev.py"],
         "expensive",
         "The default PPO run retrained in one process on the SFT and reward models of `make "
-        "repro` on the machine below (checked against that run's logged metrics) and, before the listed steps' updates, fresh "
-        "episodes of the training prompts: the critic's explained variance against the GAE "
-        "returns as `rl/explained_variance` logs it, its SD over disjoint batches of one "
-        "step's size (the noise of the logged figure), against Monte Carlo returns, and the "
-        "most any critic explains of those, 1 − E[Var(G|s)]/Var(G), from pairs of continuations "
-        "of random prefixes (± bootstrap SE).",
+        "repro` on the machine below (checked against that run's logged metrics) and, before "
+        "the listed steps' updates, fresh episodes of the training prompts: the critic's "
+        "explained variance against the GAE returns as `rl/explained_variance` logs it, its SD "
+        "over disjoint batches of one step's size (the noise of the logged figure), against "
+        "Monte Carlo returns, and the most any critic explains of those, 1 − "
+        "E[Var(G|s)]/Var(G), from pairs of continuations of random prefixes (± bootstrap SE).",
         [
             ("step", "step", "d"),
             ("logged EV (the step's batch)", "logged_ev", ".3f"),
