@@ -27,10 +27,11 @@ def test_rl_stage_outputs(tiny_repo):
     assert 0 <= lo <= rep["posterior_kl"] <= hi
     assert rep["log_z_interval"][1] <= rep["reward_max"] / rep["beta"] + 1e-9
     order = rep["reward_gold_order"]
-    assert order["sft"]["pairs"] > 0 and 0 <= order["sft"]["accuracy"] <= 1
-    # the tiny policy may end no response with EOS (no proxy score): then no pairs, NaN
-    pol = order["policy"]
-    assert 0 <= pol["accuracy"] <= 1 if pol["pairs"] else np.isnan(pol["accuracy"])
+    # the tiny models may end no response with EOS (no proxy score): then no pairs, NaN;
+    # which ones do depends on the thread count, so neither side may count on pairs
+    for side in ("sft", "policy"):
+        got = order[side]
+        assert 0 <= got["accuracy"] <= 1 if got["pairs"] else np.isnan(got["accuracy"]), side
     best = rep["best_of_n"]
     assert [b["n"] for b in best][:3] == [1, 2, 4] and best[0]["kl_bound"] == 0.0
     for b in best:  # J bound = reward − β·KL bound, the frontier the policy is judged against
