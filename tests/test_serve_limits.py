@@ -4,6 +4,7 @@ case a hostile or careless client found (a 500, a stall, leaked text), now a 4xx
 from __future__ import annotations
 
 import json
+import sys
 import threading
 
 import pytest
@@ -11,7 +12,9 @@ from fastapi.testclient import TestClient
 
 from lmpipe.serve.app import create_app
 from lmpipe.serve.engine import Completer
+from lmpipe.serve.errors import RequestError
 from lmpipe.serve.limits import ServerLimits
+from lmpipe.serve.schema import parse_body
 from serve_bundles import Gate
 
 LIMITS = ServerLimits(
@@ -167,6 +170,22 @@ def test_when_full_the_server_refuses_before_tokenizing_and_health_says_so(clien
 def test_malformed_bodies_get_a_400_in_openai_shape(client, body, words):
     assert words in error_of(raw(client, body), 400)["message"]
     error_of(raw(client, body, "/v1/chat/completions"), 400)
+
+
+@pytest.mark.parametrize("limit", [1100, 10_000])
+@pytest.mark.parametrize("template", [b"%s", b'{"a": %s}'], ids=["array", "in-object"])
+def test_deep_nesting_is_named_whether_or_not_json_recurses_past_the_limit(limit, template):
+    """Whether json.loads raises RecursionError on 1000 nested arrays depends on the stack it
+    starts from (CI once parsed it and answered "must be a JSON object"): both ways name depth."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit)
+    try:
+        for depth in (33, 1000, 5000):
+            with pytest.raises(RequestError, match="nests deeper than 32"):
+                parse_body(template % (b"[" * depth + b"]" * depth))
+    finally:
+        sys.setrecursionlimit(old)
+    assert "a" in parse_body(b'{"a": ' + b"[" * 31 + b"]" * 31 + b"}")  # 32 levels: the limit
 
 
 def test_a_lone_surrogate_in_a_message_is_a_400(client):

@@ -33,9 +33,9 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise RequestError(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as err:  # JSONDecodeError, NaN, an integer of more than 4300 digits
         raise RequestError(f"the body is not valid JSON: {err}") from None
-    if not isinstance(obj, dict):
-        raise RequestError("the body must be a JSON object")
-    todo: list[tuple[Any, int, str]] = [(obj, 1, "body")]
+    # the depth is checked before the type: whether json.loads itself hits RecursionError on a
+    # deep array depends on the caller's stack, so a deep array must fail here the same way
+    todo: list[tuple[Any, int, str]] = [(obj, 1, "body")] if isinstance(obj, dict | list) else []
     while todo:  # iterative: the walk itself must not recurse on hostile input
         value, depth, where = todo.pop()
         if depth > MAX_JSON_DEPTH:
@@ -53,6 +53,8 @@ def parse_body(body: bytes) -> dict[str, Any]:
                 )
             if isinstance(v, dict | list):
                 todo.append((v, depth + 1, path))
+    if not isinstance(obj, dict):
+        raise RequestError("the body must be a JSON object")
     return obj
 
 
