@@ -215,6 +215,12 @@ def compare(args) -> None:
             try:
                 with time_limit(limit):
                     t = timed(fn, args.device)
+                # dynamo catches exceptions while it traces, the alarm's among them, and falls
+                # back to eager: a call that outlived the limit is skipped all the same
+                if limit and t > limit:
+                    raise TimeoutError(
+                        f"compiling took {t:.1f} s, over {limit:g} s (--compile-timeout)"
+                    )
             except Exception as err:  # a compiler's failure or timeout skips its engine
                 if name not in COMPILED:
                     raise
