@@ -146,7 +146,7 @@ def synthetic_pairs(n: int, seed: int, k: int = 4) -> tuple[list[PreferenceExamp
     return out, keys
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "sum"])
 def test_reward_model_separates_a_synthetic_problem(backbone, pooling):
     torch.manual_seed(0)
     model = build_reward_model(backbone, seed=0, pooling=pooling, response_token_id=3)
@@ -221,7 +221,7 @@ def test_grouped_batches_give_the_loss_and_gradient_of_separate_pairs(backbone):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "sum"])
 def test_scores_ignore_right_padding(backbone, pooling):
     model = build_reward_model(backbone, seed=1, pooling=pooling, response_token_id=3).eval()
     seqs = [[1, 3, 10, 11, 4, 12, 2], [1, 3, 10, 4, 2]]
@@ -244,7 +244,7 @@ def test_raw_scores_keep_input_order_through_dedupe_and_length_sort(backbone):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "sum"])
 def test_shared_prompts_give_the_plain_scores_and_gradients(tmp_path, arch, pooling):
     """Rows that share a prompt run it once (`shared_prompt_layout`): the same scores and the
     same gradients as the plain pass, for prompts of different lengths, responses of different
@@ -283,15 +283,17 @@ def test_shared_prompt_layout_only_where_it_applies():
         assert shared_prompt_layout(torch.tensor(rows), 4, 0) is None
 
 
-def test_mean_pooling_averages_the_head_over_response_positions(backbone):
-    """By hand: the head at each position after RESPONSE (EOS included, pads not), averaged;
-    a sequence without RESPONSE averages all its tokens."""
-    model = build_reward_model(backbone, seed=2, pooling="mean", response_token_id=4).eval()
+@pytest.mark.parametrize("pooling", ["mean", "sum"])
+def test_pooling_reduces_the_head_over_response_positions(backbone, pooling):
+    """By hand: the head at each position after RESPONSE (EOS included, pads not), averaged or
+    summed; a sequence without RESPONSE pools all its tokens."""
+    model = build_reward_model(backbone, seed=2, pooling=pooling, response_token_id=4).eval()
     ids = torch.tensor([[1, 3, 10, 11, 4, 12, 13, 2, 0, 0], [1, 3, 10, 12, 13, 14, 2, 0, 0, 0]])
     with torch.no_grad():
         head = model.score(model.base_model(input_ids=ids).last_hidden_state).squeeze(-1)
         got = sequence_scores(model, ids)
-    want = [head[0, 5:8].mean(), head[1, :7].mean()]
+    reduce = torch.mean if pooling == "mean" else torch.sum
+    want = [reduce(head[0, 5:8]), reduce(head[1, :7])]
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)
     # what follows the EOS (padding) changes nothing
     padded = ids.clone()
@@ -489,12 +491,13 @@ def test_bag_of_words_baseline_learns_a_lexical_preference():
     assert blind["gold_order_accuracy"] <= 0.75
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "sum"])
 def test_critic_from_the_reward_model_scores_each_partial_response(backbone, pooling):
     """PPO's critic copied from the reward model starts as the reward model's normalised score
     of the response so far, pooled the way the reward model pools: V_t (before response token
     t) = gain·raw(prompt + first t tokens) + bias. Mean pooling shrinks that toward the
-    normalised mean 0 with n0 pseudo-tokens: exact as n0 → 0, 0 before the first token."""
+    normalised mean 0 with n0 pseudo-tokens: exact as n0 → 0, 0 before the first token. Sum
+    pooling adds the rest's expected raw score, which fades with n0: the same limits."""
     from lmpipe.rl.rollout import ValueModel
     from lmpipe.sampling import Generation
 
@@ -508,11 +511,11 @@ def test_critic_from_the_reward_model_scores_each_partial_response(backbone, poo
         seq, torch.ones_like(seq), len(prompt), seq[:, len(prompt) :], mask, torch.tensor([True])
     )
     with torch.no_grad():
-        if pooling == "mean":
+        if pooling != "last":
             assert float(value(gen, slice(None))[0, 0]) == pytest.approx(0.0, abs=1e-6)
             value.log_n0.fill_(math.log(1e-6))
         v = value(gen, slice(None))[0]
-    first = 0 if pooling == "last" else 1  # mean pooling has no score of an empty response
+    first = 0 if pooling == "last" else 1  # a pooled score of an empty response is undefined
     want = [
         gain * raw_scores(model, [prompt + response[:t]], 0)[0] + bias
         for t in range(first, len(response))

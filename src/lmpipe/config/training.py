@@ -133,9 +133,9 @@ class RewardParams(TrainParams):
         "model over-fits small preference sets)",
     )
     margin: float = Field(0.0, ge=0, description="loss: -log sigmoid(r_chosen - r_rejected - m)")
-    pooling: Literal["last", "mean"] = Field(
+    pooling: Literal["last", "mean", "sum"] = Field(
         "mean",
-        description="last token (as plain transformers) or mean over response tokens",
+        description="last token (as plain transformers), or the mean or sum over response tokens",
     )
     norm_samples: int = Field(
         512, ge=16, description="fresh SFT samples that fit the gain/bias (mean 0, std 1)"

@@ -5,11 +5,11 @@ The reward model is `AutoModelForSequenceClassification` (one label) on the SFT 
 the prompt and answer in the SFT template (`ChatTemplate.pair`; plain: `BOS PROMPT prompt
 RESPONSE response EOS`). Sequence lengths, not PAD ids, say where padding starts (PAD may equal
 EOS). Its scalar head reads either the hidden state of the last non-pad token (`pooling: last`,
-what plain transformers computes) or every response position, averaged (`pooling: mean`); the
-choice is stored in the model's config.json as `lmpipe_reward_pooling`, so
-`scoring.sequence_scores` scores a saved model the way it was trained. Its raw score r is
-normalised as gain·r + bias, fitted to mean 0, std 1 on fresh samples of the SFT policy; the
-constants live in `lmpipe.json`.
+what plain transformers computes) or every response position, averaged (`pooling: mean`) or
+summed (`pooling: sum`); the choice is stored in the model's config.json as
+`lmpipe_reward_pooling`, so `scoring.sequence_scores` scores a saved model the way it was
+trained. Its raw score r is normalised as gain·r + bias, fitted to mean 0, std 1 on fresh
+samples of the SFT policy; the constants live in `lmpipe.json`.
 
 Modules, each importing only those above it:
 - `scoring`: sequence scores (pooling, shared prompts) and batched raw scores.

@@ -26,7 +26,7 @@ def encode_for_reward(
     return ids if len(ids) <= context else None
 
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "sum")
 
 
 def build_reward_model(
@@ -72,7 +72,7 @@ def build_reward_model(
     if response_token_id is None and pooling != "last":
         marker = load_template(sft_dir).response_marker
         response_token_id, marker_last = marker if marker else (None, False)
-    if response_token_id is not None:  # mean pooling and prompt sharing read it
+    if response_token_id is not None:  # mean/sum pooling and prompt sharing read it
         model.config.lmpipe_response_token_id = response_token_id
         model.config.lmpipe_response_marker_last = marker_last
     return model

@@ -1,5 +1,6 @@
-"""Scoring token sequences with a reward model: the head's pooling (`last` or `mean` over the
-answer), prompts run once for the rows that share them, and batched scoring of many sequences."""
+"""Scoring token sequences with a reward model: the head's pooling (`last`, or `mean` or `sum`
+over the answer), prompts run once for the rows that share them, and batched scoring of many
+sequences."""
 
 from __future__ import annotations
 
@@ -87,8 +88,7 @@ def sequence_scores(
         if not last_marker:  # a RESPONSE token inside a response is not a response position
             after &= input_ids != rid
         keep = torch.where((cut >= 0)[:, None], after, torch.ones_like(after)) & real
-    weight = keep.float()
-    return (per_token * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
+    return _pool(per_token, keep.float(), config)
 
 
 @dataclass
@@ -162,8 +162,15 @@ def _shared_prompt_scores(model: torch.nn.Module, layout: PromptLayout) -> torch
     weight = r_mask.bool()
     if layout.response_id is not None:  # as the plain pass: a marker inside an answer
         weight = weight & (layout.response_ids != layout.response_id)
-    weight = weight.float()
-    return (per_token * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
+    return _pool(per_token, weight.float(), config)
+
+
+def _pool(per_token: torch.Tensor, weight: torch.Tensor, config) -> torch.Tensor:
+    """The response positions' scores, summed (`sum`) or averaged (`mean`)."""
+    total = (per_token * weight).sum(-1)
+    if getattr(config, "lmpipe_reward_pooling", "last") == "sum":
+        return total
+    return total / weight.sum(-1).clamp(min=1.0)
 
 
 @torch.no_grad()

@@ -29,7 +29,10 @@ class ValueModel(torch.nn.Module):
     pseudo-tokens, V_t = scale·(Σ_{s<t} head(h_s) + n0·prior)/(t + n0) + shift. A copied
     mean-pooled reward head read at single positions predicts nothing (its outputs there
     have several times the spread of the scores); pooled, it predicts the score of the
-    partial response from step 1. Scale, shift, prior and n0 are learnt with the rest.
+    partial response from step 1. "sum" does the same for a sum-pooled reward model: the
+    sum so far plus the rest's expected sum, which starts at the prior (the mean raw score)
+    and fades as tokens come, V_t = scale·(Σ_{s<t} head(h_s) + prior·n0/(t + n0)) + shift.
+    Scale, shift, prior and n0 are learnt with the rest.
     """
 
     def __init__(
@@ -44,10 +47,10 @@ class ValueModel(torch.nn.Module):
         n0: float = 16.0,
     ) -> None:
         super().__init__()
-        if pooling not in ("token", "mean"):
-            raise ValueError(f"value pooling {pooling!r} is not 'token' or 'mean'")
+        if pooling not in ("token", "mean", "sum"):
+            raise ValueError(f"value pooling {pooling!r} is not 'token', 'mean' or 'sum'")
         self.backbone, self.head, self.pooling = backbone, head, pooling
-        if pooling == "mean":
+        if pooling != "token":
             self.scale = torch.nn.Parameter(torch.tensor(float(scale)))
             self.shift = torch.nn.Parameter(torch.tensor(float(shift)))
             self.prior = torch.nn.Parameter(torch.tensor(float(prior)))
@@ -61,18 +64,19 @@ class ValueModel(torch.nn.Module):
         pooled as the reward model pools and scaled by its normalisation (`gain`·raw +
         `bias`), so the first values are the normalised score of each partial response: a
         last-token reward model read at every position, a mean-pooled one averaged over the
-        tokens so far with a prior of the normalised mean, 0."""
+        tokens so far with a prior of the normalised mean, 0 (a sum-pooled one summed, plus
+        a fading prior of the rest)."""
         backbone = copy.deepcopy(reward_model.base_model)
         src = reward_model.score
         head = torch.nn.Linear(src.in_features, 1, bias=True)
         src_bias = float(src.bias) if src.bias is not None else 0.0
         pooling = getattr(reward_model.config, "lmpipe_reward_pooling", "last")
         with torch.no_grad():
-            if pooling == "mean":
+            if pooling in ("mean", "sum"):
                 head.weight.copy_(src.weight)
                 head.bias.fill_(src_bias)
                 prior = -bias / gain if gain else 0.0  # raw score whose normalised value is 0
-                model = cls(backbone, head, "mean", scale=gain, shift=bias, prior=prior)
+                model = cls(backbone, head, pooling, scale=gain, shift=bias, prior=prior)
                 return disable_dropout(model)
             head.weight.copy_(src.weight * gain)
             head.bias.fill_(bias + gain * src_bias)
@@ -106,4 +110,6 @@ class ValueModel(torch.nn.Module):
         seen = torch.cumsum(per_token, dim=1) - per_token[:, :1]
         t = torch.arange(per_token.shape[1], device=per_token.device, dtype=per_token.dtype)
         n0 = self.log_n0.exp()
+        if self.pooling == "sum":
+            return self.scale * (seen + self.prior * n0 / (t + n0)) + self.shift
         return self.scale * (seen + n0 * self.prior) / (t + n0) + self.shift
