@@ -184,11 +184,13 @@ class Gate:
 
     def __init__(self, completer):
         self.completer, self.open_ = completer, threading.Event()
+        self.held = threading.Event()  # set once the worker waits at the gate with a batch
         self.inner = completer.lm.stream_rows
         completer.lm.stream_rows = self.stream_rows
 
     def stream_rows(self, prompts, rows):
-        self.open_.wait(30)
+        self.held.set()
+        self.open_.wait(300)  # only a bound against a hung test; the tests open it themselves
         yield from self.inner(prompts, rows)
 
     def open(self):

@@ -179,11 +179,11 @@ def test_waiting_requests_run_as_one_batch_each_with_its_own_settings(bundle):
         first = completer.batches
         gate = Gate(completer)
         threads = post_in_threads(c, [{"prompt": "w1", "max_tokens": 2}], {})
-        while completer.pending < 1:
-            threading.Event().wait(0.01)
+        assert gate.held.wait(60)  # the worker holds the first request's batch at the gate
         together = {}
         threads += post_in_threads(c, bodies, together)  # they queue behind the gated batch
-        while completer.pending < 1 + len(bodies):
+        # queued, not just admitted: a request holds its slot before it is tokenized and queued
+        while len(completer.waiting) < len(bodies):
             threading.Event().wait(0.01)
         gate.open()
         for t in threads:
