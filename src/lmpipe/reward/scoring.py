@@ -52,8 +52,8 @@ def sequence_scores(
 
     `last`: the head at the last real token (transformers' own sequence classification).
     `mean`: the head at every answer position (after the template's answer marker, e.g.
-    RESPONSE, up to and including the end-of-turn token), averaged. A sequence without the
-    marker is averaged over all its tokens.
+    RESPONSE, up to and including the end-of-turn token), averaged; `sum`: the same positions
+    summed. A sequence without the marker pools over all its tokens.
     On the default task (sentiment of the response) `mean` ranks pairs much better than `last`
     (README, section "reward"); a causal model reading one position has to learn to gather
     the evidence first.
@@ -73,7 +73,8 @@ def sequence_scores(
         return _shared_prompt_scores(model, layout)
     t = torch.arange(input_ids.shape[1], device=input_ids.device)
     real = t < n[:, None]
-    if getattr(config, "lmpipe_reward_pooling", "last") == "last":
+    pooling = pooling_of(config)
+    if pooling == "last":
         if lengths is None:
             return model(input_ids=input_ids).logits[:, 0].float()
         hidden = model.base_model(input_ids=input_ids).last_hidden_state
@@ -88,7 +89,7 @@ def sequence_scores(
         if not last_marker:  # a RESPONSE token inside a response is not a response position
             after &= input_ids != rid
         keep = torch.where((cut >= 0)[:, None], after, torch.ones_like(after)) & real
-    return _pool(per_token, keep.float(), config)
+    return _pool(per_token, keep.float(), pooling)
 
 
 @dataclass
@@ -156,19 +157,25 @@ def _shared_prompt_scores(model: torch.nn.Module, layout: PromptLayout) -> torch
         model.base_model, layout.prompt_ids, layout.prompt_mask, owner, layout.response_ids, r_mask
     )
     per_token = model.score(hidden).squeeze(-1).float()  # (B, R)
-    config = model.config
-    if getattr(config, "lmpipe_reward_pooling", "last") == "last":
+    pooling = pooling_of(model.config)
+    if pooling == "last":
         return per_token[torch.arange(len(owner), device=owner.device), r_mask.sum(-1) - 1]
     weight = r_mask.bool()
     if layout.response_id is not None:  # as the plain pass: a marker inside an answer
         weight = weight & (layout.response_ids != layout.response_id)
-    return _pool(per_token, weight.float(), config)
+    return _pool(per_token, weight.float(), pooling)
 
 
-def _pool(per_token: torch.Tensor, weight: torch.Tensor, config) -> torch.Tensor:
+def pooling_of(config) -> str:
+    """The reward model's pooling; a model without lmpipe's attribute is a plain transformers
+    sequence classifier, which reads the last token."""
+    return getattr(config, "lmpipe_reward_pooling", "last")
+
+
+def _pool(per_token: torch.Tensor, weight: torch.Tensor, pooling: str) -> torch.Tensor:
     """The response positions' scores, summed (`sum`) or averaged (`mean`)."""
     total = (per_token * weight).sum(-1)
-    if getattr(config, "lmpipe_reward_pooling", "last") == "sum":
+    if pooling == "sum":
         return total
     return total / weight.sum(-1).clamp(min=1.0)
 
