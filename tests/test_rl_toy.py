@@ -11,10 +11,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from lmpipe.config import ModelParams, RLParams
 from lmpipe.logprobs import prompt_owners, response_logprobs
 from lmpipe.model import build_model
+from lmpipe.optim import rl_lr_at
 from lmpipe.rl.loop import RLTrainer
 from lmpipe.rl.posterior import draw, posterior_kl, rescore
 from lmpipe.rl.rollout import ValueModel
@@ -207,6 +209,28 @@ def test_critic_lr_moves_only_the_critic_and_follows_the_schedule():
     assert max(float(d.abs().max()) for d in val_b.values()) > 3 * max(
         float(d.abs().max()) for d in val_a.values()
     )
+
+
+def test_rl_warmup_ramps_then_decays_and_is_checked():
+    """`rl.warmup_steps` ramps the rate linearly to `rl.lr` over its steps (never 0 at the first
+    step), then the schedule runs from the peak: linear to 0 at `rl.steps`, or constant; the
+    trainer applies it to every group, the critic's own peak included."""
+    cfg = RLParams(lr=1e-3, steps=6, warmup_steps=2)
+    assert [rl_lr_at(s, cfg) for s in range(7)] == pytest.approx(
+        [1e-3 / 3, 2e-3 / 3, 1e-3, 0.75e-3, 0.5e-3, 0.25e-3, 0.0]
+    )
+    flat = cfg.model_copy(update={"lr_schedule": "constant"})
+    assert [rl_lr_at(s, flat) for s in range(4)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
+    plain = RLParams(lr=1e-3, steps=4)
+    assert [rl_lr_at(s, plain) for s in range(4)] == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+    with pytest.raises(ValidationError, match="rl.warmup_steps"):
+        RLParams(steps=4, warmup_steps=4)
+    policy, ref = make_models()
+    t = trainer("ppo", policy, ref, lr=1e-3, steps=4, warmup_steps=1, ppo={"critic_lr": 1e-2})
+    t.train_step()
+    assert [g["lr"] for g in t.opt.param_groups] == pytest.approx([5e-4, 5e-3])
+    t.train_step()
+    assert [g["lr"] for g in t.opt.param_groups] == pytest.approx([1e-3, 1e-2])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

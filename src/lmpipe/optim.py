@@ -1,5 +1,5 @@
-"""The training loop's optimizer and learning-rate schedule: AdamW without weight decay on norms
-and biases, linear warmup then cosine decay to a floor."""
+"""The optimizer and learning-rate schedules: AdamW without weight decay on norms and biases;
+the training loop's linear warmup then cosine decay to a floor; RL's warmup then linear decay."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lmpipe.config import TrainParams
+from lmpipe.config import RLParams, TrainParams
 
 
 def lr_at(step: int, cfg: TrainParams) -> float:
@@ -19,6 +19,18 @@ def lr_at(step: int, cfg: TrainParams) -> float:
     progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def rl_lr_at(step: int, cfg: RLParams) -> float:
+    """RL's rate at a rollout step: linear warmup over rl.warmup_steps (the first step at
+    lr/(w+1), since Adam's first updates move every weight by about the rate whatever the
+    advantages' scale), then constant or linear decay to 0 at rl.steps."""
+    w = cfg.warmup_steps
+    if step < w:
+        return cfg.lr * (step + 1) / (w + 1)
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * max(0.0, (cfg.steps - step) / (cfg.steps - w))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -83,6 +83,11 @@ class RLParams(Section):
     lr_schedule: Literal["linear", "constant"] = Field(
         "linear", description="linear: decay to 0 over rl.steps (as TRL's default); constant"
     )
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="steps of linear warmup to rl.lr before the schedule (0 = none)",
+    )
     adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon")
     grad_clip: GradClip = 1.0
     minibatch_size: int = Field(32, ge=1, description="sequences per minibatch / forward chunk")
@@ -118,6 +123,10 @@ class RLParams(Section):
 
     @model_validator(mode="after")
     def _check(self) -> RLParams:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"rl.warmup_steps ({self.warmup_steps}) must be below rl.steps ({self.steps})"
+            )
         if self.algo in ("rloo", "dpg") and self.samples_per_prompt < 2:
             raise ValueError(f"rl.algo {self.algo!r} needs rl.samples_per_prompt >= 2")
         if self.sharding == "fsdp" and self.samples_per_prompt < 2:

@@ -21,6 +21,7 @@ import torch
 from lmpipe.config import RLParams
 from lmpipe.dist import gather_shards, shard
 from lmpipe.logprobs import response_logprobs
+from lmpipe.optim import rl_lr_at
 from lmpipe.progress import Progress
 from lmpipe.rl import core
 from lmpipe.rl.dpg import DPG
@@ -111,9 +112,7 @@ class RLTrainer:
         return metrics
 
     def lr(self) -> float:
-        if self.cfg.lr_schedule == "constant":
-            return self.cfg.lr
-        return self.cfg.lr * max(0.0, 1.0 - self.step / self.cfg.steps)
+        return rl_lr_at(self.step, self.cfg)
 
     # ----------------------------------------------------------------------- rollout
 
