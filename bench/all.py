@@ -43,6 +43,19 @@ class Section:
 
 
 FIGURE = [("figure", 0, ""), ("value", 1, "")]
+# bench/beta_sweep.py's table: RL against best-of-n interpolated at RL's KL
+SWEEP: list[Column] = [
+    ("β", "beta", ""),
+    ("RL reward", "score", ""),
+    ("best-of-n reward at RL's KL", "bon_score", ""),
+    ("gold", "gold", ""),
+    ("best-of-n gold at RL's KL", "bon_gold", ""),
+    ("gold − best-of-n (in SEs)", "gold_gap", ""),
+    ("KL", "kl", ""),
+    ("J", "j", ""),
+    ("best-of-n's best J bound", "bon_j", ""),
+    ("KL(π‖π*)", "posterior_kl", ""),
+]
 SAMPLERS = [
     ("sampler", "sampler", ""),
     ("tokens/s", "tokens_per_sec", ",.0f"),
@@ -127,18 +140,35 @@ SECTIONS = [
         "The rl stage alone at each β on the committed SFT and reward models (mean ± SE over "
         "seeds), against best-of-n from π₀ interpolated at RL's KL on the same eval prompts; "
         "where RL's KL is beyond best-of-32's bound the best-of-n columns are best-of-32's.",
+        SWEEP,
+        needs=MODELS,
+    ),
+    Section(
+        "rl_batch",
+        "RL at β 0.5: batch, steps and learning rate",
         [
-            ("β", "beta", ""),
-            ("RL reward", "score", ""),
-            ("best-of-n reward at RL's KL", "bon_score", ""),
-            ("gold", "gold", ""),
-            ("best-of-n gold at RL's KL", "bon_gold", ""),
-            ("gold − best-of-n (in SEs)", "gold_gap", ""),
-            ("KL", "kl", ""),
-            ("J", "j", ""),
-            ("best-of-n's best J bound", "bon_j", ""),
-            ("KL(π‖π*)", "posterior_kl", ""),
+            "bench/beta_sweep.py",
+            "--betas",
+            "0.5",
+            "--seeds",
+            "2",
+            "--jobs",
+            "2",
+            "--variant",
+            "4x episodes, half the lr:rl.prompts_per_step=64,rl.steps=80,rl.lr=5e-5",
+            "--variant",
+            "2x batch:rl.prompts_per_step=64",
+            "--variant",
+            "2x batch, half the steps:rl.prompts_per_step=64,rl.steps=20",
+            "--variant",
+            "default:",
         ],
+        "expensive",
+        "The rl stage at β 0.5, where RL is furthest from best-of-n, with more episodes a step, "
+        "more steps or a lower rate (mean ± SE over seeds), on the SFT and reward models of "
+        "`dvc repro reward` on the machine below, against best-of-n from π₀ interpolated at "
+        "RL's KL on the same eval prompts.",
+        [("settings", "variant", ""), *(c for c in SWEEP if c[1] not in ("beta", "gold_gap"))],
         needs=MODELS,
     ),
     Section(

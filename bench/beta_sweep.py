@@ -5,9 +5,13 @@ Markdown table per β: RL's RL reward (proxy), gold, KL and J (mean ± SE over s
 reward and gold interpolated at RL's KL, and RL − best-of-n in standard errors.
 
     python bench/beta_sweep.py [--betas 0.05 0.1 0.2 0.5] [--seeds 3] [--set rl.steps=80 ...]
+                               [--variant "2x batch:rl.prompts_per_step=64" ...]
                                [--workdir /tmp/beta-sweep] [--jobs 2]
 
-`--jobs N` runs N stage runs at once, each with 1/N of the cores' threads. The caption gives,
+`--set` applies to every run; each `--variant "NAME:KEY=VALUE,KEY=VALUE"` adds a row per β with
+its overrides on top (`NAME:` alone is the defaults), so one command compares settings on the
+same models, prompts and seeds. `--jobs N` runs N stage runs at once, each with 1/N of the cores'
+threads. The caption gives,
 averaged over the runs, the critic's explained variance (lowest from step 10 on, and median) and
 `j_slope_ratio` (J's slope over the last 20% of steps over its mean slope).
 
@@ -19,6 +23,7 @@ Needs models/sft, models/reward and data/prepared (after `dvc repro` or `dvc pul
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import os
@@ -108,6 +113,48 @@ def fmt(m: tuple[float, float], digits: int = 3) -> str:
     return f"{m[0]:.{digits}f}" + (f" ± {m[1]:.{digits}f}" if np.isfinite(m[1]) else "")
 
 
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """ "NAME:KEY=VALUE,KEY=VALUE" → (NAME, ["KEY=VALUE", ...]); "NAME:" is the defaults."""
+    name, colon, rest = text.partition(":")
+    sets = [s.strip() for s in rest.split(",") if s.strip()]
+    if not colon or not name.strip() or any("=" not in s for s in sets):
+        raise ValueError(f"--variant {text!r}: use NAME:KEY=VALUE,KEY=VALUE (or NAME: alone)")
+    return name.strip(), sets
+
+
+def with_overrides(params: dict, sets: list[str]) -> dict:
+    """A copy of params with each "rl.KEY=VALUE" (rl.ppo.clip=0.1: a nested key) set, the value
+    read as YAML."""
+    out = copy.deepcopy(params)
+    for s in sets:
+        key, eq, value = s.partition("=")
+        if not eq:
+            raise ValueError(f"override {s!r}: use KEY=VALUE")
+        *path, leaf = key.removeprefix("rl.").split(".")
+        node = out["rl"]
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml_value(value)
+    return out
+
+
+def yaml_value(text: str) -> Any:
+    """The value as YAML reads it, except that "5e-5" is a float (YAML 1.1 wants "5.0e-5")."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def run_name(beta: float, seed: int, sets: list[str]) -> str:
+    """The run's folder: its overrides in the name, so a run with other params never overwrites
+    this one's."""
+    return f"beta{beta}-seed{seed}" + "".join(f"-{o}".replace("/", "_") for o in sets)
+
+
 def base_params() -> dict:
     """params.yaml with tracking off: the runs' starting point."""
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -140,32 +187,36 @@ def main() -> None:
     ap.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--set", action="append", default=[], help="rl param override key=value")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME:KEY=VALUE,KEY=VALUE — a row per β with these rl overrides on top of --set",
+    )
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/beta-sweep"))
     ap.add_argument("--jobs", type=int, default=1, help="stage runs at once")
     add_json_arg(ap)
     args = ap.parse_args()
-    base = base_params()
-    for s in args.set:
-        key, _, value = s.partition("=")
-        *path, leaf = key.removeprefix("rl.").split(".")  # rl.ppo.clip: a nested key
-        node = base["rl"]
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+    try:
+        variants = [parse_variant(v) for v in args.variant] or [("", [])]
+        base = with_overrides(base_params(), args.set)
+        bases = {name: with_overrides(base, sets) for name, sets in variants}
+    except ValueError as e:
+        ap.error(str(e))
     t0 = time.time()
-    # overrides name the run folders, so a run with other params never overwrites this one's
-    tag = "".join(f"-{o}".replace("/", "_") for o in args.set)
     runs = {
-        (beta, seed): (
-            f"beta{beta}-seed{seed}{tag}",
-            {**base, "seed": base["seed"] + seed, "rl": {**base["rl"], "kl_coef": beta}},
+        (name, beta, seed): (
+            run_name(beta, seed, args.set + sets),
+            {**p, "seed": p["seed"] + seed, "rl": {**p["rl"], "kl_coef": beta}},
         )
+        for name, sets in variants
+        for p in [bases[name]]
         for beta in args.betas
         for seed in range(args.seeds)
     }
 
-    def summarise(item: tuple[float, int], rep: dict) -> dict:
-        beta, seed = item
+    def summarise(item: tuple[str, float, int], rep: dict) -> dict:
+        name, beta, seed = item
         best = rep["best_of_n"]
         kl = rep["kl_to_ref"]
         j = rep["objective_j"]["final"]
@@ -185,15 +236,16 @@ def main() -> None:
             "j_slope": rep["j_slope_ratio"],
             "bon_js": {b["n"]: b["objective_j_lower"] for b in best},
         }
-        print(f"β {beta} seed {seed}: {json.dumps({**run, **extra})}", flush=True)
+        label = f"{name}, " if name else ""
+        print(f"{label}β {beta} seed {seed}: {json.dumps({**run, **extra})}", flush=True)
         return {"run": run, "extra": extra}
 
     done = run_all(args.workdir, runs, args.jobs, summarise)
     table = []
     extras = [d["extra"] for d in done.values()]
-    for beta in args.betas:
-        runs = [done[(beta, seed)]["run"] for seed in range(args.seeds)]
-        row = {"beta": beta}
+    for (name, _), beta in ((v, b) for v in variants for b in args.betas):
+        runs = [done[(name, beta, seed)]["run"] for seed in range(args.seeds)]
+        row = {"variant": name, "beta": beta}
         for key in runs[0]:
             row[key] = mean_se([r[key] for r in runs])
         for key in ("score", "gold"):
@@ -205,16 +257,19 @@ def main() -> None:
         f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}), "
         f"{args.seeds} seeds a β, {time.time() - t0:.0f} s\n"
     )
+    named = any(name for name, _ in variants)
     print(
-        "| β | RL reward | best-of-n at RL's KL | gold | best-of-n gold | gold − bon (SE) "
+        ("| variant " if named else "")
+        + "| β | RL reward | best-of-n at RL's KL | gold | best-of-n gold | gold − bon (SE) "
         "| KL | J | best J bound of best-of-n | KL(π‖π*) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(("|---" if named else "") + "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for r in table:
         gap, se = r["gold_gap"]
         rows.append(
             {
+                **({"variant": r["variant"]} if named else {}),
                 "beta": r["beta"],
                 "score": fmt(r["score"]),
                 "bon_score": f"{r['bon_score'][0]:.3f}",
@@ -231,7 +286,11 @@ def main() -> None:
         print("| " + " | ".join(str(v) for v in rows[-1].values()) + " |")
     caption = (
         (f"Mean ± SE over {args.seeds} seeds a β" if args.seeds > 1 else "One seed")
-        + f"; overrides: {', '.join(args.set) or 'none'}. "
+        + f"; overrides: {', '.join(args.set) or 'none'}"
+        + "".join(
+            f"; {name}: {', '.join(sets) or 'the defaults'}" for name, sets in variants if name
+        )
+        + ". "
         + (f"Over the {len(extras)} runs" if len(extras) > 1 else "In the run")
         + ": the critic's explained variance from step 10 on, lowest "
         f"{np.mean([e['ev_min'] for e in extras]):.2f} and median "
@@ -247,7 +306,16 @@ def main() -> None:
             + ", ".join(f"best-of-{n} {bounds[n]:.3f}" for n in sorted(bounds) if n in (4, 8, 16))
             + "."
         )
-    write(args.json, {"seeds": args.seeds, "overrides": args.set, "caption": caption, "rows": rows})
+    write(
+        args.json,
+        {
+            "seeds": args.seeds,
+            "overrides": args.set,
+            "variants": {name: sets for name, sets in variants},
+            "caption": caption,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -229,3 +229,22 @@ def test_critic_ev_mc_returns_are_score_minus_beta_times_kl_to_go():
     values = torch.randn(3, 6, generator=gen)
     blocks = ev.sub_batch_ev(values.repeat(2, 1), got.repeat(2, 1), mask.repeat(2, 1), 3)
     assert blocks == [core.explained_variance(values, got, mask)] * 2
+
+
+def test_beta_sweep_variants_and_overrides():
+    """`--variant NAME:K=V,K=V` parses to its overrides, which nest under rl and leave the
+    defaults they start from untouched; a malformed one is refused with the form to use."""
+    sweep = load("beta_sweep.py")
+    assert sweep.parse_variant("2x batch:rl.prompts_per_step=64, rl.ppo.clip=0.1") == (
+        "2x batch",
+        ["rl.prompts_per_step=64", "rl.ppo.clip=0.1"],
+    )
+    assert sweep.parse_variant("default:") == ("default", [])
+    for bad in ("no colon", ":rl.lr=1", "x:rl.lr"):
+        with pytest.raises(ValueError, match="NAME:KEY=VALUE"):
+            sweep.parse_variant(bad)
+    base = {"rl": {"lr": 1e-4, "ppo": {"clip": 0.2}}}
+    out = sweep.with_overrides(base, ["rl.lr=5e-5", "rl.ppo.clip=0.1", "steps=80"])
+    assert out["rl"] == {"lr": 5e-5, "ppo": {"clip": 0.1}, "steps": 80}
+    assert base == {"rl": {"lr": 1e-4, "ppo": {"clip": 0.2}}}
+    assert sweep.run_name(0.5, 1, ["rl.lr=5e-5"]) == "beta0.5-seed1-rl.lr=5e-5"
