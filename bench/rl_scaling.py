@@ -38,13 +38,15 @@ def worker(rank: int, world: int, init: str, args: argparse.Namespace, out: str)
     backend = "nccl" if args.device == "cuda" else "gloo"
     if world > 1:
         torch.distributed.init_process_group(backend, init_method=init, rank=rank, world_size=world)
+    device = "cpu"
     if args.device == "cuda":
         torch.cuda.set_device(rank)
-        torch.set_default_device(f"cuda:{rank}")
+        device = f"cuda:{rank}"
     from rl_throughput import lmpipe_trainer
 
     try:
-        t = lmpipe_trainer(args.algo, args.steps, args)  # one warm-up step inside
+        # the models on the device, as the rl stage puts them; the loop follows the policy's
+        t = lmpipe_trainer(args.algo, args.steps, args, device)  # one warm-up step inside
         times, shares = [], []
         for _ in range(args.steps):
             t0 = time.perf_counter()

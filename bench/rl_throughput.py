@@ -41,7 +41,7 @@ from _results import add_json_arg, write
 from lmpipe.allocator import ENV as MALLOC_ENV
 from lmpipe.allocator import keep_freed_memory
 from lmpipe.config import ModelParams, RLParams
-from lmpipe.model import attention_for, build_model
+from lmpipe.model import attention_for, build_model, set_attention
 from lmpipe.precision import use_bf16
 from lmpipe.reward.scoring import raw_scores
 from lmpipe.rl.loop import RLTrainer
@@ -71,9 +71,10 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [[1, 3, *rng.integers(5, VOCAB, PROMPT_LEN - 3).tolist(), 4] for _ in range(n)]
 
 
-def lmpipe_trainer(algo: str, steps: int, args) -> RLTrainer:
-    """lmpipe's RL loop on the bench's models, after one (untimed) warm-up step."""
-    policy, ref, rm = models()
+def lmpipe_trainer(algo: str, steps: int, args, device: str = "cpu") -> RLTrainer:
+    """lmpipe's RL loop on the bench's models (on `device`), after one (untimed) warm-up step."""
+    kernel = attention_for(device)
+    policy, ref, rm = (set_attention(m.to(device), kernel) for m in models())
     # scored as the rl stage scores (RewardModel.score_ids): the head at the last token, each
     # prompt run once for its k responses (lmpipe.reward.scoring.sequence_scores)
     rm.config.lmpipe_response_token_id = SPECIAL["<|response|>"]

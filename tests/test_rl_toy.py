@@ -211,6 +211,18 @@ def test_critic_lr_moves_only_the_critic_and_follows_the_schedule():
     )
 
 
+def test_zero_head_critic_lives_where_the_policy_does():
+    """The zero-initialised head takes the policy's device and dtype (a policy already moved
+    to a GPU, or cast to bf16, gets a critic that runs there), and starts at value 0."""
+    policy, _ = make_models()
+    policy = policy.to(torch.bfloat16)
+    value = ValueModel.zero_head(policy)
+    assert value.head.weight.dtype == torch.bfloat16
+    assert value.head.weight.device == next(policy.parameters()).device
+    gen = generate(policy, PROMPTS, max_new_tokens=MAX_NEW, eos_id=EOS, pad_id=PAD)
+    assert not value(gen, slice(None)).any()
+
+
 def test_rl_warmup_ramps_then_decays_and_is_checked():
     """`rl.warmup_steps` ramps the rate linearly to `rl.lr` over its steps (never 0 at the first
     step), then the schedule runs from the peak: linear to 0 at `rl.steps`, or constant; the

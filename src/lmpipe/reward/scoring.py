@@ -203,7 +203,7 @@ def raw_scores(
         return (cut, tuple(s[:cut]), len(s))
 
     order = sorted(range(len(distinct)), key=key)
-    scores = torch.zeros(len(distinct), dtype=torch.float64)
+    scores = torch.zeros(len(distinct), dtype=torch.float64, device="cpu")  # for numpy
     was_training = model.training
     model.eval()
     for i in range(0, len(order), batch_size):

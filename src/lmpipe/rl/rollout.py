@@ -86,7 +86,10 @@ class ValueModel(torch.nn.Module):
     def zero_head(cls, causal_lm: PreTrainedModel) -> ValueModel:
         """The policy's backbone (a copy) with a zero-initialised head (OpenAI's choice)."""
         backbone = copy.deepcopy(causal_lm.base_model)
-        head = torch.nn.Linear(causal_lm.config.hidden_size, 1)  # gpt2 maps it to n_embd
+        like = next(causal_lm.parameters())  # the head lives where the policy does
+        head = torch.nn.Linear(  # gpt2 maps hidden_size to n_embd
+            causal_lm.config.hidden_size, 1, device=like.device, dtype=like.dtype
+        )
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
         return disable_dropout(cls(backbone, head))
