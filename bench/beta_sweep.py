@@ -204,16 +204,15 @@ def main() -> None:
     except ValueError as e:
         ap.error(str(e))
     t0 = time.time()
-    runs = {
-        (name, beta, seed): (
-            run_name(beta, seed, args.set + sets),
-            {**p, "seed": p["seed"] + seed, "rl": {**p["rl"], "kl_coef": beta}},
-        )
-        for name, sets in variants
-        for p in [bases[name]]
-        for beta in args.betas
-        for seed in range(args.seeds)
-    }
+    runs = {}
+    for name, sets in variants:
+        p = bases[name]
+        for beta in args.betas:
+            for seed in range(args.seeds):
+                runs[(name, beta, seed)] = (
+                    run_name(beta, seed, args.set + sets),
+                    {**p, "seed": p["seed"] + seed, "rl": {**p["rl"], "kl_coef": beta}},
+                )
 
     def summarise(item: tuple[str, float, int], rep: dict) -> dict:
         name, beta, seed = item
@@ -243,8 +242,10 @@ def main() -> None:
     done = run_all(args.workdir, runs, args.jobs, summarise)
     table = []
     extras = [d["extra"] for d in done.values()]
-    for (name, _), beta in ((v, b) for v in variants for b in args.betas):
-        runs = [done[(name, beta, seed)]["run"] for seed in range(args.seeds)]
+    for name, beta, seed in done:
+        if seed:
+            continue  # one row per (variant, β), over its seeds
+        runs = [done[(name, beta, s)]["run"] for s in range(args.seeds)]
         row = {"variant": name, "beta": beta}
         for key in runs[0]:
             row[key] = mean_se([r[key] for r in runs])

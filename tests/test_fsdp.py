@@ -186,20 +186,19 @@ def rl_worker(rank: int, world: int, init: str, algo: str, out: str) -> None:
 @pytest.mark.parametrize("algo", ["ppo", "rloo", "dpg"])
 def test_rl_two_sharded_processes_take_the_steps_of_one(algo, tmp_path, monkeypatch):
     one, one_metrics = rl_steps(algo)
-    rtol, atol = 1e-4, 1e-5
     out = tmp_path / "fsdp.pt"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(rl_worker, args=(2, init, algo, str(out)), nprocs=2, join=True)
     got = torch.load(out, weights_only=False)
     for key, value in one.policy.state_dict().items():
-        torch.testing.assert_close(got["trainer"]["policy"][key], value, rtol=rtol, atol=atol)
+        torch.testing.assert_close(got["trainer"]["policy"][key], value, rtol=1e-4, atol=1e-5)
     for a, b in zip(got["metrics"], one_metrics, strict=True):
         for key in RL_KEYS:
             # the swap check ends the last step: it compares two KL estimates close enough for
             # rounding to tip, and what it decides has not yet moved anything
             if key in b and key != "rl/proposal_swaps":
-                assert a[key] == pytest.approx(b[key], rel=rtol, abs=atol), key
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
     # the sharded run's checkpoint resumes in one process (with sharding: fsdp, names as keys)
     resumed, _ = rl_steps(algo, sharding="fsdp")
     resumed.load_state_dict(got["trainer"])
