@@ -41,6 +41,7 @@ import numpy as np
 import yaml
 
 from _results import add_json_arg, write
+from lmpipe.config import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,19 +135,8 @@ def with_overrides(params: dict, sets: list[str]) -> dict:
         node = out["rl"]
         for part in path:
             node = node.setdefault(part, {})
-        node[leaf] = yaml_value(value)
+        node[leaf] = load_yaml(value)
     return out
-
-
-def yaml_value(text: str) -> Any:
-    """The value as YAML reads it, except that "5e-5" is a float (YAML 1.1 wants "5.0e-5")."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
 
 
 def run_name(beta: float, seed: int, sets: list[str]) -> str:
@@ -157,7 +147,7 @@ def run_name(beta: float, seed: int, sets: list[str]) -> str:
 
 def base_params() -> dict:
     """params.yaml with tracking off: the runs' starting point."""
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base = load_yaml((ROOT / "params.yaml").read_text())
     base["tracking"]["enabled"] = False
     return base
 

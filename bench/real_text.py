@@ -22,9 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from _results import add_json_arg, write
+from lmpipe.config import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -41,7 +40,7 @@ def override(dotted: str) -> dict:
     *parents, leaf = key.split(".")
     for p in parents:
         node = node.setdefault(p, {})
-    node[leaf] = yaml.safe_load(value)
+    node[leaf] = load_yaml(value)
     return out
 
 

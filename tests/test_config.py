@@ -9,6 +9,8 @@ from lmpipe.config import (
     ParamsError,
     RLParams,
     load_params,
+    load_yaml,
+    read_yaml,
     render_params_yaml,
     subsection,
 )
@@ -101,6 +103,18 @@ def test_missing_and_malformed_files(tmp_path):
         load_params(tmp_path / "nope.yaml", [])
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(write(tmp_path, "data: [unclosed"), [])
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    """`lr: 5e-5` is a float, as YAML 1.2 and DVC read it; PyYAML's YAML 1.1 would hand it over
+    as the string '5e-5'. Integers, dates and words keep their types."""
+    doc = read_yaml(write(tmp_path, "rl:\n  lr: 5e-5\n  kl_coef: 2E-1\n  steps: 80\n"))
+    assert doc["rl"] == {"lr": 5e-5, "kl_coef": 0.2, "steps": 80}
+    assert type(doc["rl"]["lr"]) is float and type(doc["rl"]["steps"]) is int
+    assert load_params(tmp_path / "params.yaml", ["rl"]).rl.lr == 5e-5
+    for text, value in [("-1e+3", -1000.0), ("1.0e-5", 1e-5), ("1_000", 1000), ("1e", "1e")]:
+        assert load_yaml(text) == value and type(load_yaml(text)) is type(value), text
+    assert load_yaml("e5") == "e5" and load_yaml("5e-5x") == "5e-5x"
 
 
 def test_flat_params_for_mlflow(tmp_path):

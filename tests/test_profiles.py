@@ -8,9 +8,10 @@ import shutil
 import pytest
 import torch
 import yaml
+from ruamel.yaml import YAML
 
 from conftest import ROOT
-from lmpipe.config import SECTIONS, ParamsError, flatten, load_params
+from lmpipe.config import SECTIONS, ParamsError, flatten, load_params, load_yaml
 from lmpipe.model import build_model
 from lmpipe.profiles import apply, dvc_flags, read_profile
 
@@ -59,6 +60,21 @@ def test_a_nested_profile_key_changes_only_that_key(tmp_path):
     assert after["rl"]["ppo"]["epochs"] == 1
     after["rl"]["ppo"]["epochs"] = before["rl"]["ppo"]["epochs"]
     assert after == before
+
+
+def test_an_exponent_written_without_a_dot_is_applied_as_a_number(tmp_path):
+    """A profile's `lr: 5e-5` lands in params.yaml as a number, not the quoted string '5e-5'
+    that YAML 1.1 would make of it (which DVC and `dvc exp show` would then compare as text)."""
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    profile = tmp_path / "p.yaml"
+    profile.write_text("rl:\n  lr: 5e-5\n")
+    assert apply(profile, params) == ["rl.lr"]
+    line = next(ln for ln in params.read_text().splitlines() if ln.strip().startswith("lr: 5"))
+    assert "'" not in line and '"' not in line, line
+    assert load_yaml(params.read_text())["rl"]["lr"] == 5e-5
+    assert YAML(typ="safe").load(params.read_text())["rl"]["lr"] == 5e-5  # as DVC reads it
+    assert dvc_flags(profile, params) == ["-S", "rl.lr=5.0e-05"]
 
 
 @pytest.mark.parametrize(

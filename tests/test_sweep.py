@@ -112,6 +112,23 @@ def test_cli_rejects_a_bad_spec_before_any_trial(tmp_path, monkeypatch):
     assert not (tmp_path / "sweeps").exists()
 
 
+def test_a_spec_file_reads_exponent_choices_as_numbers(tmp_path, monkeypatch):
+    """`rl.lr: [5e-5, 1e-4]` in a spec file is two floats (YAML 1.1 would read strings), shown
+    and passed to DVC as numbers."""
+    for f in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        "params:\n  rl.lr: [5e-5, 1e-4]\nsearch: grid\nobjective:\n"
+        "  metric: reports/rl.json:gold_reward.final\n  direction: maximize\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["sweep", str(spec), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "rl.lr: [5e-05, 0.0001]" in res.output
+    assert [format_override(v) for v in (5e-5, 1e-4)] == ["5.0e-05", "0.0001"]
+
+
 def test_values_go_to_dvc_with_their_yaml_type():
     assert format_override(1e-05) == "1.0e-05"
     assert yaml.safe_load(format_override(1e-05)) == 1e-05

@@ -140,12 +140,31 @@ def format_error(name: str, section: type[Section], raw: dict, err: ValidationEr
     return "\n".join(lines)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but reading `5e-5` and `1E3` as floats, as YAML 1.2 does (and DVC,
+    which reads params.yaml with a 1.2 parser); YAML 1.1 wants a dot in a float (`5.0e-5`) and
+    would hand the learning rate over as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """A YAML document or value as lmpipe reads params files, sweep specs and `KEY=VALUE`
+    overrides: the safe loader, with exponent floats without a dot (`5e-5`) read as floats."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds no Python objects
+
+
 def read_yaml_file(path: Path, error: type[Exception], what: str) -> Any:
     """The YAML document in `path` ({} when empty), else `error` saying the `what` (params file,
     sweep spec) is missing or not YAML."""
     if not path.exists():
         raise error(f"{what} {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise error(f"{path} is not valid YAML: {err}") from None
