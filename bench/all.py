@@ -466,6 +466,27 @@ SECTIONS = [
         ],
         needs=MODELS,
     ),
+    Section(
+        "reward_data",
+        "Reward model against its baseline as the preference prompts grow",
+        ["bench/reward_data.py", "--prompts", "1000", "2000"],
+        "expensive",
+        "The reward stage with its default params on the SFT model and prepared data of the last "
+        "`dvc repro`, its prompts extended from the training documents as `data.rl_prompts_min` "
+        "extends them, k = 12 samples each; gold-order accuracy (± SE by prompt) against the "
+        "bag-of-words and bag-of-tokens baselines fitted to the same pairs.",
+        [
+            ("prompts", "prompts", ""),
+            ("train / val pairs", "pairs", ""),
+            ("gold-order accuracy", "gold_order", ""),
+            ("bag of words", "bow", ".3f"),
+            ("bag of tokens", "tokens", ".3f"),
+            ("gap to bag of words (paired)", "gap", ""),
+            ("val accuracy", "val_accuracy", ""),
+            ("sampling / training s", "seconds", ""),
+        ],
+        needs=MODELS,
+    ),
 ]
 GPU = "a CUDA GPU and a CUDA build of torch"
 SECTIONS += [

@@ -157,6 +157,11 @@ def test_benches_on_trained_models_run(tiny_repo, tmp_path, monkeypatch, capsys)
             *("--pairs", str(data / "preferences" / "pairs.jsonl"), "--steps", "2"),
         ],
     }
+    runs["reward_data"] = [
+        "reward_data.py",
+        *("--params", str(tiny_repo / "params.yaml"), "--sft", str(models / "sft")),
+        *("--data", str(data / "prepared"), "--prompts", "4", "400"),
+    ]
     runs["critic_ev"] = [
         "critic_ev.py",
         *("--params", str(tiny_repo / "params.yaml"), "--sft", str(models / "sft")),
