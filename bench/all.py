@@ -78,6 +78,8 @@ def sampling_caption(f: dict) -> str:
 
 
 MODELS = "the pipeline's outputs (`dvc repro` or `dvc pull`)"
+# the rl stage at β 0.5 on two seeds, two runs at once: the head of the β-0.5 sections' commands
+BETA_05 = ["bench/beta_sweep.py", "--betas", "0.5", "--seeds", "2", "--jobs", "2"]
 
 SECTIONS = [
     Section(
@@ -147,13 +149,7 @@ SECTIONS = [
         "rl_batch",
         "RL at β 0.5: batch, steps and learning rate",
         [
-            "bench/beta_sweep.py",
-            "--betas",
-            "0.5",
-            "--seeds",
-            "2",
-            "--jobs",
-            "2",
+            *BETA_05,
             "--variant",
             "4x episodes, half the lr:rl.prompts_per_step=64,rl.steps=80,rl.lr=5e-5",
             "--variant",
@@ -168,6 +164,21 @@ SECTIONS = [
         "more steps or a lower rate (mean ± SE over seeds), on the SFT and reward models of "
         "`dvc repro reward` on the machine below, against best-of-n from π₀ interpolated at "
         "RL's KL on the same eval prompts.",
+        [("settings", "variant", ""), *(c for c in SWEEP if c[1] not in ("beta", "gold_gap"))],
+        needs=MODELS,
+    ),
+    Section(
+        "rl_batch_8x",
+        "RL at β 0.5 with 8× the episodes",
+        [
+            *BETA_05,
+            "--variant",
+            "8x episodes, half the lr:rl.prompts_per_step=128,rl.steps=80,rl.lr=5e-5",
+        ],
+        "expensive",
+        "The rl stage at β 0.5 with twice the episodes of the largest budget in the section "
+        "above (128 prompts a step, 80 steps, half the rate), on the same models, prompts and "
+        "seeds: whether more episodes alone bring RL to best-of-n.",
         [("settings", "variant", ""), *(c for c in SWEEP if c[1] not in ("beta", "gold_gap"))],
         needs=MODELS,
     ),
