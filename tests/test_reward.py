@@ -10,11 +10,12 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from lmpipe.chat import plain_template
-from lmpipe.config import ModelParams, RewardParams
+from lmpipe.config import ModelParams, PreferenceParams, RewardParams
 from lmpipe.data.sources import DataError
 from lmpipe.data.tokenizer import save_tokenizer, special_ids, train_tokenizer
 from lmpipe.gold import make_gold
 from lmpipe.model import build_model, save_model
+from lmpipe.reward import preferences
 from lmpipe.reward.data import (
     PreferenceBatches,
     PreferenceExample,
@@ -398,6 +399,33 @@ def test_sample_and_label_drops_truncated_and_labels_by_gold(tmp_path):
     for p in pairs:
         assert (p["prompt"], p["chosen"]) in ended and (p["prompt"], p["rejected"]) in ended
         assert p["gold_chosen"] > p["gold_rejected"] or p["p_chosen"] == 0.5
+
+
+def test_asking_for_more_prompts_than_there_are_warns_and_reports_how_many(monkeypatch, caplog):
+    """`preference.prompts` above the prepared data's RL prompts samples for all of them, says
+    so with the params that give more, and records the count used."""
+    asked = []
+
+    def fake_sample_and_label(model, template, prompts, **kw):
+        asked.append(list(prompts))
+        samples = [{"ended_with_eos": True} for _ in range(len(prompts) * kw["k"])]
+        return samples, [{"prompt": p} for p in prompts]
+
+    monkeypatch.setattr(preferences, "sample_and_label", fake_sample_and_label)
+    pcfg = PreferenceParams(prompts=5, samples_per_prompt=3)
+    with caplog.at_level("WARNING", logger="lmpipe.reward.preferences"):
+        _, stats = preferences.labelled_samples(
+            torch.nn.Linear(1, 1), None, ["a", "b"], pcfg, make_gold("length"), 0, False
+        )
+    assert asked == [["a", "b"]] and stats["prompts"] == 2 and stats["samples"] == 6
+    assert "preference.prompts = 5" in caplog.text and "data.rl_prompts_min" in caplog.text
+    caplog.clear()
+    pcfg = pcfg.model_copy(update={"prompts": 1})
+    with caplog.at_level("WARNING", logger="lmpipe.reward.preferences"):
+        _, stats = preferences.labelled_samples(
+            torch.nn.Linear(1, 1), None, ["a", "b"], pcfg, make_gold("length"), 0, False
+        )
+    assert asked[-1] == ["a"] and stats["prompts"] == 1 and not caplog.text
 
 
 def test_pair_metrics():

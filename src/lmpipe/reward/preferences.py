@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from lmpipe.precision import use_bf16
 from lmpipe.reward.data import PreferenceExample, encode_pairs, read_preference_file, val_prompts
 from lmpipe.reward.labels import label_pairs
 from lmpipe.sampling import sample_responses
+
+log = logging.getLogger(__name__)
 
 
 def sample_and_label(
@@ -98,13 +101,24 @@ def labelled_samples(
     seed: int,
     bf16: bool,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """`sample_and_label` on the first `preference.prompts` prompts, in bf16 if `bf16`; the
-    pairs and how the samples came out. Each process samples its share of the prompts and
-    gathers the rest: the pairs, and so the training data, are those of one process."""
+    """`sample_and_label` on the first `preference.prompts` prompts (all of them, with a
+    warning, where there are fewer), in bf16 if `bf16`; the pairs and how the samples came
+    out. Each process samples its share of the prompts and gathers the rest: the pairs, and so
+    the training data, are those of one process."""
+    used = list(prompts[: pcfg.prompts])
+    if len(used) < pcfg.prompts:
+        log.warning(
+            "preference.prompts = %d, but the prepared data holds %d RL prompts: sampling for "
+            "%d. More come from the training documents with a larger data.rl_prompts_min "
+            "(and data.rl_prompts)",
+            pcfg.prompts,
+            len(used),
+            len(used),
+        )
     samples, pairs = sample_and_label(
         sft.to(torch.bfloat16) if bf16 else sft,
         template,
-        prompts[: pcfg.prompts],
+        used,
         k=pcfg.samples_per_prompt,
         max_new_tokens=pcfg.max_new_tokens,
         temperature=pcfg.temperature,
@@ -122,6 +136,7 @@ def labelled_samples(
             "samples_per_prompt, or train SFT longer so the model learns to stop"
         )
     return pairs, {
+        "prompts": len(used),
         "samples": len(samples),
         "sample_precision": "bf16" if bf16 else "fp32",
         "samples_eos_rate": float(np.mean([s["ended_with_eos"] for s in samples])),
