@@ -27,26 +27,19 @@ import yaml
 
 from _results import add_json_arg, write
 from lmpipe.config import load_yaml
+from lmpipe.data import sft
+from lmpipe.io import read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def extend_prompts(prepared: Path, out: Path, n: int) -> int:
-    """A copy of `prepared` whose prompts/rl.jsonl holds up to `n` prompts: its own, then the
-    distinct prompts of sft/train.jsonl in order (prepare's rule for `data.rl_prompts_min`).
-    Returns how many it holds."""
+    """A copy of `prepared` whose prompts/rl.jsonl holds up to `n` prompts, topped up from
+    sft/train.jsonl as prepare tops them up (`sft.fill_prompts`). Returns how many it holds."""
     shutil.copytree(prepared, out)
     path = out / "prompts" / "rl.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    seen = {r["prompt"] for r in rows}
-    for line in (out / "sft" / "train.jsonl").read_text(encoding="utf-8").splitlines():
-        if len(rows) >= n:
-            break
-        pair = json.loads(line) if line else None
-        if pair and pair["prompt"] not in seen:
-            seen.add(pair["prompt"])
-            rows.append({"prompt": pair["prompt"], "reference": pair["response"]})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    rows = sft.fill_prompts(read_jsonl(path), read_jsonl(out / "sft" / "train.jsonl"), n)
+    write_jsonl(path, rows)
     return len(rows)
 
 

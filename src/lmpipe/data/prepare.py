@@ -162,14 +162,9 @@ def prepare(
     write_jsonl(out / "sft" / "val.jsonl", pair_sets["val"])
     rl_prompts = sft.prompt_set(held["val"], data.rl_prompts)
     n_val = len(rl_prompts)
-    short = min(data.rl_prompts, data.rl_prompts_min) - n_val
-    if short > 0:  # a small corpus: the reward model and RL need prompts more than a held-out set
-        seen, extra = {p["prompt"] for p in rl_prompts}, []
-        for pair in pair_sets["train"]:
-            if pair["prompt"] not in seen:
-                seen.add(pair["prompt"])
-                extra.append(pair)
-        rl_prompts += sft.prompt_set(extra, short)
+    # a small corpus: the reward model and RL need prompts more than a held-out set
+    wanted = min(data.rl_prompts, data.rl_prompts_min)
+    rl_prompts = sft.fill_prompts(rl_prompts, pair_sets["train"], wanted)
     n_from_train = len(rl_prompts) - n_val
     eval_prompts = sft.prompt_set(held["test"], data.eval_prompts)
     write_jsonl(out / "prompts" / "rl.jsonl", rl_prompts)

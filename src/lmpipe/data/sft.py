@@ -107,3 +107,14 @@ def split_pairs(pairs: Sequence[dict], val_fraction: float, seed: int) -> dict[s
 def prompt_set(pairs: Sequence[dict], n: int) -> list[dict[str, str]]:
     """The first `n` prompts, each with its reference continuation from the held-out document."""
     return [{"prompt": p["prompt"], "reference": p["response"]} for p in pairs[:n]]
+
+
+def fill_prompts(prompts: Sequence[dict], pairs: Sequence[dict], n: int) -> list[dict[str, str]]:
+    """`prompts` (a `prompt_set`) topped up to `n` with the distinct prompts of `pairs` it
+    lacks, in order: how a small corpus's RL prompt set borrows training prompts."""
+    seen, extra = {p["prompt"] for p in prompts}, []
+    for pair in pairs:
+        if pair["prompt"] not in seen:
+            seen.add(pair["prompt"])
+            extra.append(pair)
+    return [*prompts, *prompt_set(extra, max(n - len(prompts), 0))]

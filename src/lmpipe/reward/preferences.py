@@ -109,10 +109,9 @@ def labelled_samples(
     if len(used) < pcfg.prompts:
         log.warning(
             "preference.prompts = %d, but the prepared data holds %d RL prompts: sampling for "
-            "%d. More come from the training documents with a larger data.rl_prompts_min "
-            "(and data.rl_prompts)",
+            "all of them. More come from the training documents with a larger "
+            "data.rl_prompts_min (and data.rl_prompts)",
             pcfg.prompts,
-            len(used),
             len(used),
         )
     samples, pairs = sample_and_label(
