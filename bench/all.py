@@ -498,6 +498,36 @@ SECTIONS = [
         ],
         needs=MODELS,
     ),
+    Section(
+        "reward_backbone",
+        "Reward model on a pretrained backbone (SmolLM2-135M-Instruct)",
+        ["bench/reward_backbone.py", "--steps", "300", "--batch-size", "2", "--lr", "5e-5"],
+        "expensive",
+        "Whether the reward model's gap to bag-of-words is its backbone's: the default pairs of "
+        "the last `dvc repro reward` scored by the stage's reward model (the from-scratch SFT "
+        "backbone, all train pairs), by a reward model trained with the stage's functions on "
+        "SmolLM2-135M-Instruct (through prepare and pretrain as `base.model`) on a share of "
+        "them, and by bag-of-words fitted to all train pairs and to that share alone; "
+        "gold-order accuracy ± SE by prompt, and the gap to the stage's bag-of-words paired on "
+        "the same val pairs.",
+        [
+            ("model", "model", ""),
+            ("train prompts drawn", "train_prompts_seen", ""),
+            ("gold-order accuracy", "gold_order", ""),
+            ("gap to bag of words (paired)", "gap", ""),
+            ("calibration error", "calibration_error_gold", ""),
+        ],
+        caption=lambda f: (
+            f"Pairs: {f['pairs']} train / val ({f['gold_order_pairs']:,} val pairs whose gold "
+            f"scores differ by ≥ 0.1 count for gold order). The reward model on "
+            f"{f.get('backbone', 'SmolLM2-135M-Instruct')}: lr {f['lr']:g}, {f['steps']} steps × "
+            f"{f['batch_size']} prompts (all their pairs), trained in "
+            f"{f['train_seconds'] / 60:.0f} min"
+            + (f", weights of step {f['kept_step']} kept" if "kept_step" in f else "")
+            + "; calibration error is against gold."
+        ),
+        needs=MODELS,
+    ),
 ]
 GPU = "a CUDA GPU and a CUDA build of torch"
 SECTIONS += [

@@ -157,3 +157,38 @@ def test_served_int8_bundle_answers_the_openai_client(smol_repo):
         )
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert streamed == text
+
+
+def test_reward_backbone_bench_scores_the_stage_model_as_the_stage_does(smol_repo, tmp_path):
+    """bench/reward_backbone.py on the SmolLM2 run's pairs with its SFT model as the backbone:
+    its rows for the stage's own reward model and bag-of-words baseline are the stage's figures
+    (same pairs, same scoring), and it trains and scores a fresh reward model beside them."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "reward_backbone.json"
+    argv = [sys.executable, str(ROOT / "bench" / "reward_backbone.py")]
+    argv += [
+        "--params",
+        str(smol_repo / "params.yaml"),
+        "--backbone",
+        str(smol_repo / "models" / "sft"),
+    ]
+    argv += ["--pairs", str(smol_repo / "data" / "preferences" / "pairs.jsonl")]
+    argv += ["--reward", str(smol_repo / "models" / "reward"), "--steps", "1", "--batch-size", "1"]
+    subprocess.run([*argv, "--json", str(out)], check=True, cwd=tmp_path, timeout=900)
+    fig = json.loads(out.read_text(encoding="utf-8"))["figures"]
+    rep = json.loads((smol_repo / "reports" / "reward.json").read_text(encoding="utf-8"))
+    stage, fresh, bow, bow_seen = fig["rows"]
+    assert fig["pairs"] == f"{rep['pairs']['train']:,} / {rep['pairs']['val']:,}"
+    assert stage["gold_order"].startswith(f"{rep['gold_order_accuracy']:.3f}"), stage
+    assert bow["gold_order"].startswith(f"{rep['baseline_bow_gold_order_accuracy']:.3f}"), bow
+    assert fresh["model"] == "reward model on sft" and fig["steps"] == 1
+    # one step of one prompt: the baseline on the prompts it drew sees that prompt alone
+    train_prompts = {
+        json.loads(line)["prompt"]
+        for line in (smol_repo / "data" / "preferences" / "pairs.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "train"
+    }
+    assert bow_seen["train_prompts_seen"] == fresh["train_prompts_seen"]
+    assert fresh["train_prompts_seen"] == f"{1 / len(train_prompts):.0%}"
