@@ -17,6 +17,13 @@ import time
 from pathlib import Path
 
 
+def stage_env(**extra: str) -> dict[str, str]:
+    """The environment for a `dvc repro` a bench starts: the stages run `python` and `dvc` from
+    PATH, so this interpreter's folder goes first, whether its venv is activated or not."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, **extra}
+
+
 def cpu_model() -> str:
     """The CPU's "model name" from /proc/cpuinfo (platform.processor() is empty on Linux)."""
     try:

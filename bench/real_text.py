@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from _results import add_json_arg, write
+from _results import add_json_arg, stage_env, write
 from lmpipe.config import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def main() -> None:
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
     repo = copy_repo(args.workdir, params)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = stage_env()
     t0 = time.perf_counter()
     log = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
     minutes = (time.perf_counter() - t0) / 60

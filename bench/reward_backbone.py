@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from _results import add_json_arg, write
+from _results import add_json_arg, stage_env, write
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -57,9 +56,7 @@ def smollm2_folder(workdir: Path, cache: Path) -> Path:
     profile["tracking"] = {"enabled": False}
     repo = copy_repo(workdir, profile)
     (repo / profile["base"]["model"]).symlink_to(gguf)
-    # the stages run `python` and `dvc` from PATH: this interpreter's, activated or not
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "LMPIPE_LOG_LEVEL": "WARNING"}
+    env = stage_env(LMPIPE_LOG_LEVEL="WARNING")
     subprocess.run(["dvc", "repro", "pretrain"], cwd=repo, env=env, check=True)
     return repo / "models" / "pretrain"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from _results import add_json_arg, write
+from _results import add_json_arg, stage_env, write
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -76,7 +76,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True)
     repo = copy_repo(args.workdir, profile)
     (repo / profile["base"]["model"]).symlink_to(gguf)
-    env = {**os.environ, "LMPIPE_LOG_LEVEL": "WARNING"}
+    env = stage_env(LMPIPE_LOG_LEVEL="WARNING")
     t0 = time.perf_counter()
     subprocess.run(["dvc", "repro", "rl"], cwd=repo, env=env, check=True)
     seconds = time.perf_counter() - t0

@@ -41,6 +41,22 @@ def test_bench_imports_and_parses_help(name, monkeypatch, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
+def test_stage_env_finds_this_interpreters_python_and_dvc_without_an_activated_venv(monkeypatch):
+    """A bench run as `.venv/bin/python bench/real_text.py` starts `dvc repro`, whose stages run
+    `python`: both must be the interpreter's own though PATH does not name its folder."""
+    import shutil
+
+    load("real_text.py")  # puts bench/ on sys.path, as running a bench does
+    from _results import stage_env
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    env = stage_env(LMPIPE_LOG_LEVEL="WARNING")
+    assert env["LMPIPE_LOG_LEVEL"] == "WARNING" and env["PATH"].endswith("/usr/bin:/bin")
+    here = Path(sys.executable).parent
+    assert Path(shutil.which("python", path=env["PATH"])).parent == here
+    assert Path(shutil.which("dvc", path=env["PATH"])).parent == here
+
+
 def test_train_throughput_profile_runs(monkeypatch, capsys):
     module = load("train_throughput.py")
     monkeypatch.setattr(sys, "argv", ["x", "--shapes", "nanogpt", "--profile", "--device", "cpu"])
