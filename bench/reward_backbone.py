@@ -42,11 +42,9 @@ from lmpipe.config import load_params  # noqa: E402
 from lmpipe.model import context_length, load_model  # noqa: E402
 from lmpipe.reward.baseline import bag_of_words_baseline  # noqa: E402
 from lmpipe.reward.data import encode_pairs  # noqa: E402
-from lmpipe.reward.metrics import pair_metrics  # noqa: E402
+from lmpipe.reward.evaluation import held_out_metrics  # noqa: E402
 from lmpipe.reward.model import RewardModel, build_reward_model  # noqa: E402
-from lmpipe.reward.scoring import raw_scores  # noqa: E402
 from lmpipe.reward.training import train_reward_model  # noqa: E402
-from lmpipe.stats import cluster_se, gold_agreement  # noqa: E402
 
 
 def smollm2_folder(workdir: Path, cache: Path) -> Path:
@@ -65,13 +63,6 @@ def encoded_pairs(template: ChatTemplate, rows: list[dict], context: int) -> dic
     """Each split's pairs that fit, keyed by (prompt, chosen, rejected)."""
     enc = encode_pairs(template, rows, context)
     return {s: {(p["prompt"], p["chosen"], p["rejected"]): (e, p) for e, p in enc[s]} for s in enc}
-
-
-def scored(model, pad_id: int, pairs: list) -> tuple[np.ndarray, np.ndarray]:
-    return (
-        raw_scores(model, [e.chosen for e, _ in pairs], pad_id),
-        raw_scores(model, [e.rejected for e, _ in pairs], pad_id),
-    )
 
 
 def main() -> None:
@@ -123,15 +114,18 @@ def main() -> None:
         result = train_reward_model(model, train, cfg, params.seed, template.pad_id)
         model.eval()
         t_score = time.perf_counter()
-        r_big = scored(model, template.pad_id, train["val"])
+        # the stage's own evaluation for both models: scores, SEs, the paired gap to
+        # bag-of-words fitted to the same train pairs
+        m_big = held_out_metrics(model, template, train, context_length(model))
         print(
             f"reward model on {name}: training {result.train_seconds:.0f} s "
             f"({result.tokens_per_sec:,.0f} tokens/s), kept step {result.kept_step}; "
-            f"scoring {time.perf_counter() - t_score:.0f} s"
+            f"evaluation {time.perf_counter() - t_score:.0f} s"
         )
-        r_small = scored(small.model, small.pad_id, [own["val"][k] for k in keys["val"]])
+        mine = {s: [own[s][k] for k in keys[s]] for s in ("train", "val")}
+        m_small = held_out_metrics(small.model, small.template, mine, context_length(small.model))
 
-    train_rows = [p for _, p in (own["train"][k] for k in keys["train"])]
+    train_rows = [p for _, p in train["train"]]
     bow = bag_of_words_baseline(train_rows, val_rows)
     # the train prompts the reward model's batches drew (one group a prompt, in order of first
     # appearance, a seeded permutation an epoch): the baseline again on their pairs alone
@@ -141,24 +135,19 @@ def main() -> None:
     seen_prompts = {distinct[i] for i in order}
     seen_rows = [p for p in train_rows if p["prompt"] in seen_prompts]
     bow_seen = bag_of_words_baseline(seen_rows, val_rows)
-    gold = [np.array([p[f"gold_{s}"] for p in val_rows]) for s in ("chosen", "rejected")]
-    prompts = np.array([p["prompt"] for p in val_rows], dtype=object)
     seen = len(seen_prompts) / len(distinct)
     out = []
-    bow_agree, sel = gold_agreement(bow["margin"], np.zeros_like(bow["margin"]), *gold)
-    for label, (rc, rr), data in (
-        (f"the stage's reward model ({args.reward.name})", r_small, 1.0),
-        (f"reward model on {name}", r_big, seen),
+    for label, m, data in (
+        (f"the stage's reward model ({args.reward.name})", m_small, 1.0),
+        (f"reward model on {name}", m_big, seen),
     ):
-        m = pair_metrics(rc, rr, *gold, prompts=list(prompts))
-        agree, _ = gold_agreement(rc, rr, *gold)
-        gap = agree[sel].astype(float) - bow_agree[sel]
+        gap, gap_se = m["gold_order_gap_to_baseline"], m["gold_order_gap_to_baseline_se"]
         out.append(
             {
                 "model": label,
                 "train_prompts_seen": f"{data:.0%}",
                 "gold_order": f"{m['gold_order_accuracy']:.3f} ± {m['gold_order_accuracy_se']:.3f}",
-                "gap": f"{gap.mean():+.3f} ± {cluster_se(gap, prompts[sel]):.3f}",
+                "gap": f"{gap:+.3f} ± {gap_se:.3f}",
                 "calibration_error_gold": f"{m['calibration_error_gold']:.3f}",
             }
         )
@@ -181,7 +170,7 @@ def main() -> None:
         args.json,
         {
             "pairs": f"{len(keys['train']):,} / {len(keys['val']):,}",
-            "gold_order_pairs": int(sel.sum()),
+            "gold_order_pairs": m_big["gold_order_pairs"],
             "lr": cfg.lr,
             "steps": cfg.max_steps,
             "batch_size": cfg.batch_size,
