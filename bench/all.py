@@ -311,6 +311,22 @@ SECTIONS = [
         ],
     ),
     Section(
+        "losses",
+        "Losses over the vocabulary",
+        ["bench/losses.py"],
+        "cheap",
+        "lmpipe's chunked cross-entropy (pretrain, SFT) and distillation KL (compress) against "
+        "the same losses written with autograd, alone and in a training step of the default "
+        "shapes (forward, backward and AdamW), alternated in one process.",
+        [
+            ("case", "case", ""),
+            ("autograd ms", "autograd_ms", ".1f"),
+            ("lmpipe ms", "lmpipe_ms", ".1f"),
+            ("speedup", "speedup", ".2f"),
+        ],
+        caption=lambda f: f"Logits and autocast in {f['precision']}.",
+    ),
+    Section(
         "tokenizer",
         "Tokenizer",
         ["bench/tokenizer_throughput.py"],

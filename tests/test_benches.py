@@ -90,12 +90,14 @@ def test_every_section_renders_its_command_machine_and_date():
 
 
 def test_cheap_sections_write_json_that_renders(tmp_path, monkeypatch, capsys):
-    """The tokenizer bench on a tiny corpus and the two report readers, through `--json`."""
+    """The tokenizer bench on a tiny corpus, the two report readers, the losses and the sampler
+    benches, through `--json`."""
     all_ = load("all.py")
     runs = {
         "tokenizer": ["tokenizer_throughput.py", "--stories", "200", "--vocab", "512"],
         "pipeline": ["pipeline_report.py"],
         "rl_report": ["rl_report.py"],
+        "losses": ["losses.py", "--repeats", "1"],
         "sampling_throughput": [
             "sampling_throughput.py",
             *("--shape", "tiny", "--batch", "4", "--new-tokens", "4", "--repeats", "1"),

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lmpipe import losses
 from lmpipe.batches import IGNORE, Batch, Example
 from lmpipe.compress.distill import (
     DistillLoss,
@@ -65,27 +66,59 @@ def test_kd_loss_matches_hand_computation():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_kd_loss_gradient_matches_the_kl_of_two_log_softmaxes(temperature):
-    """The soft-target cross-entropy form gives the same value and gradient as KL written out."""
+@pytest.mark.parametrize("alpha", [1.0, 0.4])
+@pytest.mark.parametrize("all_targets", [True, False])
+@pytest.mark.parametrize("chunk_rows", [3, 1000])
+def test_kd_loss_and_gradient_match_the_kl_of_two_log_softmaxes(
+    temperature, alpha, all_targets, chunk_rows, monkeypatch
+):
+    """The fused loss (a chunk of rows at a time; 3 rows splits the 10 targets unevenly) gives
+    the value and gradient of KL written out with autograd, in float64; the teacher gets none."""
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk_rows * 11)
     g = torch.Generator().manual_seed(0)
     s = torch.randn(2, 5, 11, generator=g, requires_grad=True)
-    t = torch.randn(2, 5, 11, generator=g)
+    t = torch.randn(2, 5, 11, generator=g, requires_grad=True)
     labels = torch.randint(0, 11, (2, 5), generator=g)
-    labels[0, :2] = IGNORE
-    loss = kd_loss_sum(s, t, labels, temperature)
-    (grad,) = torch.autograd.grad(loss, s)
-    s2 = s.detach().clone().requires_grad_(True)
+    if not all_targets:
+        labels[0, :2] = IGNORE
+    loss = kd_loss_sum(s, t, labels, temperature, alpha)
+    grad, grad_t = torch.autograd.grad(loss, (s, t), allow_unused=True)
+    s2 = s.detach().double().requires_grad_(True)
     sel = labels != IGNORE
-    ref = temperature**2 * torch.nn.functional.kl_div(
+    ref = alpha * temperature**2 * torch.nn.functional.kl_div(
         torch.log_softmax(s2[sel] / temperature, -1),
-        torch.log_softmax(t[sel] / temperature, -1),
+        torch.log_softmax(t.detach().double()[sel] / temperature, -1),
+        log_target=True,
+        reduction="sum",
+    ) + (1 - alpha) * torch.nn.functional.cross_entropy(s2[sel], labels[sel], reduction="sum")
+    ref.backward()
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
+    assert torch.allclose(grad.double(), s2.grad, atol=1e-6)
+    assert grad_t is None or not grad_t.any()
+    if not all_targets:
+        assert (grad[0, :2] == 0).all()
+
+
+def test_kd_loss_on_bf16_logits_gives_bf16_gradients_of_the_fp32_loss():
+    """Under autocast the logits are bf16: the loss is the fp32 one of those logits, and the
+    gradient is the fp32 gradient rounded to bf16 once."""
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(3, 7, 50, generator=g).bfloat16().requires_grad_(True)
+    t = torch.randn(3, 7, 50, generator=g).bfloat16()
+    labels = torch.randint(0, 50, (3, 7), generator=g)
+    loss = kd_loss_sum(s, t, labels, 2.0)
+    (grad,) = torch.autograd.grad(loss * 0.01, s)
+    s32 = s.detach().float().requires_grad_(True)
+    ref = 4 * torch.nn.functional.kl_div(
+        torch.log_softmax(s32 / 2, -1),
+        torch.log_softmax(t.float() / 2, -1),
         log_target=True,
         reduction="sum",
     )
-    ref.backward()
+    (ref * 0.01).backward()
+    assert grad.dtype == torch.bfloat16
     assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
-    assert torch.allclose(grad, s2.grad, atol=1e-6)
-    assert (grad[0, :2] == 0).all()
+    assert torch.allclose(grad.float(), s32.grad, rtol=2**-7, atol=1e-8)
 
 
 def test_kd_loss_is_zero_when_student_is_teacher():

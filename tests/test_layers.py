@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lmpipe.gold",
             "lmpipe.io",
             "lmpipe.logprobs",
+            "lmpipe.losses",
             "lmpipe.model",
             "lmpipe.optim",
             "lmpipe.pipeline",

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from lmpipe import shard
 from lmpipe.batches import IGNORE, Batch, Parts, split_parts
 from lmpipe.checkpoints import CheckpointStore
 from lmpipe.config import TrainParams
 from lmpipe.io import write_history_csv
+from lmpipe.losses import cross_entropy_sum
 from lmpipe.model import attention_for, set_attention
 from lmpipe.optim import lr_at, make_optimizer
 from lmpipe.precision import flops_per_token, peak_flops, use_bf16
@@ -55,9 +55,7 @@ class BatchSource(Protocol):
 def lm_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Summed next-token cross-entropy over target positions (fp32 reduction)."""
     logits = model(input_ids=batch.input_ids, use_cache=False).logits  # (B, T, V)
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE, reduction="sum"
-    )
+    return cross_entropy_sum(logits.flatten(0, 1), batch.labels.flatten(), IGNORE)
 
 
 @torch.no_grad()
