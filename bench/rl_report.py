@@ -97,8 +97,9 @@ def table(reports: Path) -> list[list[str]]:
             f"{rl['posterior_kl_init']:.2f} → {rl['posterior_kl']:.2f} [{lo:.2f}, {hi:.2f}]",
         ),
         (
-            "training J's slope over the last 20% of steps ÷ its mean slope",
-            f"{rl['j_slope_ratio']:.2f}",
+            "training J's slope over the last 20% of steps ÷ its mean slope (± SE)",
+            f"{rl['j_slope_ratio']:.2f}"
+            + (f" ± {rl['j_slope_ratio_se']:.2f}" if "j_slope_ratio_se" in rl else ""),
         ),
         (
             "critic: explained variance at step 1; lowest from step 10; median",

@@ -41,13 +41,34 @@ def test_best_of_n_frontier_ranks_by_the_reward_and_bounds_the_kl():
 
 def test_j_slope_ratio_is_near_one_for_a_line_and_near_zero_once_flat():
     line = [{"step": s, "rl/score": 2.0 * s, "rl/beta": 0.1, "rl/kl": 0.0} for s in range(1, 21)]
-    assert R.j_slope_ratio(line) == pytest.approx(1.0)
+    assert R.j_slope_ratio(line) == pytest.approx((1.0, 0.0), abs=1e-9)
     flat = [{**h, "rl/score": min(h["rl/score"], 20.0)} for h in line]  # flat from step 10
-    assert abs(R.j_slope_ratio(flat)) < 1e-9
+    assert R.j_slope_ratio(flat) == pytest.approx((0.0, 0.0), abs=1e-9)
     # J = score − β·KL: a KL that grows as fast as the score leaves J flat, so no rise at all
     no_rise = [{**h, "rl/kl": 20.0 * h["step"]} for h in line]
-    assert math.isnan(R.j_slope_ratio(no_rise))
-    assert math.isnan(R.j_slope_ratio(line[:4]))  # too few points
+    assert all(math.isnan(x) for x in R.j_slope_ratio(no_rise))
+    assert all(math.isnan(x) for x in R.j_slope_ratio(line[:4]))  # too few points
+
+
+def test_j_slope_ratio_se_is_the_spread_of_the_ratio_over_noisy_runs():
+    """40 steps of J = 0.03·step + N(0, 0.15²), as the default run's batches scatter: over
+    2000 draws the reported SE averages the ratio's spread, and ±2 SE covers 1 about 95% of
+    the time (the tail's 8 points make a t interval with 6 degrees of freedom: a bit less)."""
+    rng = np.random.default_rng(0)
+    steps = np.arange(1, 41)
+    ratios, ses = [], []
+    for _ in range(2000):
+        j = 0.03 * steps + rng.normal(0, 0.15, steps.size)
+        hist = [
+            {"step": s, "rl/score": v, "rl/beta": 0.2, "rl/kl": 0.0}
+            for s, v in zip(steps, j, strict=True)
+        ]
+        r, se = R.j_slope_ratio(hist)
+        ratios.append(r)
+        ses.append(se)
+    ratios, ses = np.array(ratios), np.array(ses)
+    assert np.median(ses) == pytest.approx(ratios.std(), rel=0.15)
+    assert 0.88 < np.mean(np.abs(ratios - 1) < 2 * ses) < 0.97
 
 
 def test_gain_with_se_pairs_prompts_and_skips_missing_ones():

@@ -5,6 +5,7 @@ at each KL, and how the run converged. `reports/rl.json` is `rl_report`'s dict.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -143,17 +144,25 @@ def best_of_n_frontier(
     return out
 
 
-def j_slope_ratio(history: list[dict], tail: float = 0.2) -> float:
+def j_slope_ratio(history: list[dict], tail: float = 0.2) -> tuple[float, float]:
     """How fast the training batches' J = score − β·KL still rises over the last `tail` of the
     steps, as a share of its mean rise over the run (least-squares slopes): near 0 or below
-    once the run has converged, near 1 or above where the budget stopped it."""
+    once the run has converged, near 1 or above where the budget stopped it; and its standard
+    error, from the scatter of the tail's J about its line (the mean slope's own error, fitted
+    on five times the steps, is left out)."""
     steps = np.array([h["step"] for h in history], dtype=float)
     j = np.array([h["rl/score"] - h["rl/beta"] * h["rl/kl"] for h in history])
     last = steps > steps.max() * (1 - tail) if len(steps) else steps.astype(bool)
     if last.sum() < 3 or len(steps) < 5:
-        return float("nan")
+        return float("nan"), float("nan")
     overall = np.polyfit(steps, j, 1)[0]
-    return float(np.polyfit(steps[last], j[last], 1)[0] / overall) if overall > 0 else float("nan")
+    if overall <= 0:
+        return float("nan"), float("nan")
+    x, y = steps[last], j[last]
+    slope, icept = np.polyfit(x, y, 1)
+    resid = y - (slope * x + icept)
+    se = math.sqrt(float(resid @ resid) / (x.size - 2) / float(((x - x.mean()) ** 2).sum()))
+    return float(slope / overall), se / float(overall)
 
 
 def gain_with_se(name: str, init: np.ndarray, final: np.ndarray) -> dict[str, float]:
@@ -202,6 +211,7 @@ def rl_report(
     a, b = init.figures, final.figures
     episodes = cfg.steps * min(cfg.prompts_per_step, run.train_prompts) * cfg.samples_per_prompt
     batch_kl = [h["rl/kl"] for h in run.history]
+    slope_ratio, slope_ratio_se = j_slope_ratio(run.history)
     elapsed = max(run.train_seconds, 1e-9)
     return {
         "algo": cfg.algo,
@@ -234,7 +244,8 @@ def rl_report(
         "distinct_2_init": a["distinct_2"],
         "eos_rate": {"init": a["eos_rate"], "final": b["eos_rate"]},
         "min_batch_kl": float(min(batch_kl)) if batch_kl else float("nan"),
-        "j_slope_ratio": j_slope_ratio(run.history),
+        "j_slope_ratio": slope_ratio,
+        "j_slope_ratio_se": slope_ratio_se,
         "episodes_per_sec": episodes / elapsed,
         "generate_share": run.generate_seconds / elapsed,
         "train_seconds": run.train_seconds,
