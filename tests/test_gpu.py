@@ -48,3 +48,23 @@ def test_known_gpu_peak_table():
     peak = peak_flops(PretrainParams(), torch.device("cuda"))
     if any(k in name for k in ("H100", "H200", "A100")):
         assert peak is not None and peak >= 312e12
+
+
+def test_cuda_chunked_losses_match_the_cpu_ones():
+    """`lmpipe.losses` on CUDA (larger chunks, several of them here) against the CPU: value
+    and bf16 gradient."""
+    from lmpipe.losses import cross_entropy_sum, forward_kl_sum
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3000, 8192, generator=g).bfloat16()
+    t = torch.randn(3000, 8192, generator=g).bfloat16()
+    y = torch.randint(0, 8192, (3000,), generator=g)
+    y[::7] = -100
+    out = {}
+    for dev in ("cpu", "cuda"):
+        x = s.to(dev).requires_grad_(True)
+        loss = cross_entropy_sum(x, y.to(dev)) + forward_kl_sum(x, t.to(dev), 2.0)
+        loss.backward()
+        out[dev] = (float(loss), x.grad.float().cpu())
+    assert out["cuda"][0] == pytest.approx(out["cpu"][0], rel=1e-5)
+    assert torch.allclose(out["cuda"][1], out["cpu"][1], rtol=2**-7, atol=1e-7)
