@@ -494,6 +494,25 @@ SECTIONS = [
         needs=MODELS,
     ),
     Section(
+        "reward_seeds",
+        "Reward model against its baseline across training seeds",
+        ["bench/reward_variants.py", "--seeds", "3"],
+        "expensive",
+        "The reward model retrained with the stage's params on the last reward run's pairs from "
+        "three seeds (the head's initialisation and the batches' order), scored as the stage "
+        "scores it, against the bag-of-words baseline on the same pairs (paired gap ± SE by "
+        "prompt): how much of the gap is the seed.",
+        [
+            ("seed", "seed", ""),
+            ("kept step", "kept_step", ""),
+            ("val accuracy", "val_accuracy", ""),
+            ("gold-order accuracy", "gold_order_accuracy", ""),
+            ("bag-of-words", "baseline", ""),
+            ("gap to bag-of-words", "gap", ""),
+        ],
+        needs=MODELS,
+    ),
+    Section(
         "reward_data",
         "Reward model against its baseline as the preference prompts grow",
         ["bench/reward_data.py", "--prompts", "1000", "2000"],

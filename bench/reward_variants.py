@@ -5,11 +5,15 @@
     python bench/reward_variants.py --batching prompt --batch-size 16
     python bench/reward_variants.py --lr 1e-3 --steps 300
     python bench/reward_variants.py --weight-decay 0 0.1
+    python bench/reward_variants.py --seeds 3          # seed, seed + 1, seed + 2
 
 Reads `data/preferences/pairs.jsonl` (written by `dvc repro reward`), trains each variant
 (pooling × batching) with the stage's loop and `reward.*` params from params.yaml, overridden by
 the flags, and prints the held-out accuracy against the labels and against the gold order (pairs
-whose gold scores differ by >= 0.1), as in `reports/reward.json`, with the training time.
+whose gold scores differ by >= 0.1) and the paired gap to the bag-of-words baseline, as in
+`reports/reward.json` (`lmpipe.reward.evaluation.held_out_metrics`), with the training time.
+`--seeds N` trains each variant from N seeds (the head's initialisation and the batches' order;
+the pairs stay the same), so a variant's difference can be read against the seeds' spread.
 `--batching pair` batches `batch_size` independent pairs (a response is scored once per pair it
 is in); `prompt` batches `batch_size` prompts with all their labelled pairs, each response
 scored once (see `reward.batching`). With the stage's params a variant reproduces the stage's
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -30,9 +35,8 @@ from lmpipe.chat import load_template
 from lmpipe.config import load_params
 from lmpipe.model import context_length, load_model
 from lmpipe.reward.data import encode_pairs
-from lmpipe.reward.metrics import pair_metrics
+from lmpipe.reward.evaluation import held_out_metrics
 from lmpipe.reward.model import build_reward_model
-from lmpipe.reward.scoring import raw_scores
 from lmpipe.reward.training import train_reward_model
 
 
@@ -49,6 +53,7 @@ def main() -> None:
     ap.add_argument(
         "--weight-decay", type=float, nargs="+", default=None, help="default: reward.weight_decay"
     )
+    ap.add_argument("--seeds", type=int, default=1, help="seeds a variant, from the params' seed")
     add_json_arg(ap)
     args = ap.parse_args()
 
@@ -65,7 +70,8 @@ def main() -> None:
     template = load_template(args.sft)
     marker, last = template.response_marker or (None, False)
     rows = [json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line]
-    encoded = encode_pairs(template, rows, context_length(load_model(args.sft)))
+    context = context_length(load_model(args.sft))
+    encoded = encode_pairs(template, rows, context)
     val = encoded["val"]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -74,32 +80,29 @@ def main() -> None:
     )
     rows = []
     grid = [
-        (b, p, wd)
+        (b, p, wd, params.seed + i)
         for b in args.batching or [cfg.batching]
         for p in args.pooling or [cfg.pooling]
         for wd in args.weight_decay or [cfg.weight_decay]
+        for i in range(args.seeds)
     ]
-    for batching, pooling, weight_decay in grid:
+    for batching, pooling, weight_decay, seed in grid:
         t0 = time.perf_counter()
-        model = build_reward_model(args.sft, params.seed, pooling, marker, last)
+        model = build_reward_model(args.sft, seed, pooling, marker, last)
         variant = cfg.model_copy(
             update={"batching": batching, "pooling": pooling, "weight_decay": weight_decay}
         )
-        result = train_reward_model(model, encoded, variant, params.seed, template.pad_id)
+        result = train_reward_model(model, encoded, variant, seed, template.pad_id)
         model.eval()
-        m = pair_metrics(
-            raw_scores(model, [e.chosen for e, _ in val], template.pad_id),
-            raw_scores(model, [e.rejected for e, _ in val], template.pad_id),
-            [p["gold_chosen"] for _, p in val],
-            [p["gold_rejected"] for _, p in val],
-            prompts=[p["prompt"] for _, p in val],
-        )
+        m = held_out_metrics(model, template, encoded, context)
+        gap, gap_se = m["gold_order_gap_to_baseline"], m["gold_order_gap_to_baseline_se"]
         print(
-            f"batching {batching:6s} pooling {pooling:5s} weight decay {weight_decay:g}  "
-            f"val_accuracy {m['val_accuracy']:.3f}  "
+            f"batching {batching:6s} pooling {pooling:5s} weight decay {weight_decay:g} "
+            f"seed {seed}  val_accuracy {m['val_accuracy']:.3f}  "
             f"gold_order_accuracy {m['gold_order_accuracy']:.3f} "
-            f"({m['gold_order_pairs']} pairs)  kept step {result.kept_step}, "
-            f"training {result.train_seconds:.0f} s, "
+            f"({m['gold_order_pairs']} pairs), bag-of-words "
+            f"{m['baseline_bow_gold_order_accuracy']:.3f}, gap {gap:+.3f} ± {gap_se:.3f}  "
+            f"kept step {result.kept_step}, training {result.train_seconds:.0f} s, "
             f"{time.perf_counter() - t0:.0f} s in all"
         )
         se = {k: m.get(f"{k}_se") for k in ("val_accuracy", "gold_order_accuracy")}
@@ -108,11 +111,23 @@ def main() -> None:
                 "batching": batching,
                 "pooling": pooling,
                 "weight_decay": f"{weight_decay:g}",
+                "seed": seed,
                 "kept_step": result.kept_step,
                 **{k: f"{m[k]:.3f}" + (f" ± {se[k]:.3f}" if se[k] is not None else "") for k in se},
+                "baseline": f"{m['baseline_bow_gold_order_accuracy']:.3f}",
+                "gap": f"{gap:+.3f} ± {gap_se:.3f}",
+                "gap_value": gap,
             }
         )
-    write(args.json, {"lr": cfg.lr, "steps": cfg.max_steps, "rows": rows})
+    gaps = [r["gap_value"] for r in rows]
+    caption = ""
+    if len(gaps) > 1:
+        caption = (
+            f"Gap to bag-of-words over the {len(gaps)} rows: mean {statistics.mean(gaps):+.3f}, "
+            f"SD {statistics.stdev(gaps):.3f}, highest {max(gaps):+.3f}."
+        )
+        print(caption)
+    write(args.json, {"lr": cfg.lr, "steps": cfg.max_steps, "rows": rows, "caption": caption})
 
 
 if __name__ == "__main__":

@@ -173,6 +173,7 @@ def test_benches_on_trained_models_run(tiny_repo, tmp_path, monkeypatch, capsys)
             "reward_variants.py",
             *("--params", str(tiny_repo / "params.yaml"), "--sft", str(models / "sft")),
             *("--pairs", str(data / "preferences" / "pairs.jsonl"), "--steps", "2"),
+            *("--seeds", "2"),
         ],
     }
     runs["reward_data"] = [
@@ -193,6 +194,9 @@ def test_benches_on_trained_models_run(tiny_repo, tmp_path, monkeypatch, capsys)
         load(argv[0]).main()
         assert json.loads(out.read_text(encoding="utf-8"))["figures"]["rows"], section
     capsys.readouterr()
+    rv = json.loads((tmp_path / "reward_variants.json").read_text(encoding="utf-8"))["figures"]
+    assert [r["seed"] - rv["rows"][0]["seed"] for r in rv["rows"]] == [0, 1]
+    assert "Gap to bag-of-words over the 2 rows" in rv["caption"]
     ev = load("critic_ev.py")
     fig = json.loads((tmp_path / "critic_ev.json").read_text(encoding="utf-8"))["figures"]
     assert [r["step"] for r in fig["rows"]] == [1, 3] and fig["step_episodes"] == 16
