@@ -63,3 +63,13 @@ def test_forward_kl_is_zero_for_identical_logits_and_positive_otherwise():
     s = torch.randn(7, 40, generator=g)
     assert abs(float(forward_kl_sum(s, s))) < 1e-5
     assert float(forward_kl_sum(s, torch.randn(7, 40, generator=g))) > 0.1
+
+
+def test_cross_entropy_sum_takes_any_ignore_index_as_torch_does():
+    """An ignore index outside the vocabulary (here V itself) is never gathered."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 13, generator=g)
+    y = torch.randint(0, 13, (6,), generator=g)
+    y[2] = 13
+    ref = F.cross_entropy(x, y, ignore_index=13, reduction="sum")
+    assert float(cross_entropy_sum(x, y, ignore_index=13)) == pytest.approx(float(ref), rel=1e-6)

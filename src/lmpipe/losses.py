@@ -41,8 +41,9 @@ class _CrossEntropySum(torch.autograd.Function):
         rows = _rows_per_chunk(logits)
         for i in range(0, n, rows):
             y = labels[i : i + rows]
-            keep = (y != ignore_index).float()[:, None]
-            y = y.clamp_min(0)[:, None]
+            target = y != ignore_index
+            keep = target.float()[:, None]
+            y = torch.where(target, y, 0)[:, None]
             logp = _log_softmax32(logits[i : i + rows])
             total -= (logp.gather(1, y) * keep).sum()
             if with_grad:  # softmax − one-hot, zero where there is no target
