@@ -94,7 +94,6 @@ def main() -> None:
 
     def distill_step(kd: Callable) -> Callable[[], None]:  # as DistillLoss and the loop run it
         def run() -> None:
-            teacher.requires_grad_(False)
             for b in distill_batches:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     with torch.no_grad():
@@ -102,7 +101,6 @@ def main() -> None:
                     s = student(input_ids=b.input_ids, use_cache=False).logits
                     loss = kd(s, t, b.labels)
                 loss.backward()
-            teacher.requires_grad_(True)
             opts["student"].step()
             opts["student"].zero_grad(set_to_none=True)
 

@@ -25,9 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from _results import add_json_arg, stage_env, write
@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import copy_repo  # noqa: E402
 from lmpipe.base import fetch_smollm2  # noqa: E402
+from lmpipe.batches import PairBatches  # noqa: E402
 from lmpipe.chat import ChatTemplate, load_template  # noqa: E402
 from lmpipe.config import load_params  # noqa: E402
 from lmpipe.model import context_length, load_model  # noqa: E402
@@ -57,6 +58,14 @@ def smollm2_folder(workdir: Path, cache: Path) -> Path:
     env = stage_env(LMPIPE_LOG_LEVEL="WARNING")
     subprocess.run(["dvc", "repro", "pretrain"], cwd=repo, env=env, check=True)
     return repo / "models" / "pretrain"
+
+
+class GroupPrompts(PairBatches):
+    """The reward stage's batch sampler (`PreferenceBatches`' own) over each group's prompt:
+    a micro-batch is the prompts of the groups it draws."""
+
+    def collate(self, examples: Sequence[str]) -> list[str]:
+        return list(examples)
 
 
 def encoded_pairs(template: ChatTemplate, rows: list[dict], context: int) -> dict[str, dict]:
@@ -127,12 +136,15 @@ def main() -> None:
 
     train_rows = [p for _, p in train["train"]]
     bow = bag_of_words_baseline(train_rows, val_rows)
-    # the train prompts the reward model's batches drew (one group a prompt, in order of first
-    # appearance, a seeded permutation an epoch): the baseline again on their pairs alone
-    distinct = list(dict.fromkeys(p["prompt"] for p in train_rows))
-    drawn = cfg.max_steps * cfg.batch_size * cfg.grad_accum
-    order = np.random.default_rng(params.seed).permutation(len(distinct))[:drawn]
-    seen_prompts = {distinct[i] for i in order}
+    # the train prompts the reward model's batches drew, from the stage's own sampler over its
+    # groups (`preference_groups`: a prompt's, in order of first appearance, or a pair's): the
+    # baseline again on their pairs alone
+    prompts = [p["prompt"] for p in train_rows]
+    groups = list(dict.fromkeys(prompts)) if cfg.batching == "prompt" else prompts
+    source = GroupPrompts(groups, cfg.batch_size, params.seed, template.pad_id)
+    draws = cfg.max_steps * cfg.grad_accum
+    seen_prompts = {p for _ in range(draws) for p in source.next_batch()}
+    distinct = set(prompts)
     seen_rows = [p for p in train_rows if p["prompt"] in seen_prompts]
     bow_seen = bag_of_words_baseline(seen_rows, val_rows)
     seen = len(seen_prompts) / len(distinct)

@@ -44,7 +44,7 @@ def test_cross_entropy_sum_of_bf16_logits_is_the_fp32_loss_with_a_bf16_gradient(
     assert torch.allclose(grad.float(), x32.grad, rtol=2**-7, atol=1e-8)
 
 
-def test_the_losses_without_grad_keep_no_gradient_and_give_the_same_value():
+def test_the_losses_without_grad_give_autograds_values():
     g = torch.Generator().manual_seed(2)
     s, t = torch.randn(2, 6, 9, generator=g).unbind()
     y = torch.randint(0, 9, (6,), generator=g)
@@ -55,7 +55,6 @@ def test_the_losses_without_grad_keep_no_gradient_and_give_the_same_value():
         F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="sum"
     )
     assert float(kl) == pytest.approx(float(ref), rel=1e-5)
-    assert not ce.requires_grad and not kl.requires_grad
 
 
 def test_forward_kl_is_zero_for_identical_logits_and_positive_otherwise():
