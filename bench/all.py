@@ -183,6 +183,24 @@ SECTIONS = [
         needs=MODELS,
     ),
     Section(
+        "rl_schedule",
+        "RL at β 0.2: the learning-rate schedule",
+        [
+            *("bench/beta_sweep.py", "--betas", "0.2", "--seeds", "3", "--jobs", "2"),
+            *("--variant", "linear (default):", "--variant", "constant:rl.lr_schedule=constant"),
+            "--variant",
+            "constant, half the lr:rl.lr_schedule=constant,rl.lr=5e-5",
+        ],
+        "expensive",
+        "The rl stage at the default β on the committed SFT and reward models with the default "
+        "linear decay of the rate to 0 and with a constant rate (mean ± SE over seeds): whether "
+        "the schedule, not the objective, is what stops the default run; best-of-n from π₀ "
+        "interpolated at RL's KL on the same eval prompts (beyond best-of-32's bound, "
+        "best-of-32's figures).",
+        [("settings", "variant", ""), *(c for c in SWEEP if c[1] != "beta")],
+        needs=MODELS,
+    ),
+    Section(
         "rloo_k",
         "RLOO: samples per prompt at a fixed budget",
         ["bench/rloo_k.py", "--ks", "2", "4", "--seeds", "2", "--jobs", "2"],
