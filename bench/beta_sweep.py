@@ -2,7 +2,8 @@
 β and seed, compared at matched KL with best-of-n from π₀ on the same eval prompts (ranked by
 the RL reward, at its KL bound, from the π₀ samples the stage draws for log Z). Prints a
 Markdown table per β: RL's RL reward (proxy), gold, KL and J (mean ± SE over seeds), best-of-n's
-reward and gold interpolated at RL's KL, and RL − best-of-n in standard errors.
+reward and gold interpolated at RL's KL, and RL's gold − best-of-n's in standard errors (paired
+by eval prompt: `paired_gap`).
 
     python bench/beta_sweep.py [--betas 0.05 0.1 0.2 0.5] [--seeds 3] [--set rl.steps=80 ...]
                                [--variant "2x batch:rl.prompts_per_step=64" ...]
@@ -107,6 +108,16 @@ def at_kl(best: list[dict], key: str, kl: float) -> float:
 def mean_se(x: list[float]) -> tuple[float, float]:
     a = np.asarray(x, dtype=float)
     return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
+
+
+def paired_gap(gaps: list[float], ses: list[float]) -> tuple[float, float]:
+    """RL's gold over best-of-n's, the mean over seeds of each run's gap paired by eval prompt,
+    and its standard error: the seeds share the eval prompts, so the prompts' sampling error
+    does not average down over seeds (the runs' own SEs, mean square) and adds to the spread
+    over seeds (whose SE does). Counts the policy's sampling noise twice: conservative."""
+    g, s = np.asarray(gaps, dtype=float), np.asarray(ses, dtype=float)
+    spread = g.var(ddof=1) / g.size if g.size > 1 else 0.0
+    return float(g.mean()), float(np.sqrt(np.mean(s**2) + spread))
 
 
 def fmt(m: tuple[float, float], digits: int = 3) -> str:
@@ -224,6 +235,9 @@ def main() -> None:
             "ev_median": rep["ev"]["median"],
             "j_slope": rep["j_slope_ratio"],
             "bon_js": {b["n"]: b["objective_j_lower"] for b in best},
+            # paired by eval prompt in the stage's report (`gold_vs_best_of_n`)
+            "gold_vs_bon": rep["gold_vs_best_of_n"],
+            "gold_vs_bon_se": rep["gold_vs_best_of_n_se"],
         }
         label = f"{name}, " if name else ""
         print(f"{label}β {beta} seed {seed}: {json.dumps({**run, **extra})}", flush=True)
@@ -239,9 +253,10 @@ def main() -> None:
         row = {"variant": name, "beta": beta}
         for key in runs[0]:
             row[key] = mean_se([r[key] for r in runs])
-        for key in ("score", "gold"):
-            d = mean_se([r[key] - r[f"bon_{key}"] for r in runs])
-            row[f"{key}_gap"] = d
+        gaps = [done[(name, beta, s)]["extra"] for s in range(args.seeds)]
+        row["gold_gap"] = paired_gap(
+            [g["gold_vs_bon"] for g in gaps], [g["gold_vs_bon_se"] for g in gaps]
+        )
         table.append(row)
     cpu = platform.processor() or platform.machine()
     print(

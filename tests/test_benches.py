@@ -275,3 +275,16 @@ def test_beta_sweep_variants_and_overrides():
     assert out["rl"] == {"lr": 5e-5, "ppo": {"clip": 0.1}, "steps": 80}
     assert base == {"rl": {"lr": 1e-4, "ppo": {"clip": 0.2}}}
     assert sweep.run_name(0.5, 1, ["rl.lr=5e-5"]) == "beta0.5-seed1-rl.lr=5e-5"
+
+
+def test_beta_sweep_gold_gap_keeps_the_shared_prompts_error():
+    """Over seeds that share the eval prompts, the gap's SE is never below one run's paired SE
+    (the prompts' sampling does not average down), adds the spread over seeds, and is one
+    run's own SE for one seed."""
+    sweep = load("beta_sweep.py")
+    assert sweep.paired_gap([0.1], [0.03]) == pytest.approx((0.1, 0.03))
+    gap, se = sweep.paired_gap([0.1, 0.1, 0.1], [0.03, 0.03, 0.03])
+    assert (gap, se) == pytest.approx((0.1, 0.03))
+    gap, se = sweep.paired_gap([0.0, 0.2], [0.03, 0.04])
+    assert gap == pytest.approx(0.1)
+    assert se == pytest.approx(np.sqrt((0.03**2 + 0.04**2) / 2 + 0.02 / 2))

@@ -49,19 +49,19 @@ def test_best_of_n_equals_the_average_over_every_subset():
     select = rng.normal(size=(3, 6))
     gold = rng.normal(size=(3, 6))
     for n in (1, 2, 3, 6):
-        want = np.mean(
-            [
-                np.mean(
-                    [
-                        gold[p, max(sub, key=lambda j: select[p, j])]
-                        for sub in itertools.combinations(range(6), n)
-                    ]
-                )
-                for p in range(3)
-            ]
-        )
+        want = [
+            np.mean(
+                [
+                    gold[p, max(sub, key=lambda j: select[p, j])]
+                    for sub in itertools.combinations(range(6), n)
+                ]
+            )
+            for p in range(3)
+        ]
         got = S.best_of_n(select, {"gold": gold}, n)
-        assert got["gold"] == pytest.approx(want)
+        assert got["gold"] == pytest.approx(np.mean(want))
+        by_prompt = S.best_of_n_by_prompt(select, {"gold": gold}, n)
+        np.testing.assert_allclose(by_prompt["gold"], want)
     assert S.best_of_n(select, {}, 1)["select"] == pytest.approx(select.mean())
     with pytest.raises(ValueError, match="at least 7"):
         S.best_of_n(select, {}, 7)

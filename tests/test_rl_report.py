@@ -146,3 +146,34 @@ def test_summary_report_and_side_by_side_from_hand_made_samples():
     assert R.side_by_side(ev, init, final, cfg) == "PROMPT: p0\nRL: yes\nSFT: yes\n\n" + (
         "PROMPT: p1\nRL: no\nSFT: no"
     )
+
+
+def test_gold_against_best_of_n_interpolates_each_prompt_and_pairs_them():
+    """The policy's gold minus best-of-n's at its KL, by prompt: at an n's own KL bound it is
+    that n's per-prompt gold, between two bounds the linear blend, beyond the largest n that
+    n's; a prompt effect shared by the policy and π₀ cancels from the gap and from its SE,
+    which is the SE of the per-prompt differences."""
+    rng = np.random.default_rng(0)
+    p, m = 12, 8
+    scores = rng.normal(size=(p, m))
+    gold = scores + rng.normal(scale=0.5, size=(p, m))
+    policy = rng.normal(loc=1.0, size=p)
+    by_n = {n: R.best_of_n_by_prompt(scores, {"gold": gold}, n)["gold"] for n in (1, 2, 4, 8)}
+    b2, b4 = R.best_of_n_kl_bound(2), R.best_of_n_kl_bound(4)
+
+    def diff(kl, offset=0.0):
+        g = gold + offset[:, None] if np.ndim(offset) else gold
+        pol = policy + offset
+        return R.gold_against_best_of_n(scores.ravel(), g.ravel(), p, pol, kl)
+
+    at4 = diff(b4)
+    d = policy - by_n[4]
+    assert at4["gold_vs_best_of_n"] == pytest.approx(d.mean())
+    assert at4["gold_vs_best_of_n_se"] == pytest.approx(d.std(ddof=1) / math.sqrt(p))
+    mid = diff(0.25 * b2 + 0.75 * b4)["gold_vs_best_of_n"]
+    assert mid == pytest.approx((policy - 0.25 * by_n[2] - 0.75 * by_n[4]).mean())
+    assert diff(50.0)["gold_vs_best_of_n"] == pytest.approx((policy - by_n[8]).mean())
+    # a large per-prompt effect in both: an unpaired SE would grow with it, the paired one not
+    shifted = diff(b4, offset=rng.normal(scale=10.0, size=p))
+    assert shifted["gold_vs_best_of_n"] == pytest.approx(at4["gold_vs_best_of_n"])
+    assert shifted["gold_vs_best_of_n_se"] == pytest.approx(at4["gold_vs_best_of_n_se"])

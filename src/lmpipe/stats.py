@@ -72,13 +72,15 @@ def best_of_n_kl_bound(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def best_of_n(select: np.ndarray, values: Mapping[str, np.ndarray], n: int) -> dict[str, float]:
+def best_of_n_by_prompt(
+    select: np.ndarray, values: Mapping[str, np.ndarray], n: int
+) -> dict[str, np.ndarray]:
     """Expected values of the sample that best-of-n keeps, for each prompt's m ≥ n samples.
 
     `select` (P, m) is the score best-of-n ranks by (the proxy reward); each `values[k]` (P, m)
     is measured on the kept sample. Unbiased: over all n-subsets of a prompt's m samples, the
     sample of rank i (ascending by `select`) is the kept one in C(i−1, n−1) of the C(m, n)
-    subsets. Averaged over prompts."""
+    subsets. One value a prompt, (P,) for each key and for `select`."""
     m = select.shape[1]
     if not 1 <= n <= m:
         raise ValueError(f"best-of-{n} needs at least {n} samples per prompt, got {m}")
@@ -89,5 +91,10 @@ def best_of_n(select: np.ndarray, values: Mapping[str, np.ndarray], n: int) -> d
     out = {}
     for key, v in {"select": select, **values}.items():
         ordered = np.take_along_axis(np.asarray(v, dtype=np.float64), order, 1)
-        out[key] = float((ordered * weight).sum(1).mean())
+        out[key] = (ordered * weight).sum(1)
     return out
+
+
+def best_of_n(select: np.ndarray, values: Mapping[str, np.ndarray], n: int) -> dict[str, float]:
+    """`best_of_n_by_prompt` averaged over the prompts."""
+    return {k: float(v.mean()) for k, v in best_of_n_by_prompt(select, values, n).items()}

@@ -18,7 +18,13 @@ from lmpipe.config import RLParams
 from lmpipe.data.stats import distinct_ngram_ratio
 from lmpipe.rl.posterior import draw, posterior_kl, rescore
 from lmpipe.scoring import Samples, ScoreFn
-from lmpipe.stats import best_of_n, best_of_n_kl_bound, cluster_se, sample_gold_order
+from lmpipe.stats import (
+    best_of_n,
+    best_of_n_by_prompt,
+    best_of_n_kl_bound,
+    cluster_se,
+    sample_gold_order,
+)
 
 
 def nanmean(x: np.ndarray) -> float:
@@ -144,6 +150,30 @@ def best_of_n_frontier(
     return out
 
 
+def gold_against_best_of_n(
+    scores: np.ndarray, gold: np.ndarray, n_prompts: int, policy_gold: np.ndarray, kl: float
+) -> dict[str, float]:
+    """The policy's gold minus best-of-n's from π₀ at the policy's KL, paired by prompt: each
+    prompt's best-of-n gold interpolated between the n whose KL bounds bracket `kl` (beyond
+    the largest n's bound, that n's), as the β sweep compares them; with its standard error
+    over the prompts. Best-of-n's KL is at most its bound, so this is RL's gain over a lower
+    estimate of best-of-n's frontier."""
+    select = np.asarray(scores, np.float64).reshape(n_prompts, -1)
+    g = np.asarray(gold, np.float64).reshape(n_prompts, -1)
+    ns = [n for n in (1, 2, 4, 8, 16, 32) if n <= select.shape[1]]
+    bounds = [best_of_n_kl_bound(n) for n in ns]
+    per_n = np.stack([best_of_n_by_prompt(select, {"gold": g}, n)["gold"] for n in ns])
+    # linear interpolation is linear in the values: one weight per n, shared by the prompts
+    weights = np.array([np.interp(kl, bounds, np.eye(len(ns))[i]) for i in range(len(ns))])
+    d = np.asarray(policy_gold, np.float64) - weights @ per_n
+    d = d[np.isfinite(d)]
+    se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
+    return {
+        "gold_vs_best_of_n": float(d.mean()) if d.size else float("nan"),
+        "gold_vs_best_of_n_se": se,
+    }
+
+
 def j_slope_ratio(history: list[dict], tail: float = 0.2) -> tuple[float, float]:
     """How fast the training batches' J = score − β·KL still rises over the last `tail` of the
     steps, as a share of its mean rise over the run (least-squares slopes): near 0 or below
@@ -238,6 +268,13 @@ def rl_report(
             init, final, cfg.eval_samples, cfg.posterior_samples
         ),
         "best_of_n": best_of,
+        **gold_against_best_of_n(
+            init.samples.scores,
+            a["gold_each"],
+            len(b["by_prompt"]["gold"]),
+            b["by_prompt"]["gold"],
+            b["kl"],
+        ),
         "entropy": b["entropy"],
         "entropy_init": a["entropy"],
         "distinct_2": b["distinct_2"],
