@@ -197,7 +197,24 @@ SECTIONS = [
         "the schedule, not the objective, is what stops the default run; best-of-n from π₀ "
         "interpolated at RL's KL on the same eval prompts (beyond best-of-32's bound, "
         "best-of-32's figures).",
-        [("settings", "variant", ""), *(c for c in SWEEP if c[1] != "beta")],
+        [("settings", "variant", ""), *(c for c in SWEEP if c[1] not in ("beta", "gold_gap"))],
+        needs=MODELS,
+    ),
+    Section(
+        "rl_epochs",
+        "RL at β 0.2: PPO epochs",
+        [
+            *("bench/beta_sweep.py", "--betas", "0.2", "--seeds", "3", "--jobs", "2"),
+            *("--variant", "epochs 2 (default):", "--variant", "epochs 1:rl.ppo.epochs=1"),
+            *("--variant", "epochs 4:rl.ppo.epochs=4"),
+            *("--variant", "epochs 4, 30 steps:rl.ppo.epochs=4,rl.steps=30"),
+        ],
+        "expensive",
+        "The rl stage at the default β on the committed SFT and reward models with 1, 2 (the "
+        "default) and 4 PPO passes over each rollout batch, and 4 passes over 30 steps, about "
+        "the default's training time (mean ± SE over seeds): whether reusing each batch more "
+        "buys J, at the default's episodes and within its time.",
+        [("settings", "variant", ""), *(c for c in SWEEP if c[1] not in ("beta", "gold_gap"))],
         needs=MODELS,
     ),
     Section(
