@@ -93,6 +93,12 @@ def table(reports: Path) -> list[list[str]]:
             f"{best[4]['objective_j_lower']:.3f} / {best[16]['objective_j_lower']:.3f}",
         ),
         (
+            "RL gold − best-of-n's at RL's KL, paired by eval prompt (± SE)",
+            f"{rl['gold_vs_best_of_n']:+.3f} ± {rl['gold_vs_best_of_n_se']:.3f}"
+            if "gold_vs_best_of_n" in rl
+            else "—",
+        ),
+        (
             "KL(π‖π*): SFT → policy (policy's 95% interval)",
             f"{rl['posterior_kl_init']:.2f} → {rl['posterior_kl']:.2f} [{lo:.2f}, {hi:.2f}]",
         ),
