@@ -50,7 +50,7 @@ SWEEP: list[Column] = [
     ("best-of-n reward at RL's KL", "bon_score", ""),
     ("gold", "gold", ""),
     ("best-of-n gold at RL's KL", "bon_gold", ""),
-    ("gold − best-of-n (in SEs)", "gold_gap", ""),
+    ("gold − best-of-n (in SEs paired by eval prompt)", "gold_gap", ""),
     ("KL", "kl", ""),
     ("J", "j", ""),
     ("best-of-n's best J bound", "bon_j", ""),
