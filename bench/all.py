@@ -80,6 +80,12 @@ def sampling_caption(f: dict) -> str:
 MODELS = "the pipeline's outputs (`dvc repro` or `dvc pull`)"
 # the rl stage at β 0.5 on two seeds, two runs at once: the head of the β-0.5 sections' commands
 BETA_05 = ["bench/beta_sweep.py", "--betas", "0.5", "--seeds", "2", "--jobs", "2"]
+BETA_02 = ["bench/beta_sweep.py", "--betas", "0.2", "--seeds", "3", "--jobs", "2"]
+# a comparison of settings at one β: a row per setting, without the β and gold-gap columns
+VARIANT_COLUMNS: list[Column] = [
+    ("settings", "variant", ""),
+    *(c for c in SWEEP if c[1] not in ("beta", "gold_gap")),
+]
 
 SECTIONS = [
     Section(
@@ -164,7 +170,7 @@ SECTIONS = [
         "more steps or a lower rate (mean ± SE over seeds), on the SFT and reward models of "
         "`dvc repro reward` on the machine below, against best-of-n from π₀ interpolated at "
         "RL's KL on the same eval prompts.",
-        [("settings", "variant", ""), *(c for c in SWEEP if c[1] not in ("beta", "gold_gap"))],
+        VARIANT_COLUMNS,
         needs=MODELS,
     ),
     Section(
@@ -179,14 +185,14 @@ SECTIONS = [
         "The rl stage at β 0.5 with twice the episodes of the largest budget in the section "
         "above (128 prompts a step, 80 steps, half the rate), on the same models, prompts and "
         "seeds: whether more episodes alone bring RL to best-of-n.",
-        [("settings", "variant", ""), *(c for c in SWEEP if c[1] not in ("beta", "gold_gap"))],
+        VARIANT_COLUMNS,
         needs=MODELS,
     ),
     Section(
         "rl_schedule",
         "RL at β 0.2: the learning-rate schedule",
         [
-            *("bench/beta_sweep.py", "--betas", "0.2", "--seeds", "3", "--jobs", "2"),
+            *BETA_02,
             *("--variant", "linear (default):", "--variant", "constant:rl.lr_schedule=constant"),
             "--variant",
             "constant, half the lr:rl.lr_schedule=constant,rl.lr=5e-5",
@@ -197,14 +203,14 @@ SECTIONS = [
         "the schedule, not the objective, is what stops the default run; best-of-n from π₀ "
         "interpolated at RL's KL on the same eval prompts (beyond best-of-32's bound, "
         "best-of-32's figures).",
-        [("settings", "variant", ""), *(c for c in SWEEP if c[1] not in ("beta", "gold_gap"))],
+        VARIANT_COLUMNS,
         needs=MODELS,
     ),
     Section(
         "rl_epochs",
         "RL at β 0.2: PPO epochs",
         [
-            *("bench/beta_sweep.py", "--betas", "0.2", "--seeds", "3", "--jobs", "2"),
+            *BETA_02,
             *("--variant", "epochs 2 (default):", "--variant", "epochs 1:rl.ppo.epochs=1"),
             *("--variant", "epochs 4:rl.ppo.epochs=4"),
             *("--variant", "epochs 4, 30 steps:rl.ppo.epochs=4,rl.steps=30"),
@@ -214,7 +220,7 @@ SECTIONS = [
         "default) and 4 PPO passes over each rollout batch, and 4 passes over 30 steps, about "
         "the default's training time (mean ± SE over seeds): whether reusing each batch more "
         "buys J, at the default's episodes and within its time.",
-        [("settings", "variant", ""), *(c for c in SWEEP if c[1] not in ("beta", "gold_gap"))],
+        VARIANT_COLUMNS,
         needs=MODELS,
     ),
     Section(

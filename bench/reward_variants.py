@@ -78,7 +78,7 @@ def main() -> None:
         f"{len(encoded['train'])} train / {len(val)} val pairs; "
         f"lr {cfg.lr}, {cfg.max_steps} steps x {cfg.batch_size} prompts or pairs"
     )
-    rows = []
+    rows, gaps = [], []
     grid = [
         (b, p, wd, params.seed + i)
         for b in args.batching or [cfg.batching]
@@ -116,10 +116,9 @@ def main() -> None:
                 **{k: f"{m[k]:.3f}" + (f" ± {se[k]:.3f}" if se[k] is not None else "") for k in se},
                 "baseline": f"{m['baseline_bow_gold_order_accuracy']:.3f}",
                 "gap": f"{gap:+.3f} ± {gap_se:.3f}",
-                "gap_value": gap,
             }
         )
-    gaps = [r["gap_value"] for r in rows]
+        gaps.append(gap)
     caption = ""
     if len(gaps) > 1:
         caption = (

@@ -160,11 +160,11 @@ def test_gold_against_best_of_n_interpolates_each_prompt_and_pairs_them():
     policy = rng.normal(loc=1.0, size=p)
     by_n = {n: R.best_of_n_by_prompt(scores, {"gold": gold}, n)["gold"] for n in (1, 2, 4, 8)}
     b2, b4 = R.best_of_n_kl_bound(2), R.best_of_n_kl_bound(4)
+    none = np.zeros(p)
 
-    def diff(kl, offset=0.0):
-        g = gold + offset[:, None] if np.ndim(offset) else gold
-        pol = policy + offset
-        return R.gold_against_best_of_n(scores.ravel(), g.ravel(), p, pol, kl)
+    def diff(kl, offset=none):
+        g = gold + offset[:, None]
+        return R.gold_against_best_of_n(scores.ravel(), g.ravel(), p, policy + offset, kl)
 
     at4 = diff(b4)
     d = policy - by_n[4]

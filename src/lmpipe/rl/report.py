@@ -125,6 +125,15 @@ def evaluate_policy(
     return Evaluation(pol_s, texts, final, time.perf_counter() - t0)
 
 
+BEST_OF_N = (1, 2, 4, 8, 16, 32)
+"""The n of the best-of-n frontier, as far as the π₀ samples a prompt allow."""
+
+
+def best_of_ns(samples: int) -> list[int]:
+    """The n of `BEST_OF_N` that `samples` π₀ samples a prompt allow."""
+    return [n for n in BEST_OF_N if n <= samples]
+
+
 def best_of_n_frontier(
     scores: np.ndarray, gold: np.ndarray, n_prompts: int, beta: float
 ) -> list[dict[str, float]]:
@@ -133,9 +142,7 @@ def best_of_n_frontier(
     frontier a converged policy should reach at its KL."""
     select = np.asarray(scores, np.float64).reshape(n_prompts, -1)
     out = []
-    for n in (1, 2, 4, 8, 16, 32):
-        if n > select.shape[1]:
-            break
+    for n in best_of_ns(select.shape[1]):
         got = best_of_n(select, {"gold": np.asarray(gold).reshape(n_prompts, -1)}, n)
         bound = best_of_n_kl_bound(n)
         out.append(
@@ -160,12 +167,11 @@ def gold_against_best_of_n(
     estimate of best-of-n's frontier."""
     select = np.asarray(scores, np.float64).reshape(n_prompts, -1)
     g = np.asarray(gold, np.float64).reshape(n_prompts, -1)
-    ns = [n for n in (1, 2, 4, 8, 16, 32) if n <= select.shape[1]]
+    ns = best_of_ns(select.shape[1])
     bounds = [best_of_n_kl_bound(n) for n in ns]
     per_n = np.stack([best_of_n_by_prompt(select, {"gold": g}, n)["gold"] for n in ns])
-    # linear interpolation is linear in the values: one weight per n, shared by the prompts
-    weights = np.array([np.interp(kl, bounds, np.eye(len(ns))[i]) for i in range(len(ns))])
-    d = np.asarray(policy_gold, np.float64) - weights @ per_n
+    at_kl = np.array([np.interp(kl, bounds, prompt) for prompt in per_n.T])
+    d = np.asarray(policy_gold, np.float64) - at_kl
     d = d[np.isfinite(d)]
     se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
     return {
