@@ -3,15 +3,16 @@
     python bench/reward_variants.py                      # the stage's params
     python bench/reward_variants.py --pooling last mean
     python bench/reward_variants.py --batching prompt --batch-size 16
-    python bench/reward_variants.py --lr 1e-3 --steps 300
-    python bench/reward_variants.py --weight-decay 0 0.1
+    python bench/reward_variants.py --lr 5e-4 1e-3 2e-3 --steps 300 600
+    python bench/reward_variants.py --weight-decay 0 0.1 1
     python bench/reward_variants.py --seeds 3          # seed, seed + 1, seed + 2
 
 Reads `data/preferences/pairs.jsonl` (written by `dvc repro reward`), trains each variant
-(pooling × batching) with the stage's loop and `reward.*` params from params.yaml, overridden by
-the flags, and prints the held-out accuracy against the labels and against the gold order (pairs
-whose gold scores differ by >= 0.1) and the paired gap to the bag-of-words baseline, as in
-`reports/reward.json` (`lmpipe.reward.evaluation.held_out_metrics`), with the training time.
+(pooling × batching × learning rate × steps × weight decay) with the stage's loop and `reward.*`
+params from params.yaml, overridden by the flags, and prints the held-out accuracy against the
+labels and against the gold order (pairs whose gold scores differ by >= 0.1) and the paired gap
+to the bag-of-words baseline, as in `reports/reward.json`
+(`lmpipe.reward.evaluation.held_out_metrics`), with the training time.
 `--seeds N` trains each variant from N seeds (the head's initialisation and the batches' order;
 the pairs stay the same), so a variant's difference can be read against the seeds' spread.
 `--batching pair` batches `batch_size` independent pairs (a response is scored once per pair it
@@ -48,8 +49,8 @@ def main() -> None:
     ap.add_argument("--pooling", nargs="+", default=None, help="default: reward.pooling")
     ap.add_argument("--batching", nargs="+", default=None, choices=["pair", "prompt"])
     ap.add_argument("--batch-size", type=int, default=None, help="default: reward.batch_size")
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--lr", type=float, nargs="+", default=None, help="default: reward.lr")
+    ap.add_argument("--steps", type=int, nargs="+", default=None, help="default: reward.max_steps")
     ap.add_argument(
         "--weight-decay", type=float, nargs="+", default=None, help="default: reward.weight_decay"
     )
@@ -59,13 +60,8 @@ def main() -> None:
 
     params = load_params(args.params, ["reward"])
     update = {"checkpoint_every": 0}
-    for key, value in (
-        ("lr", args.lr),
-        ("max_steps", args.steps),
-        ("batch_size", args.batch_size),
-    ):
-        if value is not None:
-            update[key] = value
+    if args.batch_size is not None:
+        update["batch_size"] = args.batch_size
     cfg = params.reward.model_copy(update=update)
     template = load_template(args.sft)
     marker, last = template.response_marker or (None, False)
@@ -76,28 +72,37 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"{len(encoded['train'])} train / {len(val)} val pairs; "
-        f"lr {cfg.lr}, {cfg.max_steps} steps x {cfg.batch_size} prompts or pairs"
+        f"{cfg.batch_size} prompts or pairs a step"
     )
     rows, gaps = [], []
     grid = [
-        (b, p, wd, params.seed + i)
+        (b, p, lr, steps, wd, params.seed + i)
         for b in args.batching or [cfg.batching]
         for p in args.pooling or [cfg.pooling]
+        for lr in args.lr or [cfg.lr]
+        for steps in args.steps or [cfg.max_steps]
         for wd in args.weight_decay or [cfg.weight_decay]
         for i in range(args.seeds)
     ]
-    for batching, pooling, weight_decay, seed in grid:
+    for batching, pooling, lr, steps, weight_decay, seed in grid:
         t0 = time.perf_counter()
         model = build_reward_model(args.sft, seed, pooling, marker, last)
         variant = cfg.model_copy(
-            update={"batching": batching, "pooling": pooling, "weight_decay": weight_decay}
+            update={
+                "batching": batching,
+                "pooling": pooling,
+                "lr": lr,
+                "max_steps": steps,
+                "weight_decay": weight_decay,
+            }
         )
         result = train_reward_model(model, encoded, variant, seed, template.pad_id)
         model.eval()
         m = held_out_metrics(model, template, encoded, context)
         gap, gap_se = m["gold_order_gap_to_baseline"], m["gold_order_gap_to_baseline_se"]
         print(
-            f"batching {batching:6s} pooling {pooling:5s} weight decay {weight_decay:g} "
+            f"batching {batching:6s} pooling {pooling:5s} lr {lr:g} steps {steps} "
+            f"weight decay {weight_decay:g} "
             f"seed {seed}  val_accuracy {m['val_accuracy']:.3f}  "
             f"gold_order_accuracy {m['gold_order_accuracy']:.3f} "
             f"({m['gold_order_pairs']} pairs), bag-of-words "
@@ -110,6 +115,8 @@ def main() -> None:
             {
                 "batching": batching,
                 "pooling": pooling,
+                "lr": f"{lr:g}",
+                "steps": steps,
                 "weight_decay": f"{weight_decay:g}",
                 "seed": seed,
                 "kept_step": result.kept_step,
@@ -126,7 +133,7 @@ def main() -> None:
             f"SD {statistics.stdev(gaps):.3f}, highest {max(gaps):+.3f}."
         )
         print(caption)
-    write(args.json, {"lr": cfg.lr, "steps": cfg.max_steps, "rows": rows, "caption": caption})
+    write(args.json, {"rows": rows, "caption": caption})
 
 
 if __name__ == "__main__":

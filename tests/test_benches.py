@@ -173,7 +173,7 @@ def test_benches_on_trained_models_run(tiny_repo, tmp_path, monkeypatch, capsys)
             "reward_variants.py",
             *("--params", str(tiny_repo / "params.yaml"), "--sft", str(models / "sft")),
             *("--pairs", str(data / "preferences" / "pairs.jsonl"), "--steps", "2"),
-            *("--seeds", "2"),
+            *("--lr", "1e-3", "2e-3", "--seeds", "2"),
         ],
     }
     runs["reward_data"] = [
@@ -195,8 +195,15 @@ def test_benches_on_trained_models_run(tiny_repo, tmp_path, monkeypatch, capsys)
         assert json.loads(out.read_text(encoding="utf-8"))["figures"]["rows"], section
     capsys.readouterr()
     rv = json.loads((tmp_path / "reward_variants.json").read_text(encoding="utf-8"))["figures"]
-    assert [r["seed"] - rv["rows"][0]["seed"] for r in rv["rows"]] == [0, 1]
-    assert "Gap to bag-of-words over the 2 rows" in rv["caption"]
+    # the grid: each learning rate from each seed, the steps from the flag
+    assert [(r["lr"], r["seed"] - rv["rows"][0]["seed"]) for r in rv["rows"]] == [
+        ("0.001", 0),
+        ("0.001", 1),
+        ("0.002", 0),
+        ("0.002", 1),
+    ]
+    assert {r["steps"] for r in rv["rows"]} == {2}
+    assert "Gap to bag-of-words over the 4 rows" in rv["caption"]
     ev = load("critic_ev.py")
     fig = json.loads((tmp_path / "critic_ev.json").read_text(encoding="utf-8"))["figures"]
     assert [r["step"] for r in fig["rows"]] == [1, 3] and fig["step_episodes"] == 16
