@@ -582,13 +582,14 @@ SECTIONS = [
     Section(
         "reward_backbone",
         "Reward model on a pretrained backbone (SmolLM2-135M-Instruct)",
-        ["bench/reward_backbone.py", "--steps", "300", "--batch-size", "2", "--lr", "5e-5"],
+        ["bench/reward_backbone.py", "--steps", "900", "--batch-size", "2", "--lr", "5e-5"],
         "expensive",
         "Whether the reward model's gap to bag-of-words is its backbone's: the default pairs of "
         "the last `dvc repro reward` scored by the stage's reward model (the from-scratch SFT "
         "backbone, all train pairs), by a reward model trained with the stage's functions on "
-        "SmolLM2-135M-Instruct (through prepare and pretrain as `base.model`) on a share of "
-        "them, and by bag-of-words fitted to all train pairs and to that share alone; "
+        "SmolLM2-135M-Instruct (through prepare and pretrain as `base.model`) for two passes "
+        "over the train prompts, and by bag-of-words fitted to all train pairs and to the "
+        "prompts the reward model drew; "
         "gold-order accuracy ± SE by prompt, and the gap to the stage's bag-of-words paired on "
         "the same val pairs.",
         [
