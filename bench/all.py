@@ -540,6 +540,26 @@ SECTIONS = [
         needs=MODELS,
     ),
     Section(
+        "reward_passes",
+        "Reward model: passes over the train pairs",
+        ["bench/reward_variants.py", "--steps", "300", "600", "900"],
+        "expensive",
+        "The reward model retrained with the stage's params on the last reward run's pairs for "
+        "one to three times the default steps, keeping the step of lowest val loss as the stage "
+        "does, scored as the stage scores it, against the bag-of-words baseline on the same pairs "
+        "(paired gap ± SE by prompt): whether a longer run closes the gap, and after how many "
+        "passes over the train prompts the model starts to over-fit them.",
+        [
+            ("steps", "steps", ""),
+            ("kept step", "kept_step", ""),
+            ("passes over the train prompts", "passes", ""),
+            ("val accuracy", "val_accuracy", ""),
+            ("gold-order accuracy", "gold_order_accuracy", ""),
+            ("gap to bag-of-words", "gap", ""),
+        ],
+        needs=MODELS,
+    ),
+    Section(
         "reward_seeds",
         "Reward model against its baseline across training seeds",
         ["bench/reward_variants.py", "--seeds", "3"],

@@ -2,17 +2,19 @@
 
     python bench/reward_variants.py                      # the stage's params
     python bench/reward_variants.py --pooling last mean
-    python bench/reward_variants.py --batching prompt --batch-size 16
+    python bench/reward_variants.py --batching prompt --batch-size 8 32
     python bench/reward_variants.py --lr 5e-4 1e-3 2e-3 --steps 300 600
     python bench/reward_variants.py --weight-decay 0 0.1 1
     python bench/reward_variants.py --seeds 3          # seed, seed + 1, seed + 2
 
 Reads `data/preferences/pairs.jsonl` (written by `dvc repro reward`), trains each variant
-(pooling × batching × learning rate × steps × weight decay) with the stage's loop and `reward.*`
-params from params.yaml, overridden by the flags, and prints the held-out accuracy against the
-labels and against the gold order (pairs whose gold scores differ by >= 0.1) and the paired gap
-to the bag-of-words baseline, as in `reports/reward.json`
-(`lmpipe.reward.evaluation.held_out_metrics`), with the training time.
+(pooling × batching × batch size × learning rate × steps × weight decay) with the stage's loop
+and `reward.*` params from params.yaml, overridden by the flags, and prints the held-out
+accuracy against the labels and against the gold order (pairs whose gold scores differ by
+>= 0.1) and the paired gap to the bag-of-words baseline, as in `reports/reward.json`
+(`lmpipe.reward.evaluation.held_out_metrics`), with the training time and the passes over the
+train prompts (or pairs) that the kept step had made: where `keep_best` keeps an earlier step
+than the last, val loss rose after it, and more steps or bigger batches over-fit the pairs.
 `--seeds N` trains each variant from N seeds (the head's initialisation and the batches' order;
 the pairs stay the same), so a variant's difference can be read against the seeds' spread.
 `--batching pair` batches `batch_size` independent pairs (a response is scored once per pair it
@@ -35,7 +37,7 @@ from _results import add_json_arg, write
 from lmpipe.chat import load_template
 from lmpipe.config import load_params
 from lmpipe.model import context_length, load_model
-from lmpipe.reward.data import encode_pairs
+from lmpipe.reward.data import encode_pairs, preference_groups
 from lmpipe.reward.evaluation import held_out_metrics
 from lmpipe.reward.model import build_reward_model
 from lmpipe.reward.training import train_reward_model
@@ -48,7 +50,9 @@ def main() -> None:
     ap.add_argument("--pairs", default="data/preferences/pairs.jsonl")
     ap.add_argument("--pooling", nargs="+", default=None, help="default: reward.pooling")
     ap.add_argument("--batching", nargs="+", default=None, choices=["pair", "prompt"])
-    ap.add_argument("--batch-size", type=int, default=None, help="default: reward.batch_size")
+    ap.add_argument(
+        "--batch-size", type=int, nargs="+", default=None, help="default: reward.batch_size"
+    )
     ap.add_argument("--lr", type=float, nargs="+", default=None, help="default: reward.lr")
     ap.add_argument("--steps", type=int, nargs="+", default=None, help="default: reward.max_steps")
     ap.add_argument(
@@ -59,10 +63,7 @@ def main() -> None:
     args = ap.parse_args()
 
     params = load_params(args.params, ["reward"])
-    update = {"checkpoint_every": 0}
-    if args.batch_size is not None:
-        update["batch_size"] = args.batch_size
-    cfg = params.reward.model_copy(update=update)
+    cfg = params.reward.model_copy(update={"checkpoint_every": 0})
     template = load_template(args.sft)
     marker, last = template.response_marker or (None, False)
     rows = [json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line]
@@ -72,24 +73,26 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"{len(encoded['train'])} train / {len(val)} val pairs; "
-        f"{cfg.batch_size} prompts or pairs a step"
+        f"{args.batch_size or [cfg.batch_size]} prompts or pairs a step"
     )
     rows, gaps = [], []
     grid = [
-        (b, p, lr, steps, wd, params.seed + i)
+        (b, bs, p, lr, steps, wd, params.seed + i)
         for b in args.batching or [cfg.batching]
+        for bs in args.batch_size or [cfg.batch_size]
         for p in args.pooling or [cfg.pooling]
         for lr in args.lr or [cfg.lr]
         for steps in args.steps or [cfg.max_steps]
         for wd in args.weight_decay or [cfg.weight_decay]
         for i in range(args.seeds)
     ]
-    for batching, pooling, lr, steps, weight_decay, seed in grid:
+    for batching, batch_size, pooling, lr, steps, weight_decay, seed in grid:
         t0 = time.perf_counter()
         model = build_reward_model(args.sft, seed, pooling, marker, last)
         variant = cfg.model_copy(
             update={
                 "batching": batching,
+                "batch_size": batch_size,
                 "pooling": pooling,
                 "lr": lr,
                 "max_steps": steps,
@@ -97,29 +100,35 @@ def main() -> None:
             }
         )
         result = train_reward_model(model, encoded, variant, seed, template.pad_id)
+        # each optimizer step draws batch_size groups (prompts, or pairs) of the train split
+        passes = result.kept_step * batch_size / len(preference_groups(encoded["train"], batching))
         model.eval()
         m = held_out_metrics(model, template, encoded, context)
         gap, gap_se = m["gold_order_gap_to_baseline"], m["gold_order_gap_to_baseline_se"]
         print(
-            f"batching {batching:6s} pooling {pooling:5s} lr {lr:g} steps {steps} "
+            f"batching {batching:6s} batch size {batch_size} pooling {pooling:5s} lr {lr:g} "
+            f"steps {steps} "
             f"weight decay {weight_decay:g} "
             f"seed {seed}  val_accuracy {m['val_accuracy']:.3f}  "
             f"gold_order_accuracy {m['gold_order_accuracy']:.3f} "
             f"({m['gold_order_pairs']} pairs), bag-of-words "
             f"{m['baseline_bow_gold_order_accuracy']:.3f}, gap {gap:+.3f} ± {gap_se:.3f}  "
-            f"kept step {result.kept_step}, training {result.train_seconds:.0f} s, "
+            f"kept step {result.kept_step} ({passes:.1f} passes), "
+            f"training {result.train_seconds:.0f} s, "
             f"{time.perf_counter() - t0:.0f} s in all"
         )
         se = {k: m.get(f"{k}_se") for k in ("val_accuracy", "gold_order_accuracy")}
         rows.append(
             {
                 "batching": batching,
+                "batch_size": batch_size,
                 "pooling": pooling,
                 "lr": f"{lr:g}",
                 "steps": steps,
                 "weight_decay": f"{weight_decay:g}",
                 "seed": seed,
                 "kept_step": result.kept_step,
+                "passes": f"{passes:.1f}",
                 **{k: f"{m[k]:.3f}" + (f" ± {se[k]:.3f}" if se[k] is not None else "") for k in se},
                 "baseline": f"{m['baseline_bow_gold_order_accuracy']:.3f}",
                 "gap": f"{gap:+.3f} ± {gap_se:.3f}",

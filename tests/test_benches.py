@@ -173,7 +173,7 @@ def test_benches_on_trained_models_run(tiny_repo, tmp_path, monkeypatch, capsys)
             "reward_variants.py",
             *("--params", str(tiny_repo / "params.yaml"), "--sft", str(models / "sft")),
             *("--pairs", str(data / "preferences" / "pairs.jsonl"), "--steps", "2"),
-            *("--lr", "1e-3", "2e-3", "--seeds", "2"),
+            *("--lr", "1e-3", "2e-3", "--seeds", "2", "--batch-size", "1", "2"),
         ],
     }
     runs["reward_data"] = [
@@ -195,15 +195,17 @@ def test_benches_on_trained_models_run(tiny_repo, tmp_path, monkeypatch, capsys)
         assert json.loads(out.read_text(encoding="utf-8"))["figures"]["rows"], section
     capsys.readouterr()
     rv = json.loads((tmp_path / "reward_variants.json").read_text(encoding="utf-8"))["figures"]
-    # the grid: each learning rate from each seed, the steps from the flag
-    assert [(r["lr"], r["seed"] - rv["rows"][0]["seed"]) for r in rv["rows"]] == [
-        ("0.001", 0),
-        ("0.001", 1),
-        ("0.002", 0),
-        ("0.002", 1),
-    ]
+    # the grid: each batch size by each learning rate from each seed, the steps from the flag
+    grid = [(bs, lr, seed) for bs in (1, 2) for lr in ("0.001", "0.002") for seed in (0, 1)]
+    seed0 = rv["rows"][0]["seed"]
+    assert [(r["batch_size"], r["lr"], r["seed"] - seed0) for r in rv["rows"]] == grid
     assert {r["steps"] for r in rv["rows"]} == {2}
-    assert "Gap to bag-of-words over the 4 rows" in rv["caption"]
+    assert "Gap to bag-of-words over the 8 rows" in rv["caption"]
+    # the passes the kept step made: twice the prompts a step, twice the passes
+    one, two = rv["rows"][0], rv["rows"][4]
+    assert one["kept_step"] == two["kept_step"] > 0
+    assert float(two["passes"]) == pytest.approx(2 * float(one["passes"]), abs=0.1)
+    assert float(one["passes"]) > 0
     ev = load("critic_ev.py")
     fig = json.loads((tmp_path / "critic_ev.json").read_text(encoding="utf-8"))["figures"]
     assert [r["step"] for r in fig["rows"]] == [1, 3] and fig["step_episodes"] == 16
