@@ -75,6 +75,10 @@ def main() -> None:
         f"{len(encoded['train'])} train / {len(val)} val pairs; "
         f"{args.batch_size or [cfg.batch_size]} prompts or pairs a step"
     )
+    # each optimizer step draws batch_size groups (prompts, or pairs) of the train split
+    train_groups = {
+        b: len(preference_groups(encoded["train"], b)) for b in args.batching or [cfg.batching]
+    }
     rows, gaps = [], []
     grid = [
         (b, bs, p, lr, steps, wd, params.seed + i)
@@ -100,15 +104,13 @@ def main() -> None:
             }
         )
         result = train_reward_model(model, encoded, variant, seed, template.pad_id)
-        # each optimizer step draws batch_size groups (prompts, or pairs) of the train split
-        passes = result.kept_step * batch_size / len(preference_groups(encoded["train"], batching))
+        passes = result.kept_step * batch_size / train_groups[batching]
         model.eval()
         m = held_out_metrics(model, template, encoded, context)
         gap, gap_se = m["gold_order_gap_to_baseline"], m["gold_order_gap_to_baseline_se"]
         print(
             f"batching {batching:6s} batch size {batch_size} pooling {pooling:5s} lr {lr:g} "
-            f"steps {steps} "
-            f"weight decay {weight_decay:g} "
+            f"steps {steps} weight decay {weight_decay:g} "
             f"seed {seed}  val_accuracy {m['val_accuracy']:.3f}  "
             f"gold_order_accuracy {m['gold_order_accuracy']:.3f} "
             f"({m['gold_order_pairs']} pairs), bag-of-words "
