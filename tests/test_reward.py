@@ -519,6 +519,62 @@ def test_bag_of_words_baseline_learns_a_lexical_preference():
     assert blind["gold_order_accuracy"] <= 0.75
 
 
+def test_bag_of_words_baseline_chooses_its_regularisation_on_held_out_prompts():
+    """Few pairs, many words that tell nothing and labels that are often wrong: sklearn's default
+    C = 1 fits the noise. The baseline picks its C by the held-out label loss of whole prompts,
+    and orders val by gold far better than C = 1."""
+    from lmpipe.reward.baseline import bag_of_words_baseline
+
+    rng = np.random.default_rng(1)
+    noise = [f"w{i}" for i in range(400)]
+
+    def row(prompt):
+        good, bad = [*rng.choice(noise, 6).tolist(), "glad"], rng.choice(noise, 6).tolist()
+        if rng.random() < 0.3:  # the labeller got this pair wrong
+            good, bad = bad, good
+        gold = (0.5, -0.5) if "glad" in good else (-0.5, 0.5)
+        return {
+            "prompt": prompt,
+            "chosen": " ".join(good),
+            "rejected": " ".join(bad),
+            "gold_chosen": gold[0],
+            "gold_rejected": gold[1],
+        }
+
+    train = [row(f"p{i // 4}") for i in range(240)]
+    val = [row(f"v{i // 4}") for i in range(400)]
+    m = bag_of_words_baseline(train, val)
+    cv = m["cv_log_loss"]
+    assert list(cv) == sorted(cv) and m["C"] == min(cv, key=cv.get) and m["C"] < 1.0
+    fixed = bag_of_words_baseline(train, val, c_grid=())  # no CV: sklearn's default C = 1
+    assert fixed["C"] == 1.0 and fixed["cv_log_loss"] == {}
+    assert m["gold_order_accuracy"] >= fixed["gold_order_accuracy"] + 0.1
+
+
+def test_cv_log_loss_holds_out_whole_prompts_and_stops_once_a_weaker_penalty_does_worse():
+    from lmpipe.reward.baseline import cv_log_loss
+
+    groups = [f"p{i // 5}" for i in range(60)]
+    x = np.arange(60, dtype=float)[:, None]  # each row's feature is its index
+    seen: list[tuple[float, set]] = []
+    loss_of_c = {0.1: 0.0, 0.3: 1.0, 1.0: -1.0, 3.0: 5.0}  # the weight w: held-out margins x·w
+
+    def fit(x_train, c, start):
+        seen.append((c, {groups[int(i)] for i in x_train[:, 0]}))
+        return np.array([loss_of_c[c]])
+
+    cv = cv_log_loss(x, groups, [3.0, 1.0, 0.3, 0.1], 3, fit)
+    assert list(cv) == [0.1, 0.3, 1.0]  # 1.0 did worse than 0.3: 3.0 is never fitted
+    assert cv[0.3] < cv[0.1] < cv[1.0]
+    prompts = set(groups)
+    for c in cv:
+        trained = [g for cc, g in seen if cc == c]
+        assert len(trained) == 3
+        held = [prompts - g for g in trained]  # each fold holds out a third of the prompts whole
+        assert all(len(h) == 4 for h in held) and set().union(*held) == prompts
+    assert cv_log_loss(x[:5], groups[:5], [1.0], 3, fit) == {}  # one prompt: nothing to hold out
+
+
 @pytest.mark.parametrize("pooling", ["last", "mean", "sum"])
 def test_critic_from_the_reward_model_scores_each_partial_response(backbone, pooling):
     """PPO's critic copied from the reward model starts as the reward model's normalised score

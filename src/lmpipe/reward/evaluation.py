@@ -30,9 +30,10 @@ def held_out_metrics(
     context: int,
 ) -> dict[str, Any]:
     """`pair_metrics` of the val pairs, the Spearman correlation of reward and gold over their
-    distinct responses, and the bag-of-words baseline (trained on the train pairs) on the same
-    pairs, with the model's gold-order accuracy minus the baseline's (SE by prompt); and the same
-    baseline over the model's own tokens."""
+    distinct responses, and the bag-of-words baseline (trained on the train pairs, its
+    regularisation chosen by cross-validation over their prompts) on the same pairs, with the
+    model's gold-order accuracy minus the baseline's (SE by prompt); and the same baseline over
+    the model's own tokens."""
     val_ex = [e for e, _ in encoded["val"]]
     rows = [p for _, p in encoded["val"]]
     # reward vs gold on the distinct held-out responses too; one call scores each once
@@ -60,7 +61,9 @@ def held_out_metrics(
         **metrics,
         "baseline_bow_val_accuracy": bow["val_accuracy"],
         "baseline_bow_gold_order_accuracy": bow["gold_order_accuracy"],
+        "baseline_bow_C": bow["C"],
         "baseline_tokens_gold_order_accuracy": pieces["gold_order_accuracy"],
+        "baseline_tokens_C": pieces["C"],
         "gold_order_gap_to_baseline": float(gap.mean()) if gap.size else float("nan"),
         "gold_order_gap_to_baseline_se": cluster_se(gap, np.asarray(prompts, object)[sel]),
     }
