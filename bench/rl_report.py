@@ -29,6 +29,12 @@ def critic_share(policy_norm: np.ndarray, critic_norm: np.ndarray, clip: float) 
     return c / (p + c)
 
 
+def c_of(report: dict, which: str) -> str:
+    """The baseline's regularisation, where the report has it (older reports used C = 1)."""
+    c = report.get(f"baseline_{which}_C")
+    return f" (C {c:g})" if c is not None else ""
+
+
 def table(reports: Path) -> list[list[str]]:
     """(figure, value) rows from a run's reward.json, rl.json and plots/rl.csv."""
     rm = json.loads((reports / "reward.json").read_text())
@@ -51,12 +57,12 @@ def table(reports: Path) -> list[list[str]]:
             f"{rm['gold_order_accuracy']:.3f} ± {rm['gold_order_accuracy_se']:.3f}",
         ),
         (
-            "bag-of-words baseline, gold-order accuracy",
-            f"{rm['baseline_bow_gold_order_accuracy']:.3f}",
+            "bag-of-words baseline, gold-order accuracy (its C by cross-validation)",
+            f"{rm['baseline_bow_gold_order_accuracy']:.3f}{c_of(rm, 'bow')}",
         ),
         (
-            "bag-of-tokens baseline (the model's own tokens), gold-order accuracy",
-            f"{rm['baseline_tokens_gold_order_accuracy']:.3f}"
+            "bag-of-tokens baseline (the model's own tokens), gold-order accuracy (its C)",
+            f"{rm['baseline_tokens_gold_order_accuracy']:.3f}{c_of(rm, 'tokens')}"
             if "baseline_tokens_gold_order_accuracy" in rm
             else "not in this report",
         ),
