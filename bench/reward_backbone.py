@@ -164,8 +164,12 @@ def main() -> None:
             }
         )
     for label, b, data in (
-        ("bag-of-words baseline (the stage's)", bow, 1.0),
-        ("bag-of-words on the prompts the reward model drew", bow_seen, seen),
+        (f"bag-of-words baseline (the stage's; C {bow['C']:g})", bow, 1.0),
+        (
+            f"bag-of-words on the prompts the reward model drew (C {bow_seen['C']:g})",
+            bow_seen,
+            seen,
+        ),
     ):
         out.append(
             {
