@@ -125,17 +125,19 @@ def main() -> None:
         t_score = time.perf_counter()
         # the stage's own evaluation for both models: scores, SEs, the paired gap to
         # bag-of-words fitted to the same train pairs
-        m_big = held_out_metrics(model, template, train, context_length(model))
+        train_rows = [p for _, p in train["train"]]
+        bow = bag_of_words_baseline(train_rows, val_rows)  # words: the same for both templates
+        m_big = held_out_metrics(model, template, train, context_length(model), {"bow": bow})
         print(
             f"reward model on {name}: training {result.train_seconds:.0f} s "
             f"({result.tokens_per_sec:,.0f} tokens/s), kept step {result.kept_step}; "
             f"evaluation {time.perf_counter() - t_score:.0f} s"
         )
         mine = {s: [own[s][k] for k in keys[s]] for s in ("train", "val")}
-        m_small = held_out_metrics(small.model, small.template, mine, context_length(small.model))
+        m_small = held_out_metrics(
+            small.model, small.template, mine, context_length(small.model), {"bow": bow}
+        )
 
-    train_rows = [p for _, p in train["train"]]
-    bow = bag_of_words_baseline(train_rows, val_rows)
     # the train prompts the reward model's batches drew, from the stage's own sampler over its
     # groups (`preference_groups`: a prompt's, in order of first appearance, or a pair's): the
     # baseline again on their pairs alone

@@ -38,7 +38,7 @@ from lmpipe.chat import load_template
 from lmpipe.config import load_params
 from lmpipe.model import context_length, load_model
 from lmpipe.reward.data import encode_pairs, preference_groups
-from lmpipe.reward.evaluation import held_out_metrics
+from lmpipe.reward.evaluation import fit_baselines, held_out_metrics
 from lmpipe.reward.model import build_reward_model
 from lmpipe.reward.training import train_reward_model
 
@@ -80,6 +80,7 @@ def main() -> None:
         b: len(preference_groups(encoded["train"], b)) for b in args.batching or [cfg.batching]
     }
     rows, gaps = [], []
+    baselines = fit_baselines(template, encoded)  # the same pairs for every variant: fit once
     grid = [
         (b, bs, p, lr, steps, wd, params.seed + i)
         for b in args.batching or [cfg.batching]
@@ -106,7 +107,7 @@ def main() -> None:
         result = train_reward_model(model, encoded, variant, seed, template.pad_id)
         passes = result.kept_step * batch_size / train_groups[batching]
         model.eval()
-        m = held_out_metrics(model, template, encoded, context)
+        m = held_out_metrics(model, template, encoded, context, baselines)
         gap, gap_se = m["gold_order_gap_to_baseline"], m["gold_order_gap_to_baseline_se"]
         print(
             f"batching {batching:6s} batch size {batch_size} pooling {pooling:5s} lr {lr:g} "

@@ -575,6 +575,53 @@ def test_cv_log_loss_holds_out_whole_prompts_and_stops_once_a_weaker_penalty_doe
     assert cv_log_loss(x[:5], groups[:5], [1.0], 3, fit) == {}  # one prompt: nothing to hold out
 
 
+def test_held_out_metrics_fits_only_the_baselines_it_is_not_given(monkeypatch):
+    """Benches that score several reward models on the same pairs fit each baseline once; the
+    gap is then taken against the baseline they pass."""
+    from types import SimpleNamespace
+
+    from lmpipe.reward import evaluation
+
+    fits = []
+
+    def fake_baseline(train, val, tokenize=None):
+        fits.append("tokens" if tokenize else "bow")
+        return {
+            "val_accuracy": 1.0,
+            "gold_order_accuracy": 1.0,
+            "C": 1.0,
+            "margin": np.ones(len(val)),
+        }
+
+    n = 12
+    monkeypatch.setattr(evaluation, "bag_of_words_baseline", fake_baseline)
+    monkeypatch.setattr(evaluation, "encode_for_reward", lambda *a: [0])
+    # the model orders every val pair as gold does (then one score per distinct response)
+    monkeypatch.setattr(
+        evaluation,
+        "raw_scores",
+        lambda m, seqs, pad: np.r_[np.ones(n), np.zeros(n), np.arange(len(seqs) - 2 * n)],
+    )
+    rows = [
+        {"prompt": f"p{i // 3}", "chosen": f"good {i}", "rejected": f"bad {i}"}
+        | {"gold_chosen": 1.0 + i, "gold_rejected": -1.0 - i}
+        for i in range(n)
+    ]
+    encoded = {
+        "train": [(None, r) for r in rows],
+        "val": [(PreferenceExample([1], [2]), r) for r in rows],
+    }
+    template = SimpleNamespace(pad_id=0, tokenizer=None)
+
+    fresh = evaluation.held_out_metrics(None, template, encoded, 8)
+    assert fits == ["bow", "tokens"] and fresh["gold_order_gap_to_baseline"] == 0.0
+    fits.clear()
+    wrong = {"gold_order_accuracy": 0.0, "val_accuracy": 0.0, "C": 0.1, "margin": -np.ones(n)}
+    given = evaluation.held_out_metrics(None, template, encoded, 8, {"bow": wrong})
+    assert fits == ["tokens"]
+    assert given["gold_order_gap_to_baseline"] == 1.0 and given["baseline_bow_C"] == 0.1
+
+
 @pytest.mark.parametrize("pooling", ["last", "mean", "sum"])
 def test_critic_from_the_reward_model_scores_each_partial_response(backbone, pooling):
     """PPO's critic copied from the reward model starts as the reward model's normalised score

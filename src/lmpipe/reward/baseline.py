@@ -77,23 +77,25 @@ def cv_log_loss(
     (a prompt's pairs share responses, so splitting them would leak); empty with under 2
     prompts. C rises through the grid, each fold warm-started from the last C's weights, and
     stops at the first C that does worse than the one before: the weaker the regularisation
-    the slower the fit, and the held-out loss is unimodal in C."""
-    keys = list(dict.fromkeys(groups))
-    folds = min(folds, len(keys))
+    the slower the fit, and this assumes the held-out loss is unimodal in C (a second dip
+    further up the grid would be missed)."""
+    from sklearn.model_selection import GroupKFold
+
+    code = {g: i for i, g in enumerate(dict.fromkeys(groups))}  # prompts and row numbers alike
+    folds = min(folds, len(code))
     if folds < 2 or not c_grid:
         return {}
-    order = np.random.default_rng(0).permutation(len(keys))
-    fold_of = {keys[j]: i % folds for i, j in enumerate(order)}
-    fold = np.array([fold_of[g] for g in groups])
+    splits = list(GroupKFold(folds).split(x, groups=[code[g] for g in groups]))
     starts: list[Any] = [None] * folds
     out: dict[float, float] = {}
+    prev = np.inf
     for c in sorted(float(c) for c in c_grid):
         nll = 0.0
-        for f in range(folds):
-            held = fold == f
-            starts[f] = fit(x[~held], c, starts[f])
+        for f, (fit_rows, held) in enumerate(splits):
+            starts[f] = fit(x[fit_rows], c, starts[f])
             nll += float(np.logaddexp(0.0, -(x[held] @ starts[f])).sum())
         out[c] = nll / x.shape[0]
-        if len(out) > 1 and out[c] > list(out.values())[-2]:
+        if out[c] > prev:
             break
+        prev = out[c]
     return out

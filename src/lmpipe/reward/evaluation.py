@@ -22,18 +22,38 @@ from lmpipe.reward.scoring import raw_scores
 from lmpipe.sampling import sample_responses
 from lmpipe.stats import cluster_se, gold_agreement
 
+BASELINES = ("bow", "tokens")
+
+
+def fit_baselines(
+    template: ChatTemplate,
+    encoded: dict[str, list[tuple[PreferenceExample, dict[str, Any]]]],
+    which: Sequence[str] = BASELINES,
+) -> dict[str, dict[str, Any]]:
+    """`bag_of_words_baseline` of the encoded pairs over lowercased words (`bow`) and over the
+    template's tokens (`tokens`), those of `which`."""
+    train = [p for _, p in encoded["train"]]
+    val = [p for _, p in encoded["val"]]
+    units = {
+        "bow": None,
+        "tokens": lambda t: template.tokenizer.encode(t, add_special_tokens=False).tokens,
+    }
+    return {k: bag_of_words_baseline(train, val, units[k]) for k in which}
+
 
 def held_out_metrics(
     model: torch.nn.Module,
     template: ChatTemplate,
     encoded: dict[str, list[tuple[PreferenceExample, dict[str, Any]]]],
     context: int,
+    baselines: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """`pair_metrics` of the val pairs, the Spearman correlation of reward and gold over their
     distinct responses, and the bag-of-words baseline (trained on the train pairs, its
     regularisation chosen by cross-validation over their prompts) on the same pairs, with the
     model's gold-order accuracy minus the baseline's (SE by prompt); and the same baseline over
-    the model's own tokens."""
+    the model's own tokens. `baselines` passes either baseline (`fit_baselines`' keys) already
+    fitted on these pairs, so that scoring several models on them fits each once."""
     val_ex = [e for e, _ in encoded["val"]]
     rows = [p for _, p in encoded["val"]]
     # reward vs gold on the distinct held-out responses too; one call scores each once
@@ -48,11 +68,10 @@ def held_out_metrics(
     metrics = pair_metrics(scores[:n], scores[n : 2 * n], gold_c, gold_r, prompts=prompts)
     metrics["val_gold_spearman"] = float(spearmanr(scores[2 * n :], list(texts.values())).statistic)
 
-    train = [p for _, p in encoded["train"]]
-    bow = bag_of_words_baseline(train, rows)
-    pieces = bag_of_words_baseline(
-        train, rows, lambda t: template.tokenizer.encode(t, add_special_tokens=False).tokens
-    )
+    fitted = baselines or {}
+    missing = [k for k in BASELINES if k not in fitted]
+    fitted = {**fitted, **fit_baselines(template, encoded, missing)}
+    bow, pieces = fitted["bow"], fitted["tokens"]
     # the model against the baseline on the same pairs: a paired difference, SE by prompt
     ours, sel = gold_agreement(scores[:n], scores[n : 2 * n], gold_c, gold_r)
     theirs, _ = gold_agreement(bow["margin"], np.zeros(n), gold_c, gold_r)
