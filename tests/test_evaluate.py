@@ -128,6 +128,7 @@ def test_alignment_flags_name_a_weak_reward_model_and_rl_that_did_not_move():
     }
     below, chance = M.alignment_flags(weak, GOOD_RL, FALLING)
     assert "below its baseline" in below and "0.699" in below and "beyond noise" in below
+    assert "base.model" in below  # the lever that measurably closes the gap
     assert "near chance" in chance and "0.575" in chance
     assert "own tokens" not in below  # no token baseline in this report
     # at or above the baseline over its own tokens: the flag says where the gap comes from

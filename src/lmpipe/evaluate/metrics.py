@@ -145,9 +145,11 @@ def alignment_flags(
         out.append(
             f"The reward model is below its baseline: it orders held-out pairs as gold does "
             f"{acc:.3f} of the time against {base:.3f} for bag-of-words logistic regression on "
-            f"the same pairs ({noise}){pieces}. RL optimises what it learned: more preference "
-            "pairs (preference.prompts, preference.samples_per_prompt), fewer reward.max_steps "
-            "or a lower reward.lr, or a stronger backbone (longer pretrain/SFT, a base model)."
+            f"the same pairs ({noise}){pieces}. RL optimises what it learned. Measured on the "
+            "default task, the gap is the backbone's: a pretrained base model (base.model, "
+            "docs/base-models.md) draws level with the baseline, where the reward model's "
+            "learning rate, weight decay and steps, twice the preference prompts, and a bigger "
+            "or longer-pretrained model from scratch do not (docs/stages.md, reward)."
         )
     va, va_se = reward.get("val_accuracy"), reward.get("val_accuracy_se")
     if _finite(va) and (va < 0.5 + chance_margin or (_finite(va_se) and va - z * va_se <= 0.5)):
