@@ -158,6 +158,9 @@ def test_alignment_flags_name_a_weak_reward_model_and_rl_that_did_not_move():
     }
     (f,) = M.alignment_flags({**GOOD_RM, "kept_step": 150}, GOOD_RL, rising)
     assert "over-fit" in f and "step 150" in f and "reward.keep_best" in f
+    assert "only save time" in f  # the kept weights are the best eval's already
+    (f,) = M.alignment_flags(GOOD_RM, GOOD_RL, rising)  # keep_best off: it is the remedy
+    assert "over-fit" in f and "reward.keep_best: true" in f and "only save time" not in f
     # RL: a gold gain within two SE of zero; a proxy that did not move
     (f,) = M.alignment_flags(
         GOOD_RM, {**GOOD_RL, "gold_gain": 0.023, "gold_gain_se": 0.03}, FALLING

@@ -171,16 +171,20 @@ def alignment_flags(
         best = int(np.argmin(loss))
         if best < len(loss) - 1 and loss[-1] > loss[best] * (1 + overfit_rise):
             at = f" at step {steps[best]:.0f}" if len(steps) == len(loss) else ""
-            kept = (
-                " The model kept is the one of its best eval (reward.keep_best)."
+            # with keep_best the kept weights are already the best eval's: fewer steps only
+            # save time, so the advice is what regularises
+            advice = (
+                " The model kept is the one of its best eval (reward.keep_best), so fewer "
+                "reward.max_steps would only save time; more preference pairs or more "
+                "reward.weight_decay regularise it."
                 if reward.get("kept_step") is not None
-                else ""
+                else " Set reward.keep_best: true (or fewer reward.max_steps); more preference "
+                "pairs or more reward.weight_decay regularise it."
             )
             out.append(
                 f"The reward model over-fit: its val loss fell to {loss[best]:.3f}{at} and rose "
                 f"to {loss[-1]:.3f} by the end of training ({reward.get('pairs', {})} pairs)."
-                f"{kept} Fewer reward.max_steps, more preference pairs or more "
-                "reward.weight_decay."
+                f"{advice}"
             )
     for name, advice in (
         (
