@@ -121,11 +121,23 @@ def main() -> None:
     print(f"\nStages run: {', '.join(times)}.\n\nFlags:\n")
     for f in card["flags"] or ["none"]:
         print(f"- {f}")
-    caption = (
-        f"Corpus: {docs:,} train documents ({tokens:,} tokens), "
-        f"{prep['prompts']['rl']} RL prompts; overrides: {', '.join(args.set) or 'none'}."
+    write(args.json, {"caption": caption(prep, args.set), "rows": table(repo / "reports")})
+
+
+def caption(prep: dict, overrides: list[str]) -> str:
+    """The corpus's size and where its RL prompts came from (`reports/prepare.json`)."""
+    prompts = prep["prompts"]
+    borrowed = prompts.get("rl_from_train", 0)
+    source = (
+        f" ({prompts['rl'] - borrowed} from val documents, {borrowed} from train documents: "
+        "`data.rl_prompts_min`)"
+        if borrowed
+        else ""
     )
-    write(args.json, {"caption": caption, "rows": table(repo / "reports")})
+    return (
+        f"Corpus: {prep['documents']['train']:,} train documents ({prep['tokens']['train']:,} "
+        f"tokens), {prompts['rl']} RL prompts{source}; overrides: {', '.join(overrides) or 'none'}."
+    )
 
 
 if __name__ == "__main__":
