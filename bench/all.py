@@ -562,10 +562,10 @@ SECTIONS = [
     Section(
         "reward_seeds",
         "Reward model against its baseline across training seeds",
-        ["bench/reward_variants.py", "--seeds", "3"],
+        ["bench/reward_variants.py", "--seeds", "5"],
         "expensive",
         "The reward model retrained with the stage's params on the last reward run's pairs from "
-        "three seeds (the head's initialisation and the batches' order), scored as the stage "
+        "five seeds (the head's initialisation and the batches' order), scored as the stage "
         "scores it, against the bag-of-words baseline on the same pairs (paired gap ± SE by "
         "prompt): how much of the gap is the seed.",
         [
