@@ -5,7 +5,7 @@
     python bench/reward_variants.py --batching prompt --batch-size 8 32
     python bench/reward_variants.py --lr 5e-4 1e-3 2e-3 --steps 300 600
     python bench/reward_variants.py --weight-decay 0 0.1 1
-    python bench/reward_variants.py --seeds 3          # seed, seed + 1, seed + 2
+    python bench/reward_variants.py --seeds 5          # seed, seed + 1, … seed + 4
 
 Reads `data/preferences/pairs.jsonl` (written by `dvc repro reward`), trains each variant
 (pooling × batching × batch size × learning rate × steps × weight decay) with the stage's loop
