@@ -84,11 +84,7 @@ def main() -> None:
         f"{torch.backends.cpu.get_cpu_capability()}; `dvc repro` {minutes:.1f} min; "
         f"overrides: {', '.join(args.set) or 'none'}\n"
     )
-    docs, tokens = prep["documents"]["train"], prep["tokens"]["train"]
-    print(
-        f"Corpus: {docs:,} train documents, {tokens:,} train tokens, "
-        f"{prep['prompts']['rl']} RL prompts.\n"
-    )
+    print(f"{caption(prep, args.set)}\n")
     print("| figure | value |\n|---|---|")
     rows = [
         ("reward: val accuracy", f"{rm['val_accuracy']:.3f} ± {rm.get('val_accuracy_se', 0):.3f}"),
