@@ -13,7 +13,7 @@ streams, so the training run is the stage's (its logged metrics are checked agai
 - `ev_gae`: the critic's explained variance against the GAE λ-returns, as `PPO.update` logs it
   (`rl/explained_variance`), on all the episodes; `ev_gae_sd_step` (and `ev_gae_mean_step`):
   its SD (mean) over disjoint sub-batches of one training step's episodes, the noise of the
-  logged figure;
+  logged figure; `ev_gae_se`: the bootstrap SE (episodes resampled) of `ev_gae` itself;
 - `ev_mc`: the same against Monte Carlo returns G_t = score − β·Σ_{s≥t} k1_s (λ = 1);
 - `ceiling_mc`: the highest explained variance any critic reaches against those returns,
   1 − E[Var(G_t | s_t)]/Var(G_t) (V(s) = E[G | s] leaves the rest), token-weighted as the
@@ -96,6 +96,21 @@ def bootstrap_se(
     total = np.var((ra + rb) / 2, axis=1, ddof=1) + within / 2
     ok = total > 0
     return float(np.std(1 - within[ok] / total[ok], ddof=1))
+
+
+def ev_bootstrap_se(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, draws: int = 500, seed: int = 0
+) -> float:
+    """Bootstrap standard error of `core.explained_variance` over the episodes (rows)
+    resampled: the noise of the EV measured on all of them, where `sub_batch_ev`'s SD is that of
+    one training step's share."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(mask)
+    evs = []
+    for _ in range(draws):
+        idx = torch.randint(0, n, (n,), generator=gen).to(mask.device)
+        evs.append(core.explained_variance(values[idx], returns[idx], mask[idx]))
+    return float(np.nanstd(evs, ddof=1))
 
 
 def mc_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -288,6 +303,7 @@ def measure(trainer: RLTrainer, args: argparse.Namespace, step: int) -> dict:
     return {
         "step": step,
         "ev_gae": core.explained_variance(ro.values, returns, mask),
+        "ev_gae_se": ev_bootstrap_se(ro.values, returns, mask, seed=args.seed + step),
         "ev_gae_sd_step": float(np.std(per_batch, ddof=1)),
         "ev_gae_mean_step": float(np.mean(per_batch)),
         "ev_mc": core.explained_variance(ro.values, g_mc, mask),
@@ -336,8 +352,12 @@ def steps_to_measure(at: list[int] | None, steps: int) -> list[int]:
 
 
 def with_text(row: dict) -> dict:
-    """The row with the ceiling and its SE as one table cell."""
-    return {**row, "ceiling": f"{row['ceiling_mc']:.3f} ± {row['ceiling_mc_se']:.3f}"}
+    """The row with the EV and the ceiling, each with its SE, as one table cell."""
+    return {
+        **row,
+        "ev_gae_text": f"{row['ev_gae']:.3f} ± {row['ev_gae_se']:.3f}",
+        "ceiling": f"{row['ceiling_mc']:.3f} ± {row['ceiling_mc_se']:.3f}",
+    }
 
 
 def main() -> None:
@@ -394,7 +414,8 @@ def main() -> None:
             row["logged_ev"] = m["rl/explained_variance"]
             print(
                 f"step {step}: logged EV {row['logged_ev']:.3f}; on {args.episodes} episodes: "
-                f"EV {row['ev_gae']:.3f} (SD {row['ev_gae_sd_step']:.3f} on {per_step}), "
+                f"EV {row['ev_gae']:.3f} ± {row['ev_gae_se']:.3f} "
+                f"(SD {row['ev_gae_sd_step']:.3f} on {per_step}), "
                 f"EV vs MC returns {row['ev_mc']:.3f}, ceiling {row['ceiling_mc']:.3f} ± "
                 f"{row['ceiling_mc_se']:.3f} ({row['seconds']:.0f} s)",
                 flush=True,
@@ -403,12 +424,12 @@ def main() -> None:
     compared = stage_diff(args.stage_csv, history)
     diff, same = compared if compared is not None else (None, None)
     print(
-        "\n| step | logged EV | EV (GAE) | SD on one step | EV (MC) | ceiling (MC) ± SE |\n"
-        "|---:|---:|---:|---:|---:|---:|"
+        "\n| step | logged EV | EV (GAE) ± SE | SD on one step | EV (MC) | ceiling (MC) ± SE |\n"
+        "|---:|---:|---|---:|---:|---|"
     )
     for r in rows:
         print(
-            f"| {r['step']} | {r['logged_ev']:.3f} | {r['ev_gae']:.3f} | "
+            f"| {r['step']} | {r['logged_ev']:.3f} | {r['ev_gae']:.3f} ± {r['ev_gae_se']:.3f} | "
             f"{r['ev_gae_sd_step']:.3f} | {r['ev_mc']:.3f} | "
             f"{r['ceiling_mc']:.3f} ± {r['ceiling_mc_se']:.3f} |"
         )

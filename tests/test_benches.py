@@ -217,12 +217,34 @@ def test_benches_on_trained_models_run(tiny_repo, tmp_path, monkeypatch, capsys)
         assert r["var_within"] >= 0 and r["var_returns"] > 0 and r["ceiling_mc_se"] > 0
         assert -3 * r["ceiling_mc_se"] <= r["ceiling_mc"] <= 1, r
         assert r["ceiling"] == f"{r['ceiling_mc']:.3f} ± {r['ceiling_mc_se']:.3f}"
+        assert (
+            r["ev_gae_se"] > 0 and r["ev_gae_text"] == f"{r['ev_gae']:.3f} ± {r['ev_gae_se']:.3f}"
+        )
     # measuring between steps leaves the training run the stage's own, metric for metric (up
     # to float rounding: another sampled token would move them by far more)
     diff = fig["stage_max_abs_diff"]
     assert set(diff) == set(ev.LOGGED) and max(diff.values()) < 1e-4, diff
     assert fig["stage_same_through"] == 3 and "is the stage's logged run (" in fig["caption"]
     capsys.readouterr()
+
+
+def test_critic_ev_bootstrap_se_matches_the_spread_over_fresh_batches():
+    """The EV's bootstrap SE on one batch of episodes is the SD of the EV over independent
+    batches of that size (ragged masks, returns correlated within an episode)."""
+    ev = load("critic_ev.py")
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(n: int = 256, width: int = 12):
+        lengths = torch.randint(3, width + 1, (n,), generator=gen)
+        mask = (torch.arange(width)[None] < lengths[:, None]).float()
+        episode = torch.randn(n, 1, generator=gen)  # shared by an episode's tokens
+        values = torch.randn(n, width, generator=gen) + episode
+        returns = values + 0.8 * torch.randn(n, width, generator=gen) + 0.6 * episode
+        return values, returns, mask
+
+    spread = np.std([ev.core.explained_variance(*batch()) for _ in range(400)], ddof=1)
+    boot = np.mean([ev.ev_bootstrap_se(*batch(), draws=300, seed=i) for i in range(8)])
+    assert boot == pytest.approx(spread, rel=0.25), (boot, spread)
 
 
 def pairs_of_returns(rng, n: int) -> tuple[np.ndarray, np.ndarray]:
