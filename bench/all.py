@@ -245,7 +245,7 @@ SECTIONS = [
     Section(
         "critic_ev",
         "PPO's critic: the noise and the ceiling of its explained variance",
-        ["bench/critic_ev.py"],
+        ["bench/critic_ev.py", "--every", "1"],
         "expensive",
         "The default PPO run retrained in one process on the SFT and reward models of `make "
         "repro` on the machine below (checked against that run's logged metrics) and, before "
@@ -257,7 +257,7 @@ SECTIONS = [
         [
             ("step", "step", "d"),
             ("logged EV (the step's batch)", "logged_ev", ".3f"),
-            ("EV (GAE)", "ev_gae", ".3f"),
+            ("EV (GAE) ± SE", "ev_gae_text", ""),
             ("its SD on one step's episodes", "ev_gae_sd_step", ".3f"),
             ("EV (Monte Carlo)", "ev_mc", ".3f"),
             ("ceiling (Monte Carlo) ± SE", "ceiling", ""),
@@ -575,6 +575,26 @@ SECTIONS = [
             ("gold-order accuracy", "gold_order_accuracy", ""),
             ("bag-of-words", "baseline", ""),
             ("gap to bag-of-words", "gap", ""),
+        ],
+        needs=MODELS,
+    ),
+    Section(
+        "reward_residual",
+        "Reward model on the residual of bag-of-words",
+        ["bench/reward_residual.py"],
+        "expensive",
+        "Whether the reward model learns anything that bag-of-words misses, on the last reward "
+        "run's pairs: the model as the stage trains it, and the same model trained with each "
+        "response's bag-of-words score as a fixed offset (cross-fitted over folds of train "
+        "prompts), so that it learns only the words' residual; gold-order accuracy ± SE by "
+        "prompt of the stacked score and of the residual alone, and the paired gap to "
+        "bag-of-words.",
+        [
+            ("model", "model", ""),
+            ("gold-order accuracy", "gold_order", ""),
+            ("gap to bag-of-words", "gap", ""),
+            ("val accuracy", "val_accuracy", ""),
+            ("kept step", "kept_step", ""),
         ],
         needs=MODELS,
     ),

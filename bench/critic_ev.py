@@ -1,6 +1,6 @@
 """PPO's critic: how noisy one step's explained variance is, and how high any critic's can be.
 
-    python bench/critic_ev.py [--params params.yaml] [--steps 40] [--at 1 10 20 30 40]
+    python bench/critic_ev.py [--params params.yaml] [--steps 40] [--at 1 10 20 30 40 | --every 10]
                               [--episodes 512] [--positions 256] [--json PATH]
 
 Builds the rl stage's PPO trainer from its own functions (`stages/rl.py`) on the committed SFT
@@ -342,9 +342,10 @@ def stage_diff(path: Path, history: list[dict]) -> tuple[dict[str, float], int] 
     return {key: max((g[key] for g in gaps), default=float("nan")) for key in LOGGED}, same
 
 
-def steps_to_measure(at: list[int] | None, steps: int) -> list[int]:
+def steps_to_measure(at: list[int] | None, steps: int, every: int = 10) -> list[int]:
+    """`at`, or step 1 and every `every`-th step from step 10 on."""
     if at is None:
-        return sorted({1, *range(10, steps + 1, 10)} & set(range(1, steps + 1)))
+        return sorted({1, *range(10, steps + 1, every)} & set(range(1, steps + 1)))
     past = [s for s in at if not 1 <= s <= steps]
     if past:
         raise SystemExit(f"critic_ev: --at {past} outside steps 1..{steps} (--steps)")
@@ -374,6 +375,9 @@ def main() -> None:
     )
     ap.add_argument("--steps", type=int, default=None, help="train this many of rl.steps")
     ap.add_argument("--at", type=int, nargs="*", default=None, help="default: 1, 10, 20, ...")
+    ap.add_argument(
+        "--every", type=int, default=10, help="without --at: step 1 and every N-th from step 10"
+    )
     ap.add_argument("--episodes", type=int, default=512, help="fresh episodes per measurement")
     ap.add_argument("--positions", type=int, default=256, help="prefixes continued twice")
     ap.add_argument("--batch", type=int, default=128, help="rows sampled at once")
@@ -385,7 +389,9 @@ def main() -> None:
     trainer = build_trainer(args)
     cfg = trainer.cfg
     steps = cfg.steps if args.steps is None else min(args.steps, cfg.steps)
-    at = steps_to_measure(args.at, steps)
+    if args.every < 1:
+        raise SystemExit(f"critic_ev: --every {args.every}: at least 1")
+    at = steps_to_measure(args.at, steps, args.every)
     per_step = cfg.prompts_per_step * cfg.samples_per_prompt
     if args.episodes % per_step or args.episodes < 2 * per_step:
         raise SystemExit(
@@ -455,6 +461,15 @@ def main() -> None:
     )
     if pooled_sd is not None:
         caption += f" SD of one step's EV, pooled over the measured steps: {pooled_sd:.3f}."
+    late = [r for r in rows if r["step"] >= 10]
+    if late:
+        low = min(late, key=lambda r: r["ev_gae"])
+        caption += (
+            f" EV (GAE) on the {args.episodes} episodes from step 10 ({len(late)} steps "
+            f"measured): lowest {low['ev_gae']:.3f} ± {low['ev_gae_se']:.3f} (step "
+            f"{low['step']}), median {np.median([r['ev_gae'] for r in late]):.3f}; "
+            f"{sum(r['ev_gae'] >= 0.5 for r in late)} of {len(late)} at 0.5 or above."
+        )
     if logged:
         caption += (
             f" The bench run's logged EV from step 10: median {np.median(logged):.3f}, lowest "

@@ -175,6 +175,11 @@ def test_benches_on_trained_models_run(tiny_repo, tmp_path, monkeypatch, capsys)
             *("--pairs", str(data / "preferences" / "pairs.jsonl"), "--steps", "2"),
             *("--lr", "1e-3", "2e-3", "--seeds", "2", "--batch-size", "1", "2"),
         ],
+        "reward_residual": [
+            "reward_residual.py",
+            *("--params", str(tiny_repo / "params.yaml"), "--sft", str(models / "sft")),
+            *("--pairs", str(data / "preferences" / "pairs.jsonl")),
+        ],
     }
     runs["reward_data"] = [
         "reward_data.py",
@@ -206,6 +211,13 @@ def test_benches_on_trained_models_run(tiny_repo, tmp_path, monkeypatch, capsys)
     assert one["kept_step"] == two["kept_step"] > 0
     assert float(two["passes"]) == pytest.approx(2 * float(one["passes"]), abs=0.1)
     assert float(one["passes"]) > 0
+    rr = json.loads((tmp_path / "reward_residual.json").read_text(encoding="utf-8"))["figures"]
+    assert [r["model"].split(" ")[0] for r in rr["rows"]] == [
+        "reward",
+        "bag-of-words",
+        "its",
+        "bag-of-words",
+    ]
     ev = load("critic_ev.py")
     fig = json.loads((tmp_path / "critic_ev.json").read_text(encoding="utf-8"))["figures"]
     assert [r["step"] for r in fig["rows"]] == [1, 3] and fig["step_episodes"] == 16
@@ -226,6 +238,16 @@ def test_benches_on_trained_models_run(tiny_repo, tmp_path, monkeypatch, capsys)
     assert set(diff) == set(ev.LOGGED) and max(diff.values()) < 1e-4, diff
     assert fig["stage_same_through"] == 3 and "is the stage's logged run (" in fig["caption"]
     capsys.readouterr()
+
+
+def test_critic_ev_measures_step_one_and_every_nth_step_from_ten():
+    ev = load("critic_ev.py")
+    assert ev.steps_to_measure(None, 40) == [1, 10, 20, 30, 40]
+    assert ev.steps_to_measure(None, 14, 1) == [1, 10, 11, 12, 13, 14]
+    assert ev.steps_to_measure(None, 5, 1) == [1]
+    assert ev.steps_to_measure([3, 1, 3], 5) == [1, 3]
+    with pytest.raises(SystemExit, match="outside steps 1..5"):
+        ev.steps_to_measure([6], 5)
 
 
 def test_critic_ev_bootstrap_se_matches_the_spread_over_fresh_batches():

@@ -222,6 +222,23 @@ def test_grouped_batches_give_the_loss_and_gradient_of_separate_pairs(backbone):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def test_an_offset_shifts_each_rows_score_in_the_loss(backbone):
+    """`preference_loss_sum`'s offset is a fixed score added to each row's: the loss is the
+    Bradley–Terry loss of the sums, and the offset takes no gradient."""
+    (ex, keys) = synthetic_pairs(2, 2, k=3)
+    model = build_reward_model(backbone, seed=3, pooling="mean", response_token_id=3)
+    batch = PreferenceBatches(group_pairs(ex, keys), 2, 0, 0).fixed_batches()[0]
+    shift = torch.linspace(-2.0, 3.0, batch.input_ids.shape[0])
+    loss = preference_loss_sum(offset=lambda b: shift)(model, batch)
+    r = sequence_scores(model, batch.input_ids, lengths=batch.lengths).float() + shift
+    expected = bradley_terry_loss(r[batch.chosen], r[batch.rejected]).sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    plain = preference_loss_sum()(model, batch)
+    assert abs(loss.item() - plain.item()) > 1e-3  # the offset moved it
+    loss.backward()  # the model's parameters take the gradient, the fixed offset none
+    assert all(p.grad is not None for p in model.score.parameters())
+
+
 @pytest.mark.parametrize("pooling", ["last", "mean", "sum"])
 def test_scores_ignore_right_padding(backbone, pooling):
     model = build_reward_model(backbone, seed=1, pooling=pooling, response_token_id=3).eval()
@@ -549,6 +566,68 @@ def test_bag_of_words_baseline_chooses_its_regularisation_on_held_out_prompts():
     fixed = bag_of_words_baseline(train, val, c_grid=())  # no CV: sklearn's default C = 1
     assert fixed["C"] == 1.0 and fixed["cv_log_loss"] == {}
     assert m["gold_order_accuracy"] >= fixed["gold_order_accuracy"] + 0.1
+
+
+def test_the_baselines_scorer_gives_its_val_margins():
+    from lmpipe.reward.baseline import bag_of_words_baseline
+
+    rng = np.random.default_rng(2)
+    words = ["glad", "sad", "cat", "mat", "door", "sun"]
+
+    def row(i):
+        a, b = (" ".join(rng.choice(words, 4)) for _ in range(2))
+        return {
+            "prompt": f"p{i // 3}",
+            "chosen": a,
+            "rejected": b,
+            "gold_chosen": 0.0,
+            "gold_rejected": 0.0,
+        }
+
+    train, val = [row(i) for i in range(60)], [row(i) for i in range(60, 90)]
+    m = bag_of_words_baseline(train, val)
+    s = m["scorer"]
+    np.testing.assert_allclose(
+        s.score([p["chosen"] for p in val]) - s.score([p["rejected"] for p in val]), m["margin"]
+    )
+
+
+def test_cross_fitted_scores_ignore_the_labels_of_their_own_prompt():
+    """A train response's cross-fitted score comes from folds without its prompt: flipping
+    every label of one prompt moves the other prompts' scores, not that prompt's own."""
+    from lmpipe.reward.baseline import cross_fitted_scores
+
+    rng = np.random.default_rng(3)
+    words = ["glad", "sad", "cat", "mat", "door", "sun", "hat", "joy"]
+
+    def row(i):
+        a = " ".join(rng.choice(words, 4)) + " glad"
+        b = " ".join(rng.choice(words, 4))
+        return {"prompt": f"p{i // 4}", "chosen": a, "rejected": b}
+
+    train = [row(i) for i in range(120)]
+    flipped = [
+        {**p, "chosen": p["rejected"], "rejected": p["chosen"]} if p["prompt"] == "p0" else p
+        for p in train
+    ]
+    before, after = cross_fitted_scores(train, 1.0), cross_fitted_scores(flipped, 1.0)
+    assert set(before) == {(p["prompt"], p[s]) for p in train for s in ("chosen", "rejected")}
+    own = [k for k in before if k[0] == "p0"]
+    assert all(before[k] == pytest.approx(after[k], abs=1e-9) for k in own)
+    moved = [k for k in before if k[0] != "p0" and abs(before[k] - after[k]) > 1e-6]
+    assert moved  # the flipped labels do reach the other folds' models
+    assert (
+        np.mean(
+            [
+                before[("p1", p["chosen"])] > before[("p1", p["rejected"])]
+                for p in train
+                if p["prompt"] == "p1"
+            ]
+        )
+        > 0.5
+    )
+    with pytest.raises(ValueError, match="at least 2 prompts"):
+        cross_fitted_scores([{**p, "prompt": "one"} for p in train], 1.0)
 
 
 def test_cv_log_loss_holds_out_whole_prompts_and_stops_once_a_weaker_penalty_does_worse():

@@ -4,7 +4,7 @@ the SFT policy."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,22 +47,26 @@ def held_out_metrics(
     encoded: dict[str, list[tuple[PreferenceExample, dict[str, Any]]]],
     context: int,
     baselines: dict[str, dict[str, Any]] | None = None,
+    offset: Callable[[list[list[int]]], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """`pair_metrics` of the val pairs, the Spearman correlation of reward and gold over their
     distinct responses, and the bag-of-words baseline (trained on the train pairs, its
     regularisation chosen by cross-validation over their prompts) on the same pairs, with the
     model's gold-order accuracy minus the baseline's (SE by prompt); and the same baseline over
     the model's own tokens. `baselines` passes either baseline (`fit_baselines`' keys) already
-    fitted on these pairs, so that scoring several models on them fits each once."""
+    fitted on these pairs, so that scoring several models on them fits each once. `offset`
+    gives a fixed score per sequence added to the model's (a model trained on another's
+    residual: `training.train_reward_model`'s `offset`)."""
     val_ex = [e for e, _ in encoded["val"]]
     rows = [p for _, p in encoded["val"]]
     # reward vs gold on the distinct held-out responses too; one call scores each once
     texts = {(p["prompt"], p[s]): p[f"gold_{s}"] for p in rows for s in ("chosen", "rejected")}
     seqs = [encode_for_reward(template, pr, re, context) for pr, re in texts]
     n = len(val_ex)
-    scores = raw_scores(
-        model, [e.chosen for e in val_ex] + [e.rejected for e in val_ex] + seqs, template.pad_id
-    )
+    every = [e.chosen for e in val_ex] + [e.rejected for e in val_ex] + seqs
+    scores = raw_scores(model, every, template.pad_id)
+    if offset is not None:
+        scores = scores + offset(every)
     gold_c, gold_r = [p["gold_chosen"] for p in rows], [p["gold_rejected"] for p in rows]
     prompts = [p["prompt"] for p in rows]
     metrics = pair_metrics(scores[:n], scores[n : 2 * n], gold_c, gold_r, prompts=prompts)
