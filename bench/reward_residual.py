@@ -26,18 +26,14 @@ model found nothing in these pairs that word counts miss.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from _pairs import add_pairs_args, load_pairs
 from _results import add_json_arg, write
-from lmpipe.chat import load_template
-from lmpipe.config import load_params
-from lmpipe.model import context_length, load_model
 from lmpipe.reward.baseline import cross_fitted_scores
-from lmpipe.reward.data import PreferenceBatch, encode_pairs
+from lmpipe.reward.data import PreferenceBatch
 from lmpipe.reward.evaluation import fit_baselines, held_out_metrics
 from lmpipe.reward.model import build_reward_model
 from lmpipe.reward.training import train_reward_model
@@ -59,19 +55,12 @@ def offsets_by_sequence(encoded: dict, train_scores: dict, scorer) -> dict[tuple
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--sft", default="models/sft")
-    ap.add_argument("--pairs", default="data/preferences/pairs.jsonl")
+    add_pairs_args(ap)
     add_json_arg(ap)
     args = ap.parse_args()
 
-    params = load_params(args.params, ["reward"])
-    cfg = params.reward.model_copy(update={"checkpoint_every": 0})
-    template = load_template(args.sft)
-    marker, last = template.response_marker or (None, False)
-    rows = [json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line]
-    context = context_length(load_model(args.sft))
-    encoded = encode_pairs(template, rows, context)
+    run = load_pairs(args)
+    cfg, template, context, encoded = run.cfg, run.template, run.context, run.encoded
     baselines = fit_baselines(template, encoded)
     bow = baselines["bow"]
     train_scores = cross_fitted_scores([p for _, p in encoded["train"]], bow["C"])
@@ -105,12 +94,12 @@ def main() -> None:
         print(" | ".join(str(v) for v in r.values()), flush=True)
 
     for stacked in (False, True):
-        model = build_reward_model(args.sft, params.seed, cfg.pooling, marker, last)
+        model = build_reward_model(run.sft, run.seed, cfg.pooling, run.marker, run.marker_last)
         res = train_reward_model(
             model,
             encoded,
             cfg,
-            params.seed,
+            run.seed,
             template.pad_id,
             offset=batch_offset if stacked else None,
         )

@@ -26,18 +26,14 @@ figures exactly (same seed, same batches).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from _pairs import add_pairs_args, load_pairs
 from _results import add_json_arg, write
-from lmpipe.chat import load_template
-from lmpipe.config import load_params
-from lmpipe.model import context_length, load_model
-from lmpipe.reward.data import encode_pairs, preference_groups
+from lmpipe.reward.data import preference_groups
 from lmpipe.reward.evaluation import fit_baselines, held_out_metrics
 from lmpipe.reward.model import build_reward_model
 from lmpipe.reward.training import train_reward_model
@@ -45,9 +41,7 @@ from lmpipe.reward.training import train_reward_model
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--sft", default="models/sft")
-    ap.add_argument("--pairs", default="data/preferences/pairs.jsonl")
+    add_pairs_args(ap)
     ap.add_argument("--pooling", nargs="+", default=None, help="default: reward.pooling")
     ap.add_argument("--batching", nargs="+", default=None, choices=["pair", "prompt"])
     ap.add_argument(
@@ -62,13 +56,8 @@ def main() -> None:
     add_json_arg(ap)
     args = ap.parse_args()
 
-    params = load_params(args.params, ["reward"])
-    cfg = params.reward.model_copy(update={"checkpoint_every": 0})
-    template = load_template(args.sft)
-    marker, last = template.response_marker or (None, False)
-    rows = [json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line]
-    context = context_length(load_model(args.sft))
-    encoded = encode_pairs(template, rows, context)
+    run = load_pairs(args)
+    cfg, template, context, encoded = run.cfg, run.template, run.context, run.encoded
     val = encoded["val"]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -82,7 +71,7 @@ def main() -> None:
     rows, gaps = [], []
     baselines = fit_baselines(template, encoded)  # the same pairs for every variant: fit once
     grid = [
-        (b, bs, p, lr, steps, wd, params.seed + i)
+        (b, bs, p, lr, steps, wd, run.seed + i)
         for b in args.batching or [cfg.batching]
         for bs in args.batch_size or [cfg.batch_size]
         for p in args.pooling or [cfg.pooling]
@@ -93,7 +82,7 @@ def main() -> None:
     ]
     for batching, batch_size, pooling, lr, steps, weight_decay, seed in grid:
         t0 = time.perf_counter()
-        model = build_reward_model(args.sft, seed, pooling, marker, last)
+        model = build_reward_model(run.sft, seed, pooling, run.marker, run.marker_last)
         variant = cfg.model_copy(
             update={
                 "batching": batching,

@@ -224,7 +224,7 @@ def test_grouped_batches_give_the_loss_and_gradient_of_separate_pairs(backbone):
 
 def test_an_offset_shifts_each_rows_score_in_the_loss(backbone):
     """`preference_loss_sum`'s offset is a fixed score added to each row's: the loss is the
-    Bradley–Terry loss of the sums, and the offset takes no gradient."""
+    Bradley–Terry loss of the sums, and the model still takes its gradient through it."""
     (ex, keys) = synthetic_pairs(2, 2, k=3)
     model = build_reward_model(backbone, seed=3, pooling="mean", response_token_id=3)
     batch = PreferenceBatches(group_pairs(ex, keys), 2, 0, 0).fixed_batches()[0]
@@ -235,7 +235,7 @@ def test_an_offset_shifts_each_rows_score_in_the_loss(backbone):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     plain = preference_loss_sum()(model, batch)
     assert abs(loss.item() - plain.item()) > 1e-3  # the offset moved it
-    loss.backward()  # the model's parameters take the gradient, the fixed offset none
+    loss.backward()
     assert all(p.grad is not None for p in model.score.parameters())
 
 
